@@ -1,0 +1,12 @@
+"""imgstore: a persistent, database-backed image search store.
+
+The Python API is :class:`imgstore.ImageStore`; importing this package stays light (no torch).
+"""
+
+from __future__ import annotations
+
+from .errors import ImgStoreError
+from .repository import ImageStore
+
+__all__ = ["ImageStore", "ImgStoreError", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,99 @@
+"""Engines and sessions: URL handling, SQLite pragmas, and safe display of URLs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from .errors import ConfigError
+
+#: The default database: an SQLite file in the current directory.
+DEFAULT_DB = "imgstore.db"
+ENV_VAR = "IMGSTORE_DB"
+#: How long an SQLite connection waits for a lock before "database is locked" (milliseconds).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def resolve_url(db: str | os.PathLike[str] | URL | None = None) -> URL:
+    """Turn ``--db`` / ``$IMGSTORE_DB`` / the default into a SQLAlchemy URL.
+
+    A value without ``://`` is a path to an SQLite file. ``postgresql://`` URLs use psycopg 3.
+    """
+    if db is None:
+        db = os.environ.get(ENV_VAR) or DEFAULT_DB
+    if isinstance(db, URL):
+        url = db
+    else:
+        text = os.fspath(db)
+        if "://" not in text:
+            return URL.create("sqlite", database=str(Path(text).expanduser().absolute()))
+        try:
+            url = make_url(text)
+        except ArgumentError as exc:
+            raise ConfigError(f"cannot parse database URL {safe_url_text(text)!r}: {exc}") from exc
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"unsupported database {url.get_backend_name()!r}; use an SQLite file path or a "
+            "postgresql:// URL"
+        )
+    return url
+
+
+def safe_url(url: URL) -> str:
+    """The URL as text with any password masked: for messages, logs and ``imgstore info``."""
+    return url.render_as_string(hide_password=True)
+
+
+def safe_url_text(text: str) -> str:
+    try:
+        return safe_url(make_url(text))
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = dbapi_connection.cursor()
+    try:
+        # WAL lets readers run while one writer writes; NORMAL sync is durable at each
+        # checkpoint and consistent after a crash, which is what WAL is designed for.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: URL, *, echo: bool = False) -> Engine:
+    """An engine with imgstore's settings for the URL's backend."""
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            parent = Path(url.database).parent
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"cannot create database {url.database}: folder {parent} does not exist"
+                )
+        engine = create_engine(url, echo=echo, poolclass=NullPool if url.database == ":memory:" else None)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        # pysqlite's own transaction handling defers BEGIN and breaks SAVEPOINT; let
+        # SQLAlchemy emit BEGIN itself (the documented recipe for pysqlite).
+        event.listen(engine, "connect", _disable_pysqlite_autobegin)
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+def _disable_pysqlite_autobegin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    dbapi_connection.isolation_level = None
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,197 @@
+"""Typed SQLAlchemy 2.0 models. Alembic owns the schema: every change here needs a new revision.
+
+Tables:
+
+* ``images``: one row per distinct content (SHA-256 of the file bytes); the same bytes are
+  stored once however many paths they were seen at.
+* ``image_paths``: every path an image was seen at, with the file's size and mtime when seen.
+  A path whose content changes gets a new row for the new image and its old row is marked not
+  current, so the history of a path is kept.
+* ``ingest_errors``: files that could not be ingested, with the reason.
+* ``feature_spaces``: one per (extractor, preprocessing version); ``features`` holds one float
+  vector per (space, image) as little-endian float32 bytes.
+* ``hashers``: the indexes: method, bit count, bands, fitted parameters (bytes), the feature
+  space they read, whether active. ``codes`` holds one row per (hasher, image): packed code
+  bytes and up to ``MAX_BANDS`` band values, each band column indexed together with the hasher.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: Number of band columns in ``codes``. Bands are at most 32 bits wide, so eight of them cover
+#: every code up to 256 bits.
+MAX_BANDS = 8
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Image(Base):
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    paths: Mapped[list[ImagePath]] = relationship(
+        back_populates="image", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ImagePath(Base):
+    """A path an image was seen at. ``is_current`` is false once the path holds other content."""
+
+    __tablename__ = "image_paths"
+    __table_args__ = (
+        UniqueConstraint("path", "image_id", name="uq_image_paths_path_image_id"),
+        Index("ix_image_paths_image_id", "image_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    image: Mapped[Image] = relationship(back_populates="paths")
+
+
+class IngestError(Base):
+    """A file that could not be ingested (the latest failure per path)."""
+
+    __tablename__ = "ingest_errors"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    error_type: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FeatureSpace(Base):
+    __tablename__ = "feature_spaces"
+    __table_args__ = (
+        UniqueConstraint("extractor", "preprocess_version", name="uq_feature_spaces_extractor_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    extractor: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    preprocess_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Feature(Base):
+    """A float vector: ``vector`` is ``dim`` little-endian float32 values."""
+
+    __tablename__ = "features"
+
+    space_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_spaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Hasher(Base):
+    """An index: a fitted hasher over one feature space, and the layout of its bands."""
+
+    __tablename__ = "hashers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    space_id: Mapped[int] = mapped_column(
+        ForeignKey("feature_spaces.id", ondelete="CASCADE"), index=True
+    )
+    method: Mapped[str] = mapped_column(String(32))
+    n_bits: Mapped[int] = mapped_column(Integer)
+    n_bands: Mapped[int] = mapped_column(Integer)
+    band_width: Mapped[int] = mapped_column(Integer)
+    params: Mapped[bytes] = mapped_column(LargeBinary)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    n_fitted: Mapped[int] = mapped_column(Integer, default=0)
+    #: bumped on every change to the index's codes, so process-local caches know to reload
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Code(Base):
+    """A packed code (``n_bits // 8`` bytes, bit order in ``imgstore.hashing.bits``) and its bands."""
+
+    __tablename__ = "codes"
+
+    hasher_id: Mapped[int] = mapped_column(
+        ForeignKey("hashers.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    code: Mapped[bytes] = mapped_column(LargeBinary)
+    band_0: Mapped[int | None] = mapped_column(BigInteger)
+    band_1: Mapped[int | None] = mapped_column(BigInteger)
+    band_2: Mapped[int | None] = mapped_column(BigInteger)
+    band_3: Mapped[int | None] = mapped_column(BigInteger)
+    band_4: Mapped[int | None] = mapped_column(BigInteger)
+    band_5: Mapped[int | None] = mapped_column(BigInteger)
+    band_6: Mapped[int | None] = mapped_column(BigInteger)
+    band_7: Mapped[int | None] = mapped_column(BigInteger)
+
+
+BAND_COLUMNS = [f"band_{i}" for i in range(MAX_BANDS)]
+
+for _name in BAND_COLUMNS:
+    # One index per band column, led by the hasher id, so a band probe is an index seek. The
+    # index also carries image_id and the code, so a probe never visits the table (covering
+    # index), and it is partial: bands an index does not use stay NULL and cost no entries.
+    _band = getattr(Code, _name)
+    Index(
+        f"ix_codes_hasher_id_{_name}",
+        Code.hasher_id,
+        _band,
+        Code.image_id,
+        Code.code,
+        sqlite_where=_band.isnot(None),
+        postgresql_where=_band.isnot(None),
+    )
