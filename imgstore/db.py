@@ -18,6 +18,8 @@ DEFAULT_DB = "imgstore.db"
 ENV_VAR = "IMGSTORE_DB"
 #: How long an SQLite connection waits for a lock before "database is locked" (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Execution option that marks a connection's transactions as writes (see ``_sqlite_begin``).
+WRITE_OPTION = "imgstore_write"
 
 
 def resolve_url(db: str | os.PathLike[str] | URL | None = None) -> URL:
@@ -86,9 +88,17 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
         # pysqlite's own transaction handling defers BEGIN and breaks SAVEPOINT; let
         # SQLAlchemy emit BEGIN itself (the documented recipe for pysqlite).
         event.listen(engine, "connect", _disable_pysqlite_autobegin)
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    # A write transaction takes the write lock up front (BEGIN IMMEDIATE), so it waits on
+    # busy_timeout instead of failing at once with "database is locked" when a read
+    # transaction tries to upgrade to a write while another writer holds the lock.
+    immediate = conn.get_execution_options().get(WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def _disable_pysqlite_autobegin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -4,19 +4,53 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
+from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from . import migrate
-from .db import make_engine, make_sessionmaker, resolve_url, safe_url
-from .errors import DatabaseError, SchemaError
+from .db import WRITE_OPTION, make_engine, make_sessionmaker, resolve_url, safe_url
+from .errors import ConfigError, DatabaseError, ImgStoreError, NotFoundError, SchemaError
 from .models import Code, Feature, FeatureSpace, Hasher, Image, ImagePath, IngestError
 
+T = TypeVar("T")
+
+#: Write transactions that hit a lock or a serialization failure are retried this many times,
+#: with exponential back-off from RETRY_BASE_S (plus jitter), then the error is raised.
+RETRY_ATTEMPTS = 8
+RETRY_BASE_S = 0.05
+#: A store with no index gets one built automatically once a feature space has this many images.
+AUTO_INDEX_MIN_IMAGES = 256
+#: ... and rebuilt when the space has grown this many times past what the auto index was fitted on.
+AUTO_INDEX_REFIT_GROWTH = 10
+#: Float re-rank looks at this many Hamming candidates per result wanted.
+RERANK_DEPTH_PER_K = 10
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One search hit. ``distance``: Hamming distance of the codes (None for an exact float
+    search without index); ``cosine``: similarity of the float features when they were used."""
+
+    image_id: int
+    paths: list[str]
+    distance: int | None
+    cosine: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "distance": self.distance, "cosine": self.cosine, "paths": self.paths}
 
 
 @dataclass(frozen=True)
@@ -48,8 +82,12 @@ class ImageStore:
         *,
         check_schema: bool = True,
         echo: bool = False,
+        cache_codes: bool = False,
     ) -> None:
         self.url = resolve_url(db)
+        self.cache_codes = cache_codes
+        self._extractors: dict[Any, Any] = {}
+        self._caches: dict[int, Any] = {}
         self.engine = make_engine(self.url, echo=echo)
         self._sessions = make_sessionmaker(self.engine)
         if check_schema:
@@ -123,6 +161,407 @@ class ImageStore:
                 for name, model in tables.items()
             }
 
+    # -- transactions ---------------------------------------------------------------------
+
+    def transaction(self, work: Callable[[Connection], T], *, what: str = "write") -> T:
+        """Run ``work(conn)`` in one write transaction, retrying on lock and serialization
+        conflicts with a bounded exponential back-off; the whole body is rerun on retry."""
+        delay = RETRY_BASE_S
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(**{WRITE_OPTION: True})
+                    with conn.begin():
+                        return work(conn)
+            except DBAPIError as exc:
+                if attempt == RETRY_ATTEMPTS or not _is_retryable(exc):
+                    raise DatabaseError(f"cannot {what} on {self.display_url}: {_driver_message(exc)}") from exc
+                log.info("%s: %s; retry %d in %.2fs", what, _driver_message(exc), attempt, delay)
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    def _read(self) -> Any:
+        return self.engine.connect()
+
+    # -- extractors and feature spaces ----------------------------------------------------
+
+    def extractor(self, name: str | None = None, **options: Any) -> Any:
+        """The extractor ``name`` (default EfficientNet-Lite0), built once per store."""
+        from .features import DEFAULT_EXTRACTOR, get_extractor
+
+        name = name or DEFAULT_EXTRACTOR
+        key = (name, tuple(sorted(options.items())))
+        if key not in self._extractors:
+            self._extractors[key] = get_extractor(name, **options)
+        return self._extractors[key]
+
+    def _space_id(self, extractor: Any) -> int:
+        from .dbops import get_or_create_space
+
+        return self.transaction(
+            lambda conn: get_or_create_space(conn, extractor.name, extractor.dim, extractor.preprocess_version),
+            what="register a feature space",
+        )
+
+    def feature_spaces(self) -> list[dict[str, Any]]:
+        with self._wrap("list feature spaces"), self._read() as conn:
+            counts = dict(conn.execute(select(Feature.space_id, func.count()).group_by(Feature.space_id)).all())
+            rows = conn.execute(select(FeatureSpace.__table__).order_by(FeatureSpace.id)).mappings().all()
+            return [{**dict(r), "n_features": int(counts.get(r["id"], 0))} for r in rows]
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = True,
+        extractor: str | None = None,
+        batch_size: int = 64,
+        workers: int | None = None,
+        tags: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+        dry_run: bool = False,
+        follow_symlinks: bool = False,
+        auto_index: bool = True,
+        progress: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Ingest files and folders; returns an :class:`~imgstore.ingest.IngestSummary`.
+
+        Files whose path, size and mtime are unchanged since the last ingest are skipped without
+        reading them; content already stored is recorded as a new path only. Bad files are
+        recorded (``imgstore errors``) and counted, and the ingest goes on.
+        """
+        from .ingest import Ingester
+
+        ex = self.extractor(extractor)
+        space_id = self._space_id(ex)
+        meta = dict(metadata or {})
+        if tags:
+            meta["tags"] = sorted(set(tags))
+        job = Ingester(self.engine, lambda work: self.transaction(work, what="ingest"), ex, space_id,
+                       batch_size=batch_size, workers=workers, metadata=meta, progress=progress)
+        summary = job.run(list(paths), recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
+        if auto_index and not dry_run and summary.added:
+            self._maybe_auto_index(space_id)
+        return summary
+
+    def add(self, source: Any, metadata: dict[str, Any] | None = None, *, extractor: str | None = None) -> int:
+        """Add one image (a path, encoded bytes or a PIL image); returns its image id.
+
+        Raises :class:`DecodeError` when it cannot be decoded. The same content added twice
+        returns the same id.
+        """
+        summary, ids = self.add_many([source], metadata=metadata, extractor=extractor)
+        if ids[0] is None:
+            raise summary.errors[0][1] if isinstance(summary.errors[0][1], ImgStoreError) else _decode_error(summary.errors[0])
+        return ids[0]
+
+    def add_many(
+        self, sources: Iterable[Any], metadata: dict[str, Any] | None = None, *, extractor: str | None = None,
+        batch_size: int = 64, auto_index: bool = True,
+    ) -> tuple[Any, list[int | None]]:
+        """Add many images; returns (summary, image id or None per source, in order)."""
+        from .ingest import Ingester
+
+        ex = self.extractor(extractor)
+        space_id = self._space_id(ex)
+        job = Ingester(self.engine, lambda work: self.transaction(work, what="add images"), ex, space_id,
+                       batch_size=batch_size, metadata=metadata)
+        summary, ids = job.add_items(sources)
+        if auto_index and summary.added:
+            self._maybe_auto_index(space_id)
+        return summary, ids
+
+    def _maybe_auto_index(self, space_id: int) -> int | None:
+        """Build the default index once a space has enough images; rebuild an automatic one
+        that was fitted on far fewer images than the space now holds."""
+        from .indexing import create_index, drop_index
+
+        with self._read() as conn:
+            n = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
+            existing = conn.execute(
+                select(Hasher.id, Hasher.n_fitted, Hasher.config, Hasher.is_active, Hasher.method, Hasher.n_bits)
+                .where(Hasher.space_id == space_id)
+            ).all()
+        if n < AUTO_INDEX_MIN_IMAGES:
+            return None
+        if not existing:
+            return self.transaction(lambda conn: create_index(conn, space_id, method="itq", n_bits=64, fallback=True, auto=True),
+                                    what="build the default index")
+        for row in existing:
+            config = dict(row.config or {})
+            if config.get("auto") and n >= AUTO_INDEX_REFIT_GROWTH * max(row.n_fitted, 1):
+                def rebuild(conn: Connection, old: Any = row) -> int:
+                    new_id = create_index(conn, space_id, method=old.method, n_bits=old.n_bits,
+                                          activate=bool(old.is_active), fallback=True, auto=True)
+                    drop_index(conn, old.id)
+                    return new_id
+                return self.transaction(rebuild, what="rebuild the default index")
+        return None
+
+    def errors(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Files that could not be ingested: path, error type, reason, when."""
+        with self._wrap("list ingest errors"), self._read() as conn:
+            stmt = select(IngestError.__table__).order_by(IngestError.path)
+            if limit:
+                stmt = stmt.limit(limit)
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def create_index(
+        self,
+        method: str = "itq",
+        n_bits: int = 64,
+        *,
+        n_bands: int | None = None,
+        sample: int | None = None,
+        extractor: str | None = None,
+        activate: bool = True,
+        random_state: int = 0,
+        labels: str | None = None,
+        fallback: bool = False,
+    ) -> int:
+        """Fit an index on the stored features of one feature space; returns its id.
+
+        ``extractor`` picks the space (default: the one with the most stored vectors).
+        ``labels``: ``"folder"`` (each image's parent folder) or ``"tag:KEY"`` (a metadata
+        field), for supervised methods.
+        """
+        from .indexing import DEFAULT_SAMPLE, create_index
+
+        space_id = self._pick_space(extractor)
+
+        def work(conn: Connection) -> int:
+            label_map = self._labels(conn, labels) if labels else None
+            return create_index(conn, space_id, method=method, n_bits=n_bits, n_bands=n_bands,
+                                sample=sample or DEFAULT_SAMPLE, random_state=random_state,
+                                activate=activate, fallback=fallback, labels=label_map)
+
+        index_id = self.transaction(work, what="create an index")
+        self._caches.pop(index_id, None)
+        return index_id
+
+    def indexes(self) -> list[Any]:
+        from .indexing import list_indexes
+
+        with self._wrap("list indexes"), self._read() as conn:
+            return list_indexes(conn)
+
+    def activate_index(self, index_id: int) -> None:
+        from .indexing import activate_index
+
+        self.transaction(lambda conn: activate_index(conn, index_id), what="activate an index")
+
+    def drop_index(self, index_id: int) -> None:
+        from .indexing import drop_index
+
+        self.transaction(lambda conn: drop_index(conn, index_id), what="drop an index")
+        self._caches.pop(index_id, None)
+
+    def _pick_space(self, extractor: str | None) -> int:
+        spaces = self.feature_spaces()
+        if extractor is not None:
+            spaces = [s for s in spaces if s["extractor"] == extractor]
+            if not spaces:
+                raise NotFoundError(f"no images with {extractor} features; ingest with --extractor {extractor} first")
+        if not spaces or max(s["n_features"] for s in spaces) == 0:
+            raise NotFoundError("the store has no images yet; run `imgstore ingest FOLDER` first")
+        return int(max(spaces, key=lambda s: (s["n_features"], -s["id"]))["id"])
+
+    def _labels(self, conn: Connection, spec: str) -> dict[int, Any]:
+        """Image id -> label from ``folder`` (the parent folder of a current path) or ``tag:KEY``."""
+        out: dict[int, Any] = {}
+        if spec == "folder":
+            rows = conn.execute(select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.id))
+            for image_id, path in rows:
+                out.setdefault(int(image_id), os.path.basename(os.path.dirname(path)))
+        elif spec.startswith("tag:") and len(spec) > 4:
+            key = spec[4:]
+            for image_id, meta in conn.execute(select(Image.id, Image.meta)):
+                if isinstance(meta, dict) and key in meta:
+                    out[int(image_id)] = str(meta[key])
+        else:
+            raise ConfigError(f"unknown labels {spec!r}; use 'folder' or 'tag:KEY'")
+        return out
+
+    # -- search ---------------------------------------------------------------------------
+
+    def search(
+        self,
+        query: Any,
+        k: int = 10,
+        *,
+        exact: bool = False,
+        probe_radius: int = 1,
+        rerank: bool | None = None,
+        rerank_depth: int | None = None,
+        cached: bool | None = None,
+        index_id: int | None = None,
+    ) -> list[SearchResult]:
+        """The k images most similar to ``query``, best first.
+
+        ``query``: a path, encoded bytes, a PIL image, a stored image id (``int``) or a feature
+        vector. With an index: band prefilter then Hamming re-rank (``exact=True`` equals a
+        brute-force Hamming scan); ``rerank`` orders the best ``rerank_depth`` (default 10k)
+        Hamming candidates by cosine similarity of the stored features (default: on for
+        unsupervised indexes). Without any index: exact cosine search over the stored features.
+        ``cached`` keeps the index's codes in this process's memory between queries (default:
+        the store's ``cache_codes``).
+        """
+        return self.search_many([query], k, exact=exact, probe_radius=probe_radius, rerank=rerank,
+                                rerank_depth=rerank_depth, cached=cached, index_id=index_id)[0]
+
+    def search_many(
+        self,
+        queries: Sequence[Any],
+        k: int = 10,
+        *,
+        exact: bool = False,
+        probe_radius: int = 1,
+        rerank: bool | None = None,
+        rerank_depth: int | None = None,
+        cached: bool | None = None,
+        index_id: int | None = None,
+    ) -> list[list[SearchResult]]:
+        """:meth:`search` for many queries, with one connection and one cache check."""
+        from .indexing import list_indexes, load_hasher
+        from .search import SqlProbe, cosine_rerank, exact_float_search, hamming_search
+
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        use_cache = self.cache_codes if cached is None else cached
+        with self._wrap("search"), self._read() as conn:
+            indexes = list_indexes(conn)
+            if index_id is not None:
+                matches = [i for i in indexes if i.id == index_id]
+                if not matches:
+                    raise NotFoundError(f"no index with id {index_id}; `imgstore index list` shows them")
+                index = matches[0]
+            else:
+                index = next((i for i in indexes if i.is_active), None)
+            space_id = index.space_id if index is not None else self._pick_space(None)
+            space = conn.execute(select(FeatureSpace.__table__).where(FeatureSpace.id == space_id)).mappings().one()
+            vectors, codes = self._query_vectors(conn, queries, space, index)
+            out: list[list[SearchResult]] = []
+            if index is None:
+                for vec in vectors:
+                    ids, sims = exact_float_search(conn, space_id, space["dim"], vec, k)
+                    out.append(self._results(conn, ids, None, sims))
+                return out
+            hasher_supervised = bool(index.config.get("supervised"))
+            do_rerank = (not hasher_supervised) if rerank is None else rerank
+            depth = rerank_depth or RERANK_DEPTH_PER_K * k
+            want = max(k, depth) if do_rerank else k
+            cache = self._cache(conn, index) if use_cache else None
+            sql = None if cache is not None else SqlProbe(index)
+            for vec, code in zip(vectors, codes):
+                ranked = hamming_search(code, index, want, exact=exact, probe_radius=probe_radius,
+                                        conn=conn, cache=cache, sql=sql)
+                if do_rerank and vec is not None:
+                    ids, sims = cosine_rerank(conn, space_id, space["dim"], vec, ranked.image_ids)
+                    dist_of = dict(zip(ranked.image_ids.tolist(), ranked.distances.tolist()))
+                    ids, sims = ids[:k], sims[:k]
+                    out.append(self._results(conn, ids, np.array([dist_of[i] for i in ids.tolist()]), sims))
+                else:
+                    out.append(self._results(conn, ranked.image_ids[:k], ranked.distances[:k], None))
+            return out
+
+    def _query_vectors(
+        self, conn: Connection, queries: Sequence[Any], space: Any, index: Any
+    ) -> tuple[list[npt.NDArray[np.float32] | None], list[npt.NDArray[np.uint8]]]:
+        """Float vectors (None where unknown) and codes (when there is an index) per query."""
+        from .dbops import load_features
+        from .decode import load_image
+        from .indexing import load_hasher
+
+        vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
+        to_embed: list[tuple[int, Any]] = []
+        for i, q in enumerate(queries):
+            if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
+                ids, vecs = load_features(conn, space["id"], space["dim"], [int(q)])
+                if len(ids) == 0:
+                    raise NotFoundError(f"no image with id {int(q)} and {space['extractor']} features")
+                vectors[i] = vecs[0]
+            elif isinstance(q, np.ndarray) and q.dtype.kind == "f":
+                vec = np.asarray(q, dtype=np.float32).reshape(-1)
+                if vec.shape[0] != space["dim"]:
+                    raise ConfigError(f"query vector has {vec.shape[0]} values; {space['extractor']} features have {space['dim']}")
+                vectors[i] = vec
+            else:
+                to_embed.append((i, q))
+        if to_embed:
+            ex = self.extractor(space["extractor"])
+            if ex.preprocess_version != space["preprocess_version"]:
+                raise ConfigError(
+                    f"stored {space['extractor']} features were made with preprocessing "
+                    f"{space['preprocess_version']}, this imgstore makes {ex.preprocess_version}; "
+                    "re-ingest, or query by stored image id"
+                )
+            images = [load_image(q, draft_size=ex.draft_size).image for _, q in to_embed]
+            feats = ex.extract(images)
+            for (i, _), f in zip(to_embed, feats):
+                vectors[i] = f
+        codes: list[npt.NDArray[np.uint8]] = []
+        if index is not None:
+            hasher = load_hasher(conn, index.id)
+            codes = list(hasher.encode(np.stack(vectors)))
+        return vectors, codes
+
+    def _cache(self, conn: Connection, index: Any) -> Any:
+        """The index's codes in memory, reloaded when the database says they changed."""
+        from .search import CodeCache
+
+        generation = int(conn.scalar(select(Hasher.generation).where(Hasher.id == index.id)) or 0)
+        cache = self._caches.get(index.id)
+        if cache is None or cache.generation != generation:
+            cache = self._caches[index.id] = CodeCache.load(conn, index)
+        return cache
+
+    def _results(self, conn: Connection, ids: Any, distances: Any, cosines: Any) -> list[SearchResult]:
+        ids = [int(i) for i in ids]
+        paths: dict[int, list[str]] = {i: [] for i in ids}
+        if ids:
+            for image_id, path in conn.execute(
+                select(ImagePath.image_id, ImagePath.path)
+                .where(ImagePath.image_id.in_(ids), ImagePath.is_current.is_(True))
+                .order_by(ImagePath.path)
+            ):
+                paths[int(image_id)].append(path)
+        return [
+            SearchResult(
+                image_id=i,
+                paths=paths[i],
+                distance=None if distances is None else int(distances[n]),
+                cosine=None if cosines is None else float(cosines[n]),
+            )
+            for n, i in enumerate(ids)
+        ]
+
+    def image(self, ref: int | str) -> dict[str, Any]:
+        """One stored image by id or by path: its row, paths and feature/code coverage."""
+        with self._wrap("read an image"), self._read() as conn:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref)):
+                image_id = int(ref)
+            else:
+                path = os.path.abspath(os.fspath(ref))
+                found = conn.scalar(select(ImagePath.image_id).where(ImagePath.path == path).order_by(ImagePath.is_current.desc()))
+                if found is None:
+                    raise NotFoundError(f"no stored image was seen at {path}")
+                image_id = int(found)
+            row = conn.execute(select(Image.__table__).where(Image.id == image_id)).mappings().first()
+            if row is None:
+                raise NotFoundError(f"no image with id {image_id}")
+            paths = conn.execute(
+                select(ImagePath.path, ImagePath.is_current, ImagePath.file_size, ImagePath.mtime_ns, ImagePath.last_seen_at)
+                .where(ImagePath.image_id == image_id).order_by(ImagePath.path)
+            ).mappings().all()
+            spaces = conn.scalars(select(Feature.space_id).where(Feature.image_id == image_id)).all()
+            codes = conn.scalars(select(Code.hasher_id).where(Code.image_id == image_id)).all()
+            return {**dict(row), "paths": [dict(p) for p in paths], "feature_spaces": list(spaces), "indexes": list(codes)}
+
     # -- helpers --------------------------------------------------------------------------
 
     def _wrap(self, doing: str) -> _DriverErrors:
@@ -141,6 +580,21 @@ class _DriverErrors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if isinstance(exc, SQLAlchemyError):
             raise DatabaseError(f"{self.prefix}: {_driver_message(exc)}") from exc
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    """Lock timeouts (SQLite), serialization failures and deadlocks (PostgreSQL)."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if code in ("40001", "40P01", "55P03"):
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def _decode_error(err: tuple[str, str]) -> ImgStoreError:
+    from .errors import DecodeError
+
+    return DecodeError(None if err[0] == "<in-memory image>" else err[0], err[1])
 
 
 def _driver_message(exc: SQLAlchemyError) -> str:

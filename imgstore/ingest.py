@@ -1,0 +1,488 @@
+"""Ingest: walk folders, skip what is unchanged, decode and extract in parallel, write in batches.
+
+Each model batch is written in one transaction (images, features, codes for every index of the
+feature space, paths, error records), so a process killed at any moment leaves the database as
+it was after the last whole batch, and running the same command again finishes the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Engine, delete, select, update
+
+from .dbops import features_table, insert_ignore, insert_stmt, vector_to_bytes
+from .decode import DecodedImage, decode_bytes, load_image, read_file
+from .errors import DecodeError, ImgStoreError
+from .features import Extractor
+from .features.pipeline import StreamResult, extract_stream
+from .indexing import encode_images
+from .models import Feature, Image, ImagePath, IngestError, utcnow
+
+log = logging.getLogger(__name__)
+
+#: File name extensions tried as images when walking folders (a file named on the command line
+#: is always tried). Anything else in a folder is ignored, not reported as an error.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .ico .tga "
+    ".jp2 .j2k .jpx .pcx .sgi .rgb .qoi .avif .heic .heif".split()
+)
+
+ProgressFn = Callable[["IngestProgress"], None]
+
+
+@dataclass
+class IngestProgress:
+    done: int
+    total: int
+    added: int
+    failed: int
+    elapsed_s: float
+
+
+@dataclass
+class IngestSummary:
+    """What an ingest did. ``added`` counts new images; ``duplicates`` files whose content was
+    already stored (their path is recorded); ``unchanged`` files skipped by path, size and mtime."""
+
+    files_seen: int = 0
+    added: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    ignored: int = 0
+    elapsed_s: float = 0.0
+    dry_run: bool = False
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.added / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files_seen": self.files_seen,
+            "added": self.added,
+            "unchanged": self.unchanged,
+            "duplicates": self.duplicates,
+            "failed": self.failed,
+            "ignored": self.ignored,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "images_per_s": round(self.images_per_s, 2),
+            "dry_run": self.dry_run,
+        }
+
+
+@dataclass
+class _Task:
+    """One file to ingest. ``sha256``/``byte_size`` are filled by the worker that reads it."""
+
+    path: str | None  # None for an in-memory image (bytes or PIL), which gets no path row
+    size: int
+    mtime_ns: int
+    source: Any = None  # bytes or a PIL image when path is None
+    data_sha256: str | None = None
+    byte_size: int = 0
+    duplicate: bool = False
+    image_id: int | None = None  # set once the batch holding it is written
+
+
+# --- walking ------------------------------------------------------------------------------------
+
+
+def _display(path: str) -> str:
+    """A path as text that any database can store (undecodable bytes become \\x escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk_files(
+    roots: Iterable[str | os.PathLike[str]],
+    *,
+    recursive: bool = True,
+    follow_symlinks: bool = False,
+    on_error: Callable[[str, str], None],
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Image files under ``roots`` in sorted order, with their ``stat``.
+
+    Symbolic links are skipped unless ``follow_symlinks`` (then directory loops are detected by
+    device and inode). Unreadable directories and missing roots are reported to ``on_error``
+    and the walk goes on.
+    """
+    for root in roots:
+        root = os.path.abspath(os.fspath(root))
+        try:
+            st = os.stat(root) if follow_symlinks else os.lstat(root)
+        except OSError as exc:
+            on_error(root, f"cannot access ({exc.strerror or exc})")
+            continue
+        if stat.S_ISREG(st.st_mode) or (stat.S_ISLNK(st.st_mode) and not follow_symlinks and os.path.isfile(root)):
+            # a file named explicitly is always tried, whatever its extension
+            yield root, os.stat(root)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            on_error(root, "not a regular file or directory")
+            continue
+        yield from _walk_dir(root, recursive, follow_symlinks, on_error, {(st.st_dev, st.st_ino)})
+
+
+def _walk_dir(
+    top: str,
+    recursive: bool,
+    follow: bool,
+    on_error: Callable[[str, str], None],
+    visited: set[tuple[int, int]],
+) -> Iterator[tuple[str, os.stat_result]]:
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError as exc:
+        on_error(top, f"cannot list directory ({exc.strerror or exc})")
+        return
+    subdirs = []
+    for entry in entries:
+        try:
+            if entry.is_symlink() and not follow:
+                continue
+            if entry.is_dir(follow_symlinks=follow):
+                subdirs.append(entry)
+                continue
+            if not entry.is_file(follow_symlinks=follow):
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            yield entry.path, entry.stat(follow_symlinks=follow)
+        except OSError as exc:
+            on_error(entry.path, f"cannot access ({exc.strerror or exc})")
+    if not recursive:
+        return
+    for entry in subdirs:
+        try:
+            st = entry.stat(follow_symlinks=follow)
+        except OSError as exc:
+            on_error(entry.path, f"cannot access ({exc.strerror or exc})")
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            on_error(entry.path, "directory loop (a symbolic link back into the tree); skipped")
+            continue
+        yield from _walk_dir(entry.path, recursive, follow, on_error, visited | {key})
+
+
+def is_ignored_extension(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS
+
+
+# --- the ingest job -------------------------------------------------------------------------------
+
+
+class Ingester:
+    """Runs one ingest into one feature space. Built by :meth:`ImageStore.ingest`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        write: Callable[[Callable[[Connection], Any]], Any],
+        extractor: Extractor,
+        space_id: int,
+        *,
+        batch_size: int = 64,
+        workers: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.engine = engine
+        self.write = write
+        self.extractor = extractor
+        self.space_id = space_id
+        self.batch_size = batch_size
+        self.workers = workers
+        self.metadata = dict(metadata or {})
+        self.progress = progress
+        self._claim_lock = threading.Lock()
+        self._claimed: set[str] = set()
+        self._known: set[str] = set()
+
+    # The heavy lifting -----------------------------------------------------------------------
+
+    def run(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = True,
+        follow_symlinks: bool = False,
+        dry_run: bool = False,
+    ) -> IngestSummary:
+        started = time.perf_counter()
+        summary = IngestSummary(dry_run=dry_run)
+        walk_errors: list[tuple[str, str]] = []
+        files = list(
+            walk_files(roots, recursive=recursive, follow_symlinks=follow_symlinks,
+                       on_error=lambda p, r: walk_errors.append((_display(p), r)))
+        )
+        summary.files_seen = len(files)
+        known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
+        tasks: list[_Task] = []
+        for path, st in files:
+            shown = _display(path)
+            prior = known_paths.get(shown)
+            if prior is not None and prior == (st.st_size, st.st_mtime_ns):
+                summary.unchanged += 1
+                continue
+            tasks.append(_Task(path, st.st_size, st.st_mtime_ns))
+        if dry_run:
+            summary.added = len(tasks)  # at most: duplicates and failures are found by reading
+            summary.failed = len(walk_errors)
+            summary.errors = walk_errors
+            summary.elapsed_s = time.perf_counter() - started
+            return summary
+        if walk_errors:
+            self.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"))
+            summary.failed += len(walk_errors)
+            summary.errors.extend(walk_errors)
+        return self._process(tasks, summary, started)
+
+    def add_items(self, sources: Iterable[Any]) -> tuple[IngestSummary, list[int | None]]:
+        """Ingest in-memory images (encoded bytes or PIL images) and single files.
+
+        Returns the summary and, per source, its image id (None where it failed)."""
+        started = time.perf_counter()
+        summary = IngestSummary()
+        tasks = []
+        for src in sources:
+            if isinstance(src, (str, os.PathLike)):
+                path = os.path.abspath(os.fspath(src))
+                try:
+                    st = os.stat(path)
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:
+                    size, mtime = 0, 0  # read_file reports the problem
+                tasks.append(_Task(path, size, mtime))
+            else:
+                tasks.append(_Task(None, 0, 0, source=src))
+        summary.files_seen = len(tasks)
+        summary = self._process(tasks, summary, started)
+        return summary, [t.image_id for t in tasks]
+
+    def _process(self, tasks: list[_Task], summary: IngestSummary, started: float) -> IngestSummary:
+        self._known = self._known_hashes()
+        pending_dups: list[_Task] = []
+        done = 0
+        for batch in extract_stream(tasks, self._load, self.extractor, self.batch_size, self.workers):
+            pending_dups.extend(r.item for r in batch if r.skipped)
+            outcome = self.write(lambda conn, b=batch: self._write_batch(conn, b, pending_dups))
+            summary.added += outcome["added"]
+            summary.duplicates += outcome["duplicates"]
+            summary.failed += len(outcome["errors"])
+            summary.errors.extend(outcome["errors"])
+            pending_dups = outcome["unresolved"]
+            done += len(batch)
+            if self.progress is not None:
+                self.progress(IngestProgress(done, len(tasks), summary.added, summary.failed,
+                                             time.perf_counter() - started))
+        if pending_dups:
+            outcome = self.write(lambda conn: self._write_batch(conn, [], pending_dups, final=True))
+            summary.duplicates += outcome["duplicates"]
+            summary.failed += len(outcome["errors"])
+            summary.errors.extend(outcome["errors"])
+        summary.elapsed_s = time.perf_counter() - started
+        return summary
+
+    def _load(self, task: _Task) -> DecodedImage | None:
+        """Worker thread: read, hash, skip known content, decode."""
+        if task.path is None and not isinstance(task.source, (bytes, bytearray, memoryview)):
+            decoded = load_image(task.source)  # a PIL image
+            task.data_sha256 = digest = image_sha256(task.source)
+            task.byte_size = 0
+            with self._claim_lock:
+                if digest in self._known or digest in self._claimed:
+                    task.duplicate = True
+                    return None
+                self._claimed.add(digest)
+            return decoded
+        data = read_file(task.path) if task.path is not None else bytes(task.source)
+        task.byte_size = len(data)
+        task.data_sha256 = digest = hashlib.sha256(data).hexdigest()
+        with self._claim_lock:
+            if digest in self._known or digest in self._claimed:
+                task.duplicate = True
+                return None
+            self._claimed.add(digest)
+        try:
+            shown = _display(task.path) if task.path is not None else None
+            return decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
+        except ImgStoreError:
+            with self._claim_lock:
+                self._claimed.discard(digest)
+            raise
+
+    def _known_paths(self, roots: list[str]) -> dict[str, tuple[int, int]]:
+        """Current path rows under the roots: path -> (size, mtime_ns)."""
+        out: dict[str, tuple[int, int]] = {}
+        with self.engine.connect() as conn:
+            for root in roots:
+                shown = _display(root)
+                lo = shown.rstrip(os.sep) + os.sep
+                hi = lo[:-1] + chr(ord(os.sep) + 1)
+                stmt = select(ImagePath.path, ImagePath.file_size, ImagePath.mtime_ns).where(
+                    ImagePath.is_current.is_(True),
+                    ((ImagePath.path >= lo) & (ImagePath.path < hi)) | (ImagePath.path == shown),
+                )
+                for path, size, mtime in conn.execute(stmt):
+                    out[path] = (int(size), int(mtime))
+        return out
+
+    def _known_hashes(self) -> set[str]:
+        """Content hashes that already have features in this space."""
+        with self.engine.connect() as conn:
+            return set(
+                conn.scalars(
+                    select(Image.sha256).join(Feature, Feature.image_id == Image.id).where(Feature.space_id == self.space_id)
+                )
+            )
+
+    def _write_batch(
+        self, conn: Connection, batch: list[StreamResult[_Task]], dups: list[_Task], *, final: bool = False
+    ) -> dict[str, Any]:
+        """One transaction: new images, their features and codes, paths, error records."""
+        now = utcnow()
+        ok = [r for r in batch if r.features is not None]
+        failed = [r for r in batch if r.error is not None]
+        if ok:
+            insert_ignore(conn, Image.__table__, [
+                {
+                    "sha256": r.item.data_sha256,
+                    "width": r.decoded.width,
+                    "height": r.decoded.height,
+                    "format": r.decoded.format,
+                    "byte_size": r.item.byte_size,
+                    "ingested_at": now,
+                    "captured_at": _aware(r.decoded.captured_at),
+                    "meta": self.metadata,
+                }
+                for r in ok
+                if r.decoded is not None
+            ])
+        wanted = {r.item.data_sha256 for r in ok} | {t.data_sha256 for t in dups}
+        ids = _ids_by_sha(conn, wanted)
+        added = 0
+        if ok:
+            new_ids = np.array([ids[r.item.data_sha256] for r in ok], dtype=np.int64)
+            vectors = np.stack([r.features for r in ok]).astype(np.float32)
+            have = set(
+                conn.scalars(
+                    select(Feature.image_id).where(Feature.space_id == self.space_id, Feature.image_id.in_(new_ids.tolist()))
+                )
+            )
+            fresh = np.array([i not in have for i in new_ids.tolist()])
+            if fresh.any():
+                insert_ignore(conn, features_table, [
+                    {"space_id": self.space_id, "image_id": int(i), "vector": vector_to_bytes(v)}
+                    for i, v in zip(new_ids[fresh], vectors[fresh])
+                ])
+                encode_images(conn, self.space_id, new_ids[fresh], vectors[fresh])
+                added = int(fresh.sum())
+        resolved = [t for t in dups if t.data_sha256 in ids]
+        unresolved = [t for t in dups if t.data_sha256 not in ids]
+        errors = [(_display(r.item.path) if r.item.path else "<in-memory image>", _reason(r.error)) for r in failed]
+        if final:
+            errors += [(_display(t.path) if t.path else "<in-memory image>", "same content as another file that could not be decoded") for t in unresolved]
+            unresolved = []
+        paths = [(r.item, ids[r.item.data_sha256]) for r in ok] + [(t, ids[t.data_sha256]) for t in resolved]
+        for task, image_id in paths:
+            task.image_id = image_id
+        paths = [(t, i) for t, i in paths if t.path is not None]
+        _record_paths(conn, paths, now)
+        recorded = [(e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"]
+        if recorded:
+            _record_errors(conn, [e for e, _ in recorded], None, [x for _, x in recorded])
+        return {"added": added, "duplicates": len(resolved) + (len(ok) - added), "errors": errors, "unresolved": unresolved}
+
+
+def _reason(error: BaseException | None) -> str:
+    if isinstance(error, DecodeError):
+        return error.reason
+    return str(error)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """EXIF times are naive local camera times; store them as given, tagged UTC for the column."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _ids_by_sha(conn: Connection, shas: set[str | None]) -> dict[str, int]:
+    wanted = sorted(s for s in shas if s)
+    out: dict[str, int] = {}
+    for start in range(0, len(wanted), 900):
+        part = wanted[start : start + 900]
+        out.update((sha, int(i)) for i, sha in conn.execute(select(Image.id, Image.sha256).where(Image.sha256.in_(part))))
+    return out
+
+
+def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetime) -> None:
+    """Upsert the path rows; a path that now holds other content has its old row made not current."""
+    if not paths:
+        return
+    shown = [_display(t.path) for t, _ in paths]
+    for start in range(0, len(shown), 900):
+        part = shown[start : start + 900]
+        conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
+        conn.execute(delete(IngestError).where(IngestError.path.in_(part)))
+    stmt = insert_stmt(conn, ImagePath.__table__)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["path", "image_id"],
+        set_={
+            "file_size": stmt.excluded.file_size,
+            "mtime_ns": stmt.excluded.mtime_ns,
+            "last_seen_at": stmt.excluded.last_seen_at,
+            "is_current": True,
+        },
+    )
+    rows = [
+        {"path": p, "image_id": image_id, "file_size": t.size, "mtime_ns": t.mtime_ns,
+         "first_seen_at": now, "last_seen_at": now, "is_current": True}
+        for p, (t, image_id) in zip(shown, paths)
+    ]
+    for start in range(0, len(rows), 1000):
+        conn.execute(stmt, rows[start : start + 1000])
+
+
+def _record_errors(
+    conn: Connection, errors: list[tuple[str, str]], error_type: str | None, excs: list[Any] | None = None
+) -> None:
+    now = utcnow()
+    types = [type(e).__name__ for e in (excs or [])]
+    rows = [
+        {"path": path, "reason": reason[:2000], "occurred_at": now,
+         "error_type": error_type or (types[i] if i < len(types) else "DecodeError")}
+        for i, (path, reason) in enumerate(errors)
+    ]
+    stmt = insert_stmt(conn, IngestError.__table__)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["path"],
+        set_={"reason": stmt.excluded.reason, "error_type": stmt.excluded.error_type, "occurred_at": stmt.excluded.occurred_at},
+    )
+    conn.execute(stmt, rows)
+
+
+def content_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_sha256(img: Any) -> str:
+    """Content hash of an in-memory PIL image: its mode, size and pixels."""
+    h = hashlib.sha256(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+

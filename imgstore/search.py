@@ -1,0 +1,313 @@
+"""Search: band prefilter (in SQL or in a process-local cache), popcount re-rank, float re-rank.
+
+Candidate generation is multi-index hashing (Norouzi, Punjani & Fleet 2012): a code is cut into
+``m`` disjoint bands; any code within Hamming distance ``< m * (s + 1)`` of the query agrees with
+it to within ``s`` bits on at least one band. So probing every band at its own value and at
+every value up to ``s`` bits away finds all of them; the survivors are re-ranked by their full
+Hamming distance (XOR + popcount over 64-bit words) and top-k is taken by counting.
+
+* approximate (default): probe radius 0 or 1 once;
+* exact: grow the radius until the k-th best distance found is below ``m * (s + 1)`` (no unseen
+  code can beat it), or scan everything when that is cheaper. Equal to a brute-force scan,
+  ties broken by image id.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, bindparam, select, text
+
+from .dbops import load_features
+from .errors import ConfigError
+from .hashing.bits import as_words, band_values, flip_neighbours, hamming_distances, topk_smallest
+from .indexing import IndexInfo
+from .models import BAND_COLUMNS, Code, Hasher
+
+log = logging.getLogger(__name__)
+
+#: Probe at most this many values per band before exact mode switches to a scan.
+MAX_PROBES_PER_BAND = 4096
+#: Exact mode scans instead of probing once candidates would exceed this share of the index.
+SCAN_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Codes that survived the prefilter: image ids sorted ascending, and their packed codes."""
+
+    image_ids: npt.NDArray[np.int64]
+    codes: npt.NDArray[np.uint8]
+    radius: int = 0
+    scanned: bool = False
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Best-first image ids with Hamming distances, and how many candidates were examined."""
+
+    image_ids: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.int64]
+    n_candidates: int
+    radius: int
+    scanned: bool
+
+
+def _masks_at_radius(band_width: int, radius: int) -> int:
+    """How many probe values radius ``radius`` adds per band: C(band_width, radius)."""
+    return math.comb(band_width, radius)
+
+
+def probe_values(band: int, band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
+    """Band values at Hamming distance ``radius_from..radius_to`` from ``band``."""
+    values = flip_neighbours(band, band_width, radius_to)
+    skip = sum(math.comb(band_width, r) for r in range(radius_from))
+    return values[skip:]
+
+
+def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Top-k of candidates by (Hamming distance, image id). ``image_ids`` must be ascending."""
+    if len(image_ids) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    dist = hamming_distances(as_words(query_code.reshape(1, -1))[0], as_words(codes))
+    top = topk_smallest(dist, k)
+    return image_ids[top], dist[top].astype(np.int64)
+
+
+# --- SQL prefilter ---------------------------------------------------------------------------
+
+
+class SqlProbe:
+    """Band probes as one SQL statement: a UNION ALL of per-band ``IN`` lists.
+
+    Each branch is an index-only scan of the covering index (hasher_id, band_j, image_id, code).
+    The statement is built once per (index, number of values per band) and reused with bound
+    parameters (``expanding`` IN lists), so the driver can cache it.
+    """
+
+    def __init__(self, index: IndexInfo) -> None:
+        self.index = index
+        parts = []
+        for j in range(index.n_bands):
+            col = BAND_COLUMNS[j]
+            parts.append(f"SELECT image_id, code FROM codes WHERE hasher_id = :h AND {col} IN :b{j}")
+        self.stmt = text(" UNION ALL ".join(parts)).bindparams(
+            *[bindparam(f"b{j}", expanding=True) for j in range(index.n_bands)]
+        )
+
+    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        params: dict[str, object] = {"h": self.index.id}
+        for j, values in enumerate(probes):
+            params[f"b{j}"] = values.tolist()
+        rows = conn.execute(self.stmt, params).all()
+        n_bytes = self.index.n_bits // 8
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), n_bytes)
+        ids, first = np.unique(ids, return_index=True)
+        return ids, codes[first]
+
+
+def scan_codes(conn: Connection, index: IndexInfo) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    """Every code of an index, by image id."""
+    rows = conn.execute(
+        select(Code.image_id, Code.code).where(Code.hasher_id == index.id).order_by(Code.image_id)
+    ).all()
+    n_bytes = index.n_bits // 8
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    return ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), n_bytes)
+
+
+# --- in-memory cache -------------------------------------------------------------------------
+
+
+@dataclass
+class CodeCache:
+    """All codes of one index in memory, with per-band sorted arrays for probing.
+
+    ``generation`` is the index's generation when loaded; a mismatch with the database means
+    another process (or this one) wrote codes since, and the cache reloads.
+    """
+
+    index: IndexInfo
+    generation: int
+    image_ids: npt.NDArray[np.int64]  # (n,) ascending
+    codes: npt.NDArray[np.uint8]  # (n, n_bytes)
+    words: npt.NDArray[np.uint64] = field(init=False)
+    band_order: list[npt.NDArray[np.intp]] = field(init=False)
+    band_sorted: list[npt.NDArray[np.int64]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.words = as_words(self.codes)
+        bands = band_values(self.codes, self.index.n_bands, self.index.band_width) if len(self.codes) else np.zeros((0, self.index.n_bands), dtype=np.int64)
+        self.band_order = []
+        self.band_sorted = []
+        for j in range(self.index.n_bands):
+            order = np.argsort(bands[:, j], kind="stable")
+            self.band_order.append(order)
+            self.band_sorted.append(np.ascontiguousarray(bands[order, j]))
+
+    @classmethod
+    def load(cls, conn: Connection, index: IndexInfo) -> CodeCache:
+        generation = int(conn.scalar(select(Hasher.generation).where(Hasher.id == index.id)) or 0)
+        ids, codes = scan_codes(conn, index)
+        return cls(index, generation, ids, codes)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def probe(self, probes: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.intp]:
+        """Row positions whose band j is in ``probes[j]`` for some j; sorted, unique."""
+        found = []
+        for j, values in enumerate(probes):
+            srt = self.band_sorted[j]
+            lo = np.searchsorted(srt, values, side="left")
+            hi = np.searchsorted(srt, values, side="right")
+            sizes = hi - lo
+            total = int(sizes.sum())
+            if total == 0:
+                continue
+            # positions lo[i] .. hi[i]-1 for every probe i, without a Python loop
+            starts = np.repeat(lo - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
+            found.append(self.band_order[j][starts + np.arange(total)])
+        if not found:
+            return np.zeros(0, dtype=np.intp)
+        return np.unique(np.concatenate(found))
+
+    def count(self, probes: list[npt.NDArray[np.int64]]) -> int:
+        return int(
+            sum(
+                (np.searchsorted(self.band_sorted[j], v, "right") - np.searchsorted(self.band_sorted[j], v, "left")).sum()
+                for j, v in enumerate(probes)
+            )
+        )
+
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        dist = hamming_distances(as_words(query_code.reshape(1, -1))[0], self.words)
+        top = topk_smallest(dist, k)
+        return self.image_ids[top], dist[top].astype(np.int64)
+
+
+# --- the search loop -------------------------------------------------------------------------
+
+
+def hamming_search(
+    query_code: npt.NDArray[np.uint8],
+    index: IndexInfo,
+    k: int,
+    *,
+    exact: bool = False,
+    probe_radius: int = 1,
+    conn: Connection | None = None,
+    cache: CodeCache | None = None,
+    sql: SqlProbe | None = None,
+    n_codes: int | None = None,
+) -> Ranked:
+    """k nearest codes by Hamming distance, through the cache when given, else through SQL."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if probe_radius < 0 or probe_radius > index.band_width:
+        raise ConfigError(f"probe radius must be between 0 and {index.band_width}, got {probe_radius}")
+    if cache is None and (conn is None or sql is None):
+        raise ValueError("hamming_search needs a cache, or a connection and an SqlProbe")
+    q = np.asarray(query_code, dtype=np.uint8).reshape(-1)
+    bands = band_values(q.reshape(1, -1), index.n_bands, index.band_width)[0]
+    m, w = index.n_bands, index.band_width
+    total = len(cache) if cache is not None else (n_codes if n_codes is not None else index.n_codes)
+
+    if not exact:
+        probes = [probe_values(int(b), w, 0, probe_radius) for b in bands]
+        if cache is not None:
+            pos = cache.probe(probes)
+            ids, dist = rank(cache.image_ids[pos], cache.codes[pos], q, k)
+            return Ranked(ids, dist, len(pos), probe_radius, False)
+        ids_c, codes_c = sql.fetch(conn, probes)  # type: ignore[union-attr]
+        ids, dist = rank(ids_c, codes_c, q, k)
+        return Ranked(ids, dist, len(ids_c), probe_radius, False)
+
+    # exact: grow the radius; after radius s every unseen code is at distance >= m * (s + 1)
+    seen_ids = np.zeros(0, dtype=np.int64)
+    seen_codes = np.zeros((0, len(q)), dtype=np.uint8)
+    seen_pos = np.zeros(0, dtype=np.intp)
+    for s in range(0, w + 1):
+        per_band = sum(math.comb(w, r) for r in range(s + 1))
+        too_many_probes = per_band > MAX_PROBES_PER_BAND
+        new_probes = [probe_values(int(b), w, s, s) for b in bands]
+        if cache is not None and not too_many_probes:
+            too_many_probes = len(seen_pos) + cache.count(new_probes) > SCAN_FRACTION * max(total, 1)
+        if too_many_probes:
+            break
+        if cache is not None:
+            seen_pos = np.union1d(seen_pos, cache.probe(new_probes))
+            ids, dist = rank(cache.image_ids[seen_pos], cache.codes[seen_pos], q, k)
+            n_seen = len(seen_pos)
+        else:
+            new_ids, new_codes = sql.fetch(conn, new_probes)  # type: ignore[union-attr]
+            all_ids = np.concatenate([seen_ids, new_ids])
+            all_codes = np.concatenate([seen_codes, new_codes])
+            seen_ids, first = np.unique(all_ids, return_index=True)
+            seen_codes = all_codes[first]
+            ids, dist = rank(seen_ids, seen_codes, q, k)
+            n_seen = len(seen_ids)
+            if n_seen > SCAN_FRACTION * max(total, 1) and len(ids) < k:
+                break
+        bound = m * (s + 1)  # no unseen code is closer than this
+        if (len(ids) == k and dist[-1] < bound) or n_seen >= total:
+            return Ranked(ids, dist, n_seen, s, False)
+    # scan: cheaper (or necessary) from here on
+    if cache is not None:
+        ids, dist = cache.scan(q, k)
+        return Ranked(ids, dist, len(cache), -1, True)
+    all_ids, all_codes = scan_codes(conn, index)  # type: ignore[arg-type]
+    ids, dist = rank(all_ids, all_codes, q, k)
+    return Ranked(ids, dist, len(all_ids), -1, True)
+
+
+def cosine_rerank(
+    conn: Connection,
+    space_id: int,
+    dim: int,
+    query_vector: npt.NDArray[np.float32],
+    image_ids: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Order candidates by cosine similarity of their stored float features (best first; ties
+    by image id)."""
+    ids, vectors = load_features(conn, space_id, dim, image_ids.tolist())
+    if len(ids) == 0:
+        return ids, np.zeros(0, dtype=np.float32)
+    sims = cosine_similarities(query_vector, vectors)
+    order = np.lexsort((ids, -sims))
+    return ids[order], sims[order]
+
+
+def cosine_similarities(query: npt.NDArray[np.floating], vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    qn = np.asarray(query, dtype=np.float32).reshape(-1)
+    qn = qn / max(float(np.linalg.norm(qn)), 1e-12)
+    norms = np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
+    return ((vectors @ qn) / norms).astype(np.float32)
+
+
+def exact_float_search(
+    conn: Connection, space_id: int, dim: int, query_vector: npt.NDArray[np.float32], k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Exact cosine kNN over every stored vector of a space (the answer when there is no index)."""
+    from .dbops import iter_features
+
+    best_ids = np.zeros(0, dtype=np.int64)
+    best_sims = np.zeros(0, dtype=np.float32)
+    for ids, vectors in iter_features(conn, space_id, dim):
+        sims = cosine_similarities(query_vector, vectors)
+        best_ids = np.concatenate([best_ids, ids])
+        best_sims = np.concatenate([best_sims, sims])
+        if len(best_ids) > k:
+            order = np.lexsort((best_ids, -best_sims))[:k]
+            best_ids, best_sims = best_ids[order], best_sims[order]
+    order = np.lexsort((best_ids, -best_sims))[:k]
+    return best_ids[order], best_sims[order]
