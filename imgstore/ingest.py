@@ -60,7 +60,6 @@ class IngestSummary:
     unchanged: int = 0
     duplicates: int = 0
     failed: int = 0
-    ignored: int = 0
     elapsed_s: float = 0.0
     dry_run: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -76,7 +75,6 @@ class IngestSummary:
             "unchanged": self.unchanged,
             "duplicates": self.duplicates,
             "failed": self.failed,
-            "ignored": self.ignored,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
             "dry_run": self.dry_run,

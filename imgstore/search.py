@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import BigInteger, Connection, Integer, bindparam, select, text
 
 from .dbops import load_features
 from .errors import ConfigError
@@ -96,7 +96,8 @@ class SqlProbe:
             col = BAND_COLUMNS[j]
             parts.append(f"SELECT image_id, code FROM codes WHERE hasher_id = :h AND {col} IN :b{j}")
         self.stmt = text(" UNION ALL ".join(parts)).bindparams(
-            *[bindparam(f"b{j}", expanding=True) for j in range(index.n_bands)]
+            bindparam("h", type_=Integer),
+            *[bindparam(f"b{j}", expanding=True, type_=BigInteger) for j in range(index.n_bands)],
         )
 
     def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:

@@ -1,0 +1,56 @@
+"""Real image files for tests: scikit-image's bundled photos and transformed copies of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import skimage
+from PIL import Image, ImageEnhance
+
+SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "hubble_deep_field", "ihc", "motorcycle_left", "retina"]
+
+
+def photo_path(name: str) -> Path:
+    """A real photo shipped in the scikit-image wheel."""
+    for ext in (".png", ".jpg"):
+        if (SKIMAGE_DATA / f"{name}{ext}").exists():
+            return SKIMAGE_DATA / f"{name}{ext}"
+    raise FileNotFoundError(name)
+
+
+def photo(name: str) -> Image.Image:
+    with Image.open(photo_path(name)) as img:
+        return img.convert("RGB")
+
+
+def write_variants(img: Image.Image, folder: Path, stem: str, n: int) -> list[Path]:
+    """``n`` distinct near-copies of ``img`` as JPEG/PNG files (different bytes each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        v = img.resize((max(16, img.width // (1 + i % 3)), max(16, img.height // (1 + i % 3))))
+        v = ImageEnhance.Brightness(v).enhance(0.8 + 0.05 * i)
+        if i % 2:
+            v = v.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path = folder / f"{stem}_{i:03d}.{'png' if i % 4 == 0 else 'jpg'}"
+        v.save(path, quality=70 + i % 25) if path.suffix == ".jpg" else v.save(path)
+        out.append(path)
+    return out
+
+
+def make_collection(root: Path, per_photo: int = 3) -> dict[str, int]:
+    """A folder tree: photos in nested folders, an exact duplicate, a truncated JPEG, a text file
+    named .jpg, and a non-image file that must be ignored. Returns the expected counts."""
+    n_images = 0
+    for i, name in enumerate(PHOTOS):
+        sub = root / f"group{i % 3}" / ("nested" if i % 2 else "")
+        write_variants(photo(name), sub, name, per_photo)
+        n_images += per_photo
+    first = sorted(root.rglob("*.jpg"))[0]
+    (root / "copy_of_first.jpg").write_bytes(first.read_bytes())  # same bytes: one image, two paths
+    data = first.read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "notes.jpg").write_text("this is not an image")
+    (root / "README.txt").write_text("ignored: not an image extension")
+    return {"images": n_images, "paths": n_images + 1, "failed": 2}

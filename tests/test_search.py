@@ -1,0 +1,133 @@
+"""Search on SQLite and PostgreSQL: exact mode equals brute force (random and structured codes,
+through SQL and through the cache), approximate recall, query plans use the band indexes,
+and every query form of the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import Connection, text
+
+from imgstore import ImageStore
+from imgstore.dbops import get_or_create_space, insert_ignore, features_table, vector_to_bytes
+from imgstore.hashing.bits import as_words, hamming_distances
+from imgstore.indexing import create_index, list_indexes, load_hasher
+from imgstore.models import Image as ImageRow
+from imgstore.search import CodeCache, SqlProbe, hamming_search, scan_codes
+
+from .helpers import photo, write_variants
+
+
+def populate(conn: Connection, vectors: np.ndarray) -> int:
+    """Store synthetic feature vectors as images of a feature space; returns the space id."""
+    space_id = get_or_create_space(conn, "synthetic", vectors.shape[1], "v1")
+    insert_ignore(conn, ImageRow.__table__, [
+        {"sha256": f"{i:064x}", "width": 1, "height": 1, "format": None, "byte_size": 1, "meta": {}}
+        for i in range(len(vectors))
+    ])
+    ids = [r[0] for r in conn.execute(text("SELECT id FROM images ORDER BY id"))]
+    insert_ignore(conn, features_table, [
+        {"space_id": space_id, "image_id": i, "vector": vector_to_bytes(v)} for i, v in zip(ids, vectors)
+    ])
+    return space_id
+
+
+def brute_force(ids: np.ndarray, codes: np.ndarray, q: np.ndarray, k: int) -> list[tuple[int, int]]:
+    d = hamming_distances(as_words(q.reshape(1, -1))[0], as_words(codes)).astype(int)
+    order = np.lexsort((ids, d))[:k]
+    return [(int(ids[i]), int(d[i])) for i in order]
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["random", "clustered"])
+def test_exact_mode_equals_brute_force(db_url: str, structured: bool) -> None:
+    rng = np.random.default_rng(7)
+    n, d = 3000, 32
+    if structured:
+        centres = rng.standard_normal((40, d))
+        vectors = centres[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d))
+    else:
+        vectors = rng.standard_normal((n, d))
+    queries = rng.standard_normal((15, d)) if not structured else vectors[:15] + 0.1 * rng.standard_normal((15, d))
+    with ImageStore(db_url) as store:
+        def build(conn: Connection) -> int:
+            space_id = populate(conn, vectors.astype(np.float32))
+            return create_index(conn, space_id, method="lsh", n_bits=64, n_bands=4)
+        index_id = store.transaction(build)
+        with store.engine.connect() as conn:
+            index = next(i for i in list_indexes(conn) if i.id == index_id)
+            ids, codes = scan_codes(conn, index)
+            hasher = load_hasher(conn, index_id)
+            cache = CodeCache.load(conn, index)
+            sql = SqlProbe(index)
+            for q in hasher.encode(queries):
+                for k in (1, 10, 50):
+                    want = brute_force(ids, codes, q, k)
+                    via_sql = hamming_search(q, index, k, exact=True, conn=conn, sql=sql)
+                    via_cache = hamming_search(q, index, k, exact=True, cache=cache)
+                    assert list(zip(via_sql.image_ids.tolist(), via_sql.distances.tolist())) == want
+                    assert list(zip(via_cache.image_ids.tolist(), via_cache.distances.tolist())) == want
+                # approximate radius-1 results are a subset, each at its true distance
+                approx = hamming_search(q, index, 10, probe_radius=1, conn=conn, sql=sql)
+                true = dict(brute_force(ids, codes, q, n))
+                assert all(true[i] == dd for i, dd in zip(approx.image_ids.tolist(), approx.distances.tolist()))
+                cached = hamming_search(q, index, 10, probe_radius=1, cache=cache)
+                assert cached.image_ids.tolist() == approx.image_ids.tolist()
+
+
+def test_band_probe_uses_the_indexes(db_url: str) -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+    with ImageStore(db_url) as store:
+        index_id = store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=2))
+        with store.engine.connect() as conn:
+            index = next(i for i in list_indexes(conn) if i.id == index_id)
+            sql = SqlProbe(index)
+            params = {"h": index_id, "b0": [1, 2, 3], "b1": [4, 5]}
+            compiled = sql.stmt.bindparams(**params).compile(conn, compile_kwargs={"render_postcompile": True, "literal_binds": True})
+            if conn.dialect.name == "sqlite":
+                plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}"))
+                assert "COVERING INDEX ix_codes_hasher_id_band_0" in plan, plan
+                assert "COVERING INDEX ix_codes_hasher_id_band_1" in plan, plan
+            else:
+                conn.exec_driver_sql("ANALYZE codes")
+                plan = " ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+                assert "ix_codes_hasher_id_band_0" in plan and "ix_codes_hasher_id_band_1" in plan, plan
+                assert "Seq Scan" not in plan, plan
+
+
+def test_search_api_query_forms(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    cats = write_variants(photo("chelsea"), root / "cat", "cat", 3)
+    write_variants(photo("rocket"), root / "rocket", "rocket", 3)
+    write_variants(photo("coffee"), root / "coffee", "coffee", 3)
+    with ImageStore(db_url) as store:
+        store.ingest([root], extractor="color", auto_index=False)
+        # no index: exact cosine over the float features
+        res = store.search(cats[0], k=3)
+        assert res[0].paths == [str(cats[0])] and res[0].cosine == pytest.approx(1.0, abs=1e-5)
+        assert res[0].distance is None
+        store.create_index("lsh", 32, extractor="color")
+        by_path = store.search(cats[0], k=5)
+        assert by_path[0].image_id == res[0].image_id and by_path[0].distance == 0
+        by_id = store.search(res[0].image_id, k=5)
+        assert [r.image_id for r in by_id] == [r.image_id for r in by_path]
+        by_bytes = store.search(Path(cats[0]).read_bytes(), k=5)
+        assert [r.image_id for r in by_bytes] == [r.image_id for r in by_path]
+        from PIL import Image
+        by_pil = store.search(Image.open(cats[0]), k=1)
+        assert by_pil[0].image_id == res[0].image_id
+        vec = store.extractor("color").extract([Image.open(cats[0]).convert("RGB")])[0]
+        assert store.search(vec, k=1)[0].image_id == res[0].image_id
+        exact = store.search(cats[0], k=9, exact=True, rerank=False)
+        dists = [r.distance for r in exact]
+        assert dists == sorted(dists) and len(exact) == 9
+        cached = store.search(cats[0], k=9, exact=True, rerank=False, cached=True)
+        assert [(r.image_id, r.distance) for r in cached] == [(r.image_id, r.distance) for r in exact]
+        many = store.search_many([cats[0], cats[1]], k=2)
+        assert len(many) == 2 and all(len(r) == 2 for r in many)
+        # the cache sees writes: a new image appears in cached results
+        new = write_variants(photo("horse"), root / "horse", "horse", 1)[0]
+        store.ingest([root], extractor="color")
+        assert store.search(new, k=1, cached=True, rerank=False)[0].paths == [str(new)]
