@@ -17,13 +17,18 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 DEMO_DB ?= imgstore.db
+DEMO_DIR ?= demo-photos
 
+# Ingest scikit-image's photos plus transformed copies (offline), then query with one of them.
 demo: $(STAMP)
-	$(BIN)/imgstore --db $(DEMO_DB) db upgrade
+	$(BIN)/python -m imgstore.samples $(DEMO_DIR)
+	$(BIN)/imgstore --db $(DEMO_DB) ingest $(DEMO_DIR)
+	$(BIN)/imgstore --db $(DEMO_DB) index list
+	$(BIN)/imgstore --db $(DEMO_DB) query $(DEMO_DIR)/originals/chelsea.png -k 8
 	$(BIN)/imgstore --db $(DEMO_DB) info
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo-store
+	rm -rf $(VENV) build dist *.egg-info $(DEMO_DIR) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
