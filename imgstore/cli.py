@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -151,7 +152,7 @@ def db_check(obj: Context) -> None:
         click.echo(f"{store.display_url}: schema at head ({status.head}), matches the models")
 
 
-# --- info -------------------------------------------------------------------------------------
+# --- managing the store -----------------------------------------------------------------------
 
 
 @cli.command()
@@ -159,18 +160,103 @@ def db_check(obj: Context) -> None:
 @click.pass_obj
 @friendly_errors
 def info(obj: Context, as_json: bool) -> None:
-    """Summarise the store: database, schema revision and row counts.
+    """Summarise the store: database, counts, size, feature spaces, indexes and band occupancy.
 
     Example: imgstore info --json
     """
     with obj.store() as store:
-        data = {"database": store.display_url, "revision": store.schema_status().current, **store.counts()}
+        data = store.info()
     if as_json:
         emit_json(data)
         return
-    width = max(len(k) for k in data)
-    for key, value in data.items():
-        click.echo(f"{key:<{width}}  {value}")
+    for key in ("database", "revision", "images", "paths", "features", "codes", "errors"):
+        click.echo(f"{key:<15} {data[key]}")
+    click.echo(f"{'size':<15} {data['database_bytes'] / 1e6:.1f} MB")
+    for space in data["feature_spaces"]:
+        click.echo(f"feature space {space['id']}: {space['extractor']} ({space['dim']}-d, preprocessing "
+                   f"{space['preprocess_version']}), {space['n_features']} images")
+    for ix in data["indexes"]:
+        click.echo(f"index {ix['id']}{' (active)' if ix['is_active'] else ''}: {ix['method']} {ix['n_bits']} bits, "
+                   f"{ix['n_codes']} codes")
+        for j, band in enumerate(ix["bands"]):
+            click.echo(f"  band {j}: {band['buckets']} buckets, largest {band['largest']}, "
+                       f"mean {band['mean']}, evenness {band['evenness']}")
+
+
+@cli.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.pass_obj
+@friendly_errors
+def rm(obj: Context, refs: tuple[str, ...]) -> None:
+    """Remove images (by id or path) and their paths, features and codes.
+
+    Example: imgstore rm 42 photos/old.jpg
+    """
+    with obj.store() as store:
+        removed = store.remove([int(r) if r.isdigit() and not os.path.exists(r) else r for r in refs])
+    click.echo(f"removed {len(removed)} image(s): {', '.join(map(str, removed))}")
+
+
+@cli.command()
+@click.option("--no-files", is_flag=True, help="Do not check the files on disk.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+@friendly_errors
+def verify(obj: Context, no_files: bool, as_json: bool) -> None:
+    """Check every image has its features and codes; list files that vanished or changed.
+
+    Exits 1 when the database is inconsistent (not for files that moved on disk).
+
+    Example: imgstore verify
+    """
+    with obj.store() as store:
+        report = store.verify(check_files=not no_files)
+    if as_json:
+        emit_json(report)
+    else:
+        click.echo(f"images without features: {len(report['images_without_features'])}")
+        for hasher_id, ids in report["missing_codes"].items():
+            click.echo(f"index {hasher_id}: {len(ids)} images without a code")
+        click.echo(f"dangling rows: {report['dangling_rows']}")
+        click.echo(f"vanished files: {len(report['vanished_files'])}, changed files: {len(report['changed_files'])}")
+        for path in report["vanished_files"][:20]:
+            click.echo(f"  vanished: {path}")
+        for path in report["changed_files"][:20]:
+            click.echo(f"  changed:  {path}")
+        click.echo("ok" if report["ok"] else "INCONSISTENT")
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--neighbours", default=0, type=click.IntRange(0, 100), help="Add the ids of this many nearest images.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="File to write [default: stdout].")
+@click.pass_obj
+@friendly_errors
+def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
+    """Export image metadata (and optionally nearest neighbours) as JSON lines or CSV.
+
+    Example: imgstore export --format csv --neighbours 5 -o images.csv
+    """
+    import csv
+
+    out = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        with obj.store() as store:
+            writer = None
+            for row in store.export_rows(neighbours=neighbours):
+                if fmt == "jsonl":
+                    out.write(json.dumps(row, default=str) + "\n")
+                    continue
+                flat = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=list(flat))
+                    writer.writeheader()
+                writer.writerow(flat)
+    finally:
+        if output:
+            out.close()
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -377,17 +463,20 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8), help="Bits flipped per band when probing.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank by float features [default: per index kind].")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--montage", type=click.Path(dir_okay=False), default=None,
+              help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
 @click.pass_obj
 @friendly_errors
-def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radius: int, rerank: bool | None, as_json: bool) -> None:
+def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radius: int, rerank: bool | None,
+          as_json: bool, montage: str | None) -> None:
     """Find the stored images most similar to each IMAGE (a file, or a stored image id).
 
     \b
     Example:
       imgstore query cat.jpg -k 5
       imgstore query 42 --exact --json
+      imgstore query cat.jpg --montage results.png
     """
-    import os
 
     queries: list[Any] = []
     for ref in images:
@@ -399,6 +488,12 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
             raise click.ClickException(f"{ref}: no such file (or stored image id)")
     with obj.store() as store:
         results = store.search_many(queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank)
+        if montage:
+            for n, (ref, q, res) in enumerate(zip(images, queries, results)):
+                target = montage if n == 0 else _numbered(montage, n + 1)
+                source = q if isinstance(q, str) else _first_path(store.image(q)["paths"])
+                _result_sheet(ref, source, res, target)
+                click.echo(f"wrote {target}", err=True)
     if as_json:
         emit_json([{"query": q, "results": [r.as_dict() for r in res]} for q, res in zip(images, results)])
         return
@@ -411,6 +506,99 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
             path = r.paths[0] if r.paths else "(no current path)"
             more = f" (+{len(r.paths) - 1} more)" if len(r.paths) > 1 else ""
             click.echo(f"  {n:>4}  {r.image_id:>6}  {dist:>7}  {cos:>7}  {path}{more}")
+
+
+def _numbered(path: str, n: int) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{n}{ext or '.png'}"
+
+
+def _short_name(path: str) -> str:
+    """``folder/file.jpg``: enough to tell copies apart in a caption."""
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def _first_path(paths: list[Any]) -> str | None:
+    return (paths[0]["path"] if isinstance(paths[0], dict) else paths[0]) if paths else None
+
+
+def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> None:
+    from .montage import Tile, contact_sheet
+
+    tiles = [Tile(source, ["query", os.path.basename(ref)], highlight=True)]
+    for n, r in enumerate(results, 1):
+        score = []
+        if r.distance is not None:
+            score.append(f"hamming {r.distance}")
+        if r.cosine is not None:
+            score.append(f"cos {r.cosine:.3f}")
+        path = r.paths[0] if r.paths else None
+        tiles.append(Tile(path, [f"#{n}  id {r.image_id}", "  ".join(score), _short_name(path) if path else "(no file)"]))
+    contact_sheet(tiles, target, columns=min(6, len(tiles)), title=f"query: {ref}")
+
+
+@cli.command()
+@click.option("--max-distance", type=click.IntRange(0, 256), default=None, help="Largest Hamming distance [default: a quarter of the bits].")
+@click.option("--min-cosine", type=click.FloatRange(0, 1), default=None, help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
+@click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
+              help="Write one contact sheet per group into this folder (created if missing).")
+@click.pass_obj
+@friendly_errors
+def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, fmt: str, montage_dir: str | None) -> None:
+    """Find groups of duplicate and near-duplicate images, with a suggested keeper.
+
+    Exact copies (same bytes at several paths) and near copies (resized, recompressed,
+    slightly cropped, colour-adjusted) are found through the band index, never all pairs.
+
+    \b
+    Example:
+      imgstore dedup
+      imgstore dedup --min-cosine 0.95 --format csv > duplicates.csv
+      imgstore dedup --montage dup-sheets/
+    """
+    import csv
+
+    with obj.store() as store:
+        groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine)
+    if montage_dir:
+        _dedup_sheets(groups, montage_dir)
+    if fmt == "json":
+        emit_json(groups)
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["group", "kind", "keeper", "image_id", "distance", "cosine", "path"])
+        for g, group in enumerate(groups, 1):
+            for m in group["members"]:
+                for path in m["paths"] or [""]:
+                    writer.writerow([g, group["kind"], m["image_id"] == group["keeper"], m["image_id"],
+                                     m["distance"], "" if m["cosine"] is None else f"{m['cosine']:.4f}", path])
+    else:
+        for g, group in enumerate(groups, 1):
+            click.echo(f"group {g} ({group['kind']}, {sum(len(m['paths']) for m in group['members'])} files):")
+            for m in group["members"]:
+                mark = "keep" if m["image_id"] == group["keeper"] else "    "
+                cos = "" if m["cosine"] is None else f" cos {m['cosine']:.3f}"
+                dist = "" if m["distance"] is None else f" d {m['distance']}"
+                for path in m["paths"] or ["(no file)"]:
+                    click.echo(f"  {mark} {m['image_id']:>6}{dist}{cos}  {path}")
+        click.echo(f"{len(groups)} groups")
+
+
+def _dedup_sheets(groups: list[dict[str, Any]], folder: str) -> None:
+    from .montage import Tile, contact_sheet
+
+    os.makedirs(folder, exist_ok=True)
+    for g, group in enumerate(groups, 1):
+        tiles = []
+        for m in group["members"]:
+            for path in m["paths"] or [None]:
+                keeper = m["image_id"] == group["keeper"]
+                score = f"d {m['distance']}" + ("" if m["cosine"] is None else f"  cos {m['cosine']:.3f}")
+                tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m['image_id']}", score,
+                                         _short_name(path) if path else "(no file)"], highlight=keeper))
+        contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group['kind']} duplicates")
+    click.echo(f"wrote {len(groups)} contact sheets to {folder}", err=True)
 
 
 @cli.command()

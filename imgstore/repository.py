@@ -562,6 +562,194 @@ class ImageStore:
             codes = conn.scalars(select(Code.hasher_id).where(Code.image_id == image_id)).all()
             return {**dict(row), "paths": [dict(p) for p in paths], "feature_spaces": list(spaces), "indexes": list(codes)}
 
+    # -- managing the store ---------------------------------------------------------------
+
+    def remove(self, refs: Sequence[int | str]) -> list[int]:
+        """Delete images (by id or by any path they were seen at) from every table; returns
+        the ids removed. Unknown references raise :class:`NotFoundError` and remove nothing."""
+        ids = [self.image(r)["id"] for r in refs]
+
+        def work(conn: Connection) -> list[int]:
+            from sqlalchemy import delete
+
+            from .dbops import bump_generation
+
+            hashers = conn.scalars(select(Code.hasher_id).where(Code.image_id.in_(ids)).distinct()).all()
+            for model in (Code, Feature, ImagePath):
+                conn.execute(delete(model).where(model.image_id.in_(ids)))
+            conn.execute(delete(Image).where(Image.id.in_(ids)))
+            bump_generation(conn, hashers)
+            return sorted(set(ids))
+
+        return self.transaction(work, what="remove images")
+
+    def verify(self, *, check_files: bool = True) -> dict[str, Any]:
+        """Consistency report: images without features, missing codes per index, dangling rows,
+        and (``check_files``) current paths whose file vanished or changed on disk."""
+        from sqlalchemy import and_, exists
+
+        report: dict[str, Any] = {}
+        with self._wrap("verify"), self._read() as conn:
+            report["images_without_features"] = conn.scalars(
+                select(Image.id).where(~exists().where(Feature.image_id == Image.id)).order_by(Image.id)
+            ).all()
+            missing: dict[int, list[int]] = {}
+            for hasher_id, space_id in conn.execute(select(Hasher.id, Hasher.space_id)):
+                ids = conn.scalars(
+                    select(Feature.image_id).where(
+                        Feature.space_id == space_id,
+                        ~exists().where(and_(Code.hasher_id == hasher_id, Code.image_id == Feature.image_id)),
+                    )
+                ).all()
+                if ids:
+                    missing[int(hasher_id)] = list(ids)
+            report["missing_codes"] = missing
+            report["dangling_rows"] = sum(
+                int(conn.scalar(select(func.count()).select_from(model).where(~exists().where(Image.id == model.image_id))) or 0)
+                for model in (Feature, Code, ImagePath)
+            )
+            vanished, changed = [], []
+            if check_files:
+                for path, size, mtime in conn.execute(
+                    select(ImagePath.path, ImagePath.file_size, ImagePath.mtime_ns).where(ImagePath.is_current.is_(True))
+                ):
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        vanished.append(path)
+                        continue
+                    if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                        changed.append(path)
+            report["vanished_files"] = vanished
+            report["changed_files"] = changed
+        report["ok"] = not (report["images_without_features"] or missing or report["dangling_rows"])
+        return report
+
+    def info(self) -> dict[str, Any]:
+        """Counts, database size, feature spaces, and indexes with their band occupancy."""
+        from .indexing import list_indexes
+        from .models import BAND_COLUMNS
+
+        out: dict[str, Any] = {"database": self.display_url, "revision": self.schema_status().current, **self.counts()}
+        with self._wrap("summarise the store"), self._read() as conn:
+            if self.url.get_backend_name() == "sqlite":
+                size = conn.exec_driver_sql("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()").scalar()
+            else:
+                size = conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar()
+            out["database_bytes"] = int(size or 0)
+            out["feature_spaces"] = self.feature_spaces()
+            indexes = []
+            for info in list_indexes(conn):
+                bands = []
+                for j in range(info.n_bands):
+                    col = getattr(Code, BAND_COLUMNS[j])
+                    sizes = np.array(
+                        conn.scalars(select(func.count()).where(Code.hasher_id == info.id).group_by(col)).all(), dtype=np.float64
+                    )
+                    bands.append(_occupancy(sizes, info.band_width))
+                indexes.append({**info.as_dict(), "bands": bands})
+            out["indexes"] = indexes
+        return out
+
+    def export_rows(self, *, neighbours: int = 0) -> Iterable[dict[str, Any]]:
+        """One dict per image: id, content hash, size, format, capture time, metadata, current
+        paths and, with ``neighbours``, the ids of its nearest stored images (itself excluded)."""
+        with self._wrap("export"), self._read() as conn:
+            images = conn.execute(select(Image.__table__).order_by(Image.id)).mappings().all()
+            paths: dict[int, list[str]] = {}
+            for image_id, path in conn.execute(
+                select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.path)
+            ):
+                paths.setdefault(int(image_id), []).append(path)
+        for start in range(0, len(images), 256):
+            chunk = images[start : start + 256]
+            near: list[list[SearchResult]] = []
+            if neighbours:
+                near = self.search_many([int(r["id"]) for r in chunk], neighbours + 1, cached=True)
+            for n, row in enumerate(chunk):
+                item = {**dict(row), "paths": paths.get(int(row["id"]), [])}
+                if neighbours:
+                    item["neighbours"] = [r.image_id for r in near[n] if r.image_id != row["id"]][:neighbours]
+                yield item
+
+    def find_duplicates(
+        self,
+        *,
+        max_distance: int | None = None,
+        min_cosine: float | None = None,
+        index_id: int | None = None,
+        probe_radius: int = 1,
+    ) -> list[dict[str, Any]]:
+        """Groups of duplicate images, largest first.
+
+        Exact copies (one content seen at several paths) form groups of kind ``"exact"``.
+        Near copies are found through the active index's bands (never all pairs): pairs within
+        ``max_distance`` bits (default a quarter of the code) whose float features have cosine
+        similarity >= ``min_cosine`` (default 0.90; pass 0 to rely on the codes alone) are
+        joined into connected components. Each group names a suggested keeper: the largest
+        resolution, then the largest file, then the lowest id.
+        """
+        from .dbops import load_features
+        from .dedup import DEFAULT_MIN_COSINE, components, default_max_distance, near_duplicate_edges
+        from .indexing import list_indexes
+
+        groups: list[dict[str, Any]] = []
+        with self._wrap("find duplicates"), self._read() as conn:
+            multi = conn.execute(
+                select(ImagePath.image_id).where(ImagePath.is_current.is_(True))
+                .group_by(ImagePath.image_id).having(func.count() > 1)
+            ).scalars().all()
+            indexes = list_indexes(conn)
+            index = next((i for i in indexes if (i.id == index_id if index_id is not None else i.is_active)), None)
+            if index_id is not None and index is None:
+                raise NotFoundError(f"no index with id {index_id}; `imgstore index list` shows them")
+            near: list[list[int]] = []
+            edges: list[Any] = []
+            if index is not None:
+                cache = self._cache(conn, index)
+                space = conn.execute(select(FeatureSpace.__table__).where(FeatureSpace.id == index.space_id)).mappings().one()
+                max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
+                min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
+
+                def vectors(ids: list[int]) -> dict[int, Any]:
+                    got_ids, vecs = load_features(conn, space["id"], space["dim"], ids)
+                    return dict(zip(got_ids.tolist(), vecs))
+
+                edges = near_duplicate_edges(cache, vectors if min_c > 0 else None, max_distance=max_d,
+                                             min_cosine=min_c if min_c > 0 else None, probe_radius=probe_radius)
+                near = components(cache.image_ids.tolist(), edges)
+            info_ids = sorted(set(multi) | {i for g in near for i in g})
+            rows: dict[int, Any] = {}
+            paths: dict[int, list[str]] = {}
+            for start in range(0, len(info_ids), 900):
+                part = info_ids[start : start + 900]
+                for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size).where(Image.id.in_(part))):
+                    rows[int(r.id)] = r
+                for image_id, path in conn.execute(
+                    select(ImagePath.image_id, ImagePath.path)
+                    .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True)).order_by(ImagePath.path)
+                ):
+                    paths.setdefault(int(image_id), []).append(path)
+        pair = {(e.a, e.b): e for e in edges}
+        for image_id in sorted(multi):
+            if any(image_id in g for g in near):
+                continue
+            groups.append({"kind": "exact", "keeper": int(image_id), "members": [
+                {"image_id": int(image_id), "paths": paths.get(int(image_id), []), "distance": 0, "cosine": 1.0}]})
+        for g in near:
+            keeper = max(g, key=lambda i: (rows[i].width * rows[i].height, rows[i].byte_size, -i))
+            members = []
+            for i in g:
+                e = pair.get((min(i, keeper), max(i, keeper)))
+                members.append({
+                    "image_id": i, "paths": paths.get(i, []), "width": rows[i].width, "height": rows[i].height,
+                    "distance": 0 if i == keeper else (e.distance if e else None),
+                    "cosine": 1.0 if i == keeper else (e.cosine if e else None),
+                })
+            groups.append({"kind": "near", "keeper": keeper, "members": members})
+        groups.sort(key=lambda g: (-sum(len(m["paths"]) or 1 for m in g["members"]), g["keeper"]))
+        return groups
+
     # -- helpers --------------------------------------------------------------------------
 
     def _wrap(self, doing: str) -> _DriverErrors:
@@ -580,6 +768,20 @@ class _DriverErrors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if isinstance(exc, SQLAlchemyError):
             raise DatabaseError(f"{self.prefix}: {_driver_message(exc)}") from exc
+
+
+def _occupancy(sizes: npt.NDArray[np.float64], band_width: int) -> dict[str, Any]:
+    """How evenly codes spread over one band's bucket values. ``evenness`` is the entropy of
+    the bucket distribution over its largest possible value, log2(min(2**width, n)): 1.0 when
+    every code has its own bucket (or buckets are equal), near 0 when most share one."""
+    n = float(sizes.sum())
+    if n == 0:
+        return {"buckets": 0, "largest": 0, "mean": 0.0, "evenness": 0.0}
+    p = sizes / n
+    entropy = float(-(p * np.log2(p)).sum())
+    ceiling = np.log2(min(2.0**band_width, n)) if n > 1 else 1.0
+    return {"buckets": int(len(sizes)), "largest": int(sizes.max()), "mean": round(n / len(sizes), 2),
+            "evenness": round(entropy / ceiling, 3) if ceiling > 0 else 1.0}
 
 
 def _is_retryable(exc: DBAPIError) -> bool:

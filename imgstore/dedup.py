@@ -1,0 +1,130 @@
+"""Near-duplicate groups through the band index, with memory that grows linearly.
+
+For each stored code (in chunks) the band index is probed at radius 1, exactly as a query
+would: that finds every code within Hamming distance ``2 * n_bands - 1`` and most a little
+farther. Pairs within ``max_distance`` are then checked against the float features
+(``min_cosine``), and accepted pairs are joined into connected components with a union-find.
+No all-pairs matrix is ever built: work and memory are proportional to the number of codes plus
+the candidates of one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .hashing.bits import band_values, flip_neighbours
+from .search import CodeCache
+
+#: Pairs whose float features are less similar than this are not duplicates. Measured on the
+#: copy-detection set (benchmarks/bench_dedup.py): resized, recompressed and slightly cropped
+#: copies of a photo stay well above it with CNN features, different photos of one kind stay below.
+DEFAULT_MIN_COSINE = 0.90
+#: Hamming distance allowed, as a fraction of the code length, before the float check.
+DEFAULT_MAX_DISTANCE_FRACTION = 0.25
+CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class Edge:
+    a: int  # image ids, a < b
+    b: int
+    distance: int
+    cosine: float | None
+
+
+class UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = int(self.parent[root])
+        while self.parent[x] != root:  # path compression
+            self.parent[x], x = root, int(self.parent[x])
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def default_max_distance(n_bits: int) -> int:
+    return int(round(DEFAULT_MAX_DISTANCE_FRACTION * n_bits))
+
+
+def near_duplicate_edges(
+    cache: CodeCache,
+    load_vectors: Callable[[list[int]], dict[int, npt.NDArray[np.float32]]] | None,
+    *,
+    max_distance: int,
+    min_cosine: float | None,
+    probe_radius: int = 1,
+) -> list[Edge]:
+    """Accepted duplicate pairs among the cached codes (each pair once, a < b)."""
+    n = len(cache)
+    index = cache.index
+    if n < 2:
+        return []
+    bands = band_values(cache.codes, index.n_bands, index.band_width)
+    edges: list[Edge] = []
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        pairs_a: list[npt.NDArray[np.intp]] = []
+        pairs_b: list[npt.NDArray[np.intp]] = []
+        for row in range(start, stop):
+            probes = [flip_neighbours(int(bands[row, j]), index.band_width, probe_radius) for j in range(index.n_bands)]
+            cand = cache.probe(probes)
+            cand = cand[cand > row]  # each pair once
+            if len(cand) == 0:
+                continue
+            dist = np.bitwise_count(cache.words[cand] ^ cache.words[row]).sum(axis=1)
+            keep = cand[dist <= max_distance]
+            if len(keep):
+                pairs_a.append(np.full(len(keep), row, dtype=np.intp))
+                pairs_b.append(keep)
+        if not pairs_a:
+            continue
+        a = np.concatenate(pairs_a)
+        b = np.concatenate(pairs_b)
+        dist = np.bitwise_count(cache.words[a] ^ cache.words[b]).sum(axis=1)
+        ids_a, ids_b = cache.image_ids[a], cache.image_ids[b]
+        cos: npt.NDArray[np.float32] | None = None
+        if min_cosine is not None and load_vectors is not None:
+            wanted = np.unique(np.concatenate([ids_a, ids_b]))
+            vectors = load_vectors(wanted.tolist())
+            dim = len(next(iter(vectors.values()))) if vectors else 1
+            matrix = np.zeros((len(wanted), dim), dtype=np.float32)
+            for i, image_id in enumerate(wanted.tolist()):
+                if image_id in vectors:
+                    v = vectors[image_id]
+                    matrix[i] = v / max(float(np.linalg.norm(v)), 1e-12)
+            ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
+            cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
+            ok = cos >= min_cosine
+            ids_a, ids_b, dist, cos = ids_a[ok], ids_b[ok], dist[ok], cos[ok]
+        for i in range(len(ids_a)):
+            edges.append(Edge(int(ids_a[i]), int(ids_b[i]), int(dist[i]), None if cos is None else float(cos[i])))
+    return edges
+
+
+def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:
+    """Connected components (groups of 2 or more image ids), each sorted, groups by first id."""
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    uf = UnionFind(len(ids))
+    for e in edges:
+        uf.union(position[e.a], position[e.b])
+    groups: dict[int, list[int]] = {}
+    for e in edges:
+        for image_id in (e.a, e.b):
+            groups.setdefault(uf.find(position[image_id]), [])
+    for image_id, pos in position.items():
+        root = uf.find(pos)
+        if root in groups:
+            groups[root].append(image_id)
+    return sorted((sorted(set(g)) for g in groups.values() if len(set(g)) > 1), key=lambda g: g[0])
