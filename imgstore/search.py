@@ -228,10 +228,15 @@ def hamming_search(
         if cache is not None:
             pos = cache.probe(probes)
             ids, dist = rank(cache.image_ids[pos], cache.codes[pos], q, k)
-            return Ranked(ids, dist, len(pos), probe_radius, False)
-        ids_c, codes_c = sql.fetch(conn, probes)  # type: ignore[union-attr]
-        ids, dist = rank(ids_c, codes_c, q, k)
-        return Ranked(ids, dist, len(ids_c), probe_radius, False)
+            n_seen = len(pos)
+        else:
+            ids_c, codes_c = sql.fetch(conn, probes)  # type: ignore[union-attr]
+            ids, dist = rank(ids_c, codes_c, q, k)
+            n_seen = len(ids_c)
+        if len(ids) == k or n_seen >= total:
+            return Ranked(ids, dist, n_seen, probe_radius, False)
+        # Too few candidates near this query (a sparse region, or a small store): a caller
+        # asking for k results gets k, so search on exactly (more radius, or a scan).
 
     # exact: grow the radius; after radius s every unseen code is at distance >= m * (s + 1)
     seen_ids = np.zeros(0, dtype=np.int64)
