@@ -36,9 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-#: Number of band columns in ``codes``. Bands are at most 32 bits wide, so eight of them cover
-#: every code up to 256 bits.
-MAX_BANDS = 8
+from .hashing.bits import MAX_BANDS  # band columns in ``codes`` (8 x 32 bits cover 256-bit codes)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
