@@ -30,6 +30,9 @@ ENCODE_BATCH = 20_000
 #: Default number of vectors an index is fitted on (a random sample when the store is bigger):
 #: PCA/ITQ statistics of 1280-d features are stable well before this.
 DEFAULT_SAMPLE = 100_000
+#: Methods that ignore labels, and those that learn from them.
+UNSUPERVISED = ("lsh", "pca", "itq")
+SUPERVISED = ("centres", "deep")
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,20 @@ def create_index(
     ids, X = load_features(conn, space_id, dim, image_ids=fit_ids.tolist())
     params: dict[str, Any] = {"n_bits": n_bits, "random_state": random_state}
     hasher = make_hasher(method, **params)
-    y = None
+    if labels is not None and method in UNSUPERVISED:
+        raise ConfigError(f"{method} does not learn from labels; use --method {' or '.join(SUPERVISED)} with --labels")
+    if labels is None and getattr(hasher, "needs_labels", False):
+        raise ConfigError(f"{method} learns from labels: add --labels folder or --labels tag:KEY")
     if labels is not None:
         y = np.array([labels.get(int(i)) for i in ids], dtype=object)
-    hasher.fit(X, y) if y is not None else hasher.fit(X)
+        labelled = np.array([v is not None for v in y], dtype=bool)
+        if labelled.sum() < 2:
+            raise NotEnoughDataError(
+                f"only {int(labelled.sum())} of {len(ids)} images have a label; check --labels"
+            )
+        hasher.fit(X[labelled], y[labelled].astype(str))
+    else:
+        hasher.fit(X)
     if n_bands is None:
         n_bands = default_n_bands(n_bits, max(n_total, 2))
     band_width = band_layout(n_bits, n_bands)
