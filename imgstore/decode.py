@@ -1,0 +1,348 @@
+"""Opening image files safely: size limits, EXIF orientation, every Pillow mode to RGB, typed errors.
+
+Every image imgstore looks at goes through :func:`load_image` (or :func:`read_file` +
+:func:`decode_bytes`), so ingest, search-by-example and the benchmarks see the same pixels.
+Nothing here touches global Pillow state: ``Image.MAX_IMAGE_PIXELS`` and
+``ImageFile.LOAD_TRUNCATED_IMAGES`` keep whatever values the application chose, and the pixel
+limit is checked by this module from the header, before any pixel data is decoded.
+
+Any failure a file can cause is raised as :class:`~imgstore.errors.DecodeError` carrying the path
+and a short human reason (``"truncated or corrupt image data"``, ``"not a recognised image
+format"``, ...), never a raw Pillow traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import struct
+import zlib
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DecodeError
+
+logger = logging.getLogger(__name__)
+
+#: Largest image (width x height, in pixels) decoded by default: 200 megapixels, above the
+#: biggest phone sensors (200 MP) and medium-format cameras (150 MP). A 200 MP RGB image takes
+#: 600 MB once decoded, so this also bounds the memory one decode worker can take. Pillow's own
+#: decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, 89 MP by default; error above twice that)
+#: still applies on top of this limit; we catch its error and report it as a ``DecodeError``.
+DEFAULT_MAX_PIXELS = 200_000_000
+
+#: Largest file read by default (bytes). Compressed images are far smaller than their pixels; a
+#: file above this is most likely not a photo (or a hostile one).
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+
+#: Formats that need an external program (Ghostscript for EPS) are never opened from untrusted
+#: files.
+_EXCLUDED_FORMATS = frozenset({"EPS"})
+
+# EXIF tags
+_TAG_ORIENTATION = 0x0112
+_TAG_DATETIME = 0x0132
+_TAG_EXIF_IFD = 0x8769
+_TAG_DATETIME_ORIGINAL = 0x9003
+
+_TRANSPOSE_FOR_ORIENTATION: dict[int, tuple[Image.Transpose, ...]] = {
+    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
+    3: (Image.Transpose.ROTATE_180,),
+    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
+    5: (Image.Transpose.TRANSPOSE,),
+    6: (Image.Transpose.ROTATE_270,),
+    7: (Image.Transpose.TRANSVERSE,),
+    8: (Image.Transpose.ROTATE_90,),
+}
+
+#: Exceptions Pillow's decoders are known to raise on bad data. Anything else is a bug.
+_DECODE_FAILURES: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    struct.error,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    zlib.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # only ever raised when the application escalates warnings
+)
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image, ready for an extractor.
+
+    image: RGB, fully loaded, EXIF orientation applied (possibly reduced by a JPEG draft).
+    width, height: pixels after orientation, at the file's full resolution (not the draft's).
+    format: Pillow's format name (``"JPEG"``, ``"PNG"``, ...) or None for an in-memory image.
+    captured_at: EXIF DateTimeOriginal (else DateTime), naive local time as the camera wrote it;
+    None when absent or unreadable.
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    format: str | None
+    captured_at: datetime | None
+
+
+def read_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """Read a whole file, refusing what cannot be an image file.
+
+    Raises DecodeError for a missing path, a directory, a FIFO/device/socket (reading one could
+    block forever), a file we may not read, an empty file and a file over ``max_bytes``.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError(path, "file not found") from None
+    except NotADirectoryError:
+        raise DecodeError(path, "file not found (a parent is not a directory)") from None
+    except PermissionError:
+        raise DecodeError(path, "permission denied") from None
+    except OSError as exc:
+        raise DecodeError(path, f"cannot access file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError(path, "is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError(path, "not a regular file (a FIFO, device or socket)")
+    if st.st_size == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    if st.st_size > max_bytes:
+        raise DecodeError(path, f"file too large ({st.st_size} bytes; the limit is {max_bytes})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since stat
+    except PermissionError:
+        raise DecodeError(path, "permission denied") from None
+    except IsADirectoryError:
+        raise DecodeError(path, "is a directory, not an image file") from None
+    except OSError as exc:
+        raise DecodeError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise DecodeError(path, "empty file (0 bytes)")
+    if len(data) > max_bytes:
+        raise DecodeError(path, f"file too large (over {max_bytes} bytes)")
+    return data
+
+
+def decode_bytes(
+    data: bytes | bytearray | memoryview,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> DecodedImage:
+    """Decode an encoded image (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to an RGB :class:`DecodedImage`.
+
+    The pixel count is checked against ``max_pixels`` from the header, before decoding. Only the
+    first frame of an animation is decoded. ``draft_size`` (width, height) lets a JPEG decode at
+    a reduced DCT scale (1/2, 1/4 or 1/8) that still covers that size, which makes full-size
+    photos several times faster to decode when the caller only needs a thumbnail.
+    ``path`` is used only in error messages.
+    """
+    if len(data) == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except UnidentifiedImageError:
+        raise DecodeError(path, "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(path, f"image too large to decode safely ({_short(exc)})") from None
+    except _DECODE_FAILURES as exc:
+        raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
+    return _finish(img, path=path, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> DecodedImage:
+    """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
+
+    A PIL image is taken as it is (its EXIF orientation applied, its mode converted); it is not
+    modified in place.
+    """
+    if isinstance(source, Image.Image):
+        return _finish(source, path=None, max_pixels=max_pixels, draft_size=None)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size)
+    if isinstance(source, (str, os.PathLike)):
+        data = read_file(source, max_bytes=max_bytes)
+        return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size)
+    raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(source).__name__}")
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _allowed_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(sorted(f for f in Image.OPEN if f not in _EXCLUDED_FORMATS))
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _finish(
+    img: Image.Image,
+    *,
+    path: str | os.PathLike[str] | None,
+    max_pixels: int,
+    draft_size: tuple[int, int] | None,
+) -> DecodedImage:
+    """Check the size, read EXIF, decode, orient and convert to RGB. ``img`` is header-only or loaded."""
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(path, f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise DecodeError(
+            path,
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(raise max_pixels if this image is genuine)",
+        )
+    fmt = img.format
+    orientation, captured_at = _read_exif(img)
+    try:
+        if draft_size is not None and fmt in ("JPEG", "MPO"):
+            img.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))
+        img.load()
+        rgb = _to_rgb(img)
+    except DecodeError as exc:
+        raise DecodeError(path, exc.reason) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(path, f"image too large to decode safely ({_short(exc)})") from None
+    except _DECODE_FAILURES as exc:
+        raise DecodeError(path, f"truncated or corrupt image data ({_short(exc)})") from None
+    except MemoryError:
+        raise DecodeError(path, "out of memory decoding the image") from None
+    for op in _TRANSPOSE_FOR_ORIENTATION.get(orientation, ()):
+        rgb = rgb.transpose(op)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt, captured_at=captured_at)
+
+
+def _read_exif(img: Image.Image) -> tuple[int, datetime | None]:
+    """(orientation 1..8, capture time) from EXIF; (1, None) when absent or garbage. Never raises."""
+    try:
+        exif = img.getexif()
+    except Exception:  # noqa: BLE001 - garbage EXIF must never fail the decode
+        logger.debug("unreadable EXIF block", exc_info=True)
+        return 1, None
+    orientation = 1
+    try:
+        value = exif.get(_TAG_ORIENTATION, 1)
+        value = int(value[0] if isinstance(value, (tuple, list)) else value)
+        if 1 <= value <= 8:
+            orientation = value
+    except Exception:  # noqa: BLE001
+        orientation = 1
+    captured_at = None
+    try:
+        sub = exif.get_ifd(_TAG_EXIF_IFD)
+        captured_at = _parse_exif_datetime(sub.get(_TAG_DATETIME_ORIGINAL))
+    except Exception:  # noqa: BLE001
+        captured_at = None
+    if captured_at is None:
+        try:
+            captured_at = _parse_exif_datetime(exif.get(_TAG_DATETIME))
+        except Exception:  # noqa: BLE001
+            captured_at = None
+    return orientation, captured_at
+
+
+def _parse_exif_datetime(value: object) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    text = value.strip().strip("\x00").strip()
+    for fmt, length in (("%Y:%m:%d %H:%M:%S", 19), ("%Y-%m-%d %H:%M:%S", 19), ("%Y-%m-%dT%H:%M:%S", 19),
+                        ("%Y:%m:%d %H:%M", 16)):
+        try:
+            return datetime.strptime(text[:length], fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB. Transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        if "transparency" in img.info:
+            return _flatten_alpha(img.convert("RGBA"))
+        return img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _flatten_alpha(img.convert("RGBA"))
+    if mode in ("L", "CMYK", "YCbCr", "HSV"):
+        return img.convert("RGB")
+    if mode == "1":
+        return img.convert("L").convert("RGB")
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        gray = _high_depth_to_uint8(img)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode.startswith("BGR;"):
+        return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError:
+        raise DecodeError(None, f"unsupported pixel mode {mode!r}") from None
+
+
+def _flatten_alpha(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """16-bit / 32-bit integer / float greyscale to uint8 by scaling, never by clipping.
+
+    ``I;16*``: the full 0..65535 range maps to 0..255 (v / 257, rounded). ``I`` (32-bit signed;
+    Pillow's mode for 16-bit PNGs in some versions and for 32-bit TIFFs): treated as 16-bit when
+    the values fit in 0..65535, otherwise stretched from its min..max. ``F``: values in 0..1 are
+    scaled by 255, anything else stretched from its min..max.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    values = arr.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    values = np.where(finite, values, 0.0)
+    lo, hi = float(values.min()), float(values.max())
+    if img.mode == "I" and lo >= 0 and hi <= 65535:
+        scaled = values / 257.0
+    elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = values * 255.0
+    elif hi > lo:
+        scaled = (values - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
