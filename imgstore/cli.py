@@ -420,9 +420,9 @@ def index_list(obj: Context, as_json: bool) -> None:
     if not infos:
         click.echo("no index yet: queries scan the float features exactly (`imgstore index create` builds one)")
     for i in infos:
-        rerank = "off" if i.config.get("supervised") else "on"
-        click.echo(f"{'*' if i.is_active else ' '} {i.id:>3}  {i.method:<6} {i.n_bits:>3} bits  {i.n_bands} x {i.band_width}-bit bands  "
-                   f"{i.n_codes} images  {i.extractor}  fitted on {i.n_fitted}  float re-rank {rerank}")
+        kind = "supervised" if i.config.get("supervised") else "unsupervised"
+        click.echo(f"{'*' if i.is_active else ' '} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {i.n_bands} x {i.band_width}-bit bands  "
+                   f"{i.n_codes} images  {i.extractor}  {kind}, fitted on {i.n_fitted}")
 
 
 @index.command("activate")

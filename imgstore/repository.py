@@ -406,8 +406,7 @@ class ImageStore:
         ``query``: a path, encoded bytes, a PIL image, a stored image id (``int``) or a feature
         vector. With an index: band prefilter then Hamming re-rank (``exact=True`` equals a
         brute-force Hamming scan); ``rerank`` orders the best ``rerank_depth`` (default 10k)
-        Hamming candidates by cosine similarity of the stored features (default: on for
-        unsupervised indexes). Without any index: exact cosine search over the stored features.
+        Hamming candidates by cosine similarity of the stored features (default: on). Without any index: exact cosine search over the stored features.
         ``cached`` keeps the index's codes in this process's memory between queries (default:
         the store's ``cache_codes``).
         """
@@ -451,8 +450,11 @@ class ImageStore:
                     ids, sims = exact_float_search(conn, space_id, space["dim"], vec, k)
                     out.append(self._results(conn, ids, None, sims))
                 return out
-            hasher_supervised = bool(index.config.get("supervised"))
-            do_rerank = (not hasher_supervised) if rerank is None else rerank
+            # Re-rank is on by default for every kind of index: measured on CIFAR-10, re-ranking
+            # the Hamming candidates by cosine raises P@10 for unsupervised codes and for
+            # supervised ones alike (0.46 -> 0.72 for the deep supervised head) without lowering
+            # mAP@ALL, since the candidates it orders were already chosen by the codes.
+            do_rerank = True if rerank is None else rerank
             depth = rerank_depth or RERANK_DEPTH_PER_K * k
             want = max(k, depth) if do_rerank else k
             cache = self._cache(conn, index) if use_cache else None

@@ -20,6 +20,7 @@ from imgstore.hashing.base import (
     min_samples,
 )
 from imgstore.hashing.methods import ITQHasher, LSHHasher, PCAHasher
+from imgstore.hashing import deep as _deep  # noqa: F401,E402  registers "deep" (torch only inside fit)
 
 __all__ = [
     "MAX_BITS",
