@@ -540,12 +540,15 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @cli.command()
 @click.option("--max-distance", type=click.IntRange(0, 256), default=None, help="Largest Hamming distance [default: a quarter of the bits].")
 @click.option("--min-cosine", type=click.FloatRange(0, 1), default=None, help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
+@click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
+              help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.90; 0 = off].")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
               help="Write one contact sheet per group into this folder (created if missing).")
 @click.pass_obj
 @friendly_errors
-def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, fmt: str, montage_dir: str | None) -> None:
+def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
+          fmt: str, montage_dir: str | None) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
@@ -560,7 +563,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, fmt:
     import csv
 
     with obj.store() as store:
-        groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine)
+        groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature)
     if montage_dir:
         _dedup_sheets(groups, montage_dir)
     if fmt == "json":

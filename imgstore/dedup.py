@@ -23,6 +23,11 @@ from .search import CodeCache
 #: copy-detection set (benchmarks/bench_dedup.py): resized, recompressed and slightly cropped
 #: copies of a photo stay well above it with CNN features, different photos of one kind stay below.
 DEFAULT_MIN_COSINE = 0.90
+#: ... or, for pairs whose float features agree at least SIGNATURE_COSINE_FLOOR, pixel-layout
+#: signatures (imgstore.signature, flip-aware) at least this similar: degraded copies (half size,
+#: heavy JPEG) of small images drift in CNN space but keep their layout.
+DEFAULT_MIN_SIGNATURE = 0.95
+SIGNATURE_COSINE_FLOOR = 0.50
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 CHUNK = 2048
@@ -58,6 +63,22 @@ def default_max_distance(n_bits: int) -> int:
     return int(round(DEFAULT_MAX_DISTANCE_FRACTION * n_bits))
 
 
+def _flip_signs() -> npt.NDArray[np.float32]:
+    """Signs that turn a signature into the signature of the mirrored image: a horizontal flip
+    negates the DCT coefficients of odd horizontal frequency."""
+    from .signature import DIM, KEEP
+
+    signs = np.array([(-1.0) ** (i % KEEP) for i in range(KEEP * KEEP)], dtype=np.float32)[1:]
+    assert len(signs) == DIM
+    return signs
+
+
+def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Row-wise similarity of unit signatures (n, 63), the better of as-is and mirrored."""
+    flip = _flip_signs()
+    return np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)).astype(np.float32)
+
+
 def near_duplicate_edges(
     cache: CodeCache,
     load_vectors: Callable[[list[int]], dict[int, npt.NDArray[np.float32]]] | None,
@@ -65,8 +86,15 @@ def near_duplicate_edges(
     max_distance: int,
     min_cosine: float | None,
     probe_radius: int = 1,
+    load_signatures: Callable[[list[int]], dict[int, npt.NDArray[np.float32]]] | None = None,
+    min_signature: float | None = DEFAULT_MIN_SIGNATURE,
 ) -> list[Edge]:
-    """Accepted duplicate pairs among the cached codes (each pair once, a < b)."""
+    """Accepted duplicate pairs among the cached codes (each pair once, a < b).
+
+    A candidate pair (within ``max_distance`` bits) is accepted when its float features have
+    cosine >= ``min_cosine``, or when they have cosine >= SIGNATURE_COSINE_FLOOR and its
+    pixel-layout signatures have similarity >= ``min_signature``.
+    """
     n = len(cache)
     index = cache.index
     if n < 2:
@@ -107,6 +135,14 @@ def near_duplicate_edges(
             ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
             cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
             ok = cos >= min_cosine
+            if load_signatures is not None and min_signature is not None:
+                sigs = load_signatures(wanted.tolist())
+                sig = np.zeros((len(wanted), len(_flip_signs())), dtype=np.float32)
+                for i, image_id in enumerate(wanted.tolist()):
+                    if image_id in sigs:
+                        sig[i] = sigs[image_id]
+                layout = signature_similarity(sig[ra], sig[rb])
+                ok |= (cos >= SIGNATURE_COSINE_FLOOR) & (layout >= min_signature)
             ids_a, ids_b, dist, cos = ids_a[ok], ids_b[ok], dist[ok], cos[ok]
         for i in range(len(ids_a)):
             edges.append(Edge(int(ids_a[i]), int(ids_b[i]), int(dist[i]), None if cos is None else float(cos[i])))

@@ -28,6 +28,8 @@ from .features import Extractor
 from .features.pipeline import StreamResult, extract_stream
 from .indexing import encode_images
 from .models import Feature, Image, ImagePath, IngestError, utcnow
+from .signature import thumb_signature
+from .signature import to_bytes as signature_bytes
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class _Task:
     byte_size: int = 0
     duplicate: bool = False
     image_id: int | None = None  # set once the batch holding it is written
+    signature: bytes | None = None  # imgstore.signature of the decoded image
 
 
 # --- walking ------------------------------------------------------------------------------------
@@ -305,6 +308,7 @@ class Ingester:
                     task.duplicate = True
                     return None
                 self._claimed.add(digest)
+            task.signature = signature_bytes(thumb_signature(decoded.image))
             return decoded
         data = read_file(task.path) if task.path is not None else bytes(task.source)
         task.byte_size = len(data)
@@ -316,7 +320,9 @@ class Ingester:
             self._claimed.add(digest)
         try:
             shown = _display(task.path) if task.path is not None else None
-            return decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
+            decoded = decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
+            task.signature = signature_bytes(thumb_signature(decoded.image))
+            return decoded
         except ImgStoreError:
             with self._claim_lock:
                 self._claimed.discard(digest)
@@ -365,6 +371,7 @@ class Ingester:
                     "ingested_at": now,
                     "captured_at": _aware(r.decoded.captured_at),
                     "meta": self.metadata,
+                    "signature": r.item.signature,
                 }
                 for r in ok
                 if r.decoded is not None

@@ -67,6 +67,8 @@ class Image(Base):
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: pixel-layout signature for copy detection (``imgstore.signature``), 63 float32 LE values
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     paths: Mapped[list[ImagePath]] = relationship(
         back_populates="image", cascade="all, delete-orphan", passive_deletes=True

@@ -679,6 +679,7 @@ class ImageStore:
         *,
         max_distance: int | None = None,
         min_cosine: float | None = None,
+        min_signature: float | None = None,
         index_id: int | None = None,
         probe_radius: int = 1,
     ) -> list[dict[str, Any]]:
@@ -687,12 +688,20 @@ class ImageStore:
         Exact copies (one content seen at several paths) form groups of kind ``"exact"``.
         Near copies are found through the active index's bands (never all pairs): pairs within
         ``max_distance`` bits (default a quarter of the code) whose float features have cosine
-        similarity >= ``min_cosine`` (default 0.90; pass 0 to rely on the codes alone) are
-        joined into connected components. Each group names a suggested keeper: the largest
+        similarity >= ``min_cosine`` (default 0.90; pass 0 to rely on the codes alone), or whose
+        features agree loosely (cosine >= 0.5) and whose pixel-layout signatures (flip-aware,
+        see ``imgstore.signature``) have similarity >= ``min_signature`` (default 0.90; pass 0
+        to turn that test off), are joined into connected components. Each group names a suggested keeper: the largest
         resolution, then the largest file, then the lowest id.
         """
         from .dbops import load_features
-        from .dedup import DEFAULT_MIN_COSINE, components, default_max_distance, near_duplicate_edges
+        from .dedup import (
+            DEFAULT_MIN_COSINE,
+            DEFAULT_MIN_SIGNATURE,
+            components,
+            default_max_distance,
+            near_duplicate_edges,
+        )
         from .indexing import list_indexes
 
         groups: list[dict[str, Any]] = []
@@ -717,8 +726,25 @@ class ImageStore:
                     got_ids, vecs = load_features(conn, space["id"], space["dim"], ids)
                     return dict(zip(got_ids.tolist(), vecs))
 
-                edges = near_duplicate_edges(cache, vectors if min_c > 0 else None, max_distance=max_d,
-                                             min_cosine=min_c if min_c > 0 else None, probe_radius=probe_radius)
+                def signatures(ids: list[int]) -> dict[int, Any]:
+                    from .signature import from_bytes
+
+                    out: dict[int, Any] = {}
+                    for start in range(0, len(ids), 900):
+                        for image_id, blob in conn.execute(
+                            select(Image.id, Image.signature).where(Image.id.in_(ids[start : start + 900]))
+                        ):
+                            sig = from_bytes(blob)
+                            if sig is not None:
+                                out[int(image_id)] = sig
+                    return out
+
+                edges = near_duplicate_edges(
+                    cache, vectors if min_c > 0 else None, max_distance=max_d,
+                    min_cosine=min_c if min_c > 0 else None, probe_radius=probe_radius,
+                    load_signatures=signatures if min_c > 0 else None,
+                    min_signature=DEFAULT_MIN_SIGNATURE if min_signature is None else (min_signature or None),
+                )
                 near = components(cache.image_ids.tolist(), edges)
             info_ids = sorted(set(multi) | {i for g in near for i in g})
             rows: dict[int, Any] = {}

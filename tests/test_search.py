@@ -84,15 +84,18 @@ def test_band_probe_uses_the_indexes(db_url: str) -> None:
         with store.engine.connect() as conn:
             index = next(i for i in list_indexes(conn) if i.id == index_id)
             sql = SqlProbe(index)
-            params = {"h": index_id, "b0": [1, 2, 3], "b1": [4, 5]}
-            compiled = sql.stmt.bindparams(**params).compile(conn, compile_kwargs={"render_postcompile": True, "literal_binds": True})
+            probes = [np.array([1, 2, 3]), np.array([4, 5])]
+            text_, params = sql.statement(conn.dialect.name, probes)
+            cursor = conn.connection.dbapi_connection.cursor()
             if conn.dialect.name == "sqlite":
-                plan = " ".join(str(r[-1]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}"))
+                cursor.execute(f"EXPLAIN QUERY PLAN {text_}", params)
+                plan = " ".join(str(r[-1]) for r in cursor.fetchall())
                 assert "COVERING INDEX ix_codes_hasher_id_band_0" in plan, plan
                 assert "COVERING INDEX ix_codes_hasher_id_band_1" in plan, plan
             else:
-                conn.exec_driver_sql("ANALYZE codes")
-                plan = " ".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+                cursor.execute("ANALYZE codes")
+                cursor.execute(f"EXPLAIN {text_}", params)
+                plan = " ".join(r[0] for r in cursor.fetchall())
                 assert "ix_codes_hasher_id_band_0" in plan and "ix_codes_hasher_id_band_1" in plan, plan
                 assert "Seq Scan" not in plan, plan
 
