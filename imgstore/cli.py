@@ -26,11 +26,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Context:
     def __init__(self, db: str | None) -> None:
         self.db = db
+        self.extractor_options: dict[str, dict[str, Any]] = {}
 
     @contextmanager
     def store(self, *, check_schema: bool = True) -> Iterator[ImageStore]:
-        with ImageStore(self.db, check_schema=check_schema) as store:
+        with ImageStore(self.db, check_schema=check_schema, extractor_options=self.extractor_options) as store:
             yield store
+
+
+def _weights_option(func: F) -> F:
+    return click.option(
+        "--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+        help="Weights file for the resnet50 extractor (or set IMGSTORE_RESNET50_WEIGHTS).",
+    )(func)
 
 
 def friendly_errors(func: F) -> F:
@@ -274,11 +282,12 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
 @click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@_weights_option
 @click.pass_obj
 @friendly_errors
 def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
            workers: int | None, tags: tuple[str, ...], follow_symlinks: bool, dry_run: bool,
-           no_auto_index: bool, as_json: bool, progress: bool | None) -> None:
+           no_auto_index: bool, as_json: bool, progress: bool | None, weights: str | None) -> None:
     """Add image files and folders to the store.
 
     Unchanged files (same path, size and mtime) are skipped without being read; content that is
@@ -290,6 +299,8 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
       imgstore ingest ~/Pictures --tag holidays
       imgstore --db postgresql://localhost/photos ingest /data/products --json
     """
+    if weights:
+        obj.extractor_options["resnet50"] = {"weights": weights}
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show and not dry_run else None
     with obj.store() as store:
@@ -465,10 +476,11 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--montage", type=click.Path(dir_okay=False), default=None,
               help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
+@_weights_option
 @click.pass_obj
 @friendly_errors
 def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radius: int, rerank: bool | None,
-          as_json: bool, montage: str | None) -> None:
+          as_json: bool, montage: str | None, weights: str | None) -> None:
     """Find the stored images most similar to each IMAGE (a file, or a stored image id).
 
     \b
@@ -478,6 +490,8 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
       imgstore query cat.jpg --montage results.png
     """
 
+    if weights:
+        obj.extractor_options["resnet50"] = {"weights": weights}
     queries: list[Any] = []
     for ref in images:
         if os.path.exists(ref):

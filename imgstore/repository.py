@@ -68,7 +68,9 @@ class ImageStore:
     """A store of images, their features and hash codes in one SQLite file or PostgreSQL database.
 
     ``db`` is an SQLite file path, a ``postgresql://`` URL or ``None`` (``$IMGSTORE_DB``, else
-    ``imgstore.db`` in the current directory). A brand-new empty database gets the schema
+    ``imgstore.db`` in the current directory). ``extractor_options`` maps an extractor name to
+    the options it is always built with, e.g. ``{"resnet50": {"weights": "resnet50.pth"}}``.
+    A brand-new empty database gets the schema
     created; one that is behind the code's migrations raises :class:`SchemaOutdatedError`
     naming the command that fixes it. ``check_schema=False`` opens without that check (used by
     ``imgstore db ...`` to migrate).
@@ -83,9 +85,12 @@ class ImageStore:
         check_schema: bool = True,
         echo: bool = False,
         cache_codes: bool = False,
+        extractor_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.url = resolve_url(db)
         self.cache_codes = cache_codes
+        #: per extractor name, options used whenever this store builds it (e.g. a weights file)
+        self.extractor_options = dict(extractor_options or {})
         self._extractors: dict[Any, Any] = {}
         self._caches: dict[int, Any] = {}
         self.engine = make_engine(self.url, echo=echo)
@@ -191,6 +196,7 @@ class ImageStore:
         from .features import DEFAULT_EXTRACTOR, get_extractor
 
         name = name or DEFAULT_EXTRACTOR
+        options = {**self.extractor_options.get(name, {}), **options}
         key = (name, tuple(sorted(options.items())))
         if key not in self._extractors:
             self._extractors[key] = get_extractor(name, **options)
