@@ -26,7 +26,7 @@ _STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 def _how_to_provide() -> str:
     return (
-        "pass --weights PATH (CLI) or weights=PATH (API), a torchvision resnet50 state dict .pth,, or set "
+        "pass --weights PATH (CLI) or weights=PATH (API), a torchvision resnet50 state dict .pth; or set "
         f"{WEIGHTS_ENV}=PATH, or put torchvision's file "
         "resnet50-11ad3fa6.pth (ResNet50_Weights.IMAGENET1K_V2) in "
         f"{Path(torch.hub.get_dir()) / 'checkpoints'} (TORCH_HOME) on a machine that can download it"
