@@ -555,7 +555,7 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.option("--max-distance", type=click.IntRange(0, 256), default=None, help="Largest Hamming distance [default: a quarter of the bits].")
 @click.option("--min-cosine", type=click.FloatRange(0, 1), default=None, help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
 @click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
-              help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.90; 0 = off].")
+              help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.95; 0 = off].")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
               help="Write one contact sheet per group into this folder (created if missing).")

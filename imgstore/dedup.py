@@ -27,7 +27,7 @@ DEFAULT_MIN_COSINE = 0.90
 #: signatures (imgstore.signature, flip-aware) at least this similar: degraded copies (half size,
 #: heavy JPEG) of small images drift in CNN space but keep their layout.
 DEFAULT_MIN_SIGNATURE = 0.95
-SIGNATURE_COSINE_FLOOR = 0.50
+SIGNATURE_COSINE_FLOOR = 0.30
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 CHUNK = 2048
@@ -147,6 +147,37 @@ def near_duplicate_edges(
         for i in range(len(ids_a)):
             edges.append(Edge(int(ids_a[i]), int(ids_b[i]), int(dist[i]), None if cos is None else float(cos[i])))
     return edges
+
+
+#: Signatures are also hashed (random hyperplanes, fixed seed) into short codes probed like an
+#: index, so copies that drift in CNN space (a half-size thumbnail) are still candidates.
+SIGNATURE_BITS = 32
+SIGNATURE_BANDS = 2
+SIGNATURE_MAX_DISTANCE = 8
+_SIGNATURE_SEED = 20261129
+
+
+def signature_codes(signatures: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """(n, 63) unit signatures -> (n, 4) packed 32-bit SimHash codes (same in every process)."""
+    from .hashing.bits import pack_bits
+    from .signature import DIM
+
+    planes = np.random.default_rng(_SIGNATURE_SEED).standard_normal((DIM, SIGNATURE_BITS))
+    return pack_bits(np.asarray(signatures, dtype=np.float64) @ planes > 0)
+
+
+def signature_cache(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8]) -> CodeCache:
+    """A CodeCache over signature codes (ids ascending), probed like an index."""
+    from datetime import datetime, timezone
+
+    from .indexing import IndexInfo
+
+    info = IndexInfo(
+        id=-1, method="signature", n_bits=SIGNATURE_BITS, n_bands=SIGNATURE_BANDS,
+        band_width=SIGNATURE_BITS // SIGNATURE_BANDS, extractor="signature", space_id=-1, is_active=False,
+        n_codes=len(image_ids), n_fitted=0, generation=0, created_at=datetime.now(timezone.utc), config={},
+    )
+    return CodeCache(info, 0, image_ids, codes)
 
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:

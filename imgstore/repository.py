@@ -307,6 +307,31 @@ class ImageStore:
                 return self.transaction(rebuild, what="rebuild the default index")
         return None
 
+    def _signature_codes(self, conn: Connection) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        """Every stored image's signature hashed to a 32-bit code, read in chunks (bounded memory)."""
+        from .dedup import signature_codes
+        from .signature import from_bytes
+
+        ids_out: list[npt.NDArray[np.int64]] = []
+        codes_out: list[npt.NDArray[np.uint8]] = []
+        last = -1
+        while True:
+            rows = conn.execute(
+                select(Image.id, Image.signature).where(Image.id > last, Image.signature.is_not(None))
+                .order_by(Image.id).limit(50_000)
+            ).all()
+            if not rows:
+                break
+            last = int(rows[-1][0])
+            sigs = [(int(i), from_bytes(b)) for i, b in rows]
+            sigs = [(i, v) for i, v in sigs if v is not None and v.any()]
+            if sigs:
+                ids_out.append(np.array([i for i, _ in sigs], dtype=np.int64))
+                codes_out.append(signature_codes(np.stack([v for _, v in sigs])))
+        if not ids_out:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.uint8)
+        return np.concatenate(ids_out), np.concatenate(codes_out)
+
     def errors(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Files that could not be ingested: path, error type, reason, when."""
         with self._wrap("list ingest errors"), self._read() as conn:
@@ -695,18 +720,22 @@ class ImageStore:
         Near copies are found through the active index's bands (never all pairs): pairs within
         ``max_distance`` bits (default a quarter of the code) whose float features have cosine
         similarity >= ``min_cosine`` (default 0.90; pass 0 to rely on the codes alone), or whose
-        features agree loosely (cosine >= 0.5) and whose pixel-layout signatures (flip-aware,
-        see ``imgstore.signature``) have similarity >= ``min_signature`` (default 0.90; pass 0
-        to turn that test off), are joined into connected components. Each group names a suggested keeper: the largest
+        features agree loosely (cosine >= 0.3) and whose pixel-layout signatures (flip-aware,
+        see ``imgstore.signature``) have similarity >= ``min_signature`` (default 0.95; pass 0
+        to turn that test off), are joined into connected components. Signatures are also
+        hashed and probed like an index, so copies whose CNN codes drifted apart (a half-size
+        thumbnail) are still candidates. Each group names a suggested keeper: the largest
         resolution, then the largest file, then the lowest id.
         """
         from .dbops import load_features
         from .dedup import (
             DEFAULT_MIN_COSINE,
             DEFAULT_MIN_SIGNATURE,
+            SIGNATURE_MAX_DISTANCE,
             components,
             default_max_distance,
             near_duplicate_edges,
+            signature_cache,
         )
         from .indexing import list_indexes
 
@@ -751,6 +780,16 @@ class ImageStore:
                     load_signatures=signatures if min_c > 0 else None,
                     min_signature=DEFAULT_MIN_SIGNATURE if min_signature is None else (min_signature or None),
                 )
+                if min_c > 0 and (min_signature is None or min_signature > 0):
+                    sig_ids, sig_codes = self._signature_codes(conn)
+                    if len(sig_ids) > 1:
+                        sig_edges = near_duplicate_edges(
+                            signature_cache(sig_ids, sig_codes), vectors, max_distance=SIGNATURE_MAX_DISTANCE,
+                            min_cosine=2.0,  # only the signature rule accepts these pairs
+                            load_signatures=signatures,
+                            min_signature=DEFAULT_MIN_SIGNATURE if min_signature is None else min_signature,
+                        )
+                        edges += _with_index_distance(sig_edges, cache)
                 near = components(cache.image_ids.tolist(), edges)
             info_ids = sorted(set(multi) | {i for g in near for i in g})
             rows: dict[int, Any] = {}
@@ -764,7 +803,9 @@ class ImageStore:
                     .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True)).order_by(ImagePath.path)
                 ):
                     paths.setdefault(int(image_id), []).append(path)
-        pair = {(e.a, e.b): e for e in edges}
+        pair: dict[tuple[int, int], Any] = {}
+        for e in edges:  # CNN-code edges first: their distance is the index's Hamming distance
+            pair.setdefault((e.a, e.b), e)
         for image_id in sorted(multi):
             if any(image_id in g for g in near):
                 continue
@@ -802,6 +843,23 @@ class _DriverErrors:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if isinstance(exc, SQLAlchemyError):
             raise DatabaseError(f"{self.prefix}: {_driver_message(exc)}") from exc
+
+
+def _with_index_distance(edges: list[Any], cache: Any) -> list[Any]:
+    """Edges found through signatures, restricted to images in the index and given the index's
+    Hamming distance (what every other edge reports)."""
+    from dataclasses import replace
+
+    if not edges:
+        return []
+    ids = cache.image_ids
+    a = np.array([e.a for e in edges], dtype=np.int64)
+    b = np.array([e.b for e in edges], dtype=np.int64)
+    pa, pb = np.searchsorted(ids, a), np.searchsorted(ids, b)
+    pa_ok, pb_ok = np.minimum(pa, len(ids) - 1), np.minimum(pb, len(ids) - 1)
+    inside = (pa < len(ids)) & (pb < len(ids)) & (ids[pa_ok] == a) & (ids[pb_ok] == b)
+    dist = np.bitwise_count(cache.words[pa_ok] ^ cache.words[pb_ok]).sum(axis=1)
+    return [replace(e, distance=int(d)) for e, d, ok in zip(edges, dist, inside) if ok]
 
 
 def _occupancy(sizes: npt.NDArray[np.float64], band_width: int) -> dict[str, Any]:

@@ -21,7 +21,12 @@ Objectives (chosen by ``y`` in ``fit``):
   apart), the relaxed code is pulled toward its class centre by binary cross-entropy per bit,
   plus a quantisation penalty ``(|tanh z| - 1)^2``. Unlabelled rows (``None`` / NaN labels)
   take no part in that loss; when there are some, the unsupervised neighbour loss below is
-  added over all rows so they still shape the codes.
+  added over all rows so they still shape the codes. The centre loss drives the training loss
+  toward zero long before the codes stop improving (the validation loss turns up after a few
+  epochs while held-out retrieval still gains), so supervised training runs a fixed
+  ``supervised_epochs`` with cosine learning-rate decay, keeps the last weights, applies dropout
+  to the hidden layer only (dropping input features costs ~0.05 P@10 on CIFAR-10), and uses a
+  small quantisation weight (CSQ's lambda, ``centre_quantization_weight``).
 * Unsupervised (``y`` None or all unlabelled): neighbours in feature space stay close in
   Hamming space. Each row's ``n_neighbors`` nearest rows by cosine on the float features are
   its positives; an InfoNCE loss over a batch pulls a row's relaxed code toward one of its
@@ -30,8 +35,9 @@ Objectives (chosen by ``y`` in ``fit``):
   the ITQ solution (PCA + rotation), so training begins at ITQ's codes and moves away only where
   the neighbour loss improves.
 
-Early stopping: ``validation_fraction`` of the rows (a fixed random subset) is held out, the
-loss on it is measured after every epoch, and the weights of the best epoch are kept.
+Early stopping (unsupervised): ``validation_fraction`` of the rows (a fixed random subset) is
+held out, the loss on it is measured after every epoch, and the weights of the best epoch are
+kept. Supervised training holds out the same rows and reports their loss but does not stop on it.
 """
 
 from __future__ import annotations
@@ -130,11 +136,15 @@ class DeepHasher(Hasher):
     numpy only.
 
     hidden_units: width of the hidden layer.
-    max_epochs, patience: training stops after ``max_epochs`` or when the validation loss has
-      not improved for ``patience`` epochs; the best epoch's weights are kept.
+    max_epochs, patience: unsupervised training stops after ``max_epochs`` or when the
+      validation loss has not improved for ``patience`` epochs; the best epoch's weights are kept.
+    supervised_epochs: supervised training runs exactly this many epochs (cosine decay of the
+      learning rate to zero) and keeps the last weights.
     batch_size, learning_rate, weight_decay: Adam(W) settings.
     validation_fraction: share of rows held out for early stopping (at least one row).
-    quantization_weight: weight of the ``(|tanh z| - 1)^2`` penalty.
+    quantization_weight: weight of the ``(|tanh z| - 1)^2`` penalty (unsupervised loss).
+    centre_quantization_weight: the same penalty's weight with labels (CSQ's lambda).
+    dropout: dropout rate on the hidden layer (and, unsupervised, on the input features).
     balance_weight: weight of the bit-balance term (unsupervised loss).
     n_neighbors: positives per row for the unsupervised loss (cosine kNN on the features).
     temperature: InfoNCE temperature on the cosine of relaxed codes (unsupervised loss).
@@ -172,6 +182,8 @@ class DeepHasher(Hasher):
         n_neighbors: int = 10,
         temperature: float = 0.3,
         dropout: float = 0.3,
+        supervised_epochs: int = 20,
+        centre_quantization_weight: float = 1e-3,
         max_samples: int | None = DEFAULT_MAX_SAMPLES,
     ) -> None:
         super().__init__(n_bits=n_bits, random_state=random_state)
@@ -187,6 +199,8 @@ class DeepHasher(Hasher):
         self.n_neighbors = n_neighbors
         self.temperature = temperature
         self.dropout = dropout
+        self.supervised_epochs = supervised_epochs
+        self.centre_quantization_weight = centre_quantization_weight
         self.max_samples = max_samples
 
     @classmethod
@@ -196,11 +210,11 @@ class DeepHasher(Hasher):
 
     def _validate_params(self) -> None:
         super()._validate_params()
-        for name in ("hidden_units", "max_epochs", "patience", "batch_size", "n_neighbors"):
+        for name in ("hidden_units", "max_epochs", "patience", "batch_size", "n_neighbors", "supervised_epochs"):
             _check_positive(name, getattr(self, name), integer=True)
         for name in ("learning_rate", "temperature"):
             _check_positive(name, getattr(self, name), integer=False)
-        for name in ("weight_decay", "quantization_weight", "balance_weight", "dropout"):
+        for name in ("weight_decay", "quantization_weight", "centre_quantization_weight", "balance_weight", "dropout"):
             _check_positive(name, getattr(self, name), integer=False, allow_zero=True)
         if float(self.dropout) >= 1:
             raise HasherError(f"dropout must be below 1, got {self.dropout!r}")
@@ -256,7 +270,7 @@ class DeepHasher(Hasher):
 
         started = time.perf_counter()
         weights = _train(self, arr, labels, n_classes, rng, progress)
-        mean, scale, lin, w1, b1, w2, b2, history = weights
+        mean, scale, lin, w1, b1, w2, b2, history, kept_epoch = weights
         # Fold the standardisation into the first-layer weights: ((x - m) / s) @ W == (x - m) @ (W / s).
         self.mean_ = np.ascontiguousarray(mean, dtype=np.float64)
         self.projection_ = np.ascontiguousarray(lin / scale[:, None], dtype=np.float64)
@@ -267,7 +281,7 @@ class DeepHasher(Hasher):
         self.n_features_in_ = int(arr.shape[1])
         # Diagnostics (not serialised): per-epoch (train, validation) loss and the kept epoch.
         self.loss_curve_ = np.asarray(history, dtype=np.float64).reshape(-1, 2)
-        self.best_epoch_ = int(np.argmin(self.loss_curve_[:, 1])) + 1
+        self.best_epoch_ = int(kept_epoch)
         self.supervised_ = n_classes >= 2
         self.fit_seconds_ = time.perf_counter() - started
         logger.info(
@@ -338,7 +352,8 @@ def _train(
         mlp = torch.nn.Sequential(
             torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout_p), torch.nn.Linear(hidden, n_bits)
         )
-        drop_input = torch.nn.Dropout(dropout_p)
+        # Supervised: no input dropout (see the module docstring).
+        drop_input = torch.nn.Dropout(0.0 if supervised else dropout_p)
         with torch.no_grad():  # the residual starts at zero: the first codes are the linear path's
             mlp[3].weight.mul_(0.0 if lin0 is not None else 1.0)
             mlp[3].bias.zero_()
@@ -349,7 +364,8 @@ def _train(
         if supervised:
             centres = torch.from_numpy(((_class_centres(n_classes, n_bits, rng) + 1) / 2).astype(np.float32))
         labels_t = torch.from_numpy(labels)
-        qw, bw = float(hasher.quantization_weight), float(hasher.balance_weight)
+        qw = float(hasher.centre_quantization_weight if supervised else hasher.quantization_weight)
+        bw = float(hasher.balance_weight)
         tau = float(hasher.temperature)
 
         def forward(rows: torch.Tensor) -> torch.Tensor:
@@ -402,8 +418,13 @@ def _train(
 
         history: list[tuple[float, float]] = []
         best = (math.inf, [p.detach().clone() for p in params])
-        stale = 0
-        for epoch in range(1, int(hasher.max_epochs) + 1):
+        kept_epoch, stale = 0, 0
+        n_epochs = int(hasher.supervised_epochs if supervised else hasher.max_epochs)
+        scheduler = None
+        if supervised:  # fixed length, cosine decay per step to zero
+            steps_per_epoch = sum(1 for s in range(0, len(train_rows), batch) if len(train_rows) - s >= 2)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_epochs * steps_per_epoch))
+        for epoch in range(1, n_epochs + 1):
             perm = rng.permutation(len(train_rows))
             total, count = 0.0, 0
             for s in range(0, len(perm), batch):
@@ -418,6 +439,8 @@ def _train(
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if scheduler is not None:
+                    scheduler.step()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
             train_loss = total / max(count, 1)
@@ -425,12 +448,14 @@ def _train(
             history.append((train_loss, val_loss))
             if progress is not None:
                 progress(epoch, train_loss)
-            if val_loss < best[0] - 1e-6:
-                best = (val_loss, [p.detach().clone() for p in params])
+            if supervised:  # fixed schedule: keep the last epoch
+                best, kept_epoch = (val_loss, [p.detach().clone() for p in params]), epoch
+            elif val_loss < best[0] - 1e-6:
+                best, kept_epoch = (val_loss, [p.detach().clone() for p in params]), epoch
                 stale = 0
             else:
                 stale += 1
                 if stale >= int(hasher.patience):
                     break
         w_lin, w1, b1, w2, b2 = (p.numpy().astype(np.float64) for p in best[1])
-    return mean, scale, w_lin.T, w1.T, b1, w2.T, b2, history
+    return mean, scale, w_lin.T, w1.T, b1, w2.T, b2, history, max(kept_epoch, 1)
