@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 #: Probe at most this many values per band before exact mode switches to a scan.
 MAX_PROBES_PER_BAND = 4096
-#: Exact mode scans instead of probing once candidates would exceed this share of the index.
+#: Exact mode scans instead of probing once the work (candidates plus probe values) would exceed
+#: this share of the index. Through SQL a scan ships every row, so probing stays cheaper for
+#: long; in memory a scan is one popcount pass (~1 ns a code), far cheaper per code than
+#: gathering probed candidates, so the cache switches early.
 SCAN_FRACTION = 0.25
+CACHE_SCAN_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ def hamming_search(
     bands = band_values(q.reshape(1, -1), index.n_bands, index.band_width)[0]
     m, w = index.n_bands, index.band_width
     total = len(cache) if cache is not None else (n_codes if n_codes is not None else index.n_codes)
-    budget = SCAN_FRACTION * max(total, 1)
+    budget = (CACHE_SCAN_FRACTION if cache is not None else SCAN_FRACTION) * max(total, 1)
 
     seen_pos = np.zeros(0, dtype=np.intp)
     seen_ids = np.zeros(0, dtype=np.int64)
