@@ -343,19 +343,23 @@ def profile_sql(conn: Connection, index: IndexInfo, queries: npt.NDArray[np.uint
     """Where one query's time goes on the SQL path: the steps of SqlProbe.fetch, timed apart,
     then the same SQL through the bare DB-API cursor for comparison, then cProfile."""
     sql = SqlProbe(index)
-    stages = {"probes+params": [], "execute": [], "rows (.all)": [], "numpy ids/codes/unique": [], "rank": []}
+    stages = {"probes+params": [], "execute": [], "rows (fetchall)": [], "numpy ids/codes/unique": [], "rank": []}
     n_rows = []
+    pg = conn.dialect.name == "postgresql"
     for q in queries[:PROFILE_QUERIES]:
         t0 = time.perf_counter()
         bands = band_values(q.reshape(1, -1), index.n_bands, index.band_width)[0]
         probes = [probe_values(int(b), index.band_width, 0, radius) for b in bands]
-        params: dict[str, object] = {"h": index.id}
-        for j, values in enumerate(probes):
-            params[f"b{j}"] = values.tolist()
+        text_, params = sql.statement(conn.dialect.name, probes)  # what SqlProbe.fetch runs
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         t1 = time.perf_counter()
-        result = conn.execute(sql.stmt, params)
+        if pg:
+            cursor.execute(text_, params, prepare=True)
+        else:
+            cursor.execute(text_, params)
         t2 = time.perf_counter()
-        rows = result.all()
+        rows = cursor.fetchall()
+        cursor.close()
         t3 = time.perf_counter()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), -1)

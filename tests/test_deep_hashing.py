@@ -152,3 +152,17 @@ np.save({str(tmp_path / 'codes.npy')!r}, h.encode(np.load({str(tmp_path / 'x.npy
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", script], check=True, cwd=root, timeout=60)
     np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), hasher.encode(x))
+
+
+def test_supervised_training_runs_a_fixed_schedule(blobs: tuple[np.ndarray, np.ndarray]) -> None:
+    x, labels = blobs
+    fast = {k: v for k, v in FAST.items() if k not in ("max_epochs", "patience")}
+    seen: list[int] = []
+    hasher = make_hasher("deep", n_bits=16, supervised_epochs=7, **fast)
+    hasher.fit(x, labels, progress=lambda epoch, loss: seen.append(epoch))
+    assert seen == list(range(1, 8))  # no early stopping with labels
+    assert hasher.best_epoch_ == 7 and hasher.loss_curve_.shape == (7, 2)
+    with pytest.raises(HasherError, match="supervised_epochs"):
+        make_hasher("deep", supervised_epochs=0)
+    with pytest.raises(HasherError, match="centre_quantization_weight"):
+        make_hasher("deep", centre_quantization_weight=-1.0)

@@ -37,7 +37,9 @@ Objectives (chosen by ``y`` in ``fit``):
 
 Early stopping (unsupervised): ``validation_fraction`` of the rows (a fixed random subset) is
 held out, the loss on it is measured after every epoch, and the weights of the best epoch are
-kept. Supervised training holds out the same rows and reports their loss but does not stop on it.
+kept. Supervised training does not stop on it: with every row labelled it trains on all rows
+(the reported validation loss is then a diagnostic on training rows); with some unlabelled it
+holds out the same rows and reports their loss.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ class DeepHasher(Hasher):
     contrastive loss, started from ITQ). Training needs torch and runs on the CPU; encoding is
     numpy only.
 
-    hidden_units: width of the hidden layer.
+    hidden_units: width of the hidden layer; None: 512 with labels (a 256-wide head tops out near
+      0.80 mAP on CIFAR-10 at 64 bits, 512 reaches ~0.82), 256 without.
     max_epochs, patience: unsupervised training stops after ``max_epochs`` or when the
       validation loss has not improved for ``patience`` epochs; the best epoch's weights are kept.
     supervised_epochs: supervised training runs exactly this many epochs (cosine decay of the
@@ -170,7 +173,7 @@ class DeepHasher(Hasher):
         self,
         n_bits: int = 64,
         random_state: int | None = 0,
-        hidden_units: int = 256,
+        hidden_units: int | None = None,
         max_epochs: int = 100,
         patience: int = 8,
         batch_size: int = 256,
@@ -210,7 +213,9 @@ class DeepHasher(Hasher):
 
     def _validate_params(self) -> None:
         super()._validate_params()
-        for name in ("hidden_units", "max_epochs", "patience", "batch_size", "n_neighbors", "supervised_epochs"):
+        if self.hidden_units is not None:
+            _check_positive("hidden_units", self.hidden_units, integer=True)
+        for name in ("max_epochs", "patience", "batch_size", "n_neighbors", "supervised_epochs"):
             _check_positive(name, getattr(self, name), integer=True)
         for name in ("learning_rate", "temperature"):
             _check_positive(name, getattr(self, name), integer=False)
@@ -311,8 +316,8 @@ def _train(
 
     n, d = X.shape
     n_bits = int(hasher.n_bits)
-    hidden = int(hasher.hidden_units)
     supervised = n_classes >= 2
+    hidden = int(hasher.hidden_units) if hasher.hidden_units is not None else (512 if supervised else 256)
     use_neighbours = not supervised or bool((labels < 0).any())
 
     mean, scale = _standardise(X)
@@ -321,6 +326,10 @@ def _train(
     order = rng.permutation(n)
     n_val = max(2, int(round(float(hasher.validation_fraction) * n)))
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
+    if supervised and not use_neighbours:
+        # Nothing stops on the held-out loss, so every labelled row trains (+~0.01 mAP); the
+        # "validation" loss is then measured on training rows, a diagnostic only.
+        train_rows = np.arange(n)
 
     # Linear path start: ITQ on the training rows (in standardised coordinates) when
     # unsupervised, so training starts at ITQ codes; small random otherwise.
