@@ -59,10 +59,11 @@ def test_too_few_images_says_what_it_needs(db_url: str, tmp_path: Path) -> None:
             store.create_index("lsh", 16, labels="folder")
 
 
-def test_supervised_index_from_folder_labels(db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["centres", "deep"])
+def test_supervised_index_from_folder_labels(db_url: str, tmp_path: Path, method: str) -> None:
     ingest_two_classes(db_url, tmp_path / "photos")
     with ImageStore(db_url) as store:
-        store.create_index("centres", 16, labels="folder")
+        store.create_index(method, 16, labels="folder")
         info = store.indexes()[0]
         assert info.config["supervised"]
         for folder in ("cats", "rockets", "cups"):
