@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import URL, make_url
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -37,7 +38,8 @@ def pg_url() -> Iterator[str]:
         pytest.skip("IMGSTORE_TEST_SKIP_PG=1: PostgreSQL tests skipped on request")
     admin = pg_admin_url()
     name = f"imgstore_test_{secrets.token_hex(6)}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    # no pooled connection: a test may restart the server in between
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with engine.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
