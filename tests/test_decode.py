@@ -271,14 +271,38 @@ def test_fifo_refused_without_blocking(tmp_path: Path) -> None:
         load_image(fifo)
 
 
+UNREADABLE_CHECK = """
+import os, sys
+from imgstore.decode import read_file
+from imgstore.errors import DecodeError
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)  # root reads everything: check as 'nobody'
+try:
+    read_file(sys.argv[1])
+except DecodeError as exc:
+    print(exc.reason)
+"""
+
+
 def test_unreadable_chmod(tmp_path: Path) -> None:
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root reading (see test_unreadable_simulated)")
-    path = write(tmp_path, "secret.jpg", encode(Image.new("RGB", (4, 4)), "JPEG"))
+    """A real chmod 000 file; as root the check runs in a subprocess that drops to 'nobody'."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "open"
+    folder.mkdir()
+    folder.chmod(0o755)
+    for parent in [tmp_path, *tmp_path.parents]:  # let 'nobody' reach the folder
+        if parent == Path(parent.anchor):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+    path = write(folder, "secret.jpg", encode(Image.new("RGB", (4, 4)), "JPEG"))
     path.chmod(0)
     try:
-        with pytest.raises(DecodeError, match="permission denied"):
-            load_image(path)
+        out = subprocess.run([sys.executable, "-c", UNREADABLE_CHECK, str(path)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "permission denied" in out.stdout
     finally:
         path.chmod(0o644)
 
