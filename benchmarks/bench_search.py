@@ -37,7 +37,6 @@ import argparse
 import cProfile
 import io
 import json
-import math
 import os
 import platform
 import pstats
@@ -62,7 +61,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from imgstore import ImageStore  # noqa: E402
 from imgstore.dbops import code_rows, codes_table, get_or_create_space, insert_ignore  # noqa: E402
-from imgstore.hashing.bits import as_words, band_values, hamming_distances  # noqa: E402
+from imgstore.hashing.bits import as_words, band_values  # noqa: E402
 from imgstore.hashing.methods import LSHHasher  # noqa: E402
 from imgstore.indexing import IndexInfo, list_indexes  # noqa: E402
 from imgstore.models import Hasher, Image  # noqa: E402

@@ -7,8 +7,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -457,7 +456,7 @@ class ImageStore:
         index_id: int | None = None,
     ) -> list[list[SearchResult]]:
         """:meth:`search` for many queries, with one connection and one cache check."""
-        from .indexing import list_indexes, load_hasher
+        from .indexing import list_indexes
         from .search import SqlProbe, cosine_rerank, exact_float_search, hamming_search
 
         if k < 1:

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from sqlalchemy import func, select
 
 from imgstore import ImageStore
 from imgstore.errors import DecodeError
-from imgstore.models import Code, Feature, Hasher, Image as ImageRow, ImagePath
+from imgstore.models import Code, Feature, Hasher, Image as ImageRow
 
 from .helpers import make_collection, photo, write_variants
 

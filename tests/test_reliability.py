@@ -221,7 +221,7 @@ def test_postgres_restart_midway(pg_url: str, tmp_path: Path) -> None:
     for _ in range(60):
         try:
             with ImageStore(pg_url) as store:
-                s = store.ingest([root], extractor="color")
+                store.ingest([root], extractor="color")
             break
         except Exception:  # noqa: BLE001 - the server may still be starting
             time.sleep(1)
