@@ -336,7 +336,11 @@ class Ingester:
                 shown = _display(root)
                 lo = shown.rstrip(os.sep) + os.sep
                 hi = lo[:-1] + chr(ord(os.sep) + 1)
-                stmt = select(ImagePath.path, ImagePath.file_size, ImagePath.mtime_ns).where(
+                # unchanged means: same file, and its image already has features in this space
+                # (a folder ingested with another extractor must still be processed)
+                stmt = select(ImagePath.path, ImagePath.file_size, ImagePath.mtime_ns).join(
+                    Feature, (Feature.image_id == ImagePath.image_id) & (Feature.space_id == self.space_id)
+                ).where(
                     ImagePath.is_current.is_(True),
                     ((ImagePath.path >= lo) & (ImagePath.path < hi)) | (ImagePath.path == shown),
                 )

@@ -159,3 +159,15 @@ def test_unreadable_inputs_do_not_stop_ingest(db_url: str, tmp_path: Path) -> No
         s = store.ingest([root], extractor="color", follow_symlinks=True)
         assert any("loop" in r for _, r in s.errors)
         assert store.counts()["images"] == 2
+
+
+def test_second_extractor_processes_unchanged_files(db_url: str, tmp_path: Path) -> None:
+    """Unchanged files are skipped only for a feature space that already has them."""
+    root = tmp_path / "photos"
+    write_variants(photo("chelsea"), root, "cat", 2)
+    with ImageStore(db_url) as store:
+        assert store.ingest([root], extractor="color").added == 2
+        again = store.ingest([root], extractor="efficientnet-lite0", auto_index=False)
+        assert (again.added, again.unchanged) == (2, 0)
+        assert store.counts()["images"] == 2 and store.counts()["features"] == 4
+        assert store.ingest([root], extractor="efficientnet-lite0").unchanged == 2
