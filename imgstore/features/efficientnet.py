@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ExtractorError, WeightsNotFoundError
 from . import _torch
-from .base import check_resize_mode, resampling, resize_square, stack_preprocessed
+from .base import stack_preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def load_network(weights: str | os.PathLike[str] | None = None) -> EfficientNetL
     return net.eval()
 
 
-class EfficientNetLite0Extractor:
+class EfficientNetLite0Extractor(_torch.CnnExtractor):
     """1280-d ImageNet features of EfficientNet-Lite0 (the default extractor).
 
     Options: ``weights`` (path to the .pth; default: the installed package's file),
@@ -209,36 +209,14 @@ class EfficientNetLite0Extractor:
         num_threads: int | None = None,
         fuse_batchnorm: bool = True,
     ) -> None:
-        self.image_size = int(image_size)
-        self.resize = check_resize_mode(resize)
-        self.resample = resample
-        self._resample = resampling(resample)
-        self.precision: _torch.Precision = _torch.resolve_precision(precision)
-        # JPEG drafts (1/2..1/8 DCT scaling) no smaller than twice the input: the resize still
-        # has real pixels to filter from
-        self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
-        self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-x127d128-v1"
+        self._configure(image_size, resize, resample, precision, scaling="x127d128")
         _torch.configure_threads(num_threads)
         net = load_network(weights)
         if fuse_batchnorm:
             net.fuse_batchnorm()
         net = net.to(memory_format=torch.channels_last)
-        self._features = _Scaled(net, logits=False).eval()
+        self._model = _Scaled(net, logits=False).eval()
         self._logits = _Scaled(net, logits=True).eval()
-
-    def __repr__(self) -> str:
-        return f"EfficientNetLite0Extractor(precision={self.precision!r}, preprocess={self.preprocess_version!r})"
-
-    def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
-        """RGB image -> (image_size, image_size, 3) uint8."""
-        return resize_square(img, self.image_size, self.resize, self._resample)
-
-    def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
-        """(n, s, s, 3) uint8 -> (n, 1280) float32."""
-        return _torch.run_model(self._features, _torch.nhwc_uint8_to_tensor(batch), self.precision)
-
-    def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
-        return self.extract_arrays(stack_preprocessed(self, images))
 
     def classify(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """ImageNet logits (n, 1000) float32 (for sanity checks of the weights and preprocessing)."""

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
 import torch
-from PIL import Image
 from torch import nn
 
 from ..errors import ExtractorError, WeightsNotFoundError
 from . import _torch
-from .base import check_resize_mode, resampling, resize_square, stack_preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +61,7 @@ class _Normalised(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
-class ResNet50Extractor:
+class ResNet50Extractor(_torch.CnnExtractor):
     """2048-d globally pooled ResNet-50 features, ImageNet mean/std normalisation.
 
     Options: ``weights`` (path; else IMGSTORE_RESNET50_WEIGHTS; else torchvision's cache or a
@@ -89,13 +84,7 @@ class ResNet50Extractor:
     ) -> None:
         from torchvision.models import resnet50
 
-        self.image_size = int(image_size)
-        self.resize = check_resize_mode(resize)
-        self.resample = resample
-        self._resample = resampling(resample)
-        self.precision: _torch.Precision = _torch.resolve_precision(precision)
-        self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
-        self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-imagenet-meanstd-v1"
+        self._configure(image_size, resize, resample, precision, scaling="imagenet-meanstd")
         state = _load_state(weights)
         _torch.configure_threads(num_threads)
         net = resnet50(weights=None)
@@ -105,16 +94,3 @@ class ResNet50Extractor:
             raise ExtractorError(f"the weights are not a torchvision resnet50 state dict: {exc}") from exc
         net.fc = nn.Identity()  # type: ignore[assignment]
         self._model = _Normalised(net).eval().to(memory_format=torch.channels_last)
-
-    def __repr__(self) -> str:
-        return f"ResNet50Extractor(precision={self.precision!r}, preprocess={self.preprocess_version!r})"
-
-    def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
-        return resize_square(img, self.image_size, self.resize, self._resample)
-
-    def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
-        """(n, s, s, 3) uint8 -> (n, 2048) float32."""
-        return _torch.run_model(self._model, _torch.nhwc_uint8_to_tensor(batch), self.precision)
-
-    def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
-        return self.extract_arrays(stack_preprocessed(self, images))
