@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .hashing.bits import band_values
@@ -63,20 +63,17 @@ def chunks(items: Sequence[Any], size: int = WRITE_CHUNK) -> Iterator[Sequence[A
 
 
 def get_or_create_space(conn: Connection, extractor: str, dim: int, version: str) -> int:
+    """The id of the feature space (extractor, preprocessing version), created if new; safe when
+    two processes create it at once."""
     table: Table = FeatureSpace.__table__  # type: ignore[assignment]
-    found = conn.execute(
-        select(FeatureSpace.id, FeatureSpace.dim).where(
-            FeatureSpace.extractor == extractor, FeatureSpace.preprocess_version == version
-        )
-    ).first()
-    if found is None:
-        insert_ignore(conn, table, [{"extractor": extractor, "dim": dim, "preprocess_version": version}])
-        found = conn.execute(
-            select(FeatureSpace.id, FeatureSpace.dim).where(
+    insert_ignore(conn, table, [{"extractor": extractor, "dim": dim, "preprocess_version": version}])
+    return int(
+        conn.scalar(
+            select(FeatureSpace.id).where(
                 FeatureSpace.extractor == extractor, FeatureSpace.preprocess_version == version
             )
-        ).one()
-    return int(found.id)
+        )
+    )
 
 
 def iter_features(
@@ -147,5 +144,3 @@ def bump_generation(conn: Connection, hasher_ids: Iterable[int]) -> None:
         conn.execute(update(Hasher).where(Hasher.id.in_(ids)).values(generation=Hasher.generation + 1))
 
 
-def count_rows(conn: Connection, column: Any, *where: Any) -> int:
-    return int(conn.scalar(select(func.count(column)).where(*where)) or 0)

@@ -219,8 +219,3 @@ def list_indexes(conn: Connection) -> list[IndexInfo]:
     ]
 
 
-def active_index(conn: Connection) -> IndexInfo | None:
-    for info in list_indexes(conn):
-        if info.is_active:
-            return info
-    return None

@@ -178,10 +178,6 @@ def _walk_dir(
         yield from _walk_dir(entry.path, recursive, follow, on_error, visited | {key})
 
 
-def is_ignored_extension(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS
-
-
 # --- the ingest job -------------------------------------------------------------------------------
 
 
@@ -482,10 +478,6 @@ def _record_errors(
         set_={"reason": stmt.excluded.reason, "error_type": stmt.excluded.error_type, "occurred_at": stmt.excluded.occurred_at},
     )
     conn.execute(stmt, rows)
-
-
-def content_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def image_sha256(img: Any) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, select
 
-from .dbops import load_features
+from .dbops import iter_features, load_features
 from .errors import ConfigError
 from .hashing.bits import as_words, band_values, flip_neighbours, hamming_distances, topk_smallest
 from .indexing import IndexInfo
@@ -41,16 +41,6 @@ CACHE_SCAN_FRACTION = 0.02
 
 
 @dataclass(frozen=True)
-class Candidates:
-    """Codes that survived the prefilter: image ids sorted ascending, and their packed codes."""
-
-    image_ids: npt.NDArray[np.int64]
-    codes: npt.NDArray[np.uint8]
-    radius: int = 0
-    scanned: bool = False
-
-
-@dataclass(frozen=True)
 class Ranked:
     """Best-first image ids with Hamming distances, and how many candidates were examined."""
 
@@ -59,11 +49,6 @@ class Ranked:
     n_candidates: int
     radius: int
     scanned: bool
-
-
-def _masks_at_radius(band_width: int, radius: int) -> int:
-    """How many probe values radius ``radius`` adds per band: C(band_width, radius)."""
-    return math.comb(band_width, radius)
 
 
 def probe_values(band: int, band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
@@ -340,8 +325,6 @@ def exact_float_search(
     conn: Connection, space_id: int, dim: int, query_vector: npt.NDArray[np.float32], k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Exact cosine kNN over every stored vector of a space (the answer when there is no index)."""
-    from .dbops import iter_features
-
     best_ids = np.zeros(0, dtype=np.int64)
     best_sims = np.zeros(0, dtype=np.float32)
     for ids, vectors in iter_features(conn, space_id, dim):
