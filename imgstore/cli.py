@@ -225,6 +225,8 @@ def verify(obj: Context, no_files: bool, as_json: bool) -> None:
         click.echo(f"images without features: {len(report['images_without_features'])}")
         for hasher_id, ids in report["missing_codes"].items():
             click.echo(f"index {hasher_id}: {len(ids)} images without a code")
+        for hasher_id, b in report["bucket_mismatch"].items():
+            click.echo(f"index {hasher_id}: band buckets hold {b['found']} entries, {b['expected']} expected")
         click.echo(f"dangling rows: {report['dangling_rows']}")
         click.echo(f"vanished files: {len(report['vanished_files'])}, changed files: {len(report['changed_files'])}")
         for path in report["vanished_files"][:20]:

@@ -11,18 +11,23 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, LargeBinary, Table, and_, bindparam, cast, delete, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .hashing.bits import band_values
-from .models import BAND_COLUMNS, Code, Feature, FeatureSpace, Hasher
+from .models import BAND_COLUMNS, Code, CodeBucket, Feature, FeatureSpace, Hasher
 
 codes_table: Table = Code.__table__  # type: ignore[assignment]
 features_table: Table = Feature.__table__  # type: ignore[assignment]
+buckets_table: Table = CodeBucket.__table__  # type: ignore[assignment]
 
 #: Rows per executemany chunk: large enough to amortise round trips, small enough that SQLite's
 #: bound-parameter limit and PostgreSQL's message size stay far away.
 WRITE_CHUNK = 2000
+#: Entries per ``code_buckets`` row. A probe reads all chunks of its bucket; a write appends to
+#: the last chunk, so a crowded bucket (many near-identical images) costs one bounded row
+#: rewrite per write, not a rewrite of the whole bucket. 512 entries of a 64-bit code are 8 KiB.
+BUCKET_CHUNK = 512
 
 
 def vector_to_bytes(vector: npt.ArrayLike) -> bytes:
@@ -144,3 +149,138 @@ def bump_generation(conn: Connection, hasher_ids: Iterable[int]) -> None:
         conn.execute(update(Hasher).where(Hasher.id.in_(ids)).values(generation=Hasher.generation + 1))
 
 
+
+
+# --- codes and their band buckets ------------------------------------------------------------
+
+
+def write_codes(
+    conn: Connection, hasher_id: int, image_ids: npt.ArrayLike, codes: npt.NDArray[np.uint8], n_bands: int, band_width: int
+) -> int:
+    """Store codes (keeping any code already stored for the same image) and add the new ones to
+    their band buckets, in the caller's transaction. Returns how many were new.
+
+    Only rows this statement actually inserted (``RETURNING``) enter the buckets, so two
+    processes writing the same image at once cannot put it in a bucket twice.
+    """
+    ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if len(ids) == 0:
+        return 0
+    stmt = insert_stmt(conn, codes_table).on_conflict_do_nothing().returning(codes_table.c.image_id)
+    rows = code_rows(hasher_id, ids, codes, n_bands, band_width)
+    inserted: list[int] = []
+    for start in range(0, len(rows), WRITE_CHUNK):
+        inserted += conn.execute(stmt, list(rows[start : start + WRITE_CHUNK])).scalars().all()
+    if not inserted:
+        return 0
+    keep = np.isin(ids, np.asarray(inserted, dtype=np.int64))
+    _append_to_buckets(conn, hasher_id, ids[keep], codes[keep], n_bands, band_width)
+    return int(keep.sum())
+
+
+def _bucket_groups(ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> Iterator[tuple[int, int, npt.NDArray[np.intp]]]:
+    """(band, value, rows with that band value, in id order) for every band value present."""
+    bands = band_values(codes, n_bands, band_width)
+    for j in range(n_bands):
+        order = np.lexsort((ids, bands[:, j]))
+        values = bands[order, j]
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+        ends = np.r_[starts[1:], len(values)]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            yield j, int(values[a]), order[a:b]
+
+
+def _bucket_chunks(conn: Connection, hasher_id: int, keys: list[tuple[int, int]], full: bool) -> list[Any]:
+    """Existing chunk rows of the (band, value) keys: (band, value, chunk, n[, image_ids, codes])."""
+    t = buckets_table.c
+    cols = [t.band, t.value, t.chunk, t.n] + ([t.image_ids, t.codes] if full else [])
+    out: list[Any] = []
+    for part in chunks(keys, 500):
+        out += conn.execute(select(*cols).where(t.hasher_id == hasher_id, tuple_(t.band, t.value).in_(part))).all()
+    return out
+
+
+def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> None:
+    groups = list(_bucket_groups(ids, codes, n_bands, band_width))
+    tails: dict[tuple[int, int], tuple[int, int]] = {}
+    for band, value, chunk, n in _bucket_chunks(conn, hasher_id, [(j, v) for j, v, _ in groups], full=False):
+        if (band, value) not in tails or chunk > tails[(band, value)][0]:
+            tails[(band, value)] = (chunk, n)
+    le_ids = ids.astype("<i8")
+    rows: list[dict[str, Any]] = []
+    for j, v, sel in groups:
+        chunk, have = tails.get((j, v), (-1, BUCKET_CHUNK))
+        start = 0
+        while start < len(sel):
+            if have >= BUCKET_CHUNK:
+                chunk, have = chunk + 1, 0
+            take = sel[start : start + BUCKET_CHUNK - have]
+            rows.append({"hasher_id": hasher_id, "band": j, "value": v, "chunk": chunk, "n": len(take),
+                         "image_ids": le_ids[take].tobytes(), "codes": codes[take].tobytes()})
+            have += len(take)
+            start += len(take)
+    stmt = insert_stmt(conn, buckets_table)
+    # append when the chunk exists (another writer may have added to it since we looked: the
+    # chunk can then exceed BUCKET_CHUNK a little, which only costs a longer row)
+    if conn.dialect.name == "postgresql":
+        cat_ids = buckets_table.c.image_ids.op("||")(stmt.excluded.image_ids)
+        cat_codes = buckets_table.c.codes.op("||")(stmt.excluded.codes)
+    else:  # SQLite's || makes text; the cast gives the same bytes back as a blob
+        cat_ids = cast(buckets_table.c.image_ids.op("||")(stmt.excluded.image_ids), LargeBinary)
+        cat_codes = cast(buckets_table.c.codes.op("||")(stmt.excluded.codes), LargeBinary)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[buckets_table.c.hasher_id, buckets_table.c.band, buckets_table.c.value, buckets_table.c.chunk],
+        set_={"n": buckets_table.c.n + stmt.excluded.n, "image_ids": cat_ids, "codes": cat_codes},
+    )
+    for part in chunks(rows, WRITE_CHUNK):
+        conn.execute(stmt, list(part))
+
+
+def remove_codes(conn: Connection, image_ids: Sequence[int]) -> list[int]:
+    """Delete the codes of these images from every index, and take them out of the buckets.
+    Returns the ids of the indexes that changed."""
+    if not image_ids:
+        return []
+    changed: set[int] = set()
+    gone_all = np.asarray(sorted(set(image_ids)), dtype=np.int64)
+    layouts = {h.id: h for h in conn.execute(select(Hasher.id, Hasher.n_bits, Hasher.n_bands, Hasher.band_width))}
+    for part in chunks(list(gone_all.tolist()), WRITE_CHUNK):
+        rows = conn.execute(select(Code.hasher_id, Code.image_id, Code.code).where(Code.image_id.in_(part))).all()
+        by_hasher: dict[int, list[Any]] = {}
+        for r in rows:
+            by_hasher.setdefault(r[0], []).append(r)
+        for hasher_id, hrows in by_hasher.items():
+            h = layouts[hasher_id]
+            ids = np.array([r[1] for r in hrows], dtype=np.int64)
+            codes = np.frombuffer(b"".join(bytes(r[2]) for r in hrows), dtype=np.uint8).reshape(len(hrows), h.n_bits // 8)
+            keys = sorted({(j, v) for j, v, _ in _bucket_groups(ids, codes, h.n_bands, h.band_width)})
+            _remove_from_buckets(conn, hasher_id, keys, ids, h.n_bits // 8)
+            changed.add(hasher_id)
+        conn.execute(delete(Code).where(Code.image_id.in_(part)))
+    return sorted(changed)
+
+
+def _remove_from_buckets(conn: Connection, hasher_id: int, keys: list[tuple[int, int]], gone: npt.NDArray[np.int64], n_bytes: int) -> None:
+    t = buckets_table.c
+    updates: list[dict[str, Any]] = []
+    deletes: list[dict[str, Any]] = []
+    for band, value, chunk, _n, blob_ids, blob_codes in _bucket_chunks(conn, hasher_id, keys, full=True):
+        ids = np.frombuffer(bytes(blob_ids), dtype="<i8")
+        keep = ~np.isin(ids, gone)
+        if keep.all():
+            continue
+        key = {"h": hasher_id, "b": band, "v": value, "c": chunk}
+        if not keep.any():
+            deletes.append(key)
+            continue
+        codes = np.frombuffer(bytes(blob_codes), dtype=np.uint8).reshape(len(ids), n_bytes)
+        updates.append({**key, "new_n": int(keep.sum()), "new_ids": ids[keep].tobytes(), "new_codes": codes[keep].tobytes()})
+    where = and_(t.hasher_id == bindparam("h"), t.band == bindparam("b"), t.value == bindparam("v"), t.chunk == bindparam("c"))
+    if updates:
+        conn.execute(
+            update(buckets_table).where(where).values(n=bindparam("new_n"), image_ids=bindparam("new_ids"), codes=bindparam("new_codes")),
+            updates,
+        )
+    if deletes:
+        conn.execute(delete(buckets_table).where(where), deletes)

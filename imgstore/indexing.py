@@ -16,12 +16,12 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, delete, func, select, update
 
-from .dbops import bump_generation, code_rows, codes_table, insert_ignore, iter_features, load_features
+from .dbops import bump_generation, iter_features, load_features, write_codes
 from .errors import ConfigError, NotEnoughDataError, NotFoundError
 from .hashing import Hasher as HasherModel
 from .hashing import available_methods, hasher_from_bytes, make_hasher, min_samples
 from .hashing.bits import band_layout, default_n_bands
-from .models import Code, Feature, FeatureSpace, Hasher
+from .models import Code, CodeBucket, Feature, FeatureSpace, Hasher
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def create_index(
     )
     _HASHERS[hasher_id] = hasher
     for batch_ids, vectors in iter_features(conn, space_id, dim, batch=ENCODE_BATCH):
-        insert_ignore(conn, codes_table, code_rows(hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width))
+        write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width)
     if activate:
         activate_index(conn, hasher_id)
     log.info("index %d: %s %d bits, %d bands of %d bits, %d images", hasher_id, method, n_bits, n_bands, band_width, n_total)
@@ -177,7 +177,7 @@ def encode_images(conn: Connection, space_id: int, image_ids: npt.ArrayLike, vec
     ).all()
     for hasher_id, n_bands, band_width in rows:
         hasher = load_hasher(conn, hasher_id)
-        insert_ignore(conn, codes_table, code_rows(hasher_id, image_ids, hasher.encode(vectors), n_bands, band_width))
+        write_codes(conn, hasher_id, image_ids, hasher.encode(vectors), n_bands, band_width)
     bump_generation(conn, [r[0] for r in rows])
 
 
@@ -192,7 +192,8 @@ def activate_index(conn: Connection, hasher_id: int) -> None:
 def drop_index(conn: Connection, hasher_id: int) -> None:
     if conn.scalar(select(Hasher.id).where(Hasher.id == hasher_id)) is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
-    # codes first: SQLite only cascades when foreign keys are on, and we do not rely on that here
+    # codes and buckets first: SQLite only cascades when foreign keys are on, and we do not rely on that here
+    conn.execute(delete(CodeBucket).where(CodeBucket.hasher_id == hasher_id))
     conn.execute(delete(Code).where(Code.hasher_id == hasher_id))
     conn.execute(delete(Hasher).where(Hasher.id == hasher_id))
     forget_hasher(hasher_id)

@@ -489,6 +489,8 @@ class ImageStore:
             want = max(k, depth) if do_rerank else k
             cache = self._cache(conn, index) if use_cache else None
             sql = None if cache is not None else SqlProbe(index)
+            if sql is not None:
+                sql.begin(conn)
             for vec, code in zip(vectors, codes):
                 ranked = hamming_search(code, index, want, exact=exact, probe_radius=probe_radius,
                                         conn=conn, cache=cache, sql=sql)
@@ -604,10 +606,10 @@ class ImageStore:
         def work(conn: Connection) -> list[int]:
             from sqlalchemy import delete
 
-            from .dbops import bump_generation
+            from .dbops import bump_generation, remove_codes
 
-            hashers = conn.scalars(select(Code.hasher_id).where(Code.image_id.in_(ids)).distinct()).all()
-            for model in (Code, Feature, ImagePath):
+            hashers = remove_codes(conn, ids)
+            for model in (Feature, ImagePath):
                 conn.execute(delete(model).where(model.image_id.in_(ids)))
             conn.execute(delete(Image).where(Image.id.in_(ids)))
             bump_generation(conn, hashers)
@@ -636,6 +638,18 @@ class ImageStore:
                 if ids:
                     missing[int(hasher_id)] = list(ids)
             report["missing_codes"] = missing
+            # every code sits in one bucket per band: entries = codes x bands, per index
+            from .models import CodeBucket
+
+            have = dict(conn.execute(select(CodeBucket.hasher_id, func.sum(CodeBucket.n)).group_by(CodeBucket.hasher_id)).all())
+            buckets: dict[int, dict[str, int]] = {}
+            for hasher_id, n_bands, n_codes in conn.execute(
+                select(Hasher.id, Hasher.n_bands, func.count(Code.image_id)).outerjoin(Code, Code.hasher_id == Hasher.id).group_by(Hasher.id, Hasher.n_bands)
+            ):
+                found = int(have.get(hasher_id) or 0)
+                if found != n_bands * n_codes:
+                    buckets[int(hasher_id)] = {"expected": int(n_bands * n_codes), "found": found}
+            report["bucket_mismatch"] = buckets
             report["dangling_rows"] = sum(
                 int(conn.scalar(select(func.count()).select_from(model).where(~exists().where(Image.id == model.image_id))) or 0)
                 for model in (Feature, Code, ImagePath)
@@ -654,7 +668,7 @@ class ImageStore:
                         changed.append(path)
             report["vanished_files"] = vanished
             report["changed_files"] = changed
-        report["ok"] = not (report["images_without_features"] or missing or report["dangling_rows"])
+        report["ok"] = not (report["images_without_features"] or missing or report["dangling_rows"] or buckets)
         return report
 
     def info(self) -> dict[str, Any]:

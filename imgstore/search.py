@@ -24,9 +24,9 @@ from sqlalchemy import Connection, select
 
 from .dbops import iter_features, load_features
 from .errors import ConfigError
-from .hashing.bits import as_words, band_values, flip_neighbours, hamming_distances, topk_smallest
+from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
 from .indexing import IndexInfo
-from .models import BAND_COLUMNS, Code, Hasher
+from .models import Code, Hasher
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,22 @@ def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_c
 
 
 class SqlProbe:
-    """Band probes as one SQL statement: a UNION ALL of one branch per band.
+    """Band probes as one SQL statement over ``code_buckets``: a UNION ALL of one branch per band.
 
-    Each branch is an index-only scan of the covering index (hasher_id, band_j, image_id, code).
-    The hot path skips SQLAlchemy's result rows and runs on the driver's cursor: measured at 1M
-    codes and ~1,500 candidates per query, Row objects and the re-rendering of expanding IN
-    lists cost more than the database's own work. PostgreSQL gets one array parameter per band
-    (``band_j = ANY(%s)``), so the SQL text is constant and psycopg prepares it once; SQLite
-    gets ``IN (?, ?, ...)`` text cached per list length.
+    Each branch is a primary-key look-up per probed value, and each row it returns holds a
+    whole bucket (ids and codes packed), so a radius-1 query at 1M codes reads 68 rows instead
+    of ~1,500 candidate rows. The statement runs on the driver's cursor, without SQLAlchemy's
+    result rows. PostgreSQL gets one array literal per band (``value = ANY(%s::bigint[])``;
+    psycopg's dumping of Python lists took ~0.4 ms a query, formatting the literal ~0.02 ms),
+    so the SQL text is constant and psycopg prepares it once; SQLite gets ``IN (?, ?, ...)``
+    text cached per list length.
     """
 
     def __init__(self, index: IndexInfo) -> None:
         self.index = index
         self._sqlite_text: dict[tuple[int, ...], str] = {}
         branches = [
-            f"SELECT image_id, code FROM codes WHERE hasher_id = %s AND {BAND_COLUMNS[j]} = ANY(%s)"
+            f"SELECT image_ids, codes FROM code_buckets WHERE hasher_id = %s AND band = {j} AND value = ANY(%s::bigint[])"
             for j in range(index.n_bands)
         ]
         self._pg_text = " UNION ALL ".join(branches)
@@ -94,7 +95,7 @@ class SqlProbe:
         text_ = self._sqlite_text.get(lengths)
         if text_ is None:
             branches = [
-                f"SELECT image_id, code FROM codes WHERE hasher_id = ? AND {BAND_COLUMNS[j]} IN ({','.join('?' * n)})"
+                f"SELECT image_ids, codes FROM code_buckets WHERE hasher_id = ? AND band = {j} AND value IN ({','.join('?' * n)})"
                 for j, n in enumerate(lengths)
                 if n
             ]
@@ -106,7 +107,7 @@ class SqlProbe:
         params: list[object] = []
         if dialect == "postgresql":
             for values in probes:
-                params += [self.index.id, values.tolist()]
+                params += [self.index.id, "{" + ",".join(map(str, values.tolist())) + "}"]
             return self._pg_text, params
         for values in probes:
             if len(values):
@@ -114,6 +115,17 @@ class SqlProbe:
         if not params:
             return "", []
         return self._sqlite_sql(tuple(len(v) for v in probes)), params
+
+    @staticmethod
+    def begin(conn: Connection) -> None:
+        """Per-transaction settings for a run of probes: on PostgreSQL, plan the prepared probe
+        statement once (a generic plan) instead of re-planning it per query (re-planning took
+        ~0.4 ms of a ~0.75 ms radius-0 query at 1M codes), and always as index look-ups."""
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            # a probe is always a primary-key look-up; without this, a bucket table not yet
+            # analysed (right after a bulk load) gets a sequential scan per band (~80 ms a query)
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
 
     def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
         """Unique image ids (ascending) whose band j is in ``probes[j]`` for some j, with codes."""
@@ -134,8 +146,8 @@ class SqlProbe:
             cursor.close()
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        codes = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.uint8).reshape(len(rows), n_bytes)
+        ids = np.frombuffer(b"".join([r[0] for r in rows]), dtype="<i8").astype(np.int64, copy=False)
+        codes = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.uint8).reshape(len(ids), n_bytes)
         ids, first = np.unique(ids, return_index=True)
         return ids, codes[first]
 
@@ -157,31 +169,34 @@ def scan_codes(conn: Connection, index: IndexInfo) -> tuple[npt.NDArray[np.int64
 
 @dataclass
 class CodeCache:
-    """All codes of one index in memory, with per-band sorted arrays for probing.
+    """All codes of one index in memory, laid out for the compiled probes of :mod:`imgstore.kernels`.
 
     ``generation`` is the index's generation when loaded; a mismatch with the database means
-    another process (or this one) wrote codes since, and the cache reloads.
+    another process (or this one) wrote codes since, and the cache reloads. Memory per code:
+    its bytes and words, plus per band a uint32 key, an int32 row and a copy of the code words
+    (for 64-bit codes in 4 bands, about 80 bytes).
     """
 
     index: IndexInfo
     generation: int
     image_ids: npt.NDArray[np.int64]  # (n,) ascending
     codes: npt.NDArray[np.uint8]  # (n, n_bytes)
-    words: npt.NDArray[np.uint64] = field(init=False)
-    sorted_keys: npt.NDArray[np.int64] = field(init=False)  # (n * n_bands,) band j's values as j << w | value
-    key_rows: npt.NDArray[np.intp] = field(init=False)  # row of each sorted key
+    words: npt.NDArray[np.uint64] = field(init=False)  # (n, n_words)
+    seg_keys: npt.NDArray[np.uint32] = field(init=False)  # (n_bands * n,) band j sorted in [j*n, (j+1)*n)
+    seg_rows: npt.NDArray[np.int32] = field(init=False)  # (n_bands * n,) row of each key
+    seg_words: npt.NDArray[np.uint64] = field(init=False)  # (n_bands * n, n_words) code of each key
+    band_masks: npt.NDArray[np.uint64] = field(init=False)  # (n_bands, n_words)
+    _flips: dict[tuple[int, int], npt.NDArray[np.int64]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.words = as_words(self.codes)
+        self.words = np.ascontiguousarray(as_words(self.codes))
         n, m, w = len(self.codes), self.index.n_bands, self.index.band_width
         bands = band_values(self.codes, m, w) if n else np.zeros((0, m), dtype=np.int64)
-        # one sorted array for all bands (band number in the high bits), so a probe of every
-        # band is one searchsorted call instead of one per band
-        keys = (np.arange(m, dtype=np.int64) << w)[None, :] | bands
-        flat = np.ascontiguousarray(keys.T).reshape(-1)
-        order = np.argsort(flat, kind="stable")
-        self.sorted_keys = flat[order]
-        self.key_rows = (order % max(n, 1)).astype(np.intp)
+        order = np.argsort(bands, axis=0, kind="stable")  # per band; equal values keep row order
+        self.seg_keys = np.ascontiguousarray(np.take_along_axis(bands, order, 0).T).reshape(-1).astype(np.uint32)
+        self.seg_rows = np.ascontiguousarray(order.T).reshape(-1).astype(np.int32)
+        self.seg_words = np.ascontiguousarray(self.words[self.seg_rows])
+        self.band_masks = band_word_masks(self.codes.shape[1] * 8, m, w)
 
     @classmethod
     def load(cls, conn: Connection, index: IndexInfo) -> CodeCache:
@@ -192,33 +207,79 @@ class CodeCache:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def _ranges(self, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
-        w = self.index.band_width
-        keys = np.concatenate([(np.int64(j) << w) | v for j, v in enumerate(probes)])
-        return np.searchsorted(self.sorted_keys, keys, "left"), np.searchsorted(self.sorted_keys, keys, "right")
+    def flips(self, s_lo: int, s_hi: int) -> npt.NDArray[np.int64]:
+        """XOR masks of band values ``s_lo..s_hi`` bits away (cached)."""
+        got = self._flips.get((s_lo, s_hi))
+        if got is None:
+            got = self._flips[(s_lo, s_hi)] = probe_values(0, self.index.band_width, s_lo, s_hi)
+        return got
+
+    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        """Top-k (ids, distances) of the codes first found at band radius ``s_lo..s_hi``, and
+        how many such codes there were (each code once; none found at a radius below ``s_lo``)."""
+        from . import kernels
+
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+        rows, dist, found = kernels.probe_rank(
+            self.seg_keys, self.seg_rows, self.seg_words, n, query_code, as_words(query_code.reshape(1, -1))[0],
+            self.band_masks, self.index.band_width, self.flips(s_lo, s_hi), s_lo, s_hi, k,
+        )
+        return self.image_ids[rows], dist, int(found)
+
+    def count(self, query_code: npt.NDArray[np.uint8], s: int) -> int:
+        """Index entries that probing every band at radius exactly ``s`` would visit."""
+        from . import kernels
+
+        if len(self) == 0:
+            return 0
+        return int(kernels.probe_count(self.seg_keys, len(self), query_code, self.index.n_bands,
+                                       self.index.band_width, self.flips(s, s)))
 
     def probe(self, probes: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.intp]:
-        """Row positions whose band j is in ``probes[j]`` for some j; sorted, unique."""
-        lo, hi = self._ranges(probes)
-        sizes = hi - lo
-        total = int(sizes.sum())
-        if total == 0:
+        """Rows whose band j is in ``probes[j]`` for some j; sorted, unique."""
+        n = len(self)
+        found = []
+        for j, values in enumerate(probes):
+            seg = self.seg_keys[j * n : (j + 1) * n]
+            values = np.asarray(values, dtype=np.int64)
+            lo = np.searchsorted(seg, values, "left")
+            hi = np.searchsorted(seg, values, "right")
+            sizes = hi - lo
+            if sizes.sum():
+                starts = np.repeat(lo - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
+                found.append(self.seg_rows[j * n + starts + np.arange(int(sizes.sum()))])
+        if not found:
             return np.zeros(0, dtype=np.intp)
-        # positions lo[i] .. hi[i]-1 for every probe i, without a Python loop
-        starts = np.repeat(lo - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
-        return np.unique(self.key_rows[starts + np.arange(total)])
-
-    def count(self, probes: list[npt.NDArray[np.int64]]) -> int:
-        lo, hi = self._ranges(probes)
-        return int((hi - lo).sum())
+        return np.unique(np.concatenate(found)).astype(np.intp)
 
     def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        dist = hamming_distances(as_words(query_code.reshape(1, -1))[0], self.words)
-        top = topk_smallest(dist, k)
-        return self.image_ids[top], dist[top].astype(np.int64)
+        from . import kernels
+
+        if len(self) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        rows, dist = kernels.scan_rank(self.words, as_words(query_code.reshape(1, -1))[0], k)
+        return self.image_ids[rows], dist
 
 
 # --- the search loop -------------------------------------------------------------------------
+
+
+def _merge(ids: npt.NDArray[np.int64], dist: npt.NDArray[np.int64], new_ids: npt.NDArray[np.int64],
+           new_dist: npt.NDArray[np.int64], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Top-k by (distance, id) of two best-first lists; an id in both counts once."""
+    if len(ids) == 0:
+        return new_ids, new_dist
+    if len(new_ids) == 0:
+        return ids, dist
+    all_ids = np.concatenate([ids, new_ids])
+    all_dist = np.concatenate([dist, new_dist])
+    order = np.lexsort((all_ids, all_dist))
+    all_ids, all_dist = all_ids[order], all_dist[order]
+    keep = np.ones(len(all_ids), dtype=bool)
+    keep[1:] = all_ids[1:] != all_ids[:-1]  # equal ids have equal distances, so they are adjacent
+    return all_ids[keep][:k], all_dist[keep][:k]
 
 
 def hamming_search(
@@ -235,10 +296,12 @@ def hamming_search(
 ) -> Ranked:
     """k nearest codes by Hamming distance, through the cache when given, else through SQL.
 
-    The probe radius grows from 0: approximate mode stops after ``probe_radius`` once it has k
-    results; exact mode stops once the k-th distance found is below ``m * (s + 1)``. Before each
-    further radius a cost model (index entries expected plus values to probe, against a share
-    of the whole index) decides whether scanning everything is cheaper; the scan is exact.
+    The first round probes every band at radius ``0..probe_radius`` at once (one SQL statement
+    or one compiled call). Approximate mode stops there once it has k results; exact mode
+    stops once the k-th distance found is below ``m * (probe_radius + 1)`` (no unseen code can
+    be closer). Otherwise further rounds probe radius ``s = probe_radius + 1, ...`` one at a
+    time; before each, a cost model (index entries expected plus values to probe, against a
+    share of the whole index) decides whether scanning everything is cheaper. The scan is exact.
     """
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
@@ -246,48 +309,37 @@ def hamming_search(
         raise ConfigError(f"probe radius must be between 0 and {index.band_width}, got {probe_radius}")
     if cache is None and (conn is None or sql is None):
         raise ValueError("hamming_search needs a cache, or a connection and an SqlProbe")
-    q = np.asarray(query_code, dtype=np.uint8).reshape(-1)
-    bands = band_values(q.reshape(1, -1), index.n_bands, index.band_width)[0]
+    q = np.ascontiguousarray(query_code, dtype=np.uint8).reshape(-1)
     m, w = index.n_bands, index.band_width
     total = len(cache) if cache is not None else (n_codes if n_codes is not None else index.n_codes)
     budget = (CACHE_SCAN_FRACTION if cache is not None else SCAN_FRACTION) * max(total, 1)
+    bands = None if cache is not None else band_values(q.reshape(1, -1), m, w)[0]
 
-    seen_pos = np.zeros(0, dtype=np.intp)
-    seen_ids = np.zeros(0, dtype=np.int64)
-    seen_codes = np.zeros((0, len(q)), dtype=np.uint8)
-    values_so_far = 0
     ids = dist = np.zeros(0, dtype=np.int64)
-    for s in range(0, w + 1):
-        new_probes = [probe_values(int(b), w, s, s) for b in bands]
-        per_band = math.comb(w, s)
-        values_so_far += m * per_band
-        if s > 0:
-            expected = cache.count(new_probes) if cache is not None else m * per_band * total / 2.0**w
-            n_seen = len(seen_pos) if cache is not None else len(seen_ids)
+    n_seen = 0  # candidates examined (through SQL a code found again in a later round counts again)
+    values_so_far = 0
+    s_lo, s_hi = 0, probe_radius
+    while s_hi <= w:
+        values_so_far += m * sum(math.comb(w, r) for r in range(s_lo, s_hi + 1))
+        if s_lo > 0:
+            expected = cache.count(q, s_lo) if cache is not None else m * math.comb(w, s_lo) * total / 2.0**w
             if values_so_far > m * MAX_PROBES_PER_BAND or n_seen + expected + values_so_far > budget:
                 break
         if cache is not None:
-            seen_pos = np.union1d(seen_pos, cache.probe(new_probes))
-            ids, dist = rank(cache.image_ids[seen_pos], cache.codes[seen_pos], q, k)
-            n_seen = len(seen_pos)
+            new_ids, new_dist, found = cache.rank_probes(q, k, s_lo, s_hi)
         else:
-            new_ids, new_codes = sql.fetch(conn, new_probes)  # type: ignore[union-attr,arg-type]
-            if len(seen_ids):
-                all_ids = np.concatenate([seen_ids, new_ids])
-                all_codes = np.concatenate([seen_codes, new_codes])
-                seen_ids, first = np.unique(all_ids, return_index=True)
-                seen_codes = all_codes[first]
-            else:
-                seen_ids, seen_codes = new_ids, new_codes
-            ids, dist = rank(seen_ids, seen_codes, q, k)
-            n_seen = len(seen_ids)
-        if n_seen >= total:
-            return Ranked(ids, dist, n_seen, s, False)
-        if exact:
-            if len(ids) == k and dist[-1] < m * (s + 1):  # no unseen code is closer than m(s+1)
-                return Ranked(ids, dist, n_seen, s, False)
-        elif s >= probe_radius and len(ids) == k:
-            return Ranked(ids, dist, n_seen, s, False)
+            skip = sum(math.comb(w, r) for r in range(s_lo))
+            probes = list(flip_neighbours(bands, w, s_hi)[:, skip:])
+            new_ids, new_codes = sql.fetch(conn, probes)  # type: ignore[union-attr,arg-type]
+            found = len(new_ids)
+            new_ids, new_dist = rank(new_ids, new_codes, q, k)
+        ids, dist = _merge(ids, dist, new_ids, new_dist, k)
+        n_seen += found
+        if cache is not None and n_seen >= total:  # rounds are disjoint in the cache: all seen
+            return Ranked(ids, dist, n_seen, s_hi, False)
+        if len(ids) == k and (not exact or dist[-1] < m * (s_hi + 1)):  # no unseen code is closer than m(s+1)
+            return Ranked(ids, dist, n_seen, s_hi, False)
+        s_lo = s_hi = s_hi + 1
     # scan: cheaper (or necessary) from here on
     if cache is not None:
         ids, dist = cache.scan(q, k)

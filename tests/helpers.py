@@ -54,3 +54,29 @@ def make_collection(root: Path, per_photo: int = 3) -> dict[str, int]:
     (root / "notes.jpg").write_text("this is not an image")
     (root / "README.txt").write_text("ignored: not an image extension")
     return {"images": n_images, "paths": n_images + 1, "failed": 2}
+
+
+def assert_buckets_match_codes(conn, hasher_id: int) -> None:  # type: ignore[no-untyped-def]
+    """The band buckets of an index hold exactly its stored codes, each once per band."""
+    import numpy as np
+    from sqlalchemy import select
+
+    from imgstore.hashing.bits import band_values
+    from imgstore.models import Code, CodeBucket, Hasher
+
+    n_bits, n_bands, width = conn.execute(
+        select(Hasher.n_bits, Hasher.n_bands, Hasher.band_width).where(Hasher.id == hasher_id)
+    ).one()
+    expected = set()
+    for image_id, code in conn.execute(select(Code.image_id, Code.code).where(Code.hasher_id == hasher_id)):
+        bands = band_values(np.frombuffer(code, dtype=np.uint8).reshape(1, -1), n_bands, width)[0]
+        expected |= {(j, int(v), int(image_id), bytes(code)) for j, v in enumerate(bands)}
+    found = []
+    for band, value, n, ids, codes in conn.execute(
+        select(CodeBucket.band, CodeBucket.value, CodeBucket.n, CodeBucket.image_ids, CodeBucket.codes).where(CodeBucket.hasher_id == hasher_id)
+    ):
+        ids = np.frombuffer(ids, dtype="<i8")
+        assert len(ids) == n and len(codes) == n * (n_bits // 8)
+        found += [(band, value, int(i), bytes(codes[k * (n_bits // 8) : (k + 1) * (n_bits // 8)])) for k, i in enumerate(ids)]
+    assert len(found) == len(set(found)), "an entry is in a bucket twice"
+    assert set(found) == expected

@@ -41,6 +41,7 @@ __all__ = [
     "as_words",
     "band_layout",
     "band_values",
+    "band_word_masks",
     "codes_from_int64",
     "codes_to_int64",
     "default_n_bands",
@@ -277,6 +278,17 @@ def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDAr
     right_shift = (40 - (starts % 8) - band_width).astype(np.uint64)
     mask = np.uint64((1 << band_width) - 1)
     return ((window >> right_shift) & mask).astype(np.int64)
+
+
+def band_word_masks(n_bits: int, n_bands: int, band_width: int) -> npt.NDArray[np.uint64]:
+    """``(n_bands, n_words)`` uint64: band ``j``'s bits set, in the :func:`as_words` layout.
+
+    ``popcount((a ^ b) & mask[j])`` summed over words is the Hamming distance of band ``j``.
+    """
+    bits = np.zeros((n_bands, -(-n_bits // 64) * 64), dtype=bool)
+    for j in range(n_bands):
+        bits[j, j * band_width : (j + 1) * band_width] = True
+    return np.ascontiguousarray(as_words(pack_bits(bits)))
 
 
 @lru_cache(maxsize=64)

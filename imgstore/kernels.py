@@ -1,0 +1,177 @@
+"""Compiled loops for the in-memory code cache (numba): band probes, popcount, top-k.
+
+Why numba and not numpy here: one cached query is a few dozen band look-ups, a gather of a
+few hundred to a few thousand codes, XOR + popcount and a top-k. In numpy that is twenty-odd
+calls of 1-10 us of fixed overhead each, which costs more than the work itself (measured at
+1M codes: ~4,700 q/s at probe radius 0 with the Python probe set-up, against faiss's
+~15,000). Compiled as one loop the same query takes ~13 us (radius 0) or ~110 us (radius 1).
+The SQL path and the bit helpers in :mod:`imgstore.hashing.bits` stay pure numpy; this module
+is imported only when a cache is built, so the CLI and SQL-only queries never pay numba's import.
+
+Layout the kernels read (built by :class:`imgstore.search.CodeCache`), for ``n`` codes and ``m``
+bands of ``w`` bits:
+
+* ``seg_keys`` ``(m * n,)`` uint32: band ``j``'s values sorted, in segment ``[j * n, (j + 1) * n)``;
+* ``seg_rows`` ``(m * n,)`` int32: the cache row of each entry;
+* ``seg_words`` ``(m * n, n_words)`` uint64: that row's code, copied next to its key so a probe
+  reads codes sequentially instead of one cache miss per candidate;
+* ``band_masks`` ``(m, n_words)`` uint64: the bits of band ``j`` in the word layout of
+  :func:`imgstore.hashing.bits.as_words`, so a band's distance is ``popcount((x ^ q) & mask)``.
+
+A code is reported once even when several bands find it: a candidate met in band ``j`` counts
+only if no earlier band ``j' < j`` is within the probed radius of the query, and (for rounds of
+exact search that probe radius ``s`` only) no band is closer than ``s``, i.e. it was not found in
+an earlier round. That needs no "seen" set, so calls share no state (``nogil`` safe).
+
+Top-k is by counting (a histogram of distances gives the threshold), then the few survivors
+are sorted by ``distance * n + row``; rows are in image-id order, so ties break by image id.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _popcount(typingctx, x):  # type: ignore[no-untyped-def]
+    """The CPU's popcount (LLVM ``ctpop``) on a uint64."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, args)
+
+    return types.uint64(types.uint64), codegen
+
+
+@nb.njit(cache=True, nogil=True)
+def _query_band(qbytes, j, w):  # type: ignore[no-untyped-def]
+    """Band ``j`` of a packed code (bits ``[j * w, (j + 1) * w)``, the first one most significant)."""
+    v = np.int64(0)
+    for b in range(j * w, (j + 1) * w):
+        v = (v << 1) | ((np.int64(qbytes[b >> 3]) >> (7 - (b & 7))) & 1)
+    return v
+
+
+@nb.njit(cache=True, nogil=True)
+def _ranges(seg_keys, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+    """Start and end (exclusive) in ``seg_keys`` of every probe, band by band."""
+    nf = flips.shape[0]
+    los = np.empty(m * nf, np.int64)
+    his = np.empty(m * nf, np.int64)
+    for j in range(m):
+        qb = _query_band(qbytes, j, w)
+        seg = seg_keys[j * n : (j + 1) * n]
+        for f in range(nf):
+            v = qb ^ flips[f]
+            lo = np.searchsorted(seg, v)
+            hi = lo
+            while hi < n and seg[hi] == v:
+                hi += 1
+            los[j * nf + f] = j * n + lo
+            his[j * nf + f] = j * n + hi
+    return los, his
+
+
+@nb.njit(cache=True, nogil=True)
+def probe_count(seg_keys, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+    """Index entries the probes would visit (codes found by several bands count each time)."""
+    los, his = _ranges(seg_keys, n, qbytes, m, w, flips)
+    return int((his - los).sum())
+
+
+@nb.njit(cache=True, nogil=True)
+def _threshold(hist, k):  # type: ignore[no-untyped-def]
+    """The smallest distance ``t`` with at least ``k`` entries at ``<= t`` (or the largest), and
+    how many entries are at ``<= t``."""
+    acc = 0
+    for d in range(hist.shape[0]):
+        acc += hist[d]
+        if acc >= k:
+            return d, acc
+    return hist.shape[0] - 1, acc
+
+
+@nb.njit(cache=True, nogil=True)
+def _select(keys, hist, c, n, k):  # type: ignore[no-untyped-def]
+    """The ``k`` smallest of ``keys[:c]`` (``distance * n + row``), ascending, via the histogram."""
+    threshold, acc = _threshold(hist, k)
+    sel = np.empty(min(acc, c), np.int64)
+    t = 0
+    limit = (threshold + 1) * n
+    for i in range(c):
+        if keys[i] < limit:
+            sel[t] = keys[i]
+            t += 1
+    sel = np.sort(sel[:t])[:k]
+    return sel % n, sel // n
+
+
+@nb.njit(cache=True, nogil=True)
+def probe_rank(seg_keys, seg_rows, seg_words, n, qbytes, qwords, band_masks, w, flips, s_lo, s_hi, k):  # type: ignore[no-untyped-def]
+    """Top-k rows among codes with some band within ``s_lo..s_hi`` bits of the query's.
+
+    ``flips``: the XOR masks of that radius range (``probe_values(0, w, s_lo, s_hi)``); codes
+    with a band closer than ``s_lo`` are left out (an earlier round found them). Returns
+    (rows, distances, number of distinct candidates), rows ordered by (distance, row).
+    """
+    m = band_masks.shape[0]
+    nw = qwords.shape[0]
+    nf = flips.shape[0]
+    los, his = _ranges(seg_keys, n, qbytes, m, w, flips)
+    keys = np.empty(int((his - los).sum()), np.int64)
+    hist = np.zeros(nw * 64 + 1, np.int64)
+    x = np.empty(nw, np.uint64)
+    c = 0
+    for i in range(m * nf):
+        j = i // nf
+        for p in range(los[i], his[i]):
+            for t in range(nw):
+                x[t] = seg_words[p, t] ^ qwords[t]
+            first = True
+            for jj in range(m):
+                dj = 0
+                for t in range(nw):
+                    dj += _popcount(x[t] & band_masks[jj, t])
+                if dj < s_lo or (jj < j and dj <= s_hi):
+                    first = False
+                    break
+            if not first:
+                continue
+            d = 0
+            for t in range(nw):
+                d += _popcount(x[t])
+            keys[c] = d * n + seg_rows[p]
+            hist[d] += 1
+            c += 1
+    rows, dist = _select(keys, hist, c, n, k)
+    return rows, dist, c
+
+
+@nb.njit(cache=True, nogil=True)
+def scan_rank(words, qwords, k):  # type: ignore[no-untyped-def]
+    """Top-k rows of all ``words`` by Hamming distance to ``qwords``, ordered by (distance, row)."""
+    n = words.shape[0]
+    nw = qwords.shape[0]
+    dist = np.empty(n, np.int64)
+    hist = np.zeros(nw * 64 + 1, np.int64)
+    for r in range(n):
+        d = 0
+        for t in range(nw):
+            d += _popcount(words[r, t] ^ qwords[t])
+        dist[r] = d
+        hist[d] += 1
+    threshold, acc = _threshold(hist, k)
+    keys = np.empty(acc, np.int64)
+    t = 0
+    for r in range(n):
+        if dist[r] <= threshold:
+            keys[t] = dist[r] * n + r
+            t += 1
+    keys = np.sort(keys[:t])[:k]
+    return keys % n, keys // n

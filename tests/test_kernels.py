@@ -1,0 +1,114 @@
+"""The in-memory cache's compiled probes (imgstore.kernels through CodeCache) against numpy
+brute force, without a database: which codes a probe finds, each once, their top-k by
+(distance, image id), exact search, scans and probe counts, over several code layouts
+(bands that cross bytes, leave bits uncovered, or span several 64-bit words)."""
+
+from __future__ import annotations
+
+import datetime
+
+import numpy as np
+import pytest
+
+from imgstore.hashing.bits import as_words, band_values, band_word_masks
+from imgstore.indexing import IndexInfo
+from imgstore.search import CodeCache, hamming_search
+
+LAYOUTS = [  # (n_bits, n_bands, band_width)
+    (32, 4, 8),
+    (64, 4, 16),
+    (64, 3, 21),  # bands cross byte boundaries; the last bit is in no band
+    (96, 4, 24),  # a partial last word
+    (128, 8, 16),  # two words
+]
+
+
+def make_cache(n_bits: int, n_bands: int, band_width: int, n: int = 3000, seed: int = 0) -> CodeCache:
+    rng = np.random.default_rng(seed)
+    n_bytes = n_bits // 8
+    # clustered codes with exact duplicates, so buckets are uneven and ties are common
+    centres = rng.integers(0, 256, size=(30, n_bytes), dtype=np.uint8)
+    codes = centres[rng.integers(0, 30, n)]
+    flips = rng.random((n, n_bits)) < 0.08
+    codes = codes ^ np.packbits(flips, axis=1)
+    codes[: n // 20] = codes[n // 20 : 2 * (n // 20)]  # duplicates
+    image_ids = np.sort(rng.choice(10 * n, size=n, replace=False)).astype(np.int64) + 1
+    info = IndexInfo(1, "lsh", n_bits, n_bands, band_width, "test", 1, True, n, n, 0,
+                     datetime.datetime.now(datetime.timezone.utc), {})
+    return CodeCache(info, 0, image_ids, np.ascontiguousarray(codes))
+
+
+def distances(cache: CodeCache, q: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(cache.words ^ as_words(q.reshape(1, -1))[0]).sum(axis=1).astype(np.int64)
+
+
+def band_distances(cache: CodeCache, q: np.ndarray) -> np.ndarray:
+    """(n, n_bands) Hamming distance per band, from band values (independent of the kernels)."""
+    m, w = cache.index.n_bands, cache.index.band_width
+    a = band_values(cache.codes, m, w)
+    b = band_values(q.reshape(1, -1), m, w)
+    return np.bitwise_count(a ^ b).astype(np.int64)
+
+
+def top(ids: np.ndarray, dist: np.ndarray, k: int) -> list[tuple[int, int]]:
+    order = np.lexsort((ids, dist))[:k]
+    return [(int(ids[i]), int(dist[i])) for i in order]
+
+
+def queries(cache: CodeCache, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    near = cache.codes[rng.integers(0, len(cache), 6)] ^ np.packbits(rng.random((6, cache.codes.shape[1] * 8)) < 0.05, axis=1)
+    far = rng.integers(0, 256, size=(3, cache.codes.shape[1]), dtype=np.uint8)
+    return list(near) + list(far) + [cache.codes[0].copy()]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"{b}b-{m}x{w}" for b, m, w in LAYOUTS])
+def test_probe_rounds_find_each_code_once_and_rank_like_brute_force(layout: tuple[int, int, int]) -> None:
+    cache = make_cache(*layout)
+    for q in queries(cache):
+        d, bd = distances(cache, q), band_distances(cache, q)
+        closest = bd.min(axis=1)
+        for s_lo, s_hi in ((0, 0), (0, 1), (0, 2), (1, 1), (2, 2), (2, 3)):
+            inside = (closest >= s_lo) & (bd.min(axis=1) <= s_hi) & (bd <= s_hi).any(axis=1)
+            for k in (1, 10, len(cache) + 5):
+                ids, dist, found = cache.rank_probes(q, k, s_lo, s_hi)
+                assert found == int(inside.sum())
+                assert list(zip(ids.tolist(), dist.tolist())) == top(cache.image_ids[inside], d[inside], k)
+            if s_lo == s_hi:
+                assert cache.count(q, s_lo) == int((bd == s_lo).sum())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"{b}b-{m}x{w}" for b, m, w in LAYOUTS])
+def test_cached_exact_search_and_scan_equal_brute_force(layout: tuple[int, int, int]) -> None:
+    cache = make_cache(*layout)
+    for q in queries(cache):
+        d = distances(cache, q)
+        for k in (1, 10, 100, len(cache) + 5):
+            want = top(cache.image_ids, d, k)
+            got = hamming_search(q, cache.index, k, exact=True, probe_radius=0, cache=cache)
+            assert list(zip(got.image_ids.tolist(), got.distances.tolist())) == want
+            ids, dist = cache.scan(q, k)
+            assert list(zip(ids.tolist(), dist.tolist())) == want
+        approx = hamming_search(q, cache.index, 10, probe_radius=1, cache=cache)
+        assert len(approx.image_ids) == 10 and (d[np.searchsorted(cache.image_ids, approx.image_ids)] == approx.distances).all()
+
+
+def test_empty_and_tiny_caches() -> None:
+    empty = make_cache(64, 4, 16, n=0)
+    q = np.zeros(8, dtype=np.uint8)
+    assert hamming_search(q, empty.index, 5, cache=empty).image_ids.tolist() == []
+    assert empty.rank_probes(q, 5, 0, 1)[2] == 0 and empty.count(q, 0) == 0
+    tiny = make_cache(64, 4, 16, n=3)
+    got = hamming_search(q, tiny.index, 10, cache=tiny)
+    assert sorted(got.image_ids.tolist()) == tiny.image_ids.tolist()  # all three, even though k > n
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"{b}b-{m}x{w}" for b, m, w in LAYOUTS])
+def test_band_word_masks_measure_band_distances(layout: tuple[int, int, int]) -> None:
+    n_bits, m, w = layout
+    cache = make_cache(*layout, n=200)
+    q = cache.codes[7] ^ np.uint8(0x5A)
+    x = cache.words ^ as_words(q.reshape(1, -1))[0]
+    masks = band_word_masks(n_bits, m, w)
+    via_masks = np.stack([np.bitwise_count(x & masks[j]).sum(axis=1) for j in range(m)], axis=1)
+    assert (via_masks == band_distances(cache, q)).all()
