@@ -18,6 +18,8 @@ DEFAULT_DB = "imgstore.db"
 ENV_VAR = "IMGSTORE_DB"
 #: How long an SQLite connection waits for a lock before "database is locked" (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Bytes of the database file SQLite may map into memory for reads (address space, not RAM).
+SQLITE_MMAP_BYTES = 1 << 30
 #: Execution option that marks a connection's transactions as writes (see ``_sqlite_begin``).
 WRITE_OPTION = "imgstore_write"
 
@@ -70,6 +72,10 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-un
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Read pages through a memory map instead of read() calls into SQLite's small (2 MB)
+        # page cache: a radius-1 probe at 1M codes is 68 random B-tree seeks, and this took
+        # it from 1.03 to 0.63 ms (benchmarks/bench_search.py's SQLite figures use it).
+        cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     finally:
         cursor.close()
 

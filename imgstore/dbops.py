@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, LargeBinary, Table, and_, bindparam, cast, delete, select, tuple_, update
+from sqlalchemy import Connection, LargeBinary, Table, and_, bindparam, cast, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .hashing.bits import band_values
@@ -195,9 +195,13 @@ def _bucket_chunks(conn: Connection, hasher_id: int, keys: list[tuple[int, int]]
     """Existing chunk rows of the (band, value) keys: (band, value, chunk, n[, image_ids, codes])."""
     t = buckets_table.c
     cols = [t.band, t.value, t.chunk, t.n] + ([t.image_ids, t.codes] if full else [])
+    by_band: dict[int, list[int]] = {}
+    for band, value in keys:
+        by_band.setdefault(band, []).append(value)
     out: list[Any] = []
-    for part in chunks(keys, 500):
-        out += conn.execute(select(*cols).where(t.hasher_id == hasher_id, tuple_(t.band, t.value).in_(part))).all()
+    for band, values in by_band.items():  # one primary-key seek per value (a row-value IN is not)
+        for part in chunks(sorted(values), 500):
+            out += conn.execute(select(*cols).where(t.hasher_id == hasher_id, t.band == band, t.value.in_(part))).all()
     return out
 
 

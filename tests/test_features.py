@@ -77,10 +77,7 @@ def test_efficientnet_features_shape_dtype_determinism(effnet: Extractor, photos
 
 
 def test_bf16_features_close_to_fp32(effnet: Extractor, photos: list[Image.Image]) -> None:
-    from imgstore.features._torch import native_bf16
-
-    if not native_bf16():
-        pytest.skip("no native bf16 on this CPU")
+    # explicit bf16 runs on any CPU (emulated where there is no native bf16: slower, same numerics)
     bf = get_extractor("efficientnet-lite0", precision="bf16")
     a, b = effnet.extract(photos), bf.extract(photos)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
