@@ -22,7 +22,10 @@ path at probe radius 0 and 1 and exact, the cached path (same three), a full-tab
 query (a subset of queries), and faiss IndexBinaryFlat / IndexBinaryMultiHash(4 x 16, nflip 0
 and 1) on the same codes, one query per call, ``omp_set_num_threads(1)``. Exact results are
 compared with brute force (ids and distances, ties by image id) on every query. At the largest
-N, the SQL path at radius 1 is profiled stage by stage on each database.
+N, the SQL path at radius 1 is profiled stage by stage on each database, beside the query it
+replaced (one row per candidate through the ``codes`` table's covering band indexes) on the
+same probes, so the two are compared in one run. The cached path's kernels are compiled (or
+loaded from numba's disk cache) before timing starts.
 
     python benchmarks/bench_search.py                                   # 10k, 100k, 1M; both databases
     python benchmarks/bench_search.py --sizes 10000 --db sqlite         # quick run

@@ -22,7 +22,7 @@ from imgstore.migrate import alembic_config, current_revision, head_revision, pe
 from imgstore.models import MAX_BANDS, Base
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = {"images", "image_paths", "ingest_errors", "feature_spaces", "features", "hashers", "codes"}
+TABLES = {"images", "image_paths", "ingest_errors", "feature_spaces", "features", "hashers", "codes", "code_buckets"}
 
 
 def test_single_head() -> None:
@@ -167,3 +167,26 @@ def test_models_metadata_uses_naming_convention() -> None:
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
     assert inspect(engine).get_pk_constraint("images")["name"] in ("pk_images", None)
+
+
+def test_0003_fills_buckets_from_existing_codes(db_url: str) -> None:
+    """A database at 0002 with an index gets its band buckets built by the upgrade, and the
+    downgrade removes them again."""
+    import numpy as np
+
+    from imgstore.indexing import create_index
+
+    from .helpers import assert_buckets_match_codes
+    from .test_search import populate
+
+    vectors = np.random.default_rng(5).standard_normal((700, 16)).astype(np.float32)
+    with ImageStore(db_url) as store:
+        index_id = store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=3))
+        store.downgrade("0002")
+        assert "code_buckets" not in inspect(store.engine).get_table_names()
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM codes")).scalar_one() == 700
+        store.upgrade()
+        with store.engine.connect() as conn:
+            assert_buckets_match_codes(conn, index_id)
+        assert store.verify(check_files=False)["ok"]
