@@ -63,7 +63,7 @@ from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from imgstore import ImageStore  # noqa: E402
-from imgstore.dbops import get_or_create_space, insert_ignore, write_codes  # noqa: E402
+from imgstore.dbops import BucketTails, get_or_create_space, insert_ignore, write_codes  # noqa: E402
 from imgstore.hashing.bits import as_words, band_values  # noqa: E402
 from imgstore.hashing.methods import LSHHasher  # noqa: E402
 from imgstore.indexing import IndexInfo, list_indexes  # noqa: E402
@@ -191,8 +191,9 @@ def load_store(store: ImageStore, hasher: LSHHasher, codes: npt.NDArray[np.uint8
 
     hasher_id = store.transaction(hasher_row, what="store hasher")
     def load_codes(conn: Connection) -> None:
+        tails = BucketTails(complete=True)  # a new index, as in ``index create``
         for start in range(0, n, LOAD_BATCH):
-            write_codes(conn, hasher_id, ids[start : start + LOAD_BATCH], codes[start : start + LOAD_BATCH], N_BANDS, BAND_WIDTH)
+            write_codes(conn, hasher_id, ids[start : start + LOAD_BATCH], codes[start : start + LOAD_BATCH], N_BANDS, BAND_WIDTH, tails)
 
     t0 = time.perf_counter()
     store.transaction(load_codes, what="load codes")
