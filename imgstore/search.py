@@ -135,9 +135,11 @@ class SqlProbe:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        cursor = raw.cursor()
+        pg = conn.dialect.name == "postgresql"
+        # binary results: bytea arrives as raw bytes, not hex text (0.8 against 1.3 ms a radius-1 query)
+        cursor = raw.cursor(binary=True) if pg else raw.cursor()  # type: ignore[call-arg]
         try:
-            if conn.dialect.name == "postgresql":
+            if pg:
                 cursor.execute(sql, params, prepare=True)
             else:
                 cursor.execute(sql, params)
