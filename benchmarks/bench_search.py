@@ -10,7 +10,7 @@ imgstore ``LSHHasher(center=False)`` whose ``projection_`` is the benchmark proj
 
 Each (database, N) store is filled through the project's bulk path: a feature space row, image
 rows, a ``hashers`` row (lsh, 64 bits, 4 bands of 16) and codes with their band buckets via
-``dbops.write_codes`` in one write transaction. SQLite is a WAL file in a temporary folder;
+``dbops.write_codes`` + ``write_new_buckets`` (what ``index create`` does) in one write transaction. SQLite is a WAL file in a temporary folder;
 PostgreSQL a throwaway database ``imgstore_bench_<random>`` on ``--pg`` (dropped afterwards).
 On PostgreSQL ``VACUUM ANALYZE codes, code_buckets`` follows the load (what autovacuum does on a default
 server; this one runs with autovacuum off) unless ``--no-vacuum``.
@@ -63,7 +63,7 @@ from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from imgstore import ImageStore  # noqa: E402
-from imgstore.dbops import BucketTails, get_or_create_space, insert_ignore, write_codes  # noqa: E402
+from imgstore.dbops import get_or_create_space, insert_ignore, write_codes, write_new_buckets  # noqa: E402
 from imgstore.hashing.bits import as_words, band_values  # noqa: E402
 from imgstore.hashing.methods import LSHHasher  # noqa: E402
 from imgstore.indexing import IndexInfo, list_indexes  # noqa: E402
@@ -191,9 +191,10 @@ def load_store(store: ImageStore, hasher: LSHHasher, codes: npt.NDArray[np.uint8
 
     hasher_id = store.transaction(hasher_row, what="store hasher")
     def load_codes(conn: Connection) -> None:
-        tails = BucketTails(complete=True)  # a new index, as in ``index create``
+        new_codes: list[Any] = []  # a new index: buckets written once at the end, as in ``index create``
         for start in range(0, n, LOAD_BATCH):
-            write_codes(conn, hasher_id, ids[start : start + LOAD_BATCH], codes[start : start + LOAD_BATCH], N_BANDS, BAND_WIDTH, tails)
+            write_codes(conn, hasher_id, ids[start : start + LOAD_BATCH], codes[start : start + LOAD_BATCH], N_BANDS, BAND_WIDTH, defer=new_codes)
+        write_new_buckets(conn, hasher_id, new_codes, N_BANDS, BAND_WIDTH)
 
     t0 = time.perf_counter()
     store.transaction(load_codes, what="load codes")

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, delete, func, select, update
 
-from .dbops import BucketTails, bump_generation, iter_features, load_features, write_codes
+from .dbops import bump_generation, iter_features, load_features, write_codes, write_new_buckets
 from .errors import ConfigError, NotEnoughDataError, NotFoundError
 from .hashing import Hasher as HasherModel
 from .hashing import available_methods, hasher_from_bytes, make_hasher, min_samples
@@ -160,9 +160,10 @@ def create_index(
         ).scalar_one()
     )
     _HASHERS[hasher_id] = hasher
-    tails = BucketTails(complete=True)  # a new index: its buckets are only written here
+    new_codes: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
     for batch_ids, vectors in iter_features(conn, space_id, dim, batch=ENCODE_BATCH):
-        write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, tails)
+        write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes)
+    write_new_buckets(conn, hasher_id, new_codes, n_bands, band_width)  # a new index: each bucket row once
     if activate:
         activate_index(conn, hasher_id)
     log.info("index %d: %s %d bits, %d bands of %d bits, %d images", hasher_id, method, n_bits, n_bands, band_width, n_total)
