@@ -127,8 +127,19 @@ class SqlProbe:
             # analysed (right after a bulk load) gets a sequential scan per band (~80 ms a query)
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
 
-    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        """Unique image ids (ascending) whose band j is in ``probes[j]`` for some j, with codes."""
+    def rank(self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        """Top-k (ids, distances) of the codes the probes find, and how many distinct ones."""
+        from . import kernels
+
+        ids, codes = self.fetch(conn, probes, unique=False)
+        if len(ids) == 0:
+            return ids, np.zeros(0, dtype=np.int64), 0
+        top, dist, found = kernels.rank_candidates(ids, as_words(codes), as_words(query_code.reshape(1, -1))[0], k)
+        return top, dist, int(found)
+
+    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]], unique: bool = True) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        """Image ids whose band j is in ``probes[j]`` for some j, with codes: unique and
+        ascending, or (``unique=False``) as the buckets hold them, a code once per band that found it."""
         n_bytes = self.index.n_bits // 8
         sql, params = self.statement(conn.dialect.name, probes)
         if not sql:
@@ -150,6 +161,8 @@ class SqlProbe:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
         ids = np.frombuffer(b"".join([r[0] for r in rows]), dtype="<i8").astype(np.int64, copy=False)
         codes = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.uint8).reshape(len(ids), n_bytes)
+        if not unique:
+            return ids, codes
         ids, first = np.unique(ids, return_index=True)
         return ids, codes[first]
 
@@ -332,9 +345,7 @@ def hamming_search(
         else:
             skip = sum(math.comb(w, r) for r in range(s_lo))
             probes = list(flip_neighbours(bands, w, s_hi)[:, skip:])
-            new_ids, new_codes = sql.fetch(conn, probes)  # type: ignore[union-attr,arg-type]
-            found = len(new_ids)
-            new_ids, new_dist = rank(new_ids, new_codes, q, k)
+            new_ids, new_dist, found = sql.rank(conn, probes, q, k)  # type: ignore[union-attr,arg-type]
         ids, dist = _merge(ids, dist, new_ids, new_dist, k)
         n_seen += found
         if cache is not None and n_seen >= total:  # rounds are disjoint in the cache: all seen
