@@ -154,15 +154,6 @@ def bump_generation(conn: Connection, hasher_ids: Iterable[int]) -> None:
 # --- codes and their band buckets ------------------------------------------------------------
 
 
-class BucketTails(dict):  # type: ignore[type-arg]
-    """(band, value) -> (last chunk, its entries) of one index's buckets, as written so far.
-    ``complete=True``: a bucket not in the map does not exist yet (no look-ups needed)."""
-
-    def __init__(self, complete: bool = False) -> None:
-        super().__init__()
-        self.complete = complete
-
-
 def write_codes(
     conn: Connection, hasher_id: int, image_ids: npt.ArrayLike, codes: npt.NDArray[np.uint8], n_bands: int, band_width: int,
     defer: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] | None = None,
@@ -208,7 +199,7 @@ def write_codes(
     if defer is not None:
         defer.append((ids[keep], codes[keep]))
     else:
-        _append_to_buckets(conn, hasher_id, ids[keep], codes[keep], n_bands, band_width, BucketTails())
+        _append_to_buckets(conn, hasher_id, ids[keep], codes[keep], n_bands, band_width, new_index=False)
     return int(keep.sum())
 
 
@@ -221,7 +212,7 @@ def write_new_buckets(
         return
     ids = np.concatenate([d[0] for d in deferred])
     codes = np.concatenate([d[1] for d in deferred])
-    _append_to_buckets(conn, hasher_id, ids, codes, n_bands, band_width, BucketTails(complete=True))
+    _append_to_buckets(conn, hasher_id, ids, codes, n_bands, band_width, new_index=True)
 
 
 def _bucket_groups(ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> Iterator[tuple[int, int, npt.NDArray[np.intp]]]:
@@ -264,12 +255,15 @@ def _bucket_chunks(conn: Connection, hasher_id: int, keys: list[tuple[int, int]]
 
 
 def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int,
-                       band_width: int, tails: BucketTails) -> None:
+                       band_width: int, new_index: bool) -> None:
+    """Add entries to their buckets, filling each bucket's last chunk before starting another.
+    ``new_index``: the index has no buckets yet, so there are no last chunks to look up."""
     groups = list(_bucket_groups(ids, codes, n_bands, band_width))
-    unknown = [] if tails.complete else [(j, v) for j, v, _ in groups if (j, v) not in tails]
-    for band, value, chunk, n in _bucket_chunks(conn, hasher_id, unknown, full=False) if unknown else []:
-        if (band, value) not in tails or chunk > tails[(band, value)][0]:
-            tails[(band, value)] = (chunk, n)
+    tails: dict[tuple[int, int], tuple[int, int]] = {}  # (band, value) -> (last chunk, its entries)
+    if not new_index:
+        for band, value, chunk, n in _bucket_chunks(conn, hasher_id, [(j, v) for j, v, _ in groups], full=False):
+            if (band, value) not in tails or chunk > tails[(band, value)][0]:
+                tails[(band, value)] = (chunk, n)
     le_ids = ids.astype("<i8")
     rows: list[tuple[Any, ...]] = []  # (hasher_id, band, value, chunk, n, image_ids, codes)
     for j, v, sel in groups:
@@ -282,7 +276,6 @@ def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int
             rows.append((hasher_id, j, v, chunk, len(take), le_ids[take].tobytes(), codes[take].tobytes()))
             have += len(take)
             start += len(take)
-        tails[(j, v)] = (chunk, have)
     # Append when the chunk exists (another writer may have added to it since we looked: the
     # chunk can then exceed BUCKET_CHUNK a little, which only costs a longer row). Driver-level
     # executemany: SQLAlchemy's per-row parameter processing cost a third of a bulk load.

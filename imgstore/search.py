@@ -51,11 +51,12 @@ class Ranked:
     scanned: bool
 
 
-def probe_values(band: int, band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
-    """Band values at Hamming distance ``radius_from..radius_to`` from ``band``."""
+def probe_values(band: int | npt.NDArray[np.int64], band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
+    """Band values at Hamming distance ``radius_from..radius_to`` from ``band`` (a scalar gives
+    ``(n_values,)``; an array of ``m`` bands gives ``(m, n_values)``)."""
     values = flip_neighbours(band, band_width, radius_to)
     skip = sum(math.comb(band_width, r) for r in range(radius_from))
-    return values[skip:]
+    return values[..., skip:]
 
 
 def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -131,15 +132,15 @@ class SqlProbe:
         """Top-k (ids, distances) of the codes the probes find, and how many distinct ones."""
         from . import kernels
 
-        ids, codes = self.fetch(conn, probes, unique=False)
+        ids, codes = self.fetch(conn, probes)
         if len(ids) == 0:
             return ids, np.zeros(0, dtype=np.int64), 0
         top, dist, found = kernels.rank_candidates(ids, as_words(codes), as_words(query_code.reshape(1, -1))[0], k)
         return top, dist, int(found)
 
-    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]], unique: bool = True) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        """Image ids whose band j is in ``probes[j]`` for some j, with codes: unique and
-        ascending, or (``unique=False``) as the buckets hold them, a code once per band that found it."""
+    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        """Image ids whose band j is in ``probes[j]`` for some j, with codes, as the buckets
+        hold them: a code once per band that found it."""
         n_bytes = self.index.n_bits // 8
         sql, params = self.statement(conn.dialect.name, probes)
         if not sql:
@@ -161,10 +162,7 @@ class SqlProbe:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
         ids = np.frombuffer(b"".join([r[0] for r in rows]), dtype="<i8").astype(np.int64, copy=False)
         codes = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.uint8).reshape(len(ids), n_bytes)
-        if not unique:
-            return ids, codes
-        ids, first = np.unique(ids, return_index=True)
-        return ids, codes[first]
+        return ids, codes
 
 
 def scan_codes(conn: Connection, index: IndexInfo) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
@@ -343,8 +341,7 @@ def hamming_search(
         if cache is not None:
             new_ids, new_dist, found = cache.rank_probes(q, k, s_lo, s_hi)
         else:
-            skip = sum(math.comb(w, r) for r in range(s_lo))
-            probes = list(flip_neighbours(bands, w, s_hi)[:, skip:])
+            probes = list(probe_values(bands, w, s_lo, s_hi))  # type: ignore[arg-type]
             new_ids, new_dist, found = sql.rank(conn, probes, q, k)  # type: ignore[union-attr,arg-type]
         ids, dist = _merge(ids, dist, new_ids, new_dist, k)
         n_seen += found
