@@ -13,7 +13,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from imgstore.db import make_engine, resolve_url
+from imgstore.db import make_engine, migration_connection, resolve_url
 from imgstore.models import Base
 
 config = context.config
@@ -57,11 +57,10 @@ def run_migrations_online() -> None:
         return
     engine = make_engine(resolve_url(_url_text()))
     try:
-        with engine.connect() as conn:
+        with migration_connection(engine) as conn:  # foreign keys off on SQLite: batch mode rebuilds tables
             _configure(conn)
             with context.begin_transaction():
                 context.run_migrations()
-            conn.commit()
     finally:
         engine.dispose()
 

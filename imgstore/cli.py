@@ -175,20 +175,24 @@ def info(obj: Context, as_json: bool) -> None:
     with obj.store() as store:
         data = store.info()
     if as_json:
-        emit_json(data)
+        emit_json(data.as_dict())
         return
-    for key in ("database", "revision", "images", "paths", "features", "codes", "errors"):
-        click.echo(f"{key:<15} {data[key]}")
-    click.echo(f"{'size':<15} {data['database_bytes'] / 1e6:.1f} MB")
-    for space in data["feature_spaces"]:
-        click.echo(f"feature space {space['id']}: {space['extractor']} ({space['dim']}-d, preprocessing "
-                   f"{space['preprocess_version']}), {space['n_features']} images")
-    for ix in data["indexes"]:
-        click.echo(f"index {ix['id']}{' (active)' if ix['is_active'] else ''}: {ix['method']} {ix['n_bits']} bits, "
-                   f"{ix['n_codes']} codes")
-        for j, band in enumerate(ix["bands"]):
-            click.echo(f"  band {j}: {band['buckets']} buckets, largest {band['largest']}, "
-                       f"mean {band['mean']}, evenness {band['evenness']}")
+    counts = data.counts
+    for key, value in (("database", data.database), ("revision", data.revision), ("images", counts.images),
+                       ("paths", counts.paths), ("features", counts.features), ("codes", counts.codes),
+                       ("errors", counts.errors)):
+        click.echo(f"{key:<15} {value}")
+    click.echo(f"{'size':<15} {data.database_bytes / 1e6:.1f} MB")
+    for space in data.feature_spaces:
+        click.echo(f"feature space {space.id}: {space.extractor} ({space.dim}-d, preprocessing "
+                   f"{space.preprocess_version}), {space.n_features} images")
+    for summary in data.indexes:
+        ix = summary.index
+        click.echo(f"index {ix.id}{' (active)' if ix.is_active else ''}: {ix.method} {ix.n_bits} bits, "
+                   f"{ix.n_codes} codes, {ix.n_bands} bands of {ix.band_width} bits")
+        for j, band in enumerate(summary.bands):
+            click.echo(f"  band {j}: {band.buckets} buckets, largest {band.largest}, "
+                       f"mean {band.mean}, evenness {band.evenness}")
 
 
 @cli.command()
@@ -220,21 +224,21 @@ def verify(obj: Context, no_files: bool, as_json: bool) -> None:
     with obj.store() as store:
         report = store.verify(check_files=not no_files)
     if as_json:
-        emit_json(report)
+        emit_json(report.as_dict())
     else:
-        click.echo(f"images without features: {len(report['images_without_features'])}")
-        for hasher_id, ids in report["missing_codes"].items():
+        click.echo(f"images without features: {len(report.images_without_features)}")
+        for hasher_id, ids in report.missing_codes.items():
             click.echo(f"index {hasher_id}: {len(ids)} images without a code")
-        for hasher_id, b in report["bucket_mismatch"].items():
-            click.echo(f"index {hasher_id}: band buckets hold {b['found']} entries, {b['expected']} expected")
-        click.echo(f"dangling rows: {report['dangling_rows']}")
-        click.echo(f"vanished files: {len(report['vanished_files'])}, changed files: {len(report['changed_files'])}")
-        for path in report["vanished_files"][:20]:
+        for hasher_id, b in report.bucket_mismatch.items():
+            click.echo(f"index {hasher_id}: band buckets hold {b.found} entries, {b.expected} expected")
+        click.echo(f"dangling rows: {report.dangling_rows}")
+        click.echo(f"vanished files: {len(report.vanished_files)}, changed files: {len(report.changed_files)}")
+        for path in report.vanished_files[:20]:
             click.echo(f"  vanished: {path}")
-        for path in report["changed_files"][:20]:
+        for path in report.changed_files[:20]:
             click.echo(f"  changed:  {path}")
-        click.echo("ok" if report["ok"] else "INCONSISTENT")
-    if not report["ok"]:
+        click.echo("ok" if report.ok else "INCONSISTENT")
+    if not report.ok:
         raise SystemExit(1)
 
 
@@ -369,12 +373,12 @@ def errors(obj: Context, limit: int | None, as_json: bool) -> None:
     with obj.store() as store:
         rows = store.errors(limit)
     if as_json:
-        emit_json(rows)
+        emit_json([row.as_dict() for row in rows])
         return
     if not rows:
         click.echo("no ingest errors")
     for row in rows:
-        click.echo(f"{row['path']}\t{row['error_type']}\t{row['reason']}")
+        click.echo(f"{row.path}\t{row.error_type}\t{row.reason}")
 
 
 # --- indexes ------------------------------------------------------------------------------------
@@ -394,7 +398,7 @@ def index() -> None:
 @index.command("create")
 @click.option("--method", default="itq", show_default=True, help="Hashing method (lsh, itq, pca, ...).")
 @click.option("--bits", "n_bits", default=64, show_default=True, type=int, help="Code length: a multiple of 8, 16..256.")
-@click.option("--bands", "n_bands", default=None, type=click.IntRange(1, 8), help="Band columns to probe [default: about bits / log2(images)].")
+@click.option("--bands", "n_bands", default=None, type=click.IntRange(1, 64), help="Bands the code is cut into [default: about bits / log2(images)].")
 @click.option("--sample", default=None, type=click.IntRange(1), help="Fit on a random sample of this many images.")
 @click.option("--extractor", default=None, help="Feature space to index [default: the largest].")
 @click.option("--labels", default=None, help="Supervision: 'folder' or 'tag:KEY'.")
@@ -474,7 +478,7 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results per query.")
 @click.option("--exact", is_flag=True, help="Exact Hamming kNN (equal to a full scan).")
 @click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8), help="Bits flipped per band when probing.")
-@click.option("--rerank/--no-rerank", default=None, help="Re-rank by float features [default: per index kind].")
+@click.option("--rerank/--no-rerank", default=None, help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--montage", type=click.Path(dir_okay=False), default=None,
               help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
@@ -507,7 +511,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
         if montage:
             for n, (ref, q, res) in enumerate(zip(images, queries, results)):
                 target = montage if n == 0 else _numbered(montage, n + 1)
-                source = q if isinstance(q, str) else _first_path(store.image(q)["paths"])
+                source = q if isinstance(q, str) else next(iter(store.image(q).current_paths), None)
                 _result_sheet(ref, source, res, target)
                 click.echo(f"wrote {target}", err=True)
     if as_json:
@@ -532,10 +536,6 @@ def _numbered(path: str, n: int) -> str:
 def _short_name(path: str) -> str:
     """``folder/file.jpg``: enough to tell copies apart in a caption."""
     return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
-
-
-def _first_path(paths: list[Any]) -> str | None:
-    return (paths[0]["path"] if isinstance(paths[0], dict) else paths[0]) if paths else None
 
 
 def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> None:
@@ -568,7 +568,8 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
-    slightly cropped, colour-adjusted) are found through the band index, never all pairs.
+    slightly cropped, colour-adjusted). With an index, candidates come from its bands; without
+    one, every pair is compared (a large store gets a temporary in-memory index instead).
 
     \b
     Example:
@@ -583,40 +584,40 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
     if montage_dir:
         _dedup_sheets(groups, montage_dir)
     if fmt == "json":
-        emit_json(groups)
+        emit_json([g.as_dict() for g in groups])
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(["group", "kind", "keeper", "image_id", "distance", "cosine", "path"])
         for g, group in enumerate(groups, 1):
-            for m in group["members"]:
-                for path in m["paths"] or [""]:
-                    writer.writerow([g, group["kind"], m["image_id"] == group["keeper"], m["image_id"],
-                                     m["distance"], "" if m["cosine"] is None else f"{m['cosine']:.4f}", path])
+            for m in group.members:
+                for path in m.paths or [""]:
+                    writer.writerow([g, group.kind, m.image_id == group.keeper, m.image_id,
+                                     "" if m.distance is None else m.distance, "" if m.cosine is None else f"{m.cosine:.4f}", path])
     else:
         for g, group in enumerate(groups, 1):
-            click.echo(f"group {g} ({group['kind']}, {sum(len(m['paths']) for m in group['members'])} files):")
-            for m in group["members"]:
-                mark = "keep" if m["image_id"] == group["keeper"] else "    "
-                cos = "" if m["cosine"] is None else f" cos {m['cosine']:.3f}"
-                dist = "" if m["distance"] is None else f" d {m['distance']}"
-                for path in m["paths"] or ["(no file)"]:
-                    click.echo(f"  {mark} {m['image_id']:>6}{dist}{cos}  {path}")
+            click.echo(f"group {g} ({group.kind}, {sum(len(m.paths) for m in group.members)} files):")
+            for m in group.members:
+                mark = "keep" if m.image_id == group.keeper else "    "
+                cos = "" if m.cosine is None else f" cos {m.cosine:.3f}"
+                dist = "" if m.distance is None else f" d {m.distance}"
+                for path in m.paths or ["(no file)"]:
+                    click.echo(f"  {mark} {m.image_id:>6}{dist}{cos}  {path}")
         click.echo(f"{len(groups)} groups")
 
 
-def _dedup_sheets(groups: list[dict[str, Any]], folder: str) -> None:
+def _dedup_sheets(groups: list[Any], folder: str) -> None:
     from .montage import Tile, contact_sheet
 
     os.makedirs(folder, exist_ok=True)
     for g, group in enumerate(groups, 1):
         tiles = []
-        for m in group["members"]:
-            for path in m["paths"] or [None]:
-                keeper = m["image_id"] == group["keeper"]
-                score = f"d {m['distance']}" + ("" if m["cosine"] is None else f"  cos {m['cosine']:.3f}")
-                tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m['image_id']}", score,
+        for m in group.members:
+            for path in m.paths or [None]:
+                keeper = m.image_id == group.keeper
+                score = ("" if m.distance is None else f"d {m.distance}  ") + ("" if m.cosine is None else f"cos {m.cosine:.3f}")
+                tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m.image_id}", score.strip(),
                                          _short_name(path) if path else "(no file)"], highlight=keeper))
-        contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group['kind']} duplicates")
+        contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group.kind} duplicates")
     click.echo(f"wrote {len(groups)} contact sheets to {folder}", err=True)
 
 
@@ -630,7 +631,7 @@ def show(obj: Context, ref: str) -> None:
     Example: imgstore show 42
     """
     with obj.store() as store:
-        emit_json(store.image(int(ref) if ref.isdigit() else ref))
+        emit_json(store.image(int(ref) if ref.isdigit() and not os.path.exists(ref) else ref).as_dict())
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

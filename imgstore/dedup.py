@@ -1,27 +1,48 @@
-"""Near-duplicate groups through the band index, with memory that grows linearly.
+"""Duplicate groups, end to end: exact copies, near copies from a pair source, a keeper each.
 
-For each stored code (in chunks) the band index is probed at radius 1, exactly as a query
-would: that finds every code within Hamming distance ``2 * n_bands - 1`` and most a little
-farther. Pairs within ``max_distance`` are then checked against the float features
-(``min_cosine``), and accepted pairs are joined into connected components with a union-find.
-No all-pairs matrix is ever built: work and memory are proportional to the number of codes plus
-the candidates of one chunk.
+Near copies come from one of two pair sources, and the same acceptance rule decides them:
+
+* :class:`IndexPairs`: each stored code (in chunks) probes the band index at radius 1, exactly
+  as a query would; that finds every code within Hamming distance ``2 * n_bands - 1`` and most
+  a little farther, kept when within ``max_distance``. Pixel-layout signatures are hashed and
+  probed the same way, so copies whose CNN codes drifted apart are still candidates. Work and
+  memory grow linearly: no all-pairs matrix is built.
+* :class:`AllPairs`: every pair, in row chunks of a cosine matrix, for a store without an index.
+  It accepts every pair the index path can accept (the rule alone decides, with no Hamming
+  limit), and more. It is quadratic, so above :data:`ALL_PAIRS_MAX` images the flow builds a
+  temporary in-memory index instead (ITQ, fitted on a sample, nothing stored).
+
+A candidate pair is accepted when its float features have cosine >= ``min_cosine``, or when
+they agree loosely (cosine >= :data:`SIGNATURE_COSINE_FLOOR`) and its pixel-layout signatures
+(flip-aware, :mod:`imgstore.signature`) have similarity >= ``min_signature``. Accepted pairs are
+joined into connected components with a union-find.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+from sqlalchemy import Connection, func, select
 
-from .hashing.bits import band_values, flip_neighbours
-from .search import CodeCache
+from .errors import ConfigError
+from .hashing.bits import band_values, default_n_bands, flip_neighbours
+from .indexing import IndexInfo, find_index, list_indexes
+from .models import Image, ImagePath
+from .search import CodeCache, current_paths
+from .sqlhelpers import IN_CHUNK, chunks
+from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
 
-#: Pairs whose float features are less similar than this are not duplicates. Measured on the
-#: copy-detection set (benchmarks/bench_dedup.py): resized, recompressed and slightly cropped
-#: copies of a photo stay well above it with CNN features, different photos of one kind stay below.
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StoreContext
+
+#: Pairs whose float features are less similar than this are not duplicates. Chosen on the
+#: copy-detection set (benchmarks/results/dedup.md): resized, recompressed and slightly cropped
+#: copies of a photo stay above it with CNN features, different photos of one kind below.
 DEFAULT_MIN_COSINE = 0.90
 #: ... or, for pairs whose float features agree at least SIGNATURE_COSINE_FLOOR, pixel-layout
 #: signatures (imgstore.signature, flip-aware) at least this similar: degraded copies (half size,
@@ -30,15 +51,68 @@ DEFAULT_MIN_SIGNATURE = 0.95
 SIGNATURE_COSINE_FLOOR = 0.30
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
+#: Codes probed per chunk by IndexPairs; rows of the cosine matrix per chunk in AllPairs.
 CHUNK = 2048
+ALL_PAIRS_ROWS = 512
+#: Without an index, up to this many images are compared all pairs; above it a temporary
+#: in-memory index finds the candidates (benchmarks/results/dedup.md times both).
+ALL_PAIRS_MAX = 12_000
+#: The temporary index is fitted on at most this many vectors.
+TEMPORARY_INDEX_SAMPLE = 20_000
 
 
 @dataclass(frozen=True)
 class Edge:
     a: int  # image ids, a < b
     b: int
-    distance: int
+    distance: int | None  # Hamming distance in the index used (None: all pairs, no index)
     cosine: float | None
+
+
+@dataclass(frozen=True)
+class DuplicateMember:
+    image_id: int
+    paths: list[str]
+    width: int
+    height: int
+    distance: int | None  # to the keeper (0 for the keeper); None when unknown
+    cosine: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """``kind``: ``"exact"`` (one content at several paths) or ``"near"`` (several images)."""
+
+    kind: str
+    keeper: int
+    members: list[DuplicateMember]
+
+    @property
+    def n_files(self) -> int:
+        return sum(len(m.paths) or 1 for m in self.members)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "keeper": self.keeper, "members": [m.as_dict() for m in self.members]}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a candidate pair is a duplicate. ``min_cosine`` None: the codes alone decide;
+    ``min_signature`` None: signatures are not used."""
+
+    min_cosine: float | None
+    min_signature: float | None
+
+    def accept(self, cos: npt.NDArray[np.float32], layout: npt.NDArray[np.float32] | None) -> npt.NDArray[np.bool_]:
+        if self.min_cosine is None:
+            return np.ones(cos.shape, dtype=bool)
+        ok = cos >= self.min_cosine
+        if layout is not None and self.min_signature is not None:
+            ok |= (cos >= SIGNATURE_COSINE_FLOOR) & (layout >= self.min_signature)
+        return ok
 
 
 class UnionFind:
@@ -79,74 +153,105 @@ def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32])
     return np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)).astype(np.float32)
 
 
-def near_duplicate_edges(
-    cache: CodeCache,
-    load_vectors: Callable[[list[int]], dict[int, npt.NDArray[np.float32]]] | None,
-    *,
-    max_distance: int,
-    min_cosine: float | None,
-    probe_radius: int = 1,
-    load_signatures: Callable[[list[int]], dict[int, npt.NDArray[np.float32]]] | None = None,
-    min_signature: float | None = DEFAULT_MIN_SIGNATURE,
-) -> list[Edge]:
-    """Accepted duplicate pairs among the cached codes (each pair once, a < b).
+def _unit(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
-    A candidate pair (within ``max_distance`` bits) is accepted when its float features have
-    cosine >= ``min_cosine``, or when they have cosine >= SIGNATURE_COSINE_FLOOR and its
-    pixel-layout signatures have similarity >= ``min_signature``.
-    """
-    n = len(cache)
-    index = cache.index
-    if n < 2:
-        return []
-    bands = band_values(cache.codes, index.n_bands, index.band_width)
-    edges: list[Edge] = []
-    for start in range(0, n, CHUNK):
-        stop = min(n, start + CHUNK)
-        pairs_a: list[npt.NDArray[np.intp]] = []
-        pairs_b: list[npt.NDArray[np.intp]] = []
-        for row in range(start, stop):
-            probes = [flip_neighbours(int(bands[row, j]), index.band_width, probe_radius) for j in range(index.n_bands)]
-            cand = cache.probe(probes)
-            cand = cand[cand > row]  # each pair once
-            if len(cand) == 0:
-                continue
-            dist = np.bitwise_count(cache.words[cand] ^ cache.words[row]).sum(axis=1)
-            keep = cand[dist <= max_distance]
-            if len(keep):
-                pairs_a.append(np.full(len(keep), row, dtype=np.intp))
-                pairs_b.append(keep)
-        if not pairs_a:
-            continue
-        a = np.concatenate(pairs_a)
-        b = np.concatenate(pairs_b)
+
+VectorLoader = Callable[[list[int]], dict[int, npt.NDArray[np.float32]]]
+
+
+@dataclass
+class IndexPairs:
+    """Candidate pairs from an index's codes in memory, probed band by band."""
+
+    cache: CodeCache
+    max_distance: int
+    probe_radius: int = 1
+
+    def edges(self, rule: Rule, load_vectors: VectorLoader, load_signatures: VectorLoader | None) -> list[Edge]:
+        cache, index = self.cache, self.cache.index
+        n = len(cache)
+        if n < 2:
+            return []
+        bands = band_values(cache.codes, index.n_bands, index.band_width)
+        edges: list[Edge] = []
+        for start in range(0, n, CHUNK):
+            pairs_a: list[npt.NDArray[np.intp]] = []
+            pairs_b: list[npt.NDArray[np.intp]] = []
+            for row in range(start, min(n, start + CHUNK)):
+                probes = [flip_neighbours(int(bands[row, j]), index.band_width, self.probe_radius) for j in range(index.n_bands)]
+                cand = cache.probe(probes)
+                cand = cand[cand > row]  # each pair once
+                if len(cand) == 0:
+                    continue
+                dist = np.bitwise_count(cache.words[cand] ^ cache.words[row]).sum(axis=1)
+                keep = cand[dist <= self.max_distance]
+                if len(keep):
+                    pairs_a.append(np.full(len(keep), row, dtype=np.intp))
+                    pairs_b.append(keep)
+            if pairs_a:
+                edges += self._accepted(np.concatenate(pairs_a), np.concatenate(pairs_b), rule, load_vectors, load_signatures)
+        return edges
+
+    def _accepted(self, a: npt.NDArray[np.intp], b: npt.NDArray[np.intp], rule: Rule, load_vectors: VectorLoader,
+                  load_signatures: VectorLoader | None) -> list[Edge]:
+        cache = self.cache
         dist = np.bitwise_count(cache.words[a] ^ cache.words[b]).sum(axis=1)
         ids_a, ids_b = cache.image_ids[a], cache.image_ids[b]
-        cos: npt.NDArray[np.float32] | None = None
-        if min_cosine is not None and load_vectors is not None:
-            wanted = np.unique(np.concatenate([ids_a, ids_b]))
-            vectors = load_vectors(wanted.tolist())
-            dim = len(next(iter(vectors.values()))) if vectors else 1
-            matrix = np.zeros((len(wanted), dim), dtype=np.float32)
-            for i, image_id in enumerate(wanted.tolist()):
-                if image_id in vectors:
-                    v = vectors[image_id]
-                    matrix[i] = v / max(float(np.linalg.norm(v)), 1e-12)
-            ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
-            cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
-            ok = cos >= min_cosine
-            if load_signatures is not None and min_signature is not None:
-                sigs = load_signatures(wanted.tolist())
-                sig = np.zeros((len(wanted), len(_flip_signs())), dtype=np.float32)
-                for i, image_id in enumerate(wanted.tolist()):
-                    if image_id in sigs:
-                        sig[i] = sigs[image_id]
-                layout = signature_similarity(sig[ra], sig[rb])
-                ok |= (cos >= SIGNATURE_COSINE_FLOOR) & (layout >= min_signature)
-            ids_a, ids_b, dist, cos = ids_a[ok], ids_b[ok], dist[ok], cos[ok]
-        for i in range(len(ids_a)):
-            edges.append(Edge(int(ids_a[i]), int(ids_b[i]), int(dist[i]), None if cos is None else float(cos[i])))
-    return edges
+        if rule.min_cosine is None:
+            return [Edge(int(x), int(y), int(d), None) for x, y, d in zip(ids_a, ids_b, dist)]
+        wanted = np.unique(np.concatenate([ids_a, ids_b]))
+        ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
+        matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
+        cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
+        layout = None
+        if load_signatures is not None and rule.min_signature is not None:
+            sig = _stack(load_signatures(wanted.tolist()), wanted, len(_flip_signs()))
+            layout = signature_similarity(sig[ra], sig[rb])
+        ok = rule.accept(cos, layout)
+        return [Edge(int(x), int(y), int(d), float(c)) for x, y, d, c in zip(ids_a[ok], ids_b[ok], dist[ok], cos[ok])]
+
+
+def _stack(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64], dim: int | None = None) -> npt.NDArray[np.float32]:
+    """Rows of ``by_id`` in the order of ``ids`` (zeros where missing)."""
+    if dim is None:
+        dim = len(next(iter(by_id.values()))) if by_id else 1
+    out = np.zeros((len(ids), dim), dtype=np.float32)
+    for i, image_id in enumerate(ids.tolist()):
+        if image_id in by_id:
+            out[i] = by_id[image_id]
+    return out
+
+
+@dataclass
+class AllPairs:
+    """Every pair of stored vectors, by row chunks of the cosine matrix (no index needed)."""
+
+    image_ids: npt.NDArray[np.int64]  # (n,) ascending
+    vectors: npt.NDArray[np.float32]  # (n, dim)
+    signatures: npt.NDArray[np.float32] | None = None  # (n, 63), zeros where missing
+
+    def edges(self, rule: Rule) -> list[Edge]:
+        if rule.min_cosine is None:
+            raise ConfigError("--min-cosine 0 lets the codes alone decide, and this store has no index; "
+                              "build one with `imgstore index create` or give a cosine threshold")
+        n = len(self.image_ids)
+        unit = _unit(self.vectors)
+        sig = self.signatures if rule.min_signature is not None else None
+        sig_flip = sig * _flip_signs() if sig is not None else None
+        edges: list[Edge] = []
+        for start in range(0, n, ALL_PAIRS_ROWS):
+            stop = min(n, start + ALL_PAIRS_ROWS)
+            cos = unit[start:stop] @ unit[start:].T  # (rows, n - start): pairs (i, j >= start)
+            layout = None
+            if sig is not None and sig_flip is not None:
+                layout = np.maximum(sig[start:stop] @ sig[start:].T, sig[start:stop] @ sig_flip[start:].T)
+            ok = rule.accept(cos, layout)
+            ok &= np.arange(start, n)[None, :] > np.arange(start, stop)[:, None]  # each pair once, j > i
+            rows, cols = np.nonzero(ok)
+            for r, c in zip(rows.tolist(), cols.tolist()):
+                edges.append(Edge(int(self.image_ids[start + r]), int(self.image_ids[start + c]), None, float(cos[r, c])))
+        return edges
 
 
 #: Signatures are also hashed (random hyperplanes, fixed seed) into short codes probed like an
@@ -168,16 +273,184 @@ def signature_codes(signatures: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8
 
 def signature_cache(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8]) -> CodeCache:
     """A CodeCache over signature codes (ids ascending), probed like an index."""
-    from datetime import datetime, timezone
+    return CodeCache(_memory_index("signature", SIGNATURE_BITS, SIGNATURE_BANDS, len(image_ids)), 0, image_ids, codes)
 
-    from .indexing import IndexInfo
 
-    info = IndexInfo(
-        id=-1, method="signature", n_bits=SIGNATURE_BITS, n_bands=SIGNATURE_BANDS,
-        band_width=SIGNATURE_BITS // SIGNATURE_BANDS, extractor="signature", space_id=-1, is_active=False,
-        n_codes=len(image_ids), n_fitted=0, generation=0, created_at=datetime.now(timezone.utc), config={},
+def _memory_index(method: str, n_bits: int, n_bands: int, n: int, space_id: int = -1) -> IndexInfo:
+    """The description of an index that lives only in this process's memory."""
+    return IndexInfo(
+        id=-1, uid=f"memory-{method}", method=method, n_bits=n_bits, n_bands=n_bands, band_width=n_bits // n_bands,
+        extractor=method, space_id=space_id, is_active=False, n_codes=n, n_fitted=0, generation=0,
+        created_at=datetime.now(timezone.utc), config={},
     )
-    return CodeCache(info, 0, image_ids, codes)
+
+
+def temporary_index(conn: Connection, space: SpaceInfo, n_bits: int = 64) -> CodeCache:
+    """An ITQ index over every vector of ``space``, fitted on a sample and held in memory only."""
+    from .hashing import make_hasher
+
+    ids_all = np.array(
+        [i for part, _ in iter_features(conn, space.id, space.dim) for i in part.tolist()], dtype=np.int64
+    )
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(ids_all, size=min(len(ids_all), TEMPORARY_INDEX_SAMPLE), replace=False))
+    _, x = load_features(conn, space.id, space.dim, sample.tolist())
+    hasher = make_hasher("itq", n_bits=n_bits, random_state=0).fit(x)
+    ids_out, codes_out = [], []
+    for ids, vectors in iter_features(conn, space.id, space.dim):
+        ids_out.append(ids)
+        codes_out.append(hasher.encode(vectors))
+    info = _memory_index("itq", n_bits, default_n_bands(n_bits, len(ids_all)), len(ids_all), space.id)
+    return CodeCache(info, 0, np.concatenate(ids_out), np.concatenate(codes_out))
+
+
+def _signatures(conn: Connection, ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
+    from .signature import from_bytes
+
+    out: dict[int, npt.NDArray[np.float32]] = {}
+    for part in chunks(ids, IN_CHUNK):
+        for image_id, blob in conn.execute(select(Image.id, Image.signature).where(Image.id.in_(part))):
+            sig = from_bytes(blob)
+            if sig is not None:
+                out[int(image_id)] = sig
+    return out
+
+
+def _signature_codes(conn: Connection) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    """Every stored image's signature hashed to a 32-bit code, read in chunks (bounded memory)."""
+    from .signature import from_bytes
+
+    ids_out: list[npt.NDArray[np.int64]] = []
+    codes_out: list[npt.NDArray[np.uint8]] = []
+    last = -1
+    while True:
+        rows = conn.execute(
+            select(Image.id, Image.signature).where(Image.id > last, Image.signature.is_not(None))
+            .order_by(Image.id).limit(50_000)
+        ).all()
+        if not rows:
+            break
+        last = int(rows[-1][0])
+        sigs = [(int(i), from_bytes(b)) for i, b in rows]
+        sigs = [(i, v) for i, v in sigs if v is not None and v.any()]
+        if sigs:
+            ids_out.append(np.array([i for i, _ in sigs], dtype=np.int64))
+            codes_out.append(signature_codes(np.stack([v for _, v in sigs])))
+    if not ids_out:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.uint8)
+    return np.concatenate(ids_out), np.concatenate(codes_out)
+
+
+def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
+    """Edges found through signatures, restricted to images in the index and given the index's
+    Hamming distance (what every other edge reports)."""
+    if not edges:
+        return []
+    ids = cache.image_ids
+    a = np.array([e.a for e in edges], dtype=np.int64)
+    b = np.array([e.b for e in edges], dtype=np.int64)
+    pa, pb = np.searchsorted(ids, a), np.searchsorted(ids, b)
+    pa_ok, pb_ok = np.minimum(pa, len(ids) - 1), np.minimum(pb, len(ids) - 1)
+    inside = (pa < len(ids)) & (pb < len(ids)) & (ids[pa_ok] == a) & (ids[pb_ok] == b)
+    dist = np.bitwise_count(cache.words[pa_ok] ^ cache.words[pb_ok]).sum(axis=1)
+    return [replace(e, distance=int(d)) for e, d, ok in zip(edges, dist, inside) if ok]
+
+
+def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
+               probe_radius: int = 1) -> list[Edge]:
+    """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
+    def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
+        got_ids, vecs = load_features(conn, space.id, space.dim, ids)
+        return dict(zip(got_ids.tolist(), vecs))
+
+    signatures = (lambda ids: _signatures(conn, ids)) if rule.min_cosine is not None else None
+    edges = IndexPairs(cache, max_distance, probe_radius).edges(rule, vectors, signatures)
+    if rule.min_cosine is not None and rule.min_signature is not None:
+        sig_ids, sig_codes = _signature_codes(conn)
+        if len(sig_ids) > 1:
+            only_layout = Rule(min_cosine=2.0, min_signature=rule.min_signature)  # only the signature rule
+            sig_edges = IndexPairs(signature_cache(sig_ids, sig_codes), SIGNATURE_MAX_DISTANCE).edges(
+                only_layout, vectors, signatures)
+            edges += _with_index_distance(sig_edges, cache)
+    return edges
+
+
+def find_duplicates(
+    ctx: StoreContext,
+    *,
+    max_distance: int | None = None,
+    min_cosine: float | None = None,
+    min_signature: float | None = None,
+    index_id: int | None = None,
+    probe_radius: int = 1,
+) -> list[DuplicateGroup]:
+    """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``)."""
+    min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
+    min_s = DEFAULT_MIN_SIGNATURE if min_signature is None else min_signature
+    rule = Rule(min_cosine=min_c if min_c > 0 else None, min_signature=min_s if min_s > 0 else None)
+    with ctx.read("find duplicates") as conn:
+        multi = conn.execute(
+            select(ImagePath.image_id).where(ImagePath.is_current.is_(True))
+            .group_by(ImagePath.image_id).having(func.count() > 1)
+        ).scalars().all()
+        index = find_index(list_indexes(conn, with_counts=False), index_id)
+        edges: list[Edge] = []
+        ids: list[int] = []
+        if index is not None:
+            cache = ctx.code_cache(conn, index)
+            max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
+            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius)
+            ids = cache.image_ids.tolist()
+        else:
+            spaces = [s for s in list_spaces(conn) if s.n_features > 1]
+            if spaces:
+                space = max(spaces, key=lambda s: (s.n_features, -s.id))
+                if space.n_features <= ALL_PAIRS_MAX:
+                    got, vectors = load_features(conn, space.id, space.dim)
+                    sigs = _stack(_signatures(conn, got.tolist()), got, len(_flip_signs()))
+                    edges = AllPairs(got, vectors, sigs).edges(rule)
+                    ids = got.tolist()
+                else:
+                    cache = temporary_index(conn, space)
+                    max_d = default_max_distance(cache.index.n_bits) if max_distance is None else max_distance
+                    edges = near_edges(conn, cache, space, rule, max_d, probe_radius)
+                    ids = cache.image_ids.tolist()
+        near = components(ids, edges)
+        return _groups(conn, multi, near, edges)
+
+
+def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge]) -> list[DuplicateGroup]:
+    """Exact-copy and near-copy groups with members, keepers and their distances to the keeper."""
+    info_ids = sorted(set(multi) | {i for g in near for i in g})
+    sizes: dict[int, Any] = {}
+    for part in chunks(info_ids, IN_CHUNK):
+        for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size).where(Image.id.in_(part))):
+            sizes[int(r.id)] = r
+    paths = current_paths(conn, info_ids)
+    pair: dict[tuple[int, int], Edge] = {}
+    for e in edges:  # CNN-code edges first: their distance is the index's Hamming distance
+        pair.setdefault((e.a, e.b), e)
+    in_near = {i for g in near for i in g}
+    groups: list[DuplicateGroup] = []
+    for image_id in sorted(int(i) for i in multi):
+        if image_id in in_near:
+            continue
+        r = sizes[image_id]
+        groups.append(DuplicateGroup("exact", image_id, [
+            DuplicateMember(image_id, paths[image_id], r.width, r.height, 0, 1.0)]))
+    for g in near:
+        keeper = max(g, key=lambda i: (sizes[i].width * sizes[i].height, sizes[i].byte_size, -i))
+        members = []
+        for i in g:
+            e = pair.get((min(i, keeper), max(i, keeper)))
+            members.append(DuplicateMember(
+                i, paths[i], sizes[i].width, sizes[i].height,
+                0 if i == keeper else (e.distance if e else None),
+                1.0 if i == keeper else (e.cosine if e else None),
+            ))
+        groups.append(DuplicateGroup("near", keeper, members))
+    groups.sort(key=lambda g: (-g.n_files, g.keeper))
+    return groups
 
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:

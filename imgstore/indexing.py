@@ -1,27 +1,33 @@
-"""Indexes: fit a hasher on a feature space, store its parameters, encode and store codes.
+"""Indexes: fit a hasher on a feature space, store its parameters, encode and store codes;
+labels for supervised methods; the policy that builds the default index automatically.
 
-The fitted parameters live in ``hashers.params`` so every process encodes the same way; a
-process keeps decoded hashers in a small cache keyed by id (parameters never change in place:
-a refit is a new index).
+The fitted parameters live in ``hashers.params`` so every process encodes the same way; each
+store keeps decoded hashers in its own context, keyed by the index's ``uid`` (parameters never
+change in place: a refit is a new index with a new uid).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, delete, func, select, update
 
-from .dbops import bump_generation, iter_features, load_features, write_codes, write_new_buckets
+from .bandindex import mark_changed, write_codes, write_new_buckets
 from .errors import ConfigError, NotEnoughDataError, NotFoundError
-from .hashing import Hasher as HasherModel
-from .hashing import available_methods, hasher_from_bytes, make_hasher, min_samples
+from .hashing import available_methods, make_hasher, min_samples
 from .hashing.bits import band_layout, default_n_bands
-from .models import Code, CodeBucket, Feature, FeatureSpace, Hasher
+from .models import Code, CodeBucket, Feature, FeatureSpace, HashIndex, Image, ImagePath
+from .vectors import iter_features, load_features
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StoreContext
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +39,18 @@ DEFAULT_SAMPLE = 100_000
 #: Methods that ignore labels, and those that learn from them.
 UNSUPERVISED = ("lsh", "pca", "itq")
 SUPERVISED = ("centres", "deep")
+#: A store with no index gets one built automatically once a feature space has this many images.
+AUTO_INDEX_MIN_IMAGES = 256
+#: ... and rebuilt when the space has grown this many times past what the auto index was fitted on.
+AUTO_INDEX_REFIT_GROWTH = 10
 
 
 @dataclass(frozen=True)
 class IndexInfo:
+    """An index as listed: its layout, space, state and size (not its fitted parameters)."""
+
     id: int
+    uid: str
     method: str
     n_bits: int
     n_bands: int
@@ -53,24 +66,6 @@ class IndexInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-_HASHERS: dict[int, HasherModel] = {}
-
-
-def load_hasher(conn: Connection, hasher_id: int) -> HasherModel:
-    """The fitted hasher of an index, decoded once per process."""
-    cached = _HASHERS.get(hasher_id)
-    if cached is None:
-        blob = conn.scalar(select(Hasher.params).where(Hasher.id == hasher_id))
-        if blob is None:
-            raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
-        cached = _HASHERS[hasher_id] = hasher_from_bytes(blob)
-    return cached
-
-
-def forget_hasher(hasher_id: int) -> None:
-    _HASHERS.pop(hasher_id, None)
 
 
 def create_index(
@@ -91,7 +86,7 @@ def create_index(
 
     Runs inside the caller's transaction, so a process killed midway leaves no half index.
     ``fallback``: with too few vectors for ``method``, build an LSH index instead of failing.
-    ``labels``: image id -> label, for supervised methods. Returns the new index id.
+    ``labels``: image id -> label, for supervised methods. Returns the new index's id.
     """
     if method not in available_methods():
         raise ConfigError(f"unknown index method {method!r}; choose one of {', '.join(available_methods())}")
@@ -139,11 +134,13 @@ def create_index(
     if n_bands is None:
         n_bands = default_n_bands(n_bits, max(n_total, 2))
     band_width = band_layout(n_bits, n_bands)
-    table = Hasher.__table__
+    table = HashIndex.__table__
+    uid = uuid.uuid4().hex
     hasher_id = int(
         conn.execute(
             table.insert()
             .values(
+                uid=uid,
                 space_id=space_id,
                 method=method,
                 n_bits=n_bits,
@@ -159,7 +156,6 @@ def create_index(
             .returning(table.c.id)
         ).scalar_one()
     )
-    _HASHERS[hasher_id] = hasher
     new_codes: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
     for batch_ids, vectors in iter_features(conn, space_id, dim, batch=ENCODE_BATCH):
         write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes)
@@ -170,55 +166,115 @@ def create_index(
     return hasher_id
 
 
-def encode_images(conn: Connection, space_id: int, image_ids: npt.ArrayLike, vectors: npt.NDArray[np.float32]) -> None:
-    """Store codes of new vectors in every index of their feature space."""
+def encode_images(ctx: StoreContext, conn: Connection, space_id: int, image_ids: npt.ArrayLike, vectors: npt.NDArray[np.float32]) -> None:
+    """Store codes of new vectors in every index of their feature space (hashers from the
+    store's cache, checked against each index's uid)."""
     if len(vectors) == 0:
         return
-    rows = conn.execute(
-        select(Hasher.id, Hasher.n_bands, Hasher.band_width).where(Hasher.space_id == space_id)
-    ).all()
-    for hasher_id, n_bands, band_width in rows:
-        hasher = load_hasher(conn, hasher_id)
-        write_codes(conn, hasher_id, image_ids, hasher.encode(vectors), n_bands, band_width)
-    bump_generation(conn, [r[0] for r in rows])
+    indexes = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
+    for index in indexes:
+        hasher = ctx.hasher(conn, index)
+        write_codes(conn, index.id, image_ids, hasher.encode(vectors), index.n_bands, index.band_width)
+    mark_changed(conn, [i.id for i in indexes])
 
 
 def activate_index(conn: Connection, hasher_id: int) -> None:
     """Make one index the one queries use (one active index per store)."""
-    if conn.scalar(select(Hasher.id).where(Hasher.id == hasher_id)) is None:
+    if conn.scalar(select(HashIndex.id).where(HashIndex.id == hasher_id)) is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
-    conn.execute(update(Hasher).where(Hasher.id != hasher_id, Hasher.is_active.is_(True)).values(is_active=False))
-    conn.execute(update(Hasher).where(Hasher.id == hasher_id).values(is_active=True))
+    conn.execute(update(HashIndex).where(HashIndex.id != hasher_id, HashIndex.is_active.is_(True)).values(is_active=False))
+    conn.execute(update(HashIndex).where(HashIndex.id == hasher_id).values(is_active=True))
 
 
 def drop_index(conn: Connection, hasher_id: int) -> None:
-    if conn.scalar(select(Hasher.id).where(Hasher.id == hasher_id)) is None:
+    if conn.scalar(select(HashIndex.id).where(HashIndex.id == hasher_id)) is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
     # codes and buckets first: SQLite only cascades when foreign keys are on, and we do not rely on that here
     conn.execute(delete(CodeBucket).where(CodeBucket.hasher_id == hasher_id))
     conn.execute(delete(Code).where(Code.hasher_id == hasher_id))
-    conn.execute(delete(Hasher).where(Hasher.id == hasher_id))
-    forget_hasher(hasher_id)
+    conn.execute(delete(HashIndex).where(HashIndex.id == hasher_id))
 
 
-def list_indexes(conn: Connection) -> list[IndexInfo]:
-    counts = dict(
-        conn.execute(select(Code.hasher_id, func.count()).group_by(Code.hasher_id)).all()
-    )
+def list_indexes(conn: Connection, *, with_counts: bool = True) -> list[IndexInfo]:
+    """Every index, by id (without its parameters). ``with_counts=False`` skips counting codes
+    (``n_codes`` is then -1), for callers that only need the layout."""
+    counts = dict(conn.execute(select(Code.hasher_id, func.count()).group_by(Code.hasher_id)).all()) if with_counts else {}
+    h = HashIndex
     rows = conn.execute(
-        select(Hasher.__table__, FeatureSpace.extractor)
-        .join(FeatureSpace, FeatureSpace.id == Hasher.space_id)
-        .order_by(Hasher.id)
-    ).mappings().all()
+        select(h.id, h.uid, h.method, h.n_bits, h.n_bands, h.band_width, h.space_id, h.is_active, h.n_fitted,
+               h.generation, h.created_at, h.config, FeatureSpace.extractor)
+        .join(FeatureSpace, FeatureSpace.id == h.space_id)
+        .order_by(h.id)
+    ).all()
     return [
         IndexInfo(
-            id=r["id"], method=r["method"], n_bits=r["n_bits"], n_bands=r["n_bands"],
-            band_width=r["band_width"], extractor=r["extractor"], space_id=r["space_id"],
-            is_active=bool(r["is_active"]), n_codes=int(counts.get(r["id"], 0)),
-            n_fitted=r["n_fitted"], generation=int(r["generation"]), created_at=r["created_at"],
-            config=dict(r["config"] or {}),
+            id=r.id, uid=r.uid, method=r.method, n_bits=r.n_bits, n_bands=r.n_bands,
+            band_width=r.band_width, extractor=r.extractor, space_id=r.space_id,
+            is_active=bool(r.is_active), n_codes=int(counts.get(r.id, 0)) if with_counts else -1,
+            n_fitted=r.n_fitted, generation=int(r.generation), created_at=r.created_at,
+            config=dict(r.config or {}),
         )
         for r in rows
     ]
 
 
+def find_index(indexes: list[IndexInfo], index_id: int | None) -> IndexInfo | None:
+    """The index ``index_id`` (NotFoundError if there is none), or by default the active one."""
+    if index_id is None:
+        return next((i for i in indexes if i.is_active), None)
+    for info in indexes:
+        if info.id == index_id:
+            return info
+    raise NotFoundError(f"no index with id {index_id}; `imgstore index list` shows them")
+
+
+def labels_from(conn: Connection, spec: str) -> dict[int, Any]:
+    """Image id -> label from ``folder`` (the parent folder of a current path) or ``tag:KEY``."""
+    out: dict[int, Any] = {}
+    if spec == "folder":
+        rows = conn.execute(select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.id))
+        for image_id, path in rows:
+            out.setdefault(int(image_id), os.path.basename(os.path.dirname(path)))
+    elif spec.startswith("tag:") and len(spec) > 4:
+        key = spec[4:]
+        for image_id, meta in conn.execute(select(Image.id, Image.meta)):
+            if isinstance(meta, dict) and key in meta:
+                out[int(image_id)] = str(meta[key])
+    else:
+        raise ConfigError(f"unknown labels {spec!r}; use 'folder' or 'tag:KEY'")
+    return out
+
+
+def maybe_auto_index(ctx: StoreContext, space_id: int) -> int | None:
+    """Build the default index once a space has enough images; rebuild an automatic one that
+    was fitted on far fewer images than the space now holds. Returns the new index's id."""
+    with ctx.read("check the default index") as conn:
+        n = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
+        existing = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
+    if n < AUTO_INDEX_MIN_IMAGES:
+        return None
+    if not existing:
+        return build_index(ctx, space_id, "build the default index", method="itq", n_bits=64, fallback=True, auto=True)
+    for old in existing:
+        if old.config.get("auto") and n >= AUTO_INDEX_REFIT_GROWTH * max(old.n_fitted, 1):
+            return build_index(ctx, space_id, "rebuild the default index", method=old.method, n_bits=old.n_bits,
+                               activate=old.is_active, fallback=True, auto=True, replaces=old.id)
+    return None
+
+
+def build_index(ctx: StoreContext, space_id: int, doing: str, *, labels: str | None = None,
+                replaces: int | None = None, **options: Any) -> int:
+    """:func:`create_index` in one write transaction of ``ctx``, dropping ``replaces`` in the
+    same one."""
+    def work(conn: Connection) -> int:
+        label_map = labels_from(conn, labels) if labels else None
+        made = create_index(conn, space_id, labels=label_map, **options)
+        if replaces is not None:
+            drop_index(conn, replaces)
+        return made
+
+    index_id = ctx.write(work, doing=doing)
+    if replaces is not None:
+        ctx.forget_index(replaces)
+    ctx.forget_index(index_id)
+    return index_id

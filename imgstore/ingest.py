@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, delete, select, update
 
-from .dbops import features_table, insert_ignore, insert_stmt, vector_to_bytes
+from .context import StoreContext
 from .decode import DecodedImage, decode_bytes, load_image, read_file
 from .errors import DecodeError, ImgStoreError
 from .features import Extractor
@@ -30,6 +30,8 @@ from .indexing import encode_images
 from .models import Feature, Image, ImagePath, IngestError, utcnow
 from .signature import thumb_signature
 from .signature import to_bytes as signature_bytes
+from .sqlhelpers import IN_CHUNK, chunks, insert_ignore, insert_stmt
+from .vectors import features_table, vector_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,17 @@ class IngestSummary:
             "images_per_s": round(self.images_per_s, 2),
             "dry_run": self.dry_run,
         }
+
+
+@dataclass
+class BatchOutcome:
+    """What one written batch did: new images, files whose content was already stored, errors
+    (path, reason), and duplicates whose original is not written yet (carried to the next batch)."""
+
+    added: int
+    duplicates: int
+    errors: list[tuple[str, str]]
+    unresolved: list[_Task]
 
 
 @dataclass
@@ -186,8 +199,7 @@ class Ingester:
 
     def __init__(
         self,
-        engine: Engine,
-        write: Callable[[Callable[[Connection], Any]], Any],
+        ctx: StoreContext,
         extractor: Extractor,
         space_id: int,
         *,
@@ -196,8 +208,7 @@ class Ingester:
         metadata: dict[str, Any] | None = None,
         progress: ProgressFn | None = None,
     ) -> None:
-        self.engine = engine
-        self.write = write
+        self.ctx = ctx
         self.extractor = extractor
         self.space_id = space_id
         self.batch_size = batch_size
@@ -242,7 +253,7 @@ class Ingester:
             summary.elapsed_s = time.perf_counter() - started
             return summary
         if walk_errors:
-            self.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"))
+            self.ctx.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"), doing="record ingest errors")
             summary.failed += len(walk_errors)
             summary.errors.extend(walk_errors)
         return self._process(tasks, summary, started)
@@ -275,21 +286,21 @@ class Ingester:
         done = 0
         for batch in extract_stream(tasks, self._load, self.extractor, self.batch_size, self.workers):
             pending_dups.extend(r.item for r in batch if r.skipped)
-            outcome = self.write(lambda conn, b=batch: self._write_batch(conn, b, pending_dups))
-            summary.added += outcome["added"]
-            summary.duplicates += outcome["duplicates"]
-            summary.failed += len(outcome["errors"])
-            summary.errors.extend(outcome["errors"])
-            pending_dups = outcome["unresolved"]
+            outcome = self.ctx.write(lambda conn, b=batch: self._write_batch(conn, b, pending_dups), doing="ingest")
+            summary.added += outcome.added
+            summary.duplicates += outcome.duplicates
+            summary.failed += len(outcome.errors)
+            summary.errors.extend(outcome.errors)
+            pending_dups = outcome.unresolved
             done += len(batch)
             if self.progress is not None:
                 self.progress(IngestProgress(done, len(tasks), summary.added, summary.failed,
                                              time.perf_counter() - started))
         if pending_dups:
-            outcome = self.write(lambda conn: self._write_batch(conn, [], pending_dups, final=True))
-            summary.duplicates += outcome["duplicates"]
-            summary.failed += len(outcome["errors"])
-            summary.errors.extend(outcome["errors"])
+            outcome = self.ctx.write(lambda conn: self._write_batch(conn, [], pending_dups, final=True), doing="ingest")
+            summary.duplicates += outcome.duplicates
+            summary.failed += len(outcome.errors)
+            summary.errors.extend(outcome.errors)
         summary.elapsed_s = time.perf_counter() - started
         return summary
 
@@ -327,7 +338,7 @@ class Ingester:
     def _known_paths(self, roots: list[str]) -> dict[str, tuple[int, int]]:
         """Current path rows under the roots: path -> (size, mtime_ns)."""
         out: dict[str, tuple[int, int]] = {}
-        with self.engine.connect() as conn:
+        with self.ctx.read("look up known paths") as conn:
             for root in roots:
                 shown = _display(root)
                 lo = shown.rstrip(os.sep) + os.sep
@@ -346,7 +357,7 @@ class Ingester:
 
     def _known_hashes(self) -> set[str]:
         """Content hashes that already have features in this space."""
-        with self.engine.connect() as conn:
+        with self.ctx.read("look up known images") as conn:
             return set(
                 conn.scalars(
                     select(Image.sha256).join(Feature, Feature.image_id == Image.id).where(Feature.space_id == self.space_id)
@@ -355,7 +366,7 @@ class Ingester:
 
     def _write_batch(
         self, conn: Connection, batch: list[StreamResult[_Task]], dups: list[_Task], *, final: bool = False
-    ) -> dict[str, Any]:
+    ) -> BatchOutcome:
         """One transaction: new images, their features and codes, paths, error records."""
         now = utcnow()
         ok = [r for r in batch if r.features is not None]
@@ -393,7 +404,7 @@ class Ingester:
                     {"space_id": self.space_id, "image_id": int(i), "vector": vector_to_bytes(v)}
                     for i, v in zip(new_ids[fresh], vectors[fresh])
                 ])
-                encode_images(conn, self.space_id, new_ids[fresh], vectors[fresh])
+                encode_images(self.ctx, conn, self.space_id, new_ids[fresh], vectors[fresh])
                 added = int(fresh.sum())
         resolved = [t for t in dups if t.data_sha256 in ids]
         unresolved = [t for t in dups if t.data_sha256 not in ids]
@@ -409,7 +420,7 @@ class Ingester:
         recorded = [(e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"]
         if recorded:
             _record_errors(conn, [e for e, _ in recorded], None, [x for _, x in recorded])
-        return {"added": added, "duplicates": len(resolved) + (len(ok) - added), "errors": errors, "unresolved": unresolved}
+        return BatchOutcome(added, len(resolved) + (len(ok) - added), errors, unresolved)
 
 
 def _reason(error: BaseException | None) -> str:
@@ -428,8 +439,7 @@ def _aware(value: datetime | None) -> datetime | None:
 def _ids_by_sha(conn: Connection, shas: set[str | None]) -> dict[str, int]:
     wanted = sorted(s for s in shas if s)
     out: dict[str, int] = {}
-    for start in range(0, len(wanted), 900):
-        part = wanted[start : start + 900]
+    for part in chunks(wanted, IN_CHUNK):
         out.update((sha, int(i)) for i, sha in conn.execute(select(Image.id, Image.sha256).where(Image.sha256.in_(part))))
     return out
 
@@ -439,8 +449,7 @@ def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetim
     if not paths:
         return
     shown = [_display(t.path) for t, _ in paths]
-    for start in range(0, len(shown), 900):
-        part = shown[start : start + 900]
+    for part in chunks(shown, IN_CHUNK):
         conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
         conn.execute(delete(IngestError).where(IngestError.path.in_(part)))
     stmt = insert_stmt(conn, ImagePath.__table__)

@@ -18,7 +18,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import URL
 
-from .db import safe_url
+from .db import safe_url, migration_connection
 from .errors import ConfigError, SchemaAheadError, SchemaOutdatedError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -71,12 +71,12 @@ def is_empty_database(engine: Engine) -> bool:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    with engine.begin() as conn:
+    with migration_connection(engine) as conn:
         command.upgrade(alembic_config(connection=conn), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    with engine.begin() as conn:
+    with migration_connection(engine) as conn:
         command.downgrade(alembic_config(connection=conn), revision)
 
 

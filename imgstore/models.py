@@ -10,9 +10,10 @@ Tables:
 * ``ingest_errors``: files that could not be ingested, with the reason.
 * ``feature_spaces``: one per (extractor, preprocessing version); ``features`` holds one float
   vector per (space, image) as little-endian float32 bytes.
-* ``hashers``: the indexes: method, bit count, bands, fitted parameters (bytes), the feature
-  space they read, whether active. ``codes`` holds one row per (hasher, image): packed code
-  bytes and up to ``MAX_BANDS`` band values, each band column indexed together with the hasher.
+* ``hashers`` (model :class:`HashIndex`): the indexes: method, bit count, bands, fitted
+  parameters (bytes), the feature space they read, whether active. ``codes`` holds one row per
+  (index, image): the packed code, the source of truth. ``code_buckets`` is the band index
+  search probes: per (index, band, band value), the ids and codes of that bucket, packed.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-
-from .hashing.bits import MAX_BANDS  # band columns in ``codes`` (8 x 32 bits cover 256-bit codes)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -135,12 +134,15 @@ class Feature(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-class Hasher(Base):
-    """An index: a fitted hasher over one feature space, and the layout of its bands."""
+class HashIndex(Base):
+    """An index: a fitted hasher over one feature space, and the layout of its bands. (The
+    fitted object itself is a :class:`imgstore.hashing.Hasher`; this is its database row.)"""
 
     __tablename__ = "hashers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: random token written at creation: caches key on it, since SQLite reuses a dropped index's id
+    uid: Mapped[str] = mapped_column(String(32), unique=True)
     space_id: Mapped[int] = mapped_column(
         ForeignKey("feature_spaces.id", ondelete="CASCADE"), index=True
     )
@@ -158,7 +160,7 @@ class Hasher(Base):
 
 
 class Code(Base):
-    """A packed code (``n_bits // 8`` bytes, bit order in ``imgstore.hashing.bits``) and its bands."""
+    """A packed code (``n_bits // 8`` bytes, bit order in ``imgstore.hashing.bits``)."""
 
     __tablename__ = "codes"
 
@@ -169,32 +171,6 @@ class Code(Base):
         ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
     )
     code: Mapped[bytes] = mapped_column(LargeBinary)
-    band_0: Mapped[int | None] = mapped_column(BigInteger)
-    band_1: Mapped[int | None] = mapped_column(BigInteger)
-    band_2: Mapped[int | None] = mapped_column(BigInteger)
-    band_3: Mapped[int | None] = mapped_column(BigInteger)
-    band_4: Mapped[int | None] = mapped_column(BigInteger)
-    band_5: Mapped[int | None] = mapped_column(BigInteger)
-    band_6: Mapped[int | None] = mapped_column(BigInteger)
-    band_7: Mapped[int | None] = mapped_column(BigInteger)
-
-
-BAND_COLUMNS = [f"band_{i}" for i in range(MAX_BANDS)]
-
-for _name in BAND_COLUMNS:
-    # One index per band column, led by the hasher id, so a band probe is an index seek. The
-    # index also carries image_id and the code, so a probe never visits the table (covering
-    # index), and it is partial: bands an index does not use stay NULL and cost no entries.
-    _band = getattr(Code, _name)
-    Index(
-        f"ix_codes_hasher_id_{_name}",
-        Code.hasher_id,
-        _band,
-        Code.image_id,
-        Code.code,
-        sqlite_where=_band.isnot(None),
-        postgresql_where=_band.isnot(None),
-    )
 
 
 class CodeBucket(Base):
@@ -204,9 +180,9 @@ class CodeBucket(Base):
     instead of one row per candidate: at 1M codes a radius-1 query probes 68 band values and
     finds ~1,500 candidates, and moving 1,500 rows into Python cost more than the database's
     own work. ``image_ids`` is little-endian int64, ``codes`` the packed codes in the same
-    order, ``n`` the number of entries; a chunk holds at most ``dbops.BUCKET_CHUNK`` entries,
+    order, ``n`` the number of entries; a chunk holds at most ``bandindex.BUCKET_CHUNK`` entries,
     so appending to a crowded bucket rewrites one bounded row. Written in the same transaction
-    as the ``codes`` rows (``dbops.write_codes`` / ``dbops.remove_codes``).
+    as the ``codes`` rows, only by :mod:`imgstore.bandindex`.
     """
 
     __tablename__ = "code_buckets"

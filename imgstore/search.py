@@ -1,4 +1,4 @@
-"""Search: band prefilter (in SQL or in a process-local cache), popcount re-rank, float re-rank.
+"""Search: one flow over candidate sources, popcount re-rank, float re-rank.
 
 Candidate generation is multi-index hashing (Norouzi, Punjani & Fleet 2012): a code is cut into
 ``m`` disjoint bands; any code within Hamming distance ``< m * (s + 1)`` of the query agrees with
@@ -10,23 +10,36 @@ Hamming distance (XOR + popcount over 64-bit words) and top-k is taken by counti
 * exact: grow the radius until the k-th best distance found is below ``m * (s + 1)`` (no unseen
   code can beat it), or scan everything when that is cheaper. Equal to a brute-force scan,
   ties broken by image id.
+
+Where candidates come from is a :class:`CandidateSource`: the database's band buckets
+(:class:`SqlSource`), an index's codes held in memory (:class:`CodeCache`, through
+:class:`HammingCandidates` like the SQL buckets), or, for a store without an index, an exact
+cosine scan of the stored features (:class:`FloatScan`). :func:`search_many` is the one flow
+over them: embed and encode the queries, ask the source, re-rank by cosine, attach paths.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, select
 
-from .dbops import iter_features, load_features
-from .errors import ConfigError
+from .bandindex import SqlProbe, scan_codes
+from .errors import ConfigError, NotFoundError
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
-from .indexing import IndexInfo
-from .models import Code, Hasher
+from .indexing import IndexInfo, find_index, list_indexes
+from .models import HashIndex, ImagePath
+from .sqlhelpers import IN_CHUNK, chunks
+from .vectors import SpaceInfo, get_space, iter_features, load_features, pick_space
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StoreContext
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +47,26 @@ log = logging.getLogger(__name__)
 MAX_PROBES_PER_BAND = 4096
 #: Exact mode scans instead of probing once the work (candidates plus probe values) would exceed
 #: this share of the index. Through SQL a scan ships every row, so probing stays cheaper for
-#: long; in memory a scan is one popcount pass (~1 ns a code), far cheaper per code than
-#: gathering probed candidates, so the cache switches early.
+#: long; in memory a scan is one popcount pass, far cheaper per code than gathering probed
+#: candidates, so the cache switches early.
 SCAN_FRACTION = 0.25
 CACHE_SCAN_FRACTION = 0.02
+#: Float re-rank looks at this many Hamming candidates per result wanted.
+RERANK_DEPTH_PER_K = 10
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One search hit. ``distance``: Hamming distance of the codes (None for an exact float
+    search without index); ``cosine``: similarity of the float features when they were used."""
+
+    image_id: int
+    paths: list[str]
+    distance: int | None
+    cosine: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image_id": self.image_id, "distance": self.distance, "cosine": self.cosine, "paths": self.paths}
 
 
 @dataclass(frozen=True)
@@ -68,116 +97,58 @@ def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_c
     return image_ids[top], dist[top].astype(np.int64)
 
 
-# --- SQL prefilter ---------------------------------------------------------------------------
+# --- where Hamming candidates come from -----------------------------------------------------
 
 
-class SqlProbe:
-    """Band probes as one SQL statement over ``code_buckets``: a UNION ALL of one branch per band.
+class HammingSource(Protocol):
+    """Codes of one index that :func:`hamming_search` can probe by band radius or scan."""
 
-    Each branch is a primary-key look-up per probed value, and each row it returns holds a
-    whole bucket (ids and codes packed), so a radius-1 query at 1M codes reads 68 rows instead
-    of ~1,500 candidate rows. The statement runs on the driver's cursor, without SQLAlchemy's
-    result rows. PostgreSQL gets one array literal per band (``value = ANY(%s::bigint[])``;
-    psycopg's dumping of Python lists took ~0.4 ms a query, formatting the literal ~0.02 ms),
-    so the SQL text is constant and psycopg prepares it once; SQLite gets ``IN (?, ?, ...)``
-    text cached per list length.
-    """
+    #: exact mode scans once the expected work exceeds this share of the index
+    scan_fraction: float
+    #: True when a round at radius s_lo..s_hi reports only codes no earlier round found
+    disjoint_rounds: bool
 
-    def __init__(self, index: IndexInfo) -> None:
+    @property
+    def total(self) -> int: ...
+
+    def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
+        """Index entries that probing every band at radius exactly ``s`` would visit."""
+        ...
+
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        """Top-k (ids, distances) of codes found at band radius ``s_lo..s_hi``, and how many."""
+        ...
+
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Top-k (ids, distances) over every code."""
+        ...
+
+
+class SqlSource:
+    """The band buckets in the database, probed through one open connection."""
+
+    scan_fraction = SCAN_FRACTION
+    disjoint_rounds = False
+
+    def __init__(self, conn: Connection, index: IndexInfo, n_codes: int | None = None) -> None:
+        self.conn = conn
         self.index = index
-        self._sqlite_text: dict[tuple[int, ...], str] = {}
-        branches = [
-            f"SELECT image_ids, codes FROM code_buckets WHERE hasher_id = %s AND band = {j} AND value = ANY(%s::bigint[])"
-            for j in range(index.n_bands)
-        ]
-        self._pg_text = " UNION ALL ".join(branches)
+        self.total = index.n_codes if n_codes is None else n_codes
+        self.probe = SqlProbe(index)
+        self.probe.begin(conn)
 
-    def _sqlite_sql(self, lengths: tuple[int, ...]) -> str:
-        text_ = self._sqlite_text.get(lengths)
-        if text_ is None:
-            branches = [
-                f"SELECT image_ids, codes FROM code_buckets WHERE hasher_id = ? AND band = {j} AND value IN ({','.join('?' * n)})"
-                for j, n in enumerate(lengths)
-                if n
-            ]
-            text_ = self._sqlite_text[lengths] = " UNION ALL ".join(branches)
-        return text_
+    def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
+        w = self.index.band_width
+        return self.index.n_bands * math.comb(w, s) * self.total / 2.0**w
 
-    def statement(self, dialect: str, probes: list[npt.NDArray[np.int64]]) -> tuple[str, list[object]]:
-        """The driver-level SQL text and parameters for ``probes`` (empty text: nothing to probe)."""
-        params: list[object] = []
-        if dialect == "postgresql":
-            for values in probes:
-                params += [self.index.id, "{" + ",".join(map(str, values.tolist())) + "}"]
-            return self._pg_text, params
-        for values in probes:
-            if len(values):
-                params += [self.index.id, *values.tolist()]
-        if not params:
-            return "", []
-        return self._sqlite_sql(tuple(len(v) for v in probes)), params
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        bands = band_values(query_code.reshape(1, -1), self.index.n_bands, self.index.band_width)[0]
+        probes = list(probe_values(bands, self.index.band_width, s_lo, s_hi))
+        return self.probe.rank(self.conn, probes, query_code, k)
 
-    @staticmethod
-    def begin(conn: Connection) -> None:
-        """Per-transaction settings for a run of probes: on PostgreSQL, plan the prepared probe
-        statement once (a generic plan) instead of re-planning it per query (re-planning took
-        ~0.4 ms of a ~0.75 ms radius-0 query at 1M codes), and always as index look-ups."""
-        if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
-            # a probe is always a primary-key look-up; without this, a bucket table not yet
-            # analysed (right after a bulk load) gets a sequential scan per band (~80 ms a query)
-            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-
-    def rank(self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-        """Top-k (ids, distances) of the codes the probes find, and how many distinct ones."""
-        from . import kernels
-
-        ids, codes = self.fetch(conn, probes)
-        if len(ids) == 0:
-            return ids, np.zeros(0, dtype=np.int64), 0
-        top, dist, found = kernels.rank_candidates(ids, as_words(codes), as_words(query_code.reshape(1, -1))[0], k)
-        return top, dist, int(found)
-
-    def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-        """Image ids whose band j is in ``probes[j]`` for some j, with codes, as the buckets
-        hold them: a code once per band that found it."""
-        n_bytes = self.index.n_bits // 8
-        sql, params = self.statement(conn.dialect.name, probes)
-        if not sql:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        pg = conn.dialect.name == "postgresql"
-        # binary results: bytea arrives as raw bytes, not hex text (0.8 against 1.3 ms a radius-1 query)
-        cursor = raw.cursor(binary=True) if pg else raw.cursor()  # type: ignore[call-arg]
-        try:
-            if pg:
-                cursor.execute(sql, params, prepare=True)
-            else:
-                cursor.execute(sql, params)
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
-        if not rows:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
-        ids = np.frombuffer(b"".join([r[0] for r in rows]), dtype="<i8").astype(np.int64, copy=False)
-        codes = np.frombuffer(b"".join([r[1] for r in rows]), dtype=np.uint8).reshape(len(ids), n_bytes)
-        return ids, codes
-
-
-def scan_codes(conn: Connection, index: IndexInfo) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-    """Every code of an index, by image id."""
-    rows = conn.execute(
-        select(Code.image_id, Code.code).where(Code.hasher_id == index.id).order_by(Code.image_id)
-    ).all()
-    n_bytes = index.n_bits // 8
-    if not rows:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    return ids, np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), n_bytes)
-
-
-# --- in-memory cache -------------------------------------------------------------------------
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        all_ids, all_codes = scan_codes(self.conn, self.index)
+        return rank(all_ids, all_codes, query_code, k)
 
 
 @dataclass
@@ -213,9 +184,23 @@ class CodeCache:
 
     @classmethod
     def load(cls, conn: Connection, index: IndexInfo) -> CodeCache:
-        generation = int(conn.scalar(select(Hasher.generation).where(Hasher.id == index.id)) or 0)
+        generation = int(conn.scalar(select(HashIndex.generation).where(HashIndex.id == index.id)) or 0)
         ids, codes = scan_codes(conn, index)
         return cls(index, generation, ids, codes)
+
+    # the HammingSource interface
+    scan_fraction = CACHE_SCAN_FRACTION
+    disjoint_rounds = True
+
+    @property
+    def total(self) -> int:
+        return len(self)
+
+    def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
+        return float(self.count(query_code, s))
+
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+        return self.rank_probes(query_code, k, s_lo, s_hi)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -276,7 +261,7 @@ class CodeCache:
         return self.image_ids[rows], dist
 
 
-# --- the search loop -------------------------------------------------------------------------
+# --- the Hamming search loop ----------------------------------------------------------------
 
 
 def _merge(ids: npt.NDArray[np.int64], dist: npt.NDArray[np.int64], new_ids: npt.NDArray[np.int64],
@@ -299,15 +284,12 @@ def hamming_search(
     query_code: npt.NDArray[np.uint8],
     index: IndexInfo,
     k: int,
+    source: HammingSource,
     *,
     exact: bool = False,
     probe_radius: int = 1,
-    conn: Connection | None = None,
-    cache: CodeCache | None = None,
-    sql: SqlProbe | None = None,
-    n_codes: int | None = None,
 ) -> Ranked:
-    """k nearest codes by Hamming distance, through the cache when given, else through SQL.
+    """k nearest codes by Hamming distance among the codes of ``source``.
 
     The first round probes every band at radius ``0..probe_radius`` at once (one SQL statement
     or one compiled call). Approximate mode stops there once it has k results; exact mode
@@ -320,13 +302,10 @@ def hamming_search(
         raise ConfigError(f"k must be at least 1, got {k}")
     if probe_radius < 0 or probe_radius > index.band_width:
         raise ConfigError(f"probe radius must be between 0 and {index.band_width}, got {probe_radius}")
-    if cache is None and (conn is None or sql is None):
-        raise ValueError("hamming_search needs a cache, or a connection and an SqlProbe")
     q = np.ascontiguousarray(query_code, dtype=np.uint8).reshape(-1)
     m, w = index.n_bands, index.band_width
-    total = len(cache) if cache is not None else (n_codes if n_codes is not None else index.n_codes)
-    budget = (CACHE_SCAN_FRACTION if cache is not None else SCAN_FRACTION) * max(total, 1)
-    bands = None if cache is not None else band_values(q.reshape(1, -1), m, w)[0]
+    total = source.total
+    budget = source.scan_fraction * max(total, 1)
 
     ids = dist = np.zeros(0, dtype=np.int64)
     n_seen = 0  # candidates examined (through SQL a code found again in a later round counts again)
@@ -335,45 +314,22 @@ def hamming_search(
     while s_hi <= w:
         values_so_far += m * sum(math.comb(w, r) for r in range(s_lo, s_hi + 1))
         if s_lo > 0:
-            expected = cache.count(q, s_lo) if cache is not None else m * math.comb(w, s_lo) * total / 2.0**w
+            expected = source.expected(q, s_lo)
             if values_so_far > m * MAX_PROBES_PER_BAND or n_seen + expected + values_so_far > budget:
                 break
-        if cache is not None:
-            new_ids, new_dist, found = cache.rank_probes(q, k, s_lo, s_hi)
-        else:
-            probes = list(probe_values(bands, w, s_lo, s_hi))  # type: ignore[arg-type]
-            new_ids, new_dist, found = sql.rank(conn, probes, q, k)  # type: ignore[union-attr,arg-type]
+        new_ids, new_dist, found = source.rank_round(q, k, s_lo, s_hi)
         ids, dist = _merge(ids, dist, new_ids, new_dist, k)
         n_seen += found
-        if cache is not None and n_seen >= total:  # rounds are disjoint in the cache: all seen
+        if source.disjoint_rounds and n_seen >= total:  # every code seen once: nothing is left
             return Ranked(ids, dist, n_seen, s_hi, False)
         if len(ids) == k and (not exact or dist[-1] < m * (s_hi + 1)):  # no unseen code is closer than m(s+1)
             return Ranked(ids, dist, n_seen, s_hi, False)
         s_lo = s_hi = s_hi + 1
-    # scan: cheaper (or necessary) from here on
-    if cache is not None:
-        ids, dist = cache.scan(q, k)
-        return Ranked(ids, dist, len(cache), -1, True)
-    all_ids, all_codes = scan_codes(conn, index)  # type: ignore[arg-type]
-    ids, dist = rank(all_ids, all_codes, q, k)
-    return Ranked(ids, dist, len(all_ids), -1, True)
+    ids, dist = source.scan(q, k)  # cheaper (or necessary) from here on
+    return Ranked(ids, dist, total, -1, True)
 
 
-def cosine_rerank(
-    conn: Connection,
-    space_id: int,
-    dim: int,
-    query_vector: npt.NDArray[np.float32],
-    image_ids: npt.NDArray[np.int64],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Order candidates by cosine similarity of their stored float features (best first; ties
-    by image id)."""
-    ids, vectors = load_features(conn, space_id, dim, image_ids.tolist())
-    if len(ids) == 0:
-        return ids, np.zeros(0, dtype=np.float32)
-    sims = cosine_similarities(query_vector, vectors)
-    order = np.lexsort((ids, -sims))
-    return ids[order], sims[order]
+# --- float features -------------------------------------------------------------------------
 
 
 def cosine_similarities(query: npt.NDArray[np.floating], vectors: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
@@ -383,13 +339,26 @@ def cosine_similarities(query: npt.NDArray[np.floating], vectors: npt.NDArray[np
     return ((vectors @ qn) / norms).astype(np.float32)
 
 
+def cosine_rerank(
+    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], image_ids: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Order candidates by cosine similarity of their stored float features (best first; ties
+    by image id)."""
+    ids, vectors = load_features(conn, space.id, space.dim, image_ids.tolist())
+    if len(ids) == 0:
+        return ids, np.zeros(0, dtype=np.float32)
+    sims = cosine_similarities(query_vector, vectors)
+    order = np.lexsort((ids, -sims))
+    return ids[order], sims[order]
+
+
 def exact_float_search(
-    conn: Connection, space_id: int, dim: int, query_vector: npt.NDArray[np.float32], k: int
+    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], k: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Exact cosine kNN over every stored vector of a space (the answer when there is no index)."""
     best_ids = np.zeros(0, dtype=np.int64)
     best_sims = np.zeros(0, dtype=np.float32)
-    for ids, vectors in iter_features(conn, space_id, dim):
+    for ids, vectors in iter_features(conn, space.id, space.dim):
         sims = cosine_similarities(query_vector, vectors)
         best_ids = np.concatenate([best_ids, ids])
         best_sims = np.concatenate([best_sims, sims])
@@ -398,3 +367,156 @@ def exact_float_search(
             best_ids, best_sims = best_ids[order], best_sims[order]
     order = np.lexsort((best_ids, -best_sims))[:k]
     return best_ids[order], best_sims[order]
+
+
+# --- the search flow --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    """What a candidate source returns for one query: best-first ids with Hamming distances
+    (None without an index) and cosines (None when the source did not compute them)."""
+
+    image_ids: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.int64] | None
+    cosines: npt.NDArray[np.float32] | None
+
+
+class CandidateSource(Protocol):
+    """The nearest stored images of a query, by the best measure the source has."""
+
+    def nearest(self, vector: npt.NDArray[np.float32] | None, code: npt.NDArray[np.uint8] | None, k: int) -> Found: ...
+
+
+@dataclass
+class HammingCandidates:
+    """An index's codes (in the database or in memory) ranked by Hamming distance."""
+
+    index: IndexInfo
+    source: HammingSource
+    exact: bool = False
+    probe_radius: int = 1
+
+    def nearest(self, vector: npt.NDArray[np.float32] | None, code: npt.NDArray[np.uint8] | None, k: int) -> Found:
+        assert code is not None
+        ranked = hamming_search(code, self.index, k, self.source, exact=self.exact, probe_radius=self.probe_radius)
+        return Found(ranked.image_ids, ranked.distances, None)
+
+
+@dataclass
+class FloatScan:
+    """Every stored vector of a space ranked by cosine: exact, for stores without an index."""
+
+    conn: Connection
+    space: SpaceInfo
+
+    def nearest(self, vector: npt.NDArray[np.float32] | None, code: npt.NDArray[np.uint8] | None, k: int) -> Found:
+        assert vector is not None
+        ids, sims = exact_float_search(self.conn, self.space, vector, k)
+        return Found(ids, None, sims)
+
+
+def search_many(
+    ctx: StoreContext,
+    queries: Sequence[Any],
+    k: int,
+    *,
+    exact: bool = False,
+    probe_radius: int = 1,
+    rerank: bool | None = None,
+    rerank_depth: int | None = None,
+    cached: bool = False,
+    index_id: int | None = None,
+) -> list[list[SearchResult]]:
+    """The k nearest stored images of each query, best first (see ``ImageStore.search``)."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    with ctx.read("search") as conn:
+        index = find_index(list_indexes(conn), index_id)
+        space = get_space(conn, index.space_id) if index is not None else pick_space(conn, None)
+        vectors, codes = query_vectors(ctx, conn, queries, space, index)
+        source: CandidateSource
+        if index is None:
+            source = FloatScan(conn, space)
+        else:
+            hamming: HammingSource = ctx.code_cache(conn, index) if cached else SqlSource(conn, index)
+            source = HammingCandidates(index, hamming, exact=exact, probe_radius=probe_radius)
+        # Re-rank is on by default for every kind of index (benchmarks/results/deep.md and
+        # hashing.md: it raises P@10 without lowering mAP, since the codes chose the candidates).
+        do_rerank = index is not None and (True if rerank is None else rerank)
+        want = max(k, rerank_depth or RERANK_DEPTH_PER_K * k) if do_rerank else k
+        out: list[list[SearchResult]] = []
+        for vec, code in zip(vectors, codes):
+            found = source.nearest(vec, code, want)
+            if do_rerank and vec is not None and found.cosines is None:
+                ids, sims = cosine_rerank(conn, space, vec, found.image_ids)
+                dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
+                found = Found(ids[:k], np.array([dist_of[i] for i in ids[:k].tolist()], dtype=np.int64), sims[:k])
+            out.append(results(conn, found, k))
+        return out
+
+
+def query_vectors(
+    ctx: StoreContext, conn: Connection, queries: Sequence[Any], space: SpaceInfo, index: IndexInfo | None
+) -> tuple[list[npt.NDArray[np.float32] | None], list[npt.NDArray[np.uint8] | None]]:
+    """Float vectors and codes (None without an index) of each query: a stored image id, a
+    feature vector, or an image (path, bytes, PIL) embedded by the space's extractor."""
+    from .decode import load_image
+
+    vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
+    to_embed: list[tuple[int, Any]] = []
+    for i, q in enumerate(queries):
+        if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
+            ids, vecs = load_features(conn, space.id, space.dim, [int(q)])
+            if len(ids) == 0:
+                raise NotFoundError(f"no image with id {int(q)} and {space.extractor} features")
+            vectors[i] = vecs[0]
+        elif isinstance(q, np.ndarray) and q.dtype.kind == "f":
+            vec = np.asarray(q, dtype=np.float32).reshape(-1)
+            if vec.shape[0] != space.dim:
+                raise ConfigError(f"query vector has {vec.shape[0]} values; {space.extractor} features have {space.dim}")
+            vectors[i] = vec
+        else:
+            to_embed.append((i, q))
+    if to_embed:
+        ex = ctx.extractor(space.extractor)
+        if ex.preprocess_version != space.preprocess_version:
+            raise ConfigError(
+                f"stored {space.extractor} features were made with preprocessing "
+                f"{space.preprocess_version}, this imgstore makes {ex.preprocess_version}; "
+                "re-ingest, or query by stored image id"
+            )
+        images = [load_image(q, draft_size=ex.draft_size).image for _, q in to_embed]
+        for (i, _), f in zip(to_embed, ex.extract(images)):
+            vectors[i] = f
+    codes: list[npt.NDArray[np.uint8] | None] = [None] * len(queries)
+    if index is not None and queries:
+        codes = list(ctx.hasher(conn, index).encode(np.stack(vectors)))  # type: ignore[arg-type]
+    return vectors, codes
+
+
+def current_paths(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Current paths of each image, sorted (an image without one maps to an empty list)."""
+    out: dict[int, list[str]] = {int(i): [] for i in image_ids}
+    for part in chunks(sorted(out), IN_CHUNK):
+        for image_id, path in conn.execute(
+            select(ImagePath.image_id, ImagePath.path)
+            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
+            .order_by(ImagePath.path)
+        ):
+            out[int(image_id)].append(path)
+    return out
+
+
+def results(conn: Connection, found: Found, k: int) -> list[SearchResult]:
+    ids = [int(i) for i in found.image_ids[:k]]
+    paths = current_paths(conn, ids)
+    return [
+        SearchResult(
+            image_id=i,
+            paths=paths[i],
+            distance=None if found.distances is None else int(found.distances[n]),
+            cosine=None if found.cosines is None else float(found.cosines[n]),
+        )
+        for n, i in enumerate(ids)
+    ]

@@ -1,11 +1,19 @@
-"""Real image files for tests: scikit-image's bundled photos and transformed copies of them."""
+"""Shared test helpers: real image files (scikit-image's bundled photos and transformed copies),
+synthetic feature vectors stored as images, brute-force Hamming kNN, and a bucket check."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import skimage
+import numpy as np
 from PIL import Image, ImageEnhance
+from sqlalchemy import text
+
+from imgstore.hashing.bits import as_words, hamming_distances
+from imgstore.models import Image as ImageRow
+from imgstore.sqlhelpers import insert_ignore
+from imgstore.vectors import features_table, get_or_create_space, vector_to_bytes
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "hubble_deep_field", "ihc", "motorcycle_left", "retina"]
@@ -62,10 +70,10 @@ def assert_buckets_match_codes(conn, hasher_id: int) -> None:  # type: ignore[no
     from sqlalchemy import select
 
     from imgstore.hashing.bits import band_values
-    from imgstore.models import Code, CodeBucket, Hasher
+    from imgstore.models import Code, CodeBucket, HashIndex
 
     n_bits, n_bands, width = conn.execute(
-        select(Hasher.n_bits, Hasher.n_bands, Hasher.band_width).where(Hasher.id == hasher_id)
+        select(HashIndex.n_bits, HashIndex.n_bands, HashIndex.band_width).where(HashIndex.id == hasher_id)
     ).one()
     expected = set()
     for image_id, code in conn.execute(select(Code.image_id, Code.code).where(Code.hasher_id == hasher_id)):
@@ -80,3 +88,23 @@ def assert_buckets_match_codes(conn, hasher_id: int) -> None:  # type: ignore[no
         found += [(band, value, int(i), bytes(codes[k * (n_bits // 8) : (k + 1) * (n_bits // 8)])) for k, i in enumerate(ids)]
     assert len(found) == len(set(found)), "an entry is in a bucket twice"
     assert set(found) == expected
+
+
+def populate(conn, vectors):  # type: ignore[no-untyped-def]
+    """Store synthetic feature vectors as images of a feature space; returns the space id."""
+    space_id = get_or_create_space(conn, "synthetic", vectors.shape[1], "v1")
+    insert_ignore(conn, ImageRow.__table__, [
+        {"sha256": f"{i:064x}", "width": 1, "height": 1, "format": None, "byte_size": 1, "meta": {}}
+        for i in range(len(vectors))
+    ])
+    ids = [r[0] for r in conn.execute(text("SELECT id FROM images ORDER BY id"))]
+    insert_ignore(conn, features_table, [
+        {"space_id": space_id, "image_id": i, "vector": vector_to_bytes(v)} for i, v in zip(ids, vectors)
+    ])
+    return space_id
+
+
+def brute_force(ids, codes, q, k):  # type: ignore[no-untyped-def]
+    d = hamming_distances(as_words(q.reshape(1, -1))[0], as_words(codes)).astype(int)
+    order = np.lexsort((ids, d))[:k]
+    return [(int(ids[i]), int(d[i])) for i in order]

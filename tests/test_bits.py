@@ -9,7 +9,6 @@ import pytest
 
 from imgstore.errors import ImgStoreError
 from imgstore.hashing.bits import (
-    MAX_BANDS,
     as_words,
     band_layout,
     band_values,
@@ -163,11 +162,14 @@ def test_default_n_bands_rule() -> None:
     for n_bits in (16, 32, 64, 128, 256):
         for n_items in (1, 10, 1000, 60_000, 10**6, 10**9):
             m = default_n_bands(n_bits, n_items)
-            assert 1 <= m <= MAX_BANDS
+            assert 1 <= m <= n_bits // 8
             assert 8 <= band_layout(n_bits, m) <= 32
     assert default_n_bands(64, 2**16) == 4  # 64 / log2(65536) = 4 bands of 16 bits
     assert default_n_bands(64, 2**32) == 2
-    assert default_n_bands(256, 10**6) == 8  # clamped by the 8 band columns
+    assert default_n_bands(256, 10**6) == 13  # 256 / log2(1e6): no longer capped at 8 (migration 0004)
     assert band_layout(256, 4) == 32  # capped: bits 128..255 are in no band
+    assert band_layout(64, 9) == 7
     with pytest.raises(ImgStoreError):
-        band_layout(64, 9)
+        band_layout(64, 65)  # a band of 0 bits
+    with pytest.raises(ImgStoreError):
+        band_layout(64, 0)

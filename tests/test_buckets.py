@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 from sqlalchemy import Connection, func, select, text
 
-from imgstore import ImageStore, dbops
-from imgstore.dbops import write_codes
+from imgstore import ImageStore, bandindex
+from imgstore.bandindex import scan_codes, write_codes
 from imgstore.indexing import create_index, drop_index, list_indexes
 from imgstore.models import CodeBucket
-from imgstore.search import SqlProbe, hamming_search, scan_codes
+from imgstore.search import SqlSource, hamming_search
 
-from .helpers import assert_buckets_match_codes
-from .test_search import brute_force, populate
+from .helpers import assert_buckets_match_codes, brute_force, populate
 
 
 def crowded_vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -26,7 +25,7 @@ def crowded_vectors(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_crowded_buckets_are_chunked_and_survive_removal(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dbops, "BUCKET_CHUNK", 7)
+    monkeypatch.setattr(bandindex, "BUCKET_CHUNK", 7)
     vectors = crowded_vectors(300)
     with ImageStore(db_url) as store:
         index_id = store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=2))
@@ -38,9 +37,10 @@ def test_crowded_buckets_are_chunked_and_survive_removal(db_url: str, monkeypatc
         more = crowded_vectors(60, seed=3)
 
         def add_more(conn: Connection) -> None:
-            from imgstore.dbops import features_table, insert_ignore, vector_to_bytes
             from imgstore.indexing import encode_images
             from imgstore.models import Image as ImageRow
+            from imgstore.sqlhelpers import insert_ignore
+            from imgstore.vectors import features_table, vector_to_bytes
 
             space_id = next(i for i in list_indexes(conn) if i.id == index_id).space_id
             insert_ignore(conn, ImageRow.__table__, [
@@ -48,7 +48,7 @@ def test_crowded_buckets_are_chunked_and_survive_removal(db_url: str, monkeypatc
             ])
             ids = [r[0] for r in conn.execute(text("SELECT id FROM images WHERE sha256 LIKE 'more%' ORDER BY id"))]
             insert_ignore(conn, features_table, [{"space_id": space_id, "image_id": i, "vector": vector_to_bytes(v)} for i, v in zip(ids, more)])
-            encode_images(conn, space_id, np.array(ids), more)
+            encode_images(store.ctx, conn, space_id, np.array(ids), more)
         store.transaction(add_more)
         with store.engine.connect() as conn:
             assert_buckets_match_codes(conn, index_id)
@@ -67,12 +67,11 @@ def test_crowded_buckets_are_chunked_and_survive_removal(db_url: str, monkeypatc
             index = next(i for i in list_indexes(conn) if i.id == index_id)
             ids, codes = scan_codes(conn, index)
             assert not set(gone) & set(ids.tolist()) and len(ids) == 360 - len(gone)
-            sql = SqlProbe(index)
-            sql.begin(conn)
+            sql = SqlSource(conn, index)
             for q in codes[:5]:
-                got = hamming_search(q, index, 20, exact=True, conn=conn, sql=sql)
+                got = hamming_search(q, index, 20, sql, exact=True)
                 assert list(zip(got.image_ids.tolist(), got.distances.tolist())) == brute_force(ids, codes, q, 20)
-        assert store.verify(check_files=False)["ok"]
+        assert store.verify(check_files=False).ok
         store.transaction(lambda conn: drop_index(conn, index_id))
         with store.engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(CodeBucket)).scalar_one() == 0
@@ -82,8 +81,8 @@ def test_verify_notices_a_damaged_bucket(db_url: str) -> None:
     vectors = crowded_vectors(50, seed=1)
     with ImageStore(db_url) as store:
         store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=2))
-        assert store.verify(check_files=False)["ok"]
+        assert store.verify(check_files=False).ok
         with store.engine.begin() as conn:
             conn.execute(text("DELETE FROM code_buckets WHERE chunk = 0 AND band = 1 AND value = (SELECT min(value) FROM code_buckets WHERE band = 1)"))
         report = store.verify(check_files=False)
-        assert not report["ok"] and report["bucket_mismatch"]
+        assert not report.ok and report.bucket_mismatch

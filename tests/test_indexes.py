@@ -40,7 +40,7 @@ def test_index_cli_lifecycle(db_url: str, tmp_path: Path) -> None:
     assert [i["is_active"] for i in json.loads(run("index", "list", "--json").output)] == [False, True]
     assert run("index", "drop", str(listed[1]["id"])).exit_code == 0
     with ImageStore(db_url) as store:
-        assert store.counts()["codes"] == 24
+        assert store.counts().codes == 24
     missing = run("index", "drop", "999")
     assert missing.exit_code == 1 and "no index with id 999" in missing.output
     bad = run("index", "create", "--method", "nope")
@@ -77,11 +77,11 @@ REENCODE = """
 import sys, numpy as np
 from sqlalchemy import select
 from imgstore import ImageStore
-from imgstore.dbops import load_features
 from imgstore.hashing import hasher_from_bytes
-from imgstore.models import Code, Hasher
+from imgstore.models import Code, HashIndex
+from imgstore.vectors import load_features
 with ImageStore(sys.argv[1]) as store, store.engine.connect() as conn:
-    h = conn.execute(select(Hasher.params, Hasher.space_id, Hasher.id)).one()
+    h = conn.execute(select(HashIndex.params, HashIndex.space_id, HashIndex.id)).one()
     ids, X = load_features(conn, h.space_id, 384)
     codes = hasher_from_bytes(h.params).encode(X)
     stored = dict(conn.execute(select(Code.image_id, Code.code).where(Code.hasher_id == h.id)).all())

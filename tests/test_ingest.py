@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from imgstore import ImageStore
 from imgstore.errors import DecodeError
-from imgstore.models import Code, Feature, Hasher, Image as ImageRow
+from imgstore.models import Code, Feature, HashIndex, Image as ImageRow
 
 from .helpers import make_collection, photo, write_variants
 
@@ -26,7 +26,7 @@ def check_consistent(store: ImageStore) -> dict[str, int]:
         n_images = conn.scalar(select(func.count()).select_from(ImageRow))
         n_features = conn.scalar(select(func.count()).select_from(Feature))
         assert n_features == n_images
-        for hasher_id in conn.scalars(select(Hasher.id)):
+        for hasher_id in conn.scalars(select(HashIndex.id)):
             n_codes = conn.scalar(select(func.count()).select_from(Code).where(Code.hasher_id == hasher_id))
             assert n_codes == n_images, f"index {hasher_id}: {n_codes} codes for {n_images} images"
         orphans = conn.scalar(select(func.count()).select_from(ImageRow).where(~ImageRow.paths.any()))
@@ -41,15 +41,15 @@ def test_ingest_twice_counts_and_errors(db_url: str, tmp_path: Path) -> None:
         s1 = store.ingest([root], extractor="color", batch_size=8)
         assert (s1.added, s1.duplicates, s1.failed) == (expected["images"], 1, expected["failed"])
         counts = check_consistent(store)
-        assert counts["images"] == expected["images"]
-        assert counts["paths"] == expected["paths"]
-        errors = {Path(e["path"]).name: e["reason"] for e in store.errors()}
+        assert counts.images == expected["images"]
+        assert counts.paths == expected["paths"]
+        errors = {Path(e.path).name: e.reason for e in store.errors()}
         assert set(errors) == {"truncated.jpg", "notes.jpg"}
         assert "not a recognised image format" in errors["notes.jpg"]
 
         s2 = store.ingest([root], extractor="color", batch_size=8)
         assert (s2.added, s2.duplicates, s2.unchanged) == (0, 0, expected["paths"])
-        assert store.counts()["images"] == expected["images"]
+        assert store.counts().images == expected["images"]
 
 
 def test_changed_and_moved_files(db_url: str, tmp_path: Path) -> None:
@@ -57,22 +57,22 @@ def test_changed_and_moved_files(db_url: str, tmp_path: Path) -> None:
     files = write_variants(photo("coffee"), root, "coffee", 4)
     with ImageStore(db_url) as store:
         store.ingest([root], extractor="color")
-        old_id = store.image(str(files[0]))["id"]
+        old_id = store.image(str(files[0])).id
         # changed content at the same path: a new image, the old path row kept as history
         photo("rocket").save(files[0])
         os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 5_000_000_000))
         s = store.ingest([root], extractor="color")
         assert s.added == 1 and s.unchanged == 3
         new = store.image(str(files[0]))
-        assert new["id"] != old_id
-        old_paths = store.image(old_id)["paths"]
-        assert [p["is_current"] for p in old_paths] == [False]
+        assert new.id != old_id
+        old_paths = store.image(old_id).paths
+        assert [p.is_current for p in old_paths] == [False]
         # moved: same bytes at a new path, no new image
         moved = root / "moved.jpg"
         files[1].rename(moved)
         s = store.ingest([root], extractor="color")
         assert s.added == 0 and s.duplicates == 1
-        assert str(moved) in [p["path"] for p in store.image(str(moved))["paths"]]
+        assert str(moved) in [p.path for p in store.image(str(moved)).paths]
         check_consistent(store)
 
 
@@ -89,13 +89,13 @@ def test_add_api_bytes_pil_and_bad_input(db_url: str, tmp_path: Path) -> None:
             store.add(b"not an image at all", extractor="color")
         with pytest.raises(DecodeError, match="not found"):
             store.add(tmp_path / "missing.png", extractor="color")
-        assert store.counts()["images"] == 2
+        assert store.counts().images == 2
 
 
 def test_default_index_built_automatically(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgstore.repository as repo
+    import imgstore.indexing as indexing
 
-    monkeypatch.setattr(repo, "AUTO_INDEX_MIN_IMAGES", 20)
+    monkeypatch.setattr(indexing, "AUTO_INDEX_MIN_IMAGES", 20)
     root = tmp_path / "photos"
     make_collection(root, per_photo=3)
     with ImageStore(db_url) as store:
@@ -127,7 +127,7 @@ def test_kill_9_midway_then_rerun_completes(db_url: str, tmp_path: Path) -> None
         deadline = time.time() + 120
         with ImageStore(db_url) as store:
             while time.time() < deadline and proc.poll() is None:
-                if store.counts()["images"] >= 8:
+                if store.counts().images >= 8:
                     break
                 time.sleep(0.05)
         assert proc.poll() is None, "ingest finished before it could be killed; make the set bigger"
@@ -138,12 +138,12 @@ def test_kill_9_midway_then_rerun_completes(db_url: str, tmp_path: Path) -> None
             proc.kill()
     with ImageStore(db_url) as store:
         partial = check_consistent(store)
-        assert 0 < partial["images"] < expected["images"]
+        assert 0 < partial.images < expected["images"]
         s = store.ingest([root], extractor="color")
         counts = check_consistent(store)
-        assert counts["images"] == expected["images"]
-        assert counts["paths"] == expected["paths"]
-        assert s.added == expected["images"] - partial["images"]
+        assert counts.images == expected["images"]
+        assert counts.paths == expected["paths"]
+        assert s.added == expected["images"] - partial.images
 
 
 def test_unreadable_inputs_do_not_stop_ingest(db_url: str, tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_unreadable_inputs_do_not_stop_ingest(db_url: str, tmp_path: Path) -> No
         assert any("missing" in p for p, _ in s.errors)
         s = store.ingest([root], extractor="color", follow_symlinks=True)
         assert any("loop" in r for _, r in s.errors)
-        assert store.counts()["images"] == 2
+        assert store.counts().images == 2
 
 
 def test_second_extractor_processes_unchanged_files(db_url: str, tmp_path: Path) -> None:
@@ -169,5 +169,5 @@ def test_second_extractor_processes_unchanged_files(db_url: str, tmp_path: Path)
         assert store.ingest([root], extractor="color").added == 2
         again = store.ingest([root], extractor="efficientnet-lite0", auto_index=False)
         assert (again.added, again.unchanged) == (2, 0)
-        assert store.counts()["images"] == 2 and store.counts()["features"] == 4
+        assert store.counts().images == 2 and store.counts().features == 4
         assert store.ingest([root], extractor="efficientnet-lite0").unchanged == 2

@@ -33,7 +33,7 @@ def make_cache(n_bits: int, n_bands: int, band_width: int, n: int = 3000, seed: 
     codes = codes ^ np.packbits(flips, axis=1)
     codes[: n // 20] = codes[n // 20 : 2 * (n // 20)]  # duplicates
     image_ids = np.sort(rng.choice(10 * n, size=n, replace=False)).astype(np.int64) + 1
-    info = IndexInfo(1, "lsh", n_bits, n_bands, band_width, "test", 1, True, n, n, 0,
+    info = IndexInfo(1, "test-uid", "lsh", n_bits, n_bands, band_width, "test", 1, True, n, n, 0,
                      datetime.datetime.now(datetime.timezone.utc), {})
     return CodeCache(info, 0, image_ids, np.ascontiguousarray(codes))
 
@@ -85,21 +85,21 @@ def test_cached_exact_search_and_scan_equal_brute_force(layout: tuple[int, int, 
         d = distances(cache, q)
         for k in (1, 10, 100, len(cache) + 5):
             want = top(cache.image_ids, d, k)
-            got = hamming_search(q, cache.index, k, exact=True, probe_radius=0, cache=cache)
+            got = hamming_search(q, cache.index, k, cache, exact=True, probe_radius=0)
             assert list(zip(got.image_ids.tolist(), got.distances.tolist())) == want
             ids, dist = cache.scan(q, k)
             assert list(zip(ids.tolist(), dist.tolist())) == want
-        approx = hamming_search(q, cache.index, 10, probe_radius=1, cache=cache)
+        approx = hamming_search(q, cache.index, 10, cache, probe_radius=1)
         assert len(approx.image_ids) == 10 and (d[np.searchsorted(cache.image_ids, approx.image_ids)] == approx.distances).all()
 
 
 def test_empty_and_tiny_caches() -> None:
     empty = make_cache(64, 4, 16, n=0)
     q = np.zeros(8, dtype=np.uint8)
-    assert hamming_search(q, empty.index, 5, cache=empty).image_ids.tolist() == []
+    assert hamming_search(q, empty.index, 5, empty).image_ids.tolist() == []
     assert empty.rank_probes(q, 5, 0, 1)[2] == 0 and empty.count(q, 0) == 0
     tiny = make_cache(64, 4, 16, n=3)
-    got = hamming_search(q, tiny.index, 10, cache=tiny)
+    got = hamming_search(q, tiny.index, 10, tiny)
     assert sorted(got.image_ids.tolist()) == tiny.image_ids.tolist()  # all three, even though k > n
 
 

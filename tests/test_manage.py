@@ -55,22 +55,22 @@ def test_rm_show_verify_export(db_url: str, tmp_path: Path) -> None:
         store.ingest([root], extractor="color")
         store.create_index("lsh", 32, extractor="color")
         shown = store.image(str(files[0]))
-        assert shown["paths"][0]["path"] == str(files[0]) and shown["indexes"] and shown["feature_spaces"]
-        removed = store.remove([str(files[0]), shown["id"] + 1])
+        assert shown.paths[0].path == str(files[0]) and shown.indexes and shown.feature_spaces
+        removed = store.remove([str(files[0]), shown.id + 1])
         assert len(removed) == 2
-        assert store.counts()["images"] == 4
+        assert store.counts().images == 4
         report = store.verify()
-        assert report["ok"] and report["dangling_rows"] == 0 and not report["missing_codes"]
+        assert report.ok and report.dangling_rows == 0 and not report.missing_codes
         with pytest.raises(NotFoundError):
             store.image(999_999)
         files[3].unlink()
         report = store.verify()
-        assert report["vanished_files"] == [str(files[3])] and report["ok"]
+        assert report.vanished_files == [str(files[3])] and report.ok
         rows = list(store.export_rows(neighbours=2))
         assert len(rows) == 4 and all(len(r["neighbours"]) == 2 for r in rows)
         info = store.info()
-        assert info["images"] == 4 and info["database_bytes"] > 0
-        assert info["indexes"][0]["bands"][0]["buckets"] >= 1
+        assert info.counts.images == 4 and info.database_bytes > 0
+        assert info.indexes[0].bands[0].buckets >= 1
     # the same through the CLI
     assert invoke(db_url, "verify").exit_code == 0
     out = invoke(db_url, "export", "--format", "csv")
@@ -93,8 +93,8 @@ def test_dedup_finds_planted_copies_and_draws_sheets(db_url: str, tmp_path: Path
         # each original with its three copies should share one group
         group_of = {}
         for n, g in enumerate(groups):
-            for m in g["members"]:
-                for p in m["paths"]:
+            for m in g.members:
+                for p in m.paths:
                     group_of[p] = n
         found = 0
         for orig in originals:

@@ -19,7 +19,7 @@ from imgstore.cli import cli
 from imgstore.db import make_engine, resolve_url
 from imgstore.errors import SchemaAheadError, SchemaOutdatedError
 from imgstore.migrate import alembic_config, current_revision, head_revision, pending_changes
-from imgstore.models import MAX_BANDS, Base
+from imgstore.models import Base
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = {"images", "image_paths", "ingest_errors", "feature_spaces", "features", "hashers", "codes", "code_buckets"}
@@ -53,20 +53,39 @@ def test_upgrade_matches_models_and_round_trips(db_url: str) -> None:
         store.close()
 
 
-def test_band_columns_hold_32_bit_values_and_are_indexed(db_url: str) -> None:
+def test_0004_drops_band_columns_and_downgrade_restores_them(db_url: str) -> None:
+    """At head ``codes`` has no band columns or band indexes and every index has a uid; a
+    downgrade to 0003 brings the columns back filled with each code's band values (and their
+    covering indexes), and upgrading again drops them and gives each index a new uid."""
+    import numpy as np
+
+    from imgstore.hashing.bits import band_values
+    from imgstore.indexing import create_index
+
+    from .helpers import populate
+
+    vectors = np.random.default_rng(4).standard_normal((300, 16)).astype(np.float32)
     with ImageStore(db_url) as store:
+        index_id = store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=3))
+        columns = {c["name"] for c in inspect(store.engine).get_columns("codes")}
+        assert columns == {"hasher_id", "image_id", "code"}
+        assert not [ix for ix in inspect(store.engine).get_indexes("codes") if "band" in ix["name"]]
+        uid = store.indexes()[0].uid
+        assert len(uid) == 32
+        store.downgrade("0003")
         indexes = {ix["name"]: ix["column_names"] for ix in inspect(store.engine).get_indexes("codes")}
-        for i in range(MAX_BANDS):
+        for i in range(8):
             assert indexes[f"ix_codes_hasher_id_band_{i}"][:2] == ["hasher_id", f"band_{i}"]
-        big = 2**32 - 1
-        with store.engine.begin() as conn:
-            conn.execute(text("INSERT INTO feature_spaces (extractor, dim, preprocess_version, created_at) VALUES ('x', 4, 'v1', CURRENT_TIMESTAMP)"))
-            conn.execute(text("INSERT INTO images (sha256, width, height, byte_size, ingested_at, meta) VALUES ('ab', 1, 1, 1, CURRENT_TIMESTAMP, '{}')"))
-            conn.execute(text(
-                "INSERT INTO hashers (space_id, method, n_bits, n_bands, band_width, params, config, is_active, n_fitted, generation, created_at)"
-                " VALUES (1, 'lsh', 64, 2, 32, :p, '{}', true, 0, 0, CURRENT_TIMESTAMP)"), {"p": b"\x00"})
-            conn.execute(text("INSERT INTO codes (hasher_id, image_id, code, band_0, band_1) VALUES (1, 1, :c, :b, :b)"), {"c": b"\xff" * 8, "b": big})
-            assert conn.execute(text("SELECT band_0 FROM codes")).scalar_one() == big
+        with store.engine.connect() as conn:
+            rows = conn.execute(text("SELECT code, band_0, band_1, band_2, band_3 FROM codes WHERE hasher_id = :h"), {"h": index_id}).all()
+        assert len(rows) == 300
+        codes = np.frombuffer(b"".join(bytes(r[0]) for r in rows), dtype=np.uint8).reshape(300, 4)
+        assert [list(r[1:4]) for r in rows] == band_values(codes, 3, 10).tolist()
+        assert all(r[4] is None for r in rows)  # bands an index does not use stay NULL
+        store.upgrade()
+        assert {c["name"] for c in inspect(store.engine).get_columns("codes")} == {"hasher_id", "image_id", "code"}
+        assert store.indexes()[0].uid not in ("", uid)
+        assert store.verify(check_files=False).ok
 
 
 def test_foreign_keys_cascade_on_sqlite(sqlite_url: str) -> None:
@@ -177,7 +196,7 @@ def test_0003_fills_buckets_from_existing_codes(db_url: str) -> None:
     from imgstore.indexing import create_index
 
     from .helpers import assert_buckets_match_codes
-    from .test_search import populate
+    from .helpers import populate
 
     vectors = np.random.default_rng(5).standard_normal((700, 16)).astype(np.float32)
     with ImageStore(db_url) as store:
@@ -189,4 +208,4 @@ def test_0003_fills_buckets_from_existing_codes(db_url: str) -> None:
         store.upgrade()
         with store.engine.connect() as conn:
             assert_buckets_match_codes(conn, index_id)
-        assert store.verify(check_files=False)["ok"]
+        assert store.verify(check_files=False).ok

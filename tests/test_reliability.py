@@ -108,11 +108,11 @@ def test_hostile_corpus_is_recorded_or_stored(db_url: str, tmp_path: Path) -> No
         assert "empty" in reasons["empty.jpg"]
         for name in ("one_pixel.png", "strip.png", "palette.gif", "cmyk.jpg", "sixteen.png", "alpha.png", "bilevel.tif"):
             assert name not in reasons, reasons.get(name)
-        stored = {Path(e["path"]).name for e in store.errors()}
+        stored = {Path(e.path).name for e in store.errors()}
         assert {"bomb.png", "empty.jpg", "text.png"} <= stored
         latin1 = store.image(str(root / "caf\\xe9-latin1.png"))  # stored under an escaped name
-        assert latin1["paths"][0]["path"].endswith("caf\\xe9-latin1.png")
-        assert len(store.image(str(root / ("x" * 240 + ".png")))["paths"]) == 2  # with one_pixel.png
+        assert latin1.paths[0].path.endswith("caf\\xe9-latin1.png")
+        assert len(store.image(str(root / ("x" * 240 + ".png"))).paths) == 2  # with one_pixel.png
         check_consistent(store)
         again = store.ingest([root], extractor="color", follow_symlinks=True)
         assert again.added == 0
@@ -133,7 +133,7 @@ def test_sql_metacharacters_in_names_and_tags(db_url: str, tmp_path: Path) -> No
         assert {"images", "image_paths", "codes"} <= set(inspect(store.engine).get_table_names())
         for name in names:
             shown = store.image(str(root / name))
-            assert shown["meta"]["tags"] == sorted([tag, "100%"])
+            assert shown.meta["tags"] == sorted([tag, "100%"])
             assert store.search(root / name, k=1)[0].paths == [str(root / name)]
 
 
@@ -179,8 +179,8 @@ def test_two_overlapping_ingests_at_once(db_url: str, tmp_path: Path) -> None:
         assert p.returncode == 0, err
     with ImageStore(db_url) as store:
         counts = check_consistent(store)
-        assert counts["images"] == 22
-        assert counts["paths"] == 22
+        assert counts.images == 22
+        assert counts.paths == 22
 
 
 def test_queries_while_ingesting(db_url: str, tmp_path: Path) -> None:
@@ -211,7 +211,7 @@ def test_postgres_restart_midway(pg_url: str, tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", INGEST, pg_url, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     with ImageStore(pg_url) as store:
-        while time.time() < deadline and store.counts()["images"] < 4 and proc.poll() is None:
+        while time.time() < deadline and store.counts().images < 4 and proc.poll() is None:
             time.sleep(0.05)
     version = sorted(os.listdir("/etc/postgresql"))[-1]
     subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"], check=True)
@@ -227,4 +227,4 @@ def test_postgres_restart_midway(pg_url: str, tmp_path: Path) -> None:
             time.sleep(1)
     with ImageStore(pg_url) as store:
         counts = check_consistent(store)
-        assert counts["images"] == 60 and counts["paths"] == 60
+        assert counts.images == 60 and counts.paths == 60

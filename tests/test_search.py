@@ -8,36 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from imgstore import ImageStore
-from imgstore.dbops import get_or_create_space, insert_ignore, features_table, vector_to_bytes
-from imgstore.hashing.bits import as_words, hamming_distances
-from imgstore.indexing import create_index, list_indexes, load_hasher
-from imgstore.models import Image as ImageRow
-from imgstore.search import CodeCache, SqlProbe, hamming_search, scan_codes
+from imgstore.bandindex import SqlProbe, scan_codes
+from imgstore.indexing import create_index, list_indexes
+from imgstore.search import CodeCache, SqlSource, hamming_search
 
-from .helpers import assert_buckets_match_codes, photo, write_variants
-
-
-def populate(conn: Connection, vectors: np.ndarray) -> int:
-    """Store synthetic feature vectors as images of a feature space; returns the space id."""
-    space_id = get_or_create_space(conn, "synthetic", vectors.shape[1], "v1")
-    insert_ignore(conn, ImageRow.__table__, [
-        {"sha256": f"{i:064x}", "width": 1, "height": 1, "format": None, "byte_size": 1, "meta": {}}
-        for i in range(len(vectors))
-    ])
-    ids = [r[0] for r in conn.execute(text("SELECT id FROM images ORDER BY id"))]
-    insert_ignore(conn, features_table, [
-        {"space_id": space_id, "image_id": i, "vector": vector_to_bytes(v)} for i, v in zip(ids, vectors)
-    ])
-    return space_id
-
-
-def brute_force(ids: np.ndarray, codes: np.ndarray, q: np.ndarray, k: int) -> list[tuple[int, int]]:
-    d = hamming_distances(as_words(q.reshape(1, -1))[0], as_words(codes)).astype(int)
-    order = np.lexsort((ids, d))[:k]
-    return [(int(ids[i]), int(d[i])) for i in order]
+from .helpers import assert_buckets_match_codes, brute_force, photo, populate, write_variants
 
 
 @pytest.mark.parametrize("structured", [False, True], ids=["random", "clustered"])
@@ -58,21 +36,21 @@ def test_exact_mode_equals_brute_force(db_url: str, structured: bool) -> None:
         with store.engine.connect() as conn:
             index = next(i for i in list_indexes(conn) if i.id == index_id)
             ids, codes = scan_codes(conn, index)
-            hasher = load_hasher(conn, index_id)
+            hasher = store.ctx.hasher(conn, index)
             cache = CodeCache.load(conn, index)
-            sql = SqlProbe(index)
+            sql = SqlSource(conn, index)
             for q in hasher.encode(queries):
                 for k in (1, 10, 50):
                     want = brute_force(ids, codes, q, k)
-                    via_sql = hamming_search(q, index, k, exact=True, conn=conn, sql=sql)
-                    via_cache = hamming_search(q, index, k, exact=True, cache=cache)
+                    via_sql = hamming_search(q, index, k, sql, exact=True)
+                    via_cache = hamming_search(q, index, k, cache, exact=True)
                     assert list(zip(via_sql.image_ids.tolist(), via_sql.distances.tolist())) == want
                     assert list(zip(via_cache.image_ids.tolist(), via_cache.distances.tolist())) == want
                 # approximate radius-1 results are a subset, each at its true distance
-                approx = hamming_search(q, index, 10, probe_radius=1, conn=conn, sql=sql)
+                approx = hamming_search(q, index, 10, sql, probe_radius=1)
                 true = dict(brute_force(ids, codes, q, n))
                 assert all(true[i] == dd for i, dd in zip(approx.image_ids.tolist(), approx.distances.tolist()))
-                cached = hamming_search(q, index, 10, probe_radius=1, cache=cache)
+                cached = hamming_search(q, index, 10, cache, probe_radius=1)
                 assert all(true[i] == dd for i, dd in zip(cached.image_ids.tolist(), cached.distances.tolist()))
                 # the cache may scan where SQL probes (scans are cheap in memory): never worse
                 assert len(cached.distances) == len(approx.distances) == 10

@@ -15,8 +15,8 @@ words are in native byte order and are for popcount only, never for ordering or 
 Bands (multi-index hashing)
 ---------------------------
 Band ``j`` of a code is bits ``[j * band_width, (j + 1) * band_width)`` read as an unsigned
-integer, bit ``j * band_width`` the most significant. The database stores up to
-:data:`MAX_BANDS` such values per image in indexed integer columns. By the pigeonhole
+integer, bit ``j * band_width`` the most significant. The database keys one bucket per
+(index, band, value) on it (``imgstore.bandindex``). By the pigeonhole
 principle two codes at Hamming distance ``< n_bands * (radius + 1)`` agree, within Hamming
 ``radius``, on at least one band; so looking up every band value and its
 :func:`flip_neighbours` finds every code that close (Norouzi, Punjani & Fleet, "Fast search in
@@ -35,7 +35,6 @@ import numpy.typing as npt
 from imgstore.errors import ConfigError, HasherError
 
 __all__ = [
-    "MAX_BANDS",
     "MAX_BAND_WIDTH",
     "MIN_BAND_WIDTH",
     "as_words",
@@ -53,8 +52,6 @@ __all__ = [
     "unpack_bits",
 ]
 
-#: The database has this many band columns (``band0`` ... ``band7``).
-MAX_BANDS = 8
 #: Band values must fit a non-negative BIGINT and keep radius-2 probing small (1 + w + w(w-1)/2).
 MAX_BAND_WIDTH = 32
 #: Narrower bands match so many rows per value that the prefilter stops filtering.
@@ -226,8 +223,8 @@ def band_layout(n_bits: int, n_bands: int) -> int:
     Bands start at bit 0 and are contiguous; trailing bits beyond ``n_bands * band_width``
     are in no band (they still count in the Hamming re-rank).
     """
-    if not 1 <= n_bands <= MAX_BANDS:
-        raise ConfigError(f"n_bands must be between 1 and {MAX_BANDS}, got {n_bands}")
+    if n_bands < 1:
+        raise ConfigError(f"n_bands must be at least 1, got {n_bands}")
     band_width = min(n_bits // n_bands, MAX_BAND_WIDTH)
     if band_width < 1:
         raise ConfigError(f"{n_bands} bands do not fit a {n_bits}-bit code; use fewer bands")
@@ -241,8 +238,8 @@ def default_n_bands(n_bits: int, n_items: int) -> int:
     bands: then each band value is shared by about one item, so an exact band lookup returns
     few candidates while ``m`` bands still catch every code within Hamming distance ``m - 1``.
     We clamp so that ``band_width = n_bits // m`` stays in 8..32 (narrower bands match too many
-    rows; wider ones overflow a non-negative BIGINT and rarely match exactly) and ``m`` stays in
-    1..MAX_BANDS (the database has 8 band columns).
+    rows; wider ones overflow a non-negative BIGINT and rarely match exactly). There is no
+    other cap: bands are bucket keys, not columns (the 8 band columns went with migration 0004).
     """
     if n_bits < MIN_BAND_WIDTH:
         raise ConfigError(f"n_bits must be at least {MIN_BAND_WIDTH} to form a band, got {n_bits}")
@@ -250,7 +247,7 @@ def default_n_bands(n_bits: int, n_items: int) -> int:
     m = max(1, round(n_bits / log_n))
     m = max(m, -(-n_bits // MAX_BAND_WIDTH))  # band_width <= 32
     m = min(m, n_bits // MIN_BAND_WIDTH)  # band_width >= 8
-    return int(min(max(m, 1), MAX_BANDS))
+    return int(max(m, 1))
 
 
 def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDArray[np.int64]:
@@ -264,8 +261,8 @@ def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDAr
     n, n_bytes = arr.shape
     if not 1 <= band_width <= MAX_BAND_WIDTH:
         raise ConfigError(f"band_width must be between 1 and {MAX_BAND_WIDTH}, got {band_width}")
-    if not 1 <= n_bands <= MAX_BANDS:
-        raise ConfigError(f"n_bands must be between 1 and {MAX_BANDS}, got {n_bands}")
+    if n_bands < 1:
+        raise ConfigError(f"n_bands must be at least 1, got {n_bands}")
     if n_bands * band_width > n_bytes * 8:
         raise ConfigError(f"{n_bands} bands of {band_width} bits exceed the {n_bytes * 8}-bit code")
     starts = np.arange(n_bands) * band_width  # first bit of each band

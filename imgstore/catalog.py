@@ -1,0 +1,173 @@
+"""The catalog: images, the paths they were seen at, ingest errors; look-up, removal, export."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, delete, func, select
+
+from .bandindex import mark_changed, remove_codes
+from .errors import NotFoundError
+from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StoreContext
+
+
+@dataclass(frozen=True)
+class PathRecord:
+    """A path an image was seen at; ``is_current`` is false once the path holds other content."""
+
+    path: str
+    is_current: bool
+    file_size: int
+    mtime_ns: int
+    last_seen_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One stored image: its row, every path it was seen at, and which feature spaces and
+    indexes hold it."""
+
+    id: int
+    sha256: str
+    width: int
+    height: int
+    format: str | None
+    byte_size: int
+    ingested_at: datetime
+    captured_at: datetime | None
+    meta: dict[str, Any]
+    paths: list[PathRecord]
+    feature_spaces: list[int]
+    indexes: list[int]
+
+    @property
+    def current_paths(self) -> list[str]:
+        return [p.path for p in self.paths if p.is_current]
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["paths"] = [p.as_dict() for p in self.paths]
+        return out
+
+
+@dataclass(frozen=True)
+class IngestErrorRecord:
+    """A file that could not be ingested (the latest failure per path)."""
+
+    path: str
+    error_type: str
+    reason: str
+    occurred_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Rows of the main tables."""
+
+    images: int
+    paths: int
+    feature_spaces: int
+    features: int
+    indexes: int
+    codes: int
+    errors: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+_COUNTED = {"images": Image, "paths": ImagePath, "feature_spaces": FeatureSpace, "features": Feature,
+            "indexes": HashIndex, "codes": Code, "errors": IngestError}
+
+
+def counts(conn: Connection) -> Counts:
+    return Counts(**{name: int(conn.scalar(select(func.count()).select_from(model)) or 0) for name, model in _COUNTED.items()})
+
+
+def errors(conn: Connection, limit: int | None = None) -> list[IngestErrorRecord]:
+    stmt = select(IngestError.path, IngestError.error_type, IngestError.reason, IngestError.occurred_at).order_by(IngestError.path)
+    if limit:
+        stmt = stmt.limit(limit)
+    return [IngestErrorRecord(*row) for row in conn.execute(stmt)]
+
+
+def resolve(conn: Connection, ref: int | str) -> int:
+    """The id of the image ``ref`` names: an id, or any path it was seen at (current first)."""
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref)):
+        image_id = int(ref)
+        if conn.scalar(select(Image.id).where(Image.id == image_id)) is None:
+            raise NotFoundError(f"no image with id {image_id}")
+        return image_id
+    path = os.path.abspath(os.fspath(ref))
+    found = conn.scalar(select(ImagePath.image_id).where(ImagePath.path == path).order_by(ImagePath.is_current.desc()))
+    if found is None:
+        raise NotFoundError(f"no stored image was seen at {path}")
+    return int(found)
+
+
+def image(conn: Connection, ref: int | str) -> ImageRecord:
+    image_id = resolve(conn, ref)
+    row = conn.execute(select(Image.__table__).where(Image.id == image_id)).mappings().one()
+    paths = [
+        PathRecord(*p) for p in conn.execute(
+            select(ImagePath.path, ImagePath.is_current, ImagePath.file_size, ImagePath.mtime_ns, ImagePath.last_seen_at)
+            .where(ImagePath.image_id == image_id).order_by(ImagePath.path)
+        )
+    ]
+    return ImageRecord(
+        id=row["id"], sha256=row["sha256"], width=row["width"], height=row["height"], format=row["format"],
+        byte_size=row["byte_size"], ingested_at=row["ingested_at"], captured_at=row["captured_at"],
+        meta=dict(row["meta"] or {}), paths=paths,
+        feature_spaces=list(conn.scalars(select(Feature.space_id).where(Feature.image_id == image_id).order_by(Feature.space_id))),
+        indexes=list(conn.scalars(select(Code.hasher_id).where(Code.image_id == image_id).order_by(Code.hasher_id))),
+    )
+
+
+def remove(ctx: StoreContext, refs: Sequence[int | str]) -> list[int]:
+    """Delete images (by id or any path) from every table in one transaction; unknown
+    references raise :class:`NotFoundError` and remove nothing."""
+    def work(conn: Connection) -> list[int]:
+        ids = sorted({resolve(conn, r) for r in refs})
+        changed = remove_codes(conn, ids)
+        for model in (Feature, ImagePath):
+            conn.execute(delete(model).where(model.image_id.in_(ids)))
+        conn.execute(delete(Image).where(Image.id.in_(ids)))
+        mark_changed(conn, changed)
+        return ids
+
+    return ctx.write(work, doing="remove images")
+
+
+def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
+    """One dict per image: its row, current paths and, with ``neighbours``, the ids of its
+    nearest stored images (itself excluded)."""
+    from .search import search_many
+
+    with ctx.read("export") as conn:
+        images = conn.execute(select(Image.__table__).order_by(Image.id)).mappings().all()
+        paths: dict[int, list[str]] = {}
+        for image_id, path in conn.execute(
+            select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.path)
+        ):
+            paths.setdefault(int(image_id), []).append(path)
+    for start in range(0, len(images), 256):
+        chunk = images[start : start + 256]
+        near = search_many(ctx, [int(r["id"]) for r in chunk], neighbours + 1, cached=True) if neighbours else []
+        for n, row in enumerate(chunk):
+            item = {**dict(row), "paths": paths.get(int(row["id"]), [])}
+            if neighbours:
+                item["neighbours"] = [r.image_id for r in near[n] if r.image_id != row["id"]][:neighbours]
+            yield item

@@ -1,0 +1,172 @@
+"""One store's context: its engine, every database access (read or write) and its caches.
+
+Every module that touches the database takes a :class:`StoreContext` and goes through
+:meth:`StoreContext.read` or :meth:`StoreContext.write`, so no access can skip the retry of
+lock and serialization conflicts or the translation of driver errors into
+:class:`~imgstore.errors.DatabaseError`.
+
+Caches live here, on the store that filled them, never in module globals: extractors by name and
+options, fitted hashers by the index's ``uid`` (a random token written when the index is
+created, so an id that SQLite reuses after ``index drop`` never serves the old hasher), and
+in-memory code caches by ``uid`` and ``generation`` (bumped on every change to the index's
+codes). Two stores never share an entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from .db import WRITE_OPTION, make_engine, resolve_url, safe_url
+from .errors import DatabaseError, NotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hashing import Hasher
+    from .indexing import IndexInfo
+    from .search import CodeCache
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+#: Write transactions that hit a lock or a serialization failure are retried this many times,
+#: with exponential back-off from RETRY_BASE_S (plus jitter), then the error is raised.
+RETRY_ATTEMPTS = 8
+RETRY_BASE_S = 0.05
+
+
+class StoreContext:
+    """The engine of one database and what this process has computed from it."""
+
+    def __init__(self, db: Any = None, *, echo: bool = False,
+                 extractor_options: dict[str, dict[str, Any]] | None = None) -> None:
+        self.url: URL = resolve_url(db)
+        self.display_url = safe_url(self.url)
+        #: per extractor name, options used whenever this store builds it (e.g. a weights file)
+        self.extractor_options = dict(extractor_options or {})
+        self.engine: Engine = make_engine(self.url, echo=echo)
+        self._extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+        self._hashers: dict[str, Hasher] = {}  # by index uid
+        self._code_caches: dict[int, CodeCache] = {}  # by index id; entry checked against uid + generation
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self._hashers.clear()
+        self._code_caches.clear()
+
+    # -- database access --------------------------------------------------------------------
+
+    @property
+    def driver_errors(self) -> tuple[type[BaseException], ...]:
+        """What a failing statement raises: SQLAlchemy's errors, and the driver's own from the
+        raw cursors that the hot paths use (``bandindex.SqlProbe``)."""
+        return (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error)
+
+    @contextmanager
+    def translate(self, doing: str) -> Iterator[None]:
+        """Driver errors raised inside become :class:`DatabaseError` naming what was being done."""
+        try:
+            yield
+        except self.driver_errors as exc:
+            raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
+
+    @contextmanager
+    def read(self, doing: str) -> Iterator[Connection]:
+        """A connection for reads; any driver error (connecting included) is translated."""
+        with self.translate(doing), self.engine.connect() as conn:
+            yield conn
+
+    def write(self, work: Callable[[Connection], T], *, doing: str = "write") -> T:
+        """Run ``work(conn)`` in one write transaction, retrying lock and serialization
+        conflicts with a bounded exponential back-off (the whole body is rerun on retry)."""
+        delay = RETRY_BASE_S
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(**{WRITE_OPTION: True})
+                    with conn.begin():
+                        return work(conn)
+            except DBAPIError as exc:
+                if attempt == RETRY_ATTEMPTS or not is_retryable(exc):
+                    raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
+                log.info("%s: %s; retry %d in %.2fs", doing, driver_message(exc), attempt, delay)
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 2.0)
+            except self.driver_errors as exc:
+                raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    # -- caches -----------------------------------------------------------------------------
+
+    def extractor(self, name: str | None = None, **options: Any) -> Any:
+        """The extractor ``name`` (default EfficientNet-Lite0), built once per store and options."""
+        from .features import DEFAULT_EXTRACTOR, get_extractor
+
+        name = name or DEFAULT_EXTRACTOR
+        options = {**self.extractor_options.get(name, {}), **options}
+        key = (name, tuple(sorted(options.items())))
+        if key not in self._extractors:
+            self._extractors[key] = get_extractor(name, **options)
+        return self._extractors[key]
+
+    def hasher(self, conn: Connection, index: IndexInfo) -> Hasher:
+        """The fitted hasher of ``index``, decoded once per store and index uid."""
+        from .hashing import hasher_from_bytes
+        from .models import HashIndex
+
+        cached = self._hashers.get(index.uid)
+        if cached is None:
+            blob = conn.scalar(select(HashIndex.params).where(HashIndex.id == index.id, HashIndex.uid == index.uid))
+            if blob is None:
+                raise NotFoundError(f"index {index.id} was dropped or rebuilt meanwhile; `imgstore index list` shows the indexes")
+            cached = self._hashers[index.uid] = hasher_from_bytes(blob)
+        return cached
+
+    def code_cache(self, conn: Connection, index: IndexInfo) -> CodeCache:
+        """The index's codes in memory, reloaded when the database says they changed: another
+        uid (the id was reused by a new index) or another generation (codes written since)."""
+        from .models import HashIndex
+        from .search import CodeCache
+
+        row = conn.execute(select(HashIndex.uid, HashIndex.generation).where(HashIndex.id == index.id)).first()
+        if row is None:
+            self._code_caches.pop(index.id, None)
+            raise NotFoundError(f"no index with id {index.id}; `imgstore index list` shows them")
+        cache = self._code_caches.get(index.id)
+        if cache is None or cache.index.uid != row.uid or cache.generation != int(row.generation):
+            cache = self._code_caches[index.id] = CodeCache.load(conn, index)
+        return cache
+
+    def forget_index(self, index_id: int) -> None:
+        cache = self._code_caches.pop(index_id, None)
+        if cache is not None:
+            self._hashers.pop(cache.index.uid, None)
+
+
+def is_retryable(exc: DBAPIError) -> bool:
+    """Lock timeouts (SQLite), serialization failures and deadlocks (PostgreSQL)."""
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if code in ("40001", "40P01", "55P03"):
+        return True
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def driver_message(exc: BaseException) -> str:
+    """The driver's own message, first line only, without SQLAlchemy's statement dump."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+

@@ -1,0 +1,43 @@
+"""Dialect-aware SQL building blocks: inserts that ignore or update on conflict, and chunking.
+
+Hot paths use Core statements with bound parameters (no ORM unit of work); everything here
+takes an open ``Connection`` and leaves the transaction to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Table
+from sqlalchemy.dialects import postgresql, sqlite
+
+#: Rows per executemany chunk: large enough to amortise round trips, small enough that SQLite's
+#: bound-parameter limit and PostgreSQL's message size stay far away.
+WRITE_CHUNK = 2000
+#: Values per ``IN (...)`` list: below SQLite's default limit of 999 bound parameters.
+IN_CHUNK = 900
+
+
+def insert_stmt(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT (which has ``on_conflict_do_nothing`` / ``_do_update``)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert rows, silently keeping the existing row on a unique/primary-key conflict.
+
+    Two processes ingesting overlapping folders both try to insert the same image; the second
+    insert must neither fail nor duplicate.
+    """
+    if not rows:
+        return
+    stmt = insert_stmt(conn, table).on_conflict_do_nothing()
+    for part in chunks(rows):
+        conn.execute(stmt, list(part))
+
+
+def chunks(items: Sequence[Any], size: int = WRITE_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,131 @@
+"""Feature spaces and the float vectors stored in them (``feature_spaces``, ``features``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import Connection, Table, func, select
+
+from .errors import NotFoundError
+from .models import Feature, FeatureSpace
+from .sqlhelpers import IN_CHUNK, chunks, insert_ignore
+
+features_table: Table = Feature.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """A feature space: one extractor and preprocessing version, and how many vectors it holds."""
+
+    id: int
+    extractor: str
+    dim: int
+    preprocess_version: str
+    created_at: datetime
+    n_features: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def vector_to_bytes(vector: npt.ArrayLike) -> bytes:
+    """A float vector as little-endian float32 bytes (the ``features.vector`` format)."""
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def vectors_from_bytes(blobs: Sequence[bytes], dim: int) -> npt.NDArray[np.float32]:
+    """Inverse of :func:`vector_to_bytes` for many rows: (n, dim) float32."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=np.float32)
+    out = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim)
+    return out.astype(np.float32, copy=False)
+
+
+def get_or_create_space(conn: Connection, extractor: str, dim: int, version: str) -> int:
+    """The id of the feature space (extractor, preprocessing version), created if new; safe when
+    two processes create it at once."""
+    table: Table = FeatureSpace.__table__  # type: ignore[assignment]
+    insert_ignore(conn, table, [{"extractor": extractor, "dim": dim, "preprocess_version": version}])
+    return int(
+        conn.scalar(
+            select(FeatureSpace.id).where(
+                FeatureSpace.extractor == extractor, FeatureSpace.preprocess_version == version
+            )
+        )
+    )
+
+
+def list_spaces(conn: Connection) -> list[SpaceInfo]:
+    counts = dict(conn.execute(select(Feature.space_id, func.count()).group_by(Feature.space_id)).all())
+    rows = conn.execute(select(FeatureSpace.__table__).order_by(FeatureSpace.id)).mappings().all()
+    return [SpaceInfo(id=r["id"], extractor=r["extractor"], dim=r["dim"], preprocess_version=r["preprocess_version"],
+                      created_at=r["created_at"], n_features=int(counts.get(r["id"], 0))) for r in rows]
+
+
+def get_space(conn: Connection, space_id: int) -> SpaceInfo:
+    for space in list_spaces(conn):
+        if space.id == space_id:
+            return space
+    raise NotFoundError(f"no feature space with id {space_id}")
+
+
+def pick_space(conn: Connection, extractor: str | None) -> SpaceInfo:
+    """The space of ``extractor``, or by default the one with the most stored vectors."""
+    spaces = list_spaces(conn)
+    if extractor is not None:
+        spaces = [s for s in spaces if s.extractor == extractor]
+        if not spaces:
+            raise NotFoundError(f"no images with {extractor} features; ingest with --extractor {extractor} first")
+    if not spaces or max(s.n_features for s in spaces) == 0:
+        raise NotFoundError("the store has no images yet; run `imgstore ingest FOLDER` first")
+    return max(spaces, key=lambda s: (s.n_features, -s.id))
+
+
+def iter_features(
+    conn: Connection, space_id: int, dim: int, *, batch: int = 20_000, image_ids: Iterable[int] | None = None
+) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
+    """Stored vectors of one space in image-id order, ``batch`` rows at a time (bounded memory).
+
+    Yields (image_ids (n,) int64, vectors (n, dim) float32).
+    """
+    if image_ids is not None:
+        wanted = sorted(set(int(i) for i in image_ids))
+        for part in chunks(wanted, IN_CHUNK):
+            rows = conn.execute(
+                select(Feature.image_id, Feature.vector)
+                .where(Feature.space_id == space_id, Feature.image_id.in_(part))
+                .order_by(Feature.image_id)
+            ).all()
+            if rows:
+                yield (
+                    np.array([r[0] for r in rows], dtype=np.int64),
+                    vectors_from_bytes([r[1] for r in rows], dim),
+                )
+        return
+    last = -1
+    while True:
+        rows = conn.execute(
+            select(Feature.image_id, Feature.vector)
+            .where(Feature.space_id == space_id, Feature.image_id > last)
+            .order_by(Feature.image_id)
+            .limit(batch)
+        ).all()
+        if not rows:
+            return
+        last = int(rows[-1][0])
+        yield np.array([r[0] for r in rows], dtype=np.int64), vectors_from_bytes([r[1] for r in rows], dim)
+
+
+def load_features(
+    conn: Connection, space_id: int, dim: int, image_ids: Iterable[int] | None = None
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Stored vectors of one space (all, or those of ``image_ids``), in image-id order."""
+    parts = list(iter_features(conn, space_id, dim, image_ids=image_ids))
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, dim), dtype=np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
