@@ -25,6 +25,9 @@ import time
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from PIL import Image, ImageEnhance
 
@@ -81,11 +84,11 @@ def build_set(root: Path, n_cifar: int, n_distractors: int) -> dict[str, tuple[s
     return truth
 
 
-def score(groups: list[dict], truth: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
+def score(groups: list[Any], truth: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
     group_of: dict[str, int] = {}
     for g, group in enumerate(groups):
-        for m in group["members"]:
-            for p in m["paths"]:
+        for m in group.members:
+            for p in m.paths:
                 group_of[p] = g
     found_pairs = []
     members = defaultdict(list)
@@ -110,6 +113,37 @@ def score(groups: list[dict], truth: dict[str, tuple[str, str]]) -> dict[str, di
     return out
 
 
+def pairs(groups: list[Any]) -> set[tuple[str, str]]:
+    out: set[tuple[str, str]] = set()
+    for g in groups:
+        out |= set(combinations(sorted(p for m in g.members for p in m.paths), 2))
+    return out
+
+
+def time_all_pairs(sizes: tuple[int, ...] = (2_000, 5_000, 10_000, 20_000, 30_000)) -> dict[int, float]:
+    """Seconds for the all-pairs source over n random 1280-d vectors (the work does not depend
+    on the values: one cosine-matrix row chunk at a time, plus the signature matrix)."""
+    from imgstore.dedup import AllPairs, Rule
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in sizes:
+        vectors = rng.standard_normal((n, 1280)).astype(np.float32)
+        sigs = rng.standard_normal((n, 63)).astype(np.float32)
+        sigs /= np.linalg.norm(sigs, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        AllPairs(np.arange(1, n + 1, dtype=np.int64), vectors, sigs).edges(Rule(0.90, 0.95))
+        out[n] = round(time.perf_counter() - t0, 2)
+        print(f"all pairs, {n:,} images: {out[n]:.1f} s", flush=True)
+    return out
+
+
+def dd_max() -> int:
+    from imgstore.dedup import ALL_PAIRS_MAX
+
+    return ALL_PAIRS_MAX
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar-originals", type=int, default=300)
@@ -131,7 +165,7 @@ def main() -> None:
         with ImageStore(tmp / "dedup.db") as store:
             t0 = time.perf_counter()
             summary = store.ingest([root], extractor=args.extractor)
-            summary.added = store.counts()["images"]
+            summary.added = store.counts().images
             ingest_s = time.perf_counter() - t0
             index = next(i for i in store.indexes() if i.is_active)
             runs = {}
@@ -154,8 +188,23 @@ def main() -> None:
                     groups = store.find_duplicates()
                     runs[f"signature cosine floor {floor}"] = {"groups": len(groups), **score(groups, truth)}
                 dd.SIGNATURE_COSINE_FLOOR = saved
+            # the same defaults without an index: every pair compared (what a store below the
+            # automatic-index threshold, or one whose index was dropped, gets)
+            with_index = pairs(store.find_duplicates())
+            store.drop_index(index.id)
+            t0 = time.perf_counter()
+            groups = store.find_duplicates()
+            runs["default, no index (all pairs)"] = {"seconds": round(time.perf_counter() - t0, 2), "groups": len(groups),
+                                                     **score(groups, truth)}
+            without = pairs(groups)
+            no_index = {"pairs_with_index": len(with_index), "pairs_without_index": len(without),
+                        "missed_by_all_pairs": len(with_index - without), "extra_from_all_pairs": len(without - with_index),
+                        "extra_true": sum(1 for a, b in without - with_index if truth[a][0] == truth[b][0])}
+            store.create_index(index.method, index.n_bits)  # leave the store as it was (for --workdir)
+    all_pairs_cost = time_all_pairs()
     result = {"images": summary.added, "duplicates_by_bytes": summary.duplicates, "ingest_s": round(ingest_s, 1),
-              "index": f"{index.method} {index.n_bits} bits, {index.n_bands} bands", "runs": runs}
+              "index": f"{index.method} {index.n_bits} bits, {index.n_bands} bands", "runs": runs,
+              "no_index": no_index, "all_pairs_seconds": all_pairs_cost}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "dedup.json").write_text(json.dumps(result, indent=2))
     lines = [f"Copy-detection set: {summary.added} images ({len([1 for k in truth.values() if k[1] == 'original'])} originals, "
@@ -166,6 +215,13 @@ def main() -> None:
             r = run[name]
             lines.append(f"| {label} | {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['pairs_found']} |")
         lines.append(f"| {label} | all pairs | {run['all']['precision']:.3f} | | {run['all']['pairs_found']} |")
+    lines += ["", "Without an index (all pairs) against the index path, default settings: "
+              f"{no_index['pairs_with_index']} pairs with the index, {no_index['pairs_without_index']} without; "
+              f"pairs the index found that all pairs missed: {no_index['missed_by_all_pairs']}; extra pairs from all "
+              f"pairs: {no_index['extra_from_all_pairs']} ({no_index['extra_true']} of them true copies).", "",
+              "All-pairs cost (1280-d unit vectors, one process, `AllPairs.edges` at the default rule), seconds: "
+              + ", ".join(f"{n:,} images {s:.1f}" for n, s in all_pairs_cost.items())
+              + f". `imgstore.dedup.ALL_PAIRS_MAX` = {dd_max()}: above it a temporary in-memory index is used."]
     (RESULTS_DIR / "dedup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,7 +10,7 @@ imgstore ``LSHHasher(center=False)`` whose ``projection_`` is the benchmark proj
 
 Each (database, N) store is filled through the project's bulk path: a feature space row, image
 rows, a ``hashers`` row (lsh, 64 bits, 4 bands of 16) and codes with their band buckets via
-``dbops.write_codes`` + ``write_new_buckets`` (what ``index create`` does) in one write transaction. SQLite is a WAL file in a temporary folder;
+``bandindex.write_codes`` + ``write_new_buckets`` (what ``index create`` does) in one write transaction. SQLite is a WAL file in a temporary folder;
 PostgreSQL a throwaway database ``imgstore_bench_<random>`` on ``--pg`` (dropped afterwards).
 On PostgreSQL ``VACUUM ANALYZE codes, code_buckets`` follows the load (what autovacuum does on a default
 server; this one runs with autovacuum off) unless ``--no-vacuum``.
@@ -22,9 +22,9 @@ path at probe radius 0 and 1 and exact, the cached path (same three), a full-tab
 query (a subset of queries), and faiss IndexBinaryFlat / IndexBinaryMultiHash(4 x 16, nflip 0
 and 1) on the same codes, one query per call, ``omp_set_num_threads(1)``. Exact results are
 compared with brute force (ids and distances, ties by image id) on every query. At the largest
-N, the SQL path at radius 1 is profiled stage by stage on each database, beside the query it
-replaced (one row per candidate through the ``codes`` table's covering band indexes) on the
-same probes, so the two are compared in one run. The cached path's kernels are compiled (or
+N, the SQL path at radius 1 is profiled stage by stage on each database (the row-per-candidate
+query it replaced read the band columns that migration 0004 dropped; its last figures are in
+the git history of benchmarks/results/search.md). The cached path's kernels are compiled (or
 loaded from numba's disk cache) before timing starts.
 
     python benchmarks/bench_search.py                                   # 10k, 100k, 1M; both databases
@@ -63,12 +63,14 @@ from sqlalchemy import Connection, create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from imgstore import ImageStore  # noqa: E402
-from imgstore.dbops import get_or_create_space, insert_ignore, write_codes, write_new_buckets  # noqa: E402
+from imgstore.bandindex import SqlProbe, scan_codes, write_codes, write_new_buckets  # noqa: E402
 from imgstore.hashing.bits import as_words, band_values  # noqa: E402
 from imgstore.hashing.methods import LSHHasher  # noqa: E402
 from imgstore.indexing import IndexInfo, list_indexes  # noqa: E402
-from imgstore.models import Hasher, Image  # noqa: E402
-from imgstore.search import CodeCache, SqlProbe, hamming_search, probe_values, rank, scan_codes  # noqa: E402
+from imgstore.models import HashIndex, Image  # noqa: E402
+from imgstore.search import CodeCache, SqlSource, hamming_search, probe_values, rank  # noqa: E402
+from imgstore.sqlhelpers import insert_ignore  # noqa: E402
+from imgstore.vectors import get_or_create_space  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SEED = 12345
@@ -178,11 +180,11 @@ def load_store(store: ImageStore, hasher: LSHHasher, codes: npt.NDArray[np.uint8
     timing["images_s"] = time.perf_counter() - t0
 
     def hasher_row(conn: Connection) -> int:
-        table = Hasher.__table__
+        table = HashIndex.__table__
         return int(
             conn.execute(
                 table.insert()  # type: ignore[attr-defined]
-                .values(space_id=space_id, method="lsh", n_bits=N_BITS, n_bands=N_BANDS, band_width=BAND_WIDTH,
+                .values(uid=secrets.token_hex(16), space_id=space_id, method="lsh", n_bits=N_BITS, n_bands=N_BANDS, band_width=BAND_WIDTH,
                         params=hasher.to_bytes(), config={"benchmark": "bench_search", "seed": SEED},
                         is_active=True, n_fitted=0, generation=0)
                 .returning(table.c.id)  # type: ignore[attr-defined]
@@ -262,12 +264,11 @@ def measure(methods: dict[str, Searcher], query_sets: dict[str, npt.NDArray[np.u
 
 
 def db_methods(conn: Connection, index: IndexInfo, cache: CodeCache) -> dict[str, Searcher]:
-    sql = SqlProbe(index)
-    sql.begin(conn)  # what ImageStore.search_many does once per batch
+    sql = SqlSource(conn, index)  # what ImageStore.search_many builds once per batch
 
-    def via(**kw: Any) -> Searcher:
+    def via(source: Any, **kw: Any) -> Searcher:
         def fn(q: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-            r = hamming_search(q, index, K, **kw)
+            r = hamming_search(q, index, K, source, **kw)
             return r.image_ids, r.distances, r.n_candidates
         return fn
 
@@ -277,12 +278,12 @@ def db_methods(conn: Connection, index: IndexInfo, cache: CodeCache) -> dict[str
         return top, dist, len(ids)
 
     return {
-        "sql r0": via(probe_radius=0, conn=conn, sql=sql),
-        "sql r1": via(probe_radius=1, conn=conn, sql=sql),
-        "sql exact": via(exact=True, conn=conn, sql=sql),
-        "cache r0": via(probe_radius=0, cache=cache),
-        "cache r1": via(probe_radius=1, cache=cache),
-        "cache exact": via(exact=True, cache=cache),
+        "sql r0": via(sql, probe_radius=0),
+        "sql r1": via(sql, probe_radius=1),
+        "sql exact": via(sql, exact=True),
+        "cache r0": via(cache, probe_radius=0),
+        "cache r1": via(cache, probe_radius=1),
+        "cache exact": via(cache, exact=True),
         "full scan": scan,
     }
 
@@ -342,7 +343,7 @@ def summarise(name: str, m: dict[str, Any], queries: npt.NDArray[np.uint8], code
 
 def profile_sql(conn: Connection, index: IndexInfo, queries: npt.NDArray[np.uint8], radius: int, out_txt: Path) -> dict[str, Any]:
     """Where one query's time goes on the SQL path: the steps of SqlProbe.fetch, timed apart,
-    then the row-per-candidate query it replaced (codes covering indexes) for comparison, then cProfile."""
+    then cProfile."""
     sql = SqlProbe(index)
     stages = {"probes+params": [], "execute": [], "rows (fetchall)": [], "numpy ids/codes/unique": [], "rank": []}
     n_rows = []
@@ -375,41 +376,6 @@ def profile_sql(conn: Connection, index: IndexInfo, queries: npt.NDArray[np.uint
     per_query_us = {k: 1e6 * statistics.median(v) for k, v in stages.items()}
     mean_us = {k: 1e6 * statistics.fmean(v) for k, v in stages.items()}
 
-    # For comparison, the row-per-candidate query this replaced: the same probes over the codes
-    # table's covering band indexes, one row per candidate, through the bare DB-API cursor.
-    pg = conn.dialect.name == "postgresql"
-    nv = len(probe_values(0, index.band_width, 0, radius))
-    if pg:
-        raw_sql = " UNION ALL ".join(
-            f"SELECT image_id, code FROM codes WHERE hasher_id = %s AND band_{j} = ANY(%s::bigint[])" for j in range(index.n_bands)
-        )
-    else:
-        raw_sql = " UNION ALL ".join(
-            f"SELECT image_id, code FROM codes WHERE hasher_id = ? AND band_{j} IN ({', '.join(['?'] * nv)})" for j in range(index.n_bands)
-        )
-    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    raw = {"execute": [], "fetchall": [], "numpy": []}
-    for q in queries[:PROFILE_QUERIES]:
-        bands = band_values(q.reshape(1, -1), index.n_bands, index.band_width)[0]
-        args: list[Any] = []
-        for b in bands:
-            values = probe_values(int(b), index.band_width, 0, radius).tolist()
-            args += [index.id, "{" + ",".join(map(str, values)) + "}"] if pg else [index.id, *values]
-        t0 = time.perf_counter()
-        cur.execute(raw_sql, args, prepare=True) if pg else cur.execute(raw_sql, args)
-        t1 = time.perf_counter()
-        rows = cur.fetchall()
-        t2 = time.perf_counter()
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.uint8).reshape(len(rows), -1)
-        np.unique(ids, return_index=True)
-        t3 = time.perf_counter()
-        raw["execute"].append(t1 - t0)
-        raw["fetchall"].append(t2 - t1)
-        raw["numpy"].append(t3 - t2)
-    cur.close()
-    raw_us = {k: 1e6 * statistics.median(v) for k, v in raw.items()}
-
     plan_probes = [probe_values(int(b), index.band_width, 0, radius) for b in band_values(queries[:1], index.n_bands, index.band_width)[0]]
     plan_sql, plan_args = sql.statement(conn.dialect.name, plan_probes)
     if pg:
@@ -422,17 +388,17 @@ def profile_sql(conn: Connection, index: IndexInfo, queries: npt.NDArray[np.uint
         plan = "\n".join(str(r) for r in c.fetchall())
         c.close()
 
+    source = SqlSource(conn, index)
     prof = cProfile.Profile()
     prof.enable()
     for q in queries[:PROFILE_QUERIES]:
-        hamming_search(q, index, K, probe_radius=radius, conn=conn, sql=sql)
+        hamming_search(q, index, K, source, probe_radius=radius)
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
     out_txt.write_text(
         f"SQL path, probe radius {radius}, {PROFILE_QUERIES} queries, N={index.n_codes}, {conn.dialect.name}\n\n"
-        f"stage medians (us/query): {json.dumps(per_query_us, indent=1)}\n"
-        f"row-per-candidate query over the codes covering indexes, bare cursor (us/query): {json.dumps(raw_us, indent=1)}\n\nplan:\n{plan}\n\n"
+        f"stage medians (us/query): {json.dumps(per_query_us, indent=1)}\n\nplan:\n{plan}\n\n"
         + buf.getvalue()
     )
     return {
@@ -442,7 +408,6 @@ def profile_sql(conn: Connection, index: IndexInfo, queries: npt.NDArray[np.uint
         "stage_median_us": per_query_us,
         "stage_mean_us": mean_us,
         "total_mean_us": sum(mean_us.values()),
-        "bare_dbapi_median_us": raw_us,
         "plan": plan,
         "cprofile": str(out_txt.relative_to(ROOT)),
     }
@@ -550,9 +515,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Where time goes: SQL path, probe radius 1, largest N (median us/query)", ""]
         for db, p in report["profiles"].items():
             st = ", ".join(f"{k} {v:,.0f}" for k, v in p["stage_median_us"].items())
-            raw = ", ".join(f"{k} {v:,.0f}" for k, v in p["bare_dbapi_median_us"].items())
-            lines.append(f"- **{db}** ({p['rows_per_query']:,.0f} bucket rows/query): {st}. The row-per-candidate query it replaced "
-                         f"(one row per candidate through the codes table's covering band indexes, bare cursor): {raw}. cProfile: `{p['cprofile']}`")
+            lines.append(f"- **{db}** ({p['rows_per_query']:,.0f} bucket rows/query): {st}. cProfile: `{p['cprofile']}`")
     if report["floors"]:
         lines += ["", f"## Floors at N={report['floors_N']:,}", "", "| floor | measured | holds |", "|---|---|---|"]
         for f in report["floors"]:

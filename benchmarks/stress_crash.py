@@ -102,7 +102,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", INGEST, url, str(folder), args.extractor], check=True)
             clean_s = time.perf_counter() - t0
             with ImageStore(url) as store:
-                expected = store.counts()
+                expected = store.counts().as_dict()
             drop(handle)
             runs = []
             for n in range(args.kills):
@@ -122,18 +122,18 @@ def main() -> None:
                         killed = run_and_kill(INGEST, [url, str(folder), args.extractor], delay)
                     with ImageStore(url) as store:
                         after_kill = store.verify(check_files=False)
-                        partial = store.counts()
+                        partial = store.counts().as_dict()
                     subprocess.run([sys.executable, "-c", INGEST, url, str(folder), args.extractor], check=True)
                     with ImageStore(url) as store:
-                        final = store.counts()
+                        final = store.counts().as_dict()
                         report = store.verify(check_files=False)
                     run = {
                         "kill_at_s": round(delay, 2), "killed": killed, "during": "index create" if during_index else "ingest",
-                        "consistent_after_kill": after_kill["ok"], "images_after_kill": partial["images"],
+                        "consistent_after_kill": after_kill.ok, "images_after_kill": partial["images"],
                         "indexes_after_kill": partial["indexes"], "final_images": final["images"], "final_paths": final["paths"],
                         "lost": expected["images"] - final["images"] if final["images"] <= expected["images"] else 0,
                         "duplicated": max(0, final["images"] - expected["images"]) + max(0, final["paths"] - expected["paths"]),
-                        "consistent_final": report["ok"],
+                        "consistent_final": report.ok,
                     }
                     runs.append(run)
                     print(kind, json.dumps(run), flush=True)

@@ -56,7 +56,7 @@ CHUNK = 2048
 ALL_PAIRS_ROWS = 512
 #: Without an index, up to this many images are compared all pairs; above it a temporary
 #: in-memory index finds the candidates (benchmarks/results/dedup.md times both).
-ALL_PAIRS_MAX = 12_000
+ALL_PAIRS_MAX = 20_000
 #: The temporary index is fitted on at most this many vectors.
 TEMPORARY_INDEX_SAMPLE = 20_000
 
@@ -287,7 +287,7 @@ def _memory_index(method: str, n_bits: int, n_bands: int, n: int, space_id: int 
 
 def temporary_index(conn: Connection, space: SpaceInfo, n_bits: int = 64) -> CodeCache:
     """An ITQ index over every vector of ``space``, fitted on a sample and held in memory only."""
-    from .hashing import make_hasher
+    from .hashing import make_hasher, min_samples
 
     ids_all = np.array(
         [i for part, _ in iter_features(conn, space.id, space.dim) for i in part.tolist()], dtype=np.int64
@@ -295,12 +295,13 @@ def temporary_index(conn: Connection, space: SpaceInfo, n_bits: int = 64) -> Cod
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(ids_all, size=min(len(ids_all), TEMPORARY_INDEX_SAMPLE), replace=False))
     _, x = load_features(conn, space.id, space.dim, sample.tolist())
-    hasher = make_hasher("itq", n_bits=n_bits, random_state=0).fit(x)
+    method = "itq" if len(x) >= min_samples("itq", n_bits) else "lsh"  # lsh: a tiny store (tests)
+    hasher = make_hasher(method, n_bits=n_bits, random_state=0).fit(x)
     ids_out, codes_out = [], []
     for ids, vectors in iter_features(conn, space.id, space.dim):
         ids_out.append(ids)
         codes_out.append(hasher.encode(vectors))
-    info = _memory_index("itq", n_bits, default_n_bands(n_bits, len(ids_all)), len(ids_all), space.id)
+    info = _memory_index(method, n_bits, default_n_bands(n_bits, len(ids_all)), len(ids_all), space.id)
     return CodeCache(info, 0, np.concatenate(ids_out), np.concatenate(codes_out))
 
 

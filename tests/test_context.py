@@ -117,6 +117,22 @@ def test_dedup_without_an_index_finds_the_copies(db_url: str, tmp_path: Path) ->
         assert near_pairs(store.find_duplicates()) <= found
 
 
+def test_dedup_without_an_index_above_the_all_pairs_limit(sqlite_url: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store too large for all pairs gets a temporary in-memory index: nothing is stored, and
+    the copies are still found."""
+    import imgstore.dedup
+
+    copies_folder(tmp_path / "photos")
+    monkeypatch.setattr(imgstore.dedup, "ALL_PAIRS_MAX", 5)
+    with ImageStore(sqlite_url) as store:
+        store.ingest([tmp_path / "photos"], auto_index=False)
+        found = near_pairs(store.find_duplicates())
+        assert store.indexes() == [] and store.counts().codes == 0
+    for name in PHOTOS:
+        assert frozenset((f"{name}.png", f"{name}_half.jpg")) in found, name
+
+
 # --- broken and unreachable databases ---------------------------------------------------------
 
 
