@@ -53,8 +53,8 @@ def write_codes(
     processes writing the same image at once cannot put it in a bucket twice. ``defer``
     (building a new index): collect the new codes there instead, for one
     :func:`write_new_buckets` at the end; appending batch by batch rewrote each bucket row
-    once per batch, which on PostgreSQL left the bucket table 9x its live size (588 MB for
-    64 MB of entries at 1M codes) and probes reading scattered pages.
+    once per batch, which on PostgreSQL left the bucket table many times its live size (dead
+    row versions) and probes reading scattered pages.
     """
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -164,7 +164,7 @@ def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int
     # chunk can then exceed BUCKET_CHUNK a little, which only costs a longer row). Driver-level
     # executemany: SQLAlchemy's per-row parameter processing cost a third of a bulk load.
     if conn.dialect.name == "postgresql":
-        # one statement per chunk of rows, as arrays (per-row executemany ran ~0.3 ms a row)
+        # one statement per chunk of rows, as arrays (a per-row executemany dominated bulk loads)
         for part in chunks(rows, WRITE_CHUNK):
             conn.exec_driver_sql(_APPEND_SQL["postgresql"], tuple(list(col) for col in zip(*part)))
     else:
@@ -240,10 +240,10 @@ class SqlProbe:
     """Band probes as one SQL statement over ``code_buckets``: a UNION ALL of one branch per band.
 
     Each branch is a primary-key look-up per probed value, and each row it returns holds a
-    whole bucket (ids and codes packed), so a radius-1 query at 1M codes reads 68 rows instead
-    of ~1,500 candidate rows. The statement runs on the driver's cursor, without SQLAlchemy's
+    whole bucket (ids and codes packed), so a query reads one row per probed value (m bands x
+    the values within the radius) instead of one row per candidate. The statement runs on the driver's cursor, without SQLAlchemy's
     result rows. PostgreSQL gets one array literal per band (``value = ANY(%s::bigint[])``;
-    psycopg's dumping of Python lists took ~0.4 ms a query, formatting the literal ~0.02 ms),
+    psycopg's dumping of Python lists cost more than formatting the literal),
     so the SQL text is constant and psycopg prepares it once; SQLite gets ``IN (?, ?, ...)``
     text cached per list length.
     """
@@ -285,12 +285,12 @@ class SqlProbe:
     @staticmethod
     def begin(conn: Connection) -> None:
         """Per-transaction settings for a run of probes: on PostgreSQL, plan the prepared probe
-        statement once (a generic plan) instead of re-planning it per query (re-planning took
-        ~0.4 ms of a ~0.75 ms radius-0 query at 1M codes), and always as index look-ups."""
+        statement once (a generic plan) instead of re-planning it per query (re-planning was
+        about half of a radius-0 query), and always as index look-ups."""
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
             # a probe is always a primary-key look-up; without this, a bucket table not yet
-            # analysed (right after a bulk load) gets a sequential scan per band (~80 ms a query)
+            # analysed (right after a bulk load) gets a sequential scan per band
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
 
     def rank(self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
@@ -313,7 +313,7 @@ class SqlProbe:
         raw = conn.connection.dbapi_connection
         assert raw is not None
         pg = conn.dialect.name == "postgresql"
-        # binary results: bytea arrives as raw bytes, not hex text (0.8 against 1.3 ms a radius-1 query)
+        # binary results: bytea arrives as raw bytes, not hex text to decode
         cursor = raw.cursor(binary=True) if pg else raw.cursor()  # type: ignore[call-arg]
         try:
             if pg:

@@ -10,7 +10,6 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from .errors import ConfigError
@@ -75,8 +74,8 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-un
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # Read pages through a memory map instead of read() calls into SQLite's small (2 MB)
-        # page cache: a radius-1 probe at 1M codes is 68 random B-tree seeks, and this took
-        # it from 1.03 to 0.63 ms (benchmarks/bench_search.py's SQLite figures use it).
+        # page cache: a radius-1 probe is a few dozen random B-tree seeks (the SQLite figures
+        # in benchmarks/results/search.md are taken with it).
         cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     finally:
         cursor.close()
@@ -112,9 +111,6 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
 def _disable_pysqlite_autobegin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     dbapi_connection.isolation_level = None
 
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager

@@ -88,82 +88,71 @@ def create_index(
     ``fallback``: with too few vectors for ``method``, build an LSH index instead of failing.
     ``labels``: image id -> label, for supervised methods. Returns the new index's id.
     """
-    if method not in available_methods():
-        raise ConfigError(f"unknown index method {method!r}; choose one of {', '.join(available_methods())}")
     space = conn.execute(select(FeatureSpace).where(FeatureSpace.id == space_id)).first()
     if space is None:
         raise NotFoundError(f"no feature space with id {space_id}")
-    dim = int(space.dim)
     n_total = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
-    needed = min_samples(method, n_bits)
-    if n_total < needed:
-        if fallback and method != "lsh" and n_total >= min_samples("lsh", n_bits):
-            log.warning("%d images are too few to fit %s with %d bits (needs %d); using lsh", n_total, method, n_bits, needed)
-            method = "lsh"
-        else:
-            raise NotEnoughDataError(
-                f"fitting a {method} index with {n_bits} bits needs at least {needed} images with "
-                f"{space.extractor} features; the store has {n_total}. Ingest more images, use fewer "
-                "bits, or use --method lsh (which needs no training data)"
-            )
-    rng = np.random.default_rng(random_state)
-    all_ids = np.array(
-        conn.scalars(select(Feature.image_id).where(Feature.space_id == space_id).order_by(Feature.image_id)).all(),
-        dtype=np.int64,
-    )
-    fit_ids = all_ids
-    if sample is not None and len(all_ids) > sample:
-        fit_ids = np.sort(rng.choice(all_ids, size=sample, replace=False))
-    ids, X = load_features(conn, space_id, dim, image_ids=fit_ids.tolist())
-    params: dict[str, Any] = {"n_bits": n_bits, "random_state": random_state}
-    hasher = make_hasher(method, **params)
-    if labels is not None and method in UNSUPERVISED:
-        raise ConfigError(f"{method} does not learn from labels; use --method {' or '.join(SUPERVISED)} with --labels")
-    if labels is None and getattr(hasher, "needs_labels", False):
-        raise ConfigError(f"{method} learns from labels: add --labels folder or --labels tag:KEY")
-    if labels is not None:
-        y = np.array([labels.get(int(i)) for i in ids], dtype=object)
-        labelled = np.array([v is not None for v in y], dtype=bool)
-        if labelled.sum() < 2:
-            raise NotEnoughDataError(
-                f"only {int(labelled.sum())} of {len(ids)} images have a label; check --labels"
-            )
-        hasher.fit(X[labelled], y[labelled].astype(str))
-    else:
-        hasher.fit(X)
-    if n_bands is None:
-        n_bands = default_n_bands(n_bits, max(n_total, 2))
+    method = _method_for(method, n_bits, n_total, space.extractor, fallback)
+    hasher, n_fitted = _fit(conn, space_id, int(space.dim), method, n_bits, sample, random_state, labels)
+    n_bands = default_n_bands(n_bits, max(n_total, 2)) if n_bands is None else n_bands
     band_width = band_layout(n_bits, n_bands)
     table = HashIndex.__table__
-    uid = uuid.uuid4().hex
-    hasher_id = int(
-        conn.execute(
-            table.insert()
-            .values(
-                uid=uid,
-                space_id=space_id,
-                method=method,
-                n_bits=n_bits,
-                n_bands=n_bands,
-                band_width=band_width,
-                params=hasher.to_bytes(),
-                config={"random_state": random_state, "sample": sample, "auto": auto,
-                        "supervised": labels is not None},
-                is_active=False,
-                n_fitted=len(ids),
-                generation=0,
-            )
-            .returning(table.c.id)
-        ).scalar_one()
-    )
+    hasher_id = int(conn.execute(
+        table.insert().values(
+            uid=uuid.uuid4().hex, space_id=space_id, method=method, n_bits=n_bits, n_bands=n_bands,
+            band_width=band_width, params=hasher.to_bytes(), is_active=False, n_fitted=n_fitted, generation=0,
+            config={"random_state": random_state, "sample": sample, "auto": auto, "supervised": labels is not None},
+        ).returning(table.c.id)
+    ).scalar_one())
     new_codes: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
-    for batch_ids, vectors in iter_features(conn, space_id, dim, batch=ENCODE_BATCH):
+    for batch_ids, vectors in iter_features(conn, space_id, int(space.dim), batch=ENCODE_BATCH):
         write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes)
     write_new_buckets(conn, hasher_id, new_codes, n_bands, band_width)  # a new index: each bucket row once
     if activate:
         activate_index(conn, hasher_id)
     log.info("index %d: %s %d bits, %d bands of %d bits, %d images", hasher_id, method, n_bits, n_bands, band_width, n_total)
     return hasher_id
+
+
+def _method_for(method: str, n_bits: int, n_total: int, extractor: str, fallback: bool) -> str:
+    """``method``, or ``lsh`` when there are too few vectors to fit it and ``fallback`` allows."""
+    if method not in available_methods():
+        raise ConfigError(f"unknown index method {method!r}; choose one of {', '.join(available_methods())}")
+    needed = min_samples(method, n_bits)
+    if n_total >= needed:
+        return method
+    if fallback and method != "lsh" and n_total >= min_samples("lsh", n_bits):
+        log.warning("%d images are too few to fit %s with %d bits (needs %d); using lsh", n_total, method, n_bits, needed)
+        return "lsh"
+    raise NotEnoughDataError(
+        f"fitting a {method} index with {n_bits} bits needs at least {needed} images with "
+        f"{extractor} features; the store has {n_total}. Ingest more images, use fewer "
+        "bits, or use --method lsh (which needs no training data)"
+    )
+
+
+def _fit(conn: Connection, space_id: int, dim: int, method: str, n_bits: int, sample: int | None, random_state: int,
+         labels: dict[int, Any] | None) -> tuple[Any, int]:
+    """A hasher fitted on (a random sample of) the space's vectors, and how many it saw."""
+    hasher = make_hasher(method, n_bits=n_bits, random_state=random_state)
+    if labels is not None and method in UNSUPERVISED:
+        raise ConfigError(f"{method} does not learn from labels; use --method {' or '.join(SUPERVISED)} with --labels")
+    if labels is None and getattr(hasher, "needs_labels", False):
+        raise ConfigError(f"{method} learns from labels: add --labels folder or --labels tag:KEY")
+    fit_ids = np.array(
+        conn.scalars(select(Feature.image_id).where(Feature.space_id == space_id).order_by(Feature.image_id)).all(),
+        dtype=np.int64,
+    )
+    if sample is not None and len(fit_ids) > sample:
+        fit_ids = np.sort(np.random.default_rng(random_state).choice(fit_ids, size=sample, replace=False))
+    ids, X = load_features(conn, space_id, dim, image_ids=fit_ids.tolist())
+    if labels is None:
+        return hasher.fit(X), len(ids)
+    y = np.array([labels.get(int(i)) for i in ids], dtype=object)
+    labelled = np.array([v is not None for v in y], dtype=bool)
+    if labelled.sum() < 2:
+        raise NotEnoughDataError(f"only {int(labelled.sum())} of {len(ids)} images have a label; check --labels")
+    return hasher.fit(X[labelled], y[labelled].astype(str)), len(ids)
 
 
 def encode_images(ctx: StoreContext, conn: Connection, space_id: int, image_ids: npt.ArrayLike, vectors: npt.NDArray[np.float32]) -> None:

@@ -2,9 +2,9 @@
 
 Why numba and not numpy here: one cached query is a few dozen band look-ups, a gather of a
 few hundred to a few thousand codes, XOR + popcount and a top-k. In numpy that is twenty-odd
-calls of 1-10 us of fixed overhead each, which costs more than the work itself (measured at
-1M codes: ~4,700 q/s at probe radius 0 with the Python probe set-up, against faiss's
-~15,000). Compiled as one loop the same query takes ~13 us (radius 0) or ~110 us (radius 1).
+calls with microseconds of fixed overhead each, which cost more than the work itself; compiled
+as one loop the same query runs several times faster (benchmarks/results/search.md has the
+cached path beside faiss).
 The SQL path and the bit helpers in :mod:`imgstore.hashing.bits` stay pure numpy; this module
 is imported only when a cache is built, so the CLI and SQL-only queries never pay numba's import.
 

@@ -177,8 +177,8 @@ class CodeBucket(Base):
     """One bucket of the band index: the image ids and codes whose band ``band`` equals ``value``.
 
     Search reads a probe's candidates as one row (or a few ``chunk`` rows) of packed arrays
-    instead of one row per candidate: at 1M codes a radius-1 query probes 68 band values and
-    finds ~1,500 candidates, and moving 1,500 rows into Python cost more than the database's
+    instead of one row per candidate: a radius-1 query probes a few dozen band values and
+    finds tens of times more candidates, and moving those rows into Python cost more than the database's
     own work. ``image_ids`` is little-endian int64, ``codes`` the packed codes in the same
     order, ``n`` the number of entries; a chunk holds at most ``bandindex.BUCKET_CHUNK`` entries,
     so appending to a crowded bucket rewrites one bounded row. Written in the same transaction

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select
 
 from .bandindex import SqlProbe, scan_codes
 from .errors import ConfigError, NotFoundError
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
 from .indexing import IndexInfo, find_index, list_indexes
-from .models import HashIndex, ImagePath
+from .models import Code, HashIndex, ImagePath
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, load_features, pick_space
 
@@ -133,9 +133,17 @@ class SqlSource:
     def __init__(self, conn: Connection, index: IndexInfo, n_codes: int | None = None) -> None:
         self.conn = conn
         self.index = index
-        self.total = index.n_codes if n_codes is None else n_codes
+        self._total = index.n_codes if n_codes is None else n_codes
         self.probe = SqlProbe(index)
         self.probe.begin(conn)
+
+    @property
+    def total(self) -> int:
+        """Codes in the index: counted on first need (an approximate query that finds k
+        results in its first round never needs it; counting reads the whole primary key)."""
+        if self._total < 0:
+            self._total = int(self.conn.scalar(select(func.count()).select_from(Code).where(Code.hasher_id == self.index.id)) or 0)
+        return self._total
 
     def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
         w = self.index.band_width
@@ -304,8 +312,6 @@ def hamming_search(
         raise ConfigError(f"probe radius must be between 0 and {index.band_width}, got {probe_radius}")
     q = np.ascontiguousarray(query_code, dtype=np.uint8).reshape(-1)
     m, w = index.n_bands, index.band_width
-    total = source.total
-    budget = source.scan_fraction * max(total, 1)
 
     ids = dist = np.zeros(0, dtype=np.int64)
     n_seen = 0  # candidates examined (through SQL a code found again in a later round counts again)
@@ -315,18 +321,19 @@ def hamming_search(
         values_so_far += m * sum(math.comb(w, r) for r in range(s_lo, s_hi + 1))
         if s_lo > 0:
             expected = source.expected(q, s_lo)
+            budget = source.scan_fraction * max(source.total, 1)
             if values_so_far > m * MAX_PROBES_PER_BAND or n_seen + expected + values_so_far > budget:
                 break
         new_ids, new_dist, found = source.rank_round(q, k, s_lo, s_hi)
         ids, dist = _merge(ids, dist, new_ids, new_dist, k)
         n_seen += found
-        if source.disjoint_rounds and n_seen >= total:  # every code seen once: nothing is left
+        if source.disjoint_rounds and n_seen >= source.total:  # every code seen once: nothing is left
             return Ranked(ids, dist, n_seen, s_hi, False)
         if len(ids) == k and (not exact or dist[-1] < m * (s_hi + 1)):  # no unseen code is closer than m(s+1)
             return Ranked(ids, dist, n_seen, s_hi, False)
         s_lo = s_hi = s_hi + 1
     ids, dist = source.scan(q, k)  # cheaper (or necessary) from here on
-    return Ranked(ids, dist, total, -1, True)
+    return Ranked(ids, dist, source.total, -1, True)
 
 
 # --- float features -------------------------------------------------------------------------
@@ -432,7 +439,7 @@ def search_many(
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     with ctx.read("search") as conn:
-        index = find_index(list_indexes(conn), index_id)
+        index = find_index(list_indexes(conn, with_counts=False), index_id)
         space = get_space(conn, index.space_id) if index is not None else pick_space(conn, None)
         vectors, codes = query_vectors(ctx, conn, queries, space, index)
         source: CandidateSource

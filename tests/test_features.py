@@ -12,7 +12,7 @@ from PIL import Image
 
 from imgstore.decode import DecodedImage, load_image
 from imgstore.errors import ConfigError, DecodeError, ExtractorError, WeightsNotFoundError
-from imgstore.features import available_extractors, extractor_dim, get_extractor
+from imgstore.features import available_extractors, get_extractor
 from imgstore.features.base import Extractor, resize_square
 from imgstore.features.pipeline import extract_stream
 
@@ -45,7 +45,6 @@ def test_importing_features_does_not_import_torch() -> None:
 def test_registry() -> None:
     names = available_extractors()
     assert names[0] == "efficientnet-lite0" and {"resnet50", "color"} <= set(names)
-    assert extractor_dim("efficientnet-lite0") == 1280 and extractor_dim("resnet50") == 2048
     with pytest.raises(ConfigError, match="unknown extractor"):
         get_extractor("vgg16")
     with pytest.raises(ConfigError, match="option"):

@@ -47,18 +47,10 @@ _FACTORIES: dict[str, Callable[..., Extractor]] = {
     "color": _color,
 }
 
-_DIMS = {"efficientnet-lite0": 1280, "resnet50": 2048, "color": 384}
-
 
 def available_extractors() -> list[str]:
     """Names accepted by :func:`get_extractor`, the default first."""
     return [DEFAULT_EXTRACTOR] + sorted(n for n in _FACTORIES if n != DEFAULT_EXTRACTOR)
-
-
-def extractor_dim(name: str) -> int:
-    """Feature length of an extractor, without building it (no torch, no weights)."""
-    _check(name)
-    return _DIMS[name]
 
 
 def get_extractor(name: str = DEFAULT_EXTRACTOR, **options: Any) -> Extractor:

@@ -78,7 +78,7 @@ def native_bf16() -> bool:
 def resolve_precision(precision: str | None) -> Precision:
     """"auto" | "fp32" | "bf16" (or None: IMGSTORE_PRECISION, default "auto") to the precision used.
 
-    "auto" picks bf16 autocast when the CPU has native bf16 (measured: about 2x faster than fp32
+    "auto" picks bf16 autocast when the CPU has native bf16 (faster than fp32, see benchmarks/results/features.md
     for EfficientNet-Lite0 on AMX, same retrieval mAP), else fp32.
     """
     chosen = (precision or os.environ.get("IMGSTORE_PRECISION") or "auto").strip().lower()

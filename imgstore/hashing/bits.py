@@ -49,7 +49,6 @@ __all__ = [
     "hamming_distances_batch",
     "pack_bits",
     "topk_smallest",
-    "unpack_bits",
 ]
 
 #: Band values must fit a non-negative BIGINT and keep radius-2 probing small (1 + w + w(w-1)/2).
@@ -87,15 +86,6 @@ def pack_bits(bits: npt.ArrayLike) -> CodeArray:
     if arr.shape[1] % 8:
         raise HasherError(f"n_bits must be a multiple of 8, got {arr.shape[1]}")
     return np.packbits(arr.astype(bool, copy=False), axis=1, bitorder="big")
-
-
-def unpack_bits(codes: npt.ArrayLike, n_bits: int | None = None) -> npt.NDArray[np.bool_]:
-    """Inverse of :func:`pack_bits`: ``(n, n_bytes)`` uint8 -> ``(n, n_bits)`` bool."""
-    arr = _as_codes(codes)
-    n_bits = arr.shape[1] * 8 if n_bits is None else int(n_bits)
-    if n_bits > arr.shape[1] * 8:
-        raise HasherError(f"n_bits={n_bits} exceeds the {arr.shape[1] * 8} bits the codes hold")
-    return np.unpackbits(arr, axis=1, count=n_bits, bitorder="big").astype(bool)
 
 
 def as_words(codes: npt.ArrayLike) -> WordArray:
