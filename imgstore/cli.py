@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .db import ENV_VAR
+from .db import ENV_VAR, resolve_url, sqlite_file
 from .errors import ImgStoreError
 from .repository import ImageStore
 
@@ -29,8 +29,16 @@ class Context:
         self.extractor_options: dict[str, dict[str, Any]] = {}
 
     @contextmanager
-    def store(self, *, check_schema: bool = True) -> Iterator[ImageStore]:
-        with ImageStore(self.db, check_schema=check_schema, extractor_options=self.extractor_options) as store:
+    def store(self, *, check_schema: bool = True, create: bool = False) -> Iterator[ImageStore]:
+        """The store of ``--db``. Only commands that write pass ``create``: a mistyped SQLite
+        path must not leave an empty database behind a read command."""
+        url = resolve_url(self.db)
+        path = sqlite_file(url)
+        if path is not None and not create and not path.exists():
+            raise ImgStoreError(
+                f"no database at {path}: check --db or ${ENV_VAR} (`imgstore ingest FOLDER` creates one)"
+            )
+        with ImageStore(url, check_schema=check_schema, extractor_options=self.extractor_options) as store:
             yield store
 
 
@@ -50,6 +58,12 @@ def friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ImgStoreError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # an output file or folder that cannot be written, a full device
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: every finished batch is kept; run the same command again to resume", err=True)
+            raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -101,7 +115,7 @@ def db_upgrade(obj: Context, revision: str) -> None:
 
     Example: imgstore db upgrade
     """
-    with obj.store(check_schema=False) as store:
+    with obj.store(check_schema=False, create=True) as store:
         store.upgrade(revision)
         click.echo(f"{store.display_url}: at revision {store.schema_status().current}")
 
@@ -155,8 +169,7 @@ def db_check(obj: Context) -> None:
                 f"{status.head}: run `imgstore db upgrade`"
             )
         if status.differences:
-            lines = "\n  ".join(status.differences)
-            raise click.ClickException(f"schema differs from the models:\n  {lines}")
+            raise click.ClickException(f"schema differs from the models: {'; '.join(status.differences)}")
         click.echo(f"{store.display_url}: schema at head ({status.head}), matches the models")
 
 
@@ -255,9 +268,9 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
     """
     import csv
 
-    out = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-    try:
-        with obj.store() as store:
+    with obj.store() as store:
+        out = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+        try:
             writer = None
             for row in store.export_rows(neighbours=neighbours):
                 if fmt == "jsonl":
@@ -268,9 +281,9 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
                     writer = csv.DictWriter(out, fieldnames=list(flat))
                     writer.writeheader()
                 writer.writerow(flat)
-    finally:
-        if output:
-            out.close()
+        finally:
+            if output:
+                out.close()
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -309,7 +322,7 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         obj.extractor_options["resnet50"] = {"weights": weights}
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show and not dry_run else None
-    with obj.store() as store:
+    with obj.store(create=not dry_run) as store:
         try:
             summary = store.ingest(list(paths), recursive=recursive, extractor=extractor, batch_size=batch_size,
                                    workers=workers, tags=tags, dry_run=dry_run, follow_symlinks=follow_symlinks,
@@ -412,7 +425,7 @@ def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sa
 
     Example: imgstore index create --method itq --bits 64 --bands 4
     """
-    with obj.store() as store:
+    with obj.store(create=True) as store:
         index_id = store.create_index(method, n_bits, n_bands=n_bands, sample=sample, extractor=extractor,
                                       activate=activate, random_state=seed, labels=labels)
         info = next(i for i in store.indexes() if i.id == index_id)
@@ -632,6 +645,27 @@ def show(obj: Context, ref: str) -> None:
     """
     with obj.store() as store:
         emit_json(store.image(int(ref) if ref.isdigit() and not os.path.exists(ref) else ref).as_dict())
+
+
+def _db_after_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Context).db = value
+
+
+def _accept_db_everywhere(group: click.Group) -> None:
+    """``imgstore info --db x.db`` as well as ``imgstore --db x.db info`` (datasette and
+    sqlite-utils users type it after the command); the later one wins."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_db_everywhere(command)
+        else:
+            command.params.append(click.Option(
+                ["--db"], metavar="URL", expose_value=False, is_eager=True, callback=_db_after_command,
+                help="SQLite file path or postgresql:// URL (also accepted before the command name).",
+            ))
+
+
+_accept_db_everywhere(cli)
 
 
 def main() -> None:  # pragma: no cover - console entry point alternative

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,8 @@ def resolve_url(db: str | os.PathLike[str] | URL | None = None) -> URL:
 
     A value without ``://`` is a path to an SQLite file. ``postgresql://`` URLs use psycopg 3.
     """
-    if db is None:
-        db = os.environ.get(ENV_VAR) or DEFAULT_DB
+    if db is None or (isinstance(db, str) and not db.strip()):  # an empty $IMGSTORE_DB counts as unset
+        db = os.environ.get(ENV_VAR, "").strip() or DEFAULT_DB
     if isinstance(db, URL):
         url = db
     else:
@@ -40,7 +41,8 @@ def resolve_url(db: str | os.PathLike[str] | URL | None = None) -> URL:
             return URL.create("sqlite", database=str(Path(text).expanduser().absolute()))
         try:
             url = make_url(text)
-        except ArgumentError as exc:
+            url.port  # noqa: B018 - a non-numeric port fails here, not at connect time
+        except (ArgumentError, ValueError) as exc:
             raise ConfigError(f"cannot parse database URL {safe_url_text(text)!r}: {exc}") from exc
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
@@ -60,8 +62,8 @@ def safe_url(url: URL) -> str:
 def safe_url_text(text: str) -> str:
     try:
         return safe_url(make_url(text))
-    except ArgumentError:
-        return "<unparseable URL>"
+    except (ArgumentError, ValueError):
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", text)  # mask a password by hand
 
 
 def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -79,6 +81,13 @@ def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-un
         cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     finally:
         cursor.close()
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The file of an SQLite URL (None for PostgreSQL and in-memory databases)."""
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return Path(url.database)
 
 
 def make_engine(url: URL, *, echo: bool = False) -> Engine:

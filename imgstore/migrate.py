@@ -7,7 +7,10 @@ wheel carries copies at ``imgstore/_alembic`` and ``imgstore/_migrations``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -78,6 +81,37 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def downgrade(engine: Engine, revision: str) -> None:
     with migration_connection(engine) as conn:
         command.downgrade(alembic_config(connection=conn), revision)
+
+
+@contextmanager
+def known_revision(revision: str) -> Iterator[None]:
+    """Alembic's "can't locate revision" (a typo, or a revision from a newer imgstore) becomes a
+    :class:`ConfigError` that lists the revisions this imgstore knows."""
+    try:
+        yield
+    except (CommandError, ResolutionError) as exc:
+        script = ScriptDirectory.from_config(alembic_config())
+        known = ", ".join(["base", *reversed([r.revision for r in script.walk_revisions()]), "head"])
+        raise ConfigError(f"unknown schema revision {revision!r} ({exc}); this imgstore knows {known}") from exc
+
+
+def describe(diff: Any) -> str:
+    """One line for one autogenerate difference (Alembic gives nested tuples with objects)."""
+    if isinstance(diff, list):  # column modifications come grouped
+        return "; ".join(describe(d) for d in diff)
+    if not isinstance(diff, tuple) or not diff:
+        return str(diff)
+    op, args = str(diff[0]), diff[1:]
+    if op in ("add_table", "remove_table"):
+        return f"{op.replace('_', ' ')} {args[0].name}"
+    if op in ("add_column", "remove_column"):
+        return f"{op.replace('_', ' ')} {args[1]}.{args[2].name}"
+    if op in ("add_index", "remove_index", "add_constraint", "remove_constraint"):
+        obj = args[0]
+        return f"{op.replace('_', ' ')} {getattr(obj, 'name', obj)} on {getattr(getattr(obj, 'table', None), 'name', '?')}"
+    if op.startswith("modify_"):
+        return f"{op.replace('_', ' ')} {args[1]}.{args[2]}: {args[-2]!s} in the database, {args[-1]!s} in the models"
+    return f"{op.replace('_', ' ')} {' '.join(str(getattr(a, 'name', a)) for a in args if a is not None)}"
 
 
 def pending_changes(engine: Engine) -> list[object]:

@@ -116,15 +116,15 @@ class ImageStore:
         with self.ctx.translate("read the schema version"):
             current = migrate.current_revision(self.engine)
             head = migrate.head_revision()
-            diffs = [repr(d) for d in migrate.pending_changes(self.engine)] if current == head else []
+            diffs = [migrate.describe(d) for d in migrate.pending_changes(self.engine)] if current == head else []
         return SchemaStatus(current, head, diffs)
 
     def upgrade(self, revision: str = "head") -> None:
-        with self.ctx.translate(f"upgrade to {revision}"):
+        with self.ctx.translate(f"upgrade to {revision}"), migrate.known_revision(revision):
             migrate.upgrade(self.engine, revision)
 
     def downgrade(self, revision: str) -> None:
-        with self.ctx.translate(f"downgrade to {revision}"):
+        with self.ctx.translate(f"downgrade to {revision}"), migrate.known_revision(revision):
             migrate.downgrade(self.engine, revision)
 
     # -- catalog --------------------------------------------------------------------------

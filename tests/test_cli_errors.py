@@ -1,0 +1,135 @@
+"""Everyday CLI mistakes get one line and exit 1 (usage errors: click's exit 2), Ctrl-C exits 130
+with a hint, read commands never create a database, and ``--db`` works after the command name."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import text
+
+from imgstore import ImageStore
+from imgstore.cli import cli
+
+from .helpers import make_collection, photo, write_variants
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def one_line_error(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], result.output
+
+
+@pytest.fixture
+def small_store(db_url: str, tmp_path: Path) -> str:
+    root = tmp_path / "photos"
+    write_variants(photo("chelsea"), root, "cat", 3)
+    write_variants(photo("rocket"), root, "rocket", 3)
+    assert run("--db", db_url, "ingest", str(root), "--extractor", "color", "--no-progress").exit_code == 0
+    return db_url
+
+
+def test_unknown_revisions(db_url: str) -> None:
+    assert run("--db", db_url, "db", "upgrade").exit_code == 0
+    one_line_error(run("--db", db_url, "db", "downgrade", "bogus"), "unknown schema revision 'bogus'", "0004")
+    one_line_error(run("--db", db_url, "db", "upgrade", "0007"), "unknown schema revision '0007'")
+
+
+def test_bad_urls() -> None:
+    one_line_error(run("--db", "postgresql://me:s3cret@localhost:abc/photos", "info"), "cannot parse database URL", "***")
+    one_line_error(run("--db", "mysql://localhost/photos", "info"), "unsupported database")
+
+
+def test_unwritable_outputs(small_store: str, tmp_path: Path) -> None:
+    for target in (tmp_path / "missing" / "out.csv", Path("/proc/imgstore-out.csv"), Path("/dev/full")):
+        one_line_error(run("--db", small_store, "export", "-o", str(target)))
+    one_line_error(run("--db", small_store, "query", "1", "--montage", str(tmp_path / "missing" / "sheet.png")), "missing")
+    one_line_error(run("--db", small_store, "dedup", "--montage", "/proc/imgstore-sheets"), "/proc/imgstore-sheets")
+
+
+def test_buckets_dropped_by_hand(small_store: str) -> None:
+    with ImageStore(small_store) as store:
+        store.create_index("lsh", 32, extractor="color")
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP TABLE code_buckets"))
+    one_line_error(run("--db", small_store, "query", "1", "--no-rerank"), "cannot search", "code_buckets")
+    one_line_error(run("--db", small_store, "db", "check"), "schema differs from the models", "code_buckets")
+
+
+def test_db_check_names_differences(db_url: str) -> None:
+    with ImageStore(db_url) as store, store.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_features_image_id"))
+    result = run("--db", db_url, "db", "check")
+    one_line_error(result, "add index ix_features_image_id on features")
+    assert "Index(" not in result.output and "('" not in result.output
+
+
+def test_read_commands_never_create_a_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "typo.db"
+    for args in (["info"], ["query", "1"], ["show", "1"], ["verify"], ["dedup"], ["index", "list"], ["db", "current"],
+                 ["db", "check"], ["errors"], ["export"], ["ingest", str(tmp_path), "--dry-run"]):
+        one_line_error(run("--db", str(missing), *args), "no database at", str(missing))
+        assert not missing.exists(), args
+    # an empty IMGSTORE_DB means the default (./imgstore.db), which read commands do not create either
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run("info", env={"IMGSTORE_DB": ""}), "no database at", "imgstore.db")
+    assert not (tmp_path / "imgstore.db").exists()
+    # commands that write create it, and so does the Python API
+    assert run("--db", str(missing), "db", "upgrade").exit_code == 0 and missing.exists()
+    with ImageStore(tmp_path / "api.db"):
+        pass
+    assert (tmp_path / "api.db").exists()
+
+
+def test_db_after_the_command_name(small_store: str, tmp_path: Path) -> None:
+    assert run("info", "--db", small_store, "--json").exit_code == 0
+    assert run("index", "list", "--db", small_store).exit_code == 0
+    assert run("db", "current", "--db", small_store).exit_code == 0
+    # the later --db wins
+    assert run("--db", str(tmp_path / "nope.db"), "info", "--db", small_store).exit_code == 0
+
+
+def test_usage_errors_keep_exit_2(small_store: str) -> None:
+    assert run("--db", small_store, "query").exit_code == 2
+    assert run("--db", small_store, "index", "create", "--bits", "many").exit_code == 2
+
+
+def test_ctrl_c_exits_130_and_the_rerun_completes(sqlite_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    expected = make_collection(root, per_photo=12)
+    cmd = [sys.executable, "-m", "imgstore.cli", "--db", sqlite_url, "ingest", str(root), "--extractor", "color",
+           "--batch-size", "2", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(sqlite_url):
+            try:
+                with ImageStore(sqlite_url) as store:
+                    if store.counts().images >= 4:
+                        break
+            except Exception:  # noqa: BLE001 - the schema may still be being created
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    with ImageStore(sqlite_url) as store:
+        assert store.verify(check_files=False).ok
+        assert store.counts().images < expected["images"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    with ImageStore(sqlite_url) as store:
+        assert store.counts().images == expected["images"]
