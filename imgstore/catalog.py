@@ -13,6 +13,7 @@ from sqlalchemy import Connection, delete, func, select
 from .bandindex import mark_changed, remove_codes
 from .errors import NotFoundError
 from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
+from .paths import from_stored, printable, to_stored
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext
@@ -101,7 +102,7 @@ def errors(conn: Connection, limit: int | None = None) -> list[IngestErrorRecord
     stmt = select(IngestError.path, IngestError.error_type, IngestError.reason, IngestError.occurred_at).order_by(IngestError.path)
     if limit:
         stmt = stmt.limit(limit)
-    return [IngestErrorRecord(*row) for row in conn.execute(stmt)]
+    return [IngestErrorRecord(from_stored(path), *rest) for path, *rest in conn.execute(stmt)]
 
 
 def resolve(conn: Connection, ref: int | str) -> int:
@@ -111,10 +112,10 @@ def resolve(conn: Connection, ref: int | str) -> int:
         if conn.scalar(select(Image.id).where(Image.id == image_id)) is None:
             raise NotFoundError(f"no image with id {image_id}")
         return image_id
-    path = os.path.abspath(os.fspath(ref))
-    found = conn.scalar(select(ImagePath.image_id).where(ImagePath.path == path).order_by(ImagePath.is_current.desc()))
+    path = os.path.abspath(os.path.expanduser(os.fspath(ref)))
+    found = conn.scalar(select(ImagePath.image_id).where(ImagePath.path == to_stored(path)).order_by(ImagePath.is_current.desc()))
     if found is None:
-        raise NotFoundError(f"no stored image was seen at {path}")
+        raise NotFoundError(f"no stored image was seen at {printable(path)}")
     return int(found)
 
 
@@ -122,7 +123,7 @@ def image(conn: Connection, ref: int | str) -> ImageRecord:
     image_id = resolve(conn, ref)
     row = conn.execute(select(Image.__table__).where(Image.id == image_id)).mappings().one()
     paths = [
-        PathRecord(*p) for p in conn.execute(
+        PathRecord(from_stored(p[0]), *p[1:]) for p in conn.execute(
             select(ImagePath.path, ImagePath.is_current, ImagePath.file_size, ImagePath.mtime_ns, ImagePath.last_seen_at)
             .where(ImagePath.image_id == image_id).order_by(ImagePath.path)
         )
@@ -162,12 +163,13 @@ def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str,
         for image_id, path in conn.execute(
             select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.path)
         ):
-            paths.setdefault(int(image_id), []).append(path)
+            paths.setdefault(int(image_id), []).append(from_stored(path))
     for start in range(0, len(images), 256):
         chunk = images[start : start + 256]
         near = search_many(ctx, [int(r["id"]) for r in chunk], neighbours + 1, cached=True) if neighbours else []
         for n, row in enumerate(chunk):
-            item = {**dict(row), "paths": paths.get(int(row["id"]), [])}
+            item = {k: v for k, v in row.items() if k != "signature"}  # binary, for dedup only
+            item["paths"] = paths.get(int(row["id"]), [])
             if neighbours:
                 item["neighbours"] = [r.image_id for r in near[n] if r.image_id != row["id"]][:neighbours]
             yield item

@@ -18,6 +18,7 @@ import click
 
 from .db import ENV_VAR, resolve_url, sqlite_file
 from .errors import ImgStoreError
+from .paths import printable
 from .repository import ImageStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -247,9 +248,9 @@ def verify(obj: Context, no_files: bool, as_json: bool) -> None:
         click.echo(f"dangling rows: {report.dangling_rows}")
         click.echo(f"vanished files: {len(report.vanished_files)}, changed files: {len(report.changed_files)}")
         for path in report.vanished_files[:20]:
-            click.echo(f"  vanished: {path}")
+            click.echo(f"  vanished: {printable(path)}")
         for path in report.changed_files[:20]:
-            click.echo(f"  changed:  {path}")
+            click.echo(f"  changed:  {printable(path)}")
         click.echo("ok" if report.ok else "INCONSISTENT")
     if not report.ok:
         raise SystemExit(1)
@@ -277,6 +278,7 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
                     out.write(json.dumps(row, default=str) + "\n")
                     continue
                 flat = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+                flat["paths"] = json.dumps([printable(p) for p in row["paths"]])
                 if writer is None:
                     writer = csv.DictWriter(out, fieldnames=list(flat))
                     writer.writeheader()
@@ -340,7 +342,7 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         f"({summary.elapsed_s:.1f} s, {summary.images_per_s:.1f} images/s)"
     )
     for path, reason in summary.errors[:10]:
-        click.echo(f"  failed: {path}: {reason}", err=True)
+        click.echo(f"  failed: {printable(path)}: {reason}", err=True)
     if len(summary.errors) > 10:
         click.echo(f"  ... and {len(summary.errors) - 10} more: see `imgstore errors`", err=True)
 
@@ -391,7 +393,7 @@ def errors(obj: Context, limit: int | None, as_json: bool) -> None:
     if not rows:
         click.echo("no ingest errors")
     for row in rows:
-        click.echo(f"{row.path}\t{row.error_type}\t{row.reason}")
+        click.echo(f"{printable(row.path)}\t{row.error_type}\t{row.reason}")
 
 
 # --- indexes ------------------------------------------------------------------------------------
@@ -536,7 +538,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
         for n, r in enumerate(res, 1):
             dist = "-" if r.distance is None else str(r.distance)
             cos = "-" if r.cosine is None else f"{r.cosine:.4f}"
-            path = r.paths[0] if r.paths else "(no current path)"
+            path = printable(r.paths[0]) if r.paths else "(no current path)"
             more = f" (+{len(r.paths) - 1} more)" if len(r.paths) > 1 else ""
             click.echo(f"  {n:>4}  {r.image_id:>6}  {dist:>7}  {cos:>7}  {path}{more}")
 
@@ -548,7 +550,7 @@ def _numbered(path: str, n: int) -> str:
 
 def _short_name(path: str) -> str:
     """``folder/file.jpg``: enough to tell copies apart in a caption."""
-    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+    return printable(os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
 
 
 def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> None:
@@ -604,8 +606,9 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         for g, group in enumerate(groups, 1):
             for m in group.members:
                 for path in m.paths or [""]:
-                    writer.writerow([g, group.kind, m.image_id == group.keeper, m.image_id,
-                                     "" if m.distance is None else m.distance, "" if m.cosine is None else f"{m.cosine:.4f}", path])
+                    writer.writerow([g, group.kind, "true" if m.image_id == group.keeper else "false", m.image_id,
+                                     "" if m.distance is None else m.distance, "" if m.cosine is None else f"{m.cosine:.4f}",
+                                     printable(path)])
     else:
         for g, group in enumerate(groups, 1):
             click.echo(f"group {g} ({group.kind}, {sum(len(m.paths) for m in group.members)} files):")
@@ -614,7 +617,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                 cos = "" if m.cosine is None else f" cos {m.cosine:.3f}"
                 dist = "" if m.distance is None else f" d {m.distance}"
                 for path in m.paths or ["(no file)"]:
-                    click.echo(f"  {mark} {m.image_id:>6}{dist}{cos}  {path}")
+                    click.echo(f"  {mark} {m.image_id:>6}{dist}{cos}  {printable(path)}")
         click.echo(f"{len(groups)} groups")
 
 

@@ -68,7 +68,9 @@ class DecodeError(ImgStoreError):
     def __init__(self, path: str | os.PathLike[str] | None, reason: str) -> None:
         self.path = None if path is None else os.fspath(path)
         self.reason = reason
-        where = self.path if self.path is not None else "<in-memory image>"
+        from .paths import printable
+
+        where = printable(self.path) if self.path is not None else "<in-memory image>"
         super().__init__(f"{where}: {reason}")
 
 

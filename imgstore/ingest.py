@@ -28,6 +28,7 @@ from .features import Extractor
 from .features.pipeline import StreamResult, extract_stream
 from .indexing import encode_images
 from .models import Feature, Image, ImagePath, IngestError, utcnow
+from .paths import printable, to_stored
 from .signature import thumb_signature
 from .signature import to_bytes as signature_bytes
 from .sqlhelpers import IN_CHUNK, chunks, insert_ignore, insert_stmt
@@ -112,11 +113,6 @@ class _Task:
 
 
 # --- walking ------------------------------------------------------------------------------------
-
-
-def _display(path: str) -> str:
-    """A path as text that any database can store (undecodable bytes become \\x escapes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def walk_files(
@@ -234,13 +230,13 @@ class Ingester:
         walk_errors: list[tuple[str, str]] = []
         files = list(
             walk_files(roots, recursive=recursive, follow_symlinks=follow_symlinks,
-                       on_error=lambda p, r: walk_errors.append((_display(p), r)))
+                       on_error=lambda p, r: walk_errors.append((p, r)))
         )
         summary.files_seen = len(files)
         known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
         tasks: list[_Task] = []
         for path, st in files:
-            shown = _display(path)
+            shown = to_stored(path)
             prior = known_paths.get(shown)
             if prior is not None and prior == (st.st_size, st.st_mtime_ns):
                 summary.unchanged += 1
@@ -326,7 +322,7 @@ class Ingester:
                 return None
             self._claimed.add(digest)
         try:
-            shown = _display(task.path) if task.path is not None else None
+            shown = printable(task.path) if task.path is not None else None
             decoded = decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
             task.signature = signature_bytes(thumb_signature(decoded.image))
             return decoded
@@ -340,7 +336,7 @@ class Ingester:
         out: dict[str, tuple[int, int]] = {}
         with self.ctx.read("look up known paths") as conn:
             for root in roots:
-                shown = _display(root)
+                shown = to_stored(root)
                 lo = shown.rstrip(os.sep) + os.sep
                 hi = lo[:-1] + chr(ord(os.sep) + 1)
                 # unchanged means: same file, and its image already has features in this space
@@ -408,9 +404,9 @@ class Ingester:
                 added = int(fresh.sum())
         resolved = [t for t in dups if t.data_sha256 in ids]
         unresolved = [t for t in dups if t.data_sha256 not in ids]
-        errors = [(_display(r.item.path) if r.item.path else "<in-memory image>", _reason(r.error)) for r in failed]
+        errors = [(r.item.path if r.item.path else "<in-memory image>", _reason(r.error)) for r in failed]
         if final:
-            errors += [(_display(t.path) if t.path else "<in-memory image>", "same content as another file that could not be decoded") for t in unresolved]
+            errors += [(t.path if t.path else "<in-memory image>", "same content as another file that could not be decoded") for t in unresolved]
             unresolved = []
         paths = [(r.item, ids[r.item.data_sha256]) for r in ok] + [(t, ids[t.data_sha256]) for t in resolved]
         for task, image_id in paths:
@@ -448,7 +444,7 @@ def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetim
     """Upsert the path rows; a path that now holds other content has its old row made not current."""
     if not paths:
         return
-    shown = [_display(t.path) for t, _ in paths]
+    shown = [to_stored(t.path) for t, _ in paths]
     for part in chunks(shown, IN_CHUNK):
         conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
         conn.execute(delete(IngestError).where(IngestError.path.in_(part)))
@@ -477,9 +473,9 @@ def _record_errors(
     now = utcnow()
     types = [type(e).__name__ for e in (excs or [])]
     rows = [
-        {"path": path, "reason": reason[:2000], "occurred_at": now,
+        {"path": to_stored(path), "reason": printable(reason)[:2000], "occurred_at": now,
          "error_type": error_type or (types[i] if i < len(types) else "DecodeError")}
-        for i, (path, reason) in enumerate(errors)
+        for i, (path, reason) in enumerate(errors)  # paths as given; stored escaped (imgstore.paths)
     ]
     stmt = insert_stmt(conn, IngestError.__table__)
     stmt = stmt.on_conflict_do_update(

@@ -12,6 +12,7 @@ from . import bandindex, migrate
 from .catalog import Counts, counts
 from .indexing import IndexInfo, list_indexes
 from .models import Code, Feature, HashIndex, Image, ImagePath
+from .paths import from_stored
 from .vectors import SpaceInfo, list_spaces
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,13 +95,14 @@ def _files(conn: Connection) -> tuple[list[str], list[str]]:
     for path, size, mtime in conn.execute(
         select(ImagePath.path, ImagePath.file_size, ImagePath.mtime_ns).where(ImagePath.is_current.is_(True))
     ):
+        real = from_stored(path)
         try:
-            st = os.stat(path)
+            st = os.stat(real)
         except OSError:
-            vanished.append(path)
+            vanished.append(real)
             continue
         if (st.st_size, st.st_mtime_ns) != (size, mtime):
-            changed.append(path)
+            changed.append(real)
     return vanished, changed
 
 

@@ -35,6 +35,7 @@ from .errors import ConfigError, NotFoundError
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Code, HashIndex, ImagePath
+from .paths import from_stored
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, load_features, pick_space
 
@@ -511,7 +512,7 @@ def current_paths(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[
             .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
             .order_by(ImagePath.path)
         ):
-            out[int(image_id)].append(path)
+            out[int(image_id)].append(from_stored(path))
     return out
 
 

@@ -1,0 +1,68 @@
+"""How file paths are stored: text any database accepts, and back to the exact file name.
+
+A POSIX file name is bytes; Python hands it over as ``str`` with each byte that is not UTF-8
+as a lone surrogate (``os.fsdecode``'s ``surrogateescape``), which neither PostgreSQL nor a
+UTF-8 output stream accepts. Stored paths therefore percent-escape exactly two things: every
+byte that is not part of valid UTF-8 (``%E9`` for a Latin-1 ``é``) and the percent sign itself
+(``%25``). Every other character is stored as it is, so ordinary names read naturally in the
+database, ``LIKE`` prefixes still select a folder, and :func:`from_stored` gives back the
+``str`` that ``open`` and ``os.stat`` need, for every name (migration 0005 converted the
+backslash escapes that earlier versions wrote, which could not be told apart from a real
+backslash).
+
+:func:`printable` is for showing a path to a person: undecodable bytes as ``\\xNN``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_ESCAPED = re.compile(r"%([0-9A-F]{2})")
+
+
+def to_stored(path: str | os.PathLike[str]) -> str:
+    """The database text of a file path (absolute or not, as given)."""
+    text = os.fspath(path)
+    if "%" not in text and not _has_surrogates(text):
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "%":
+            out.append("%25")
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, as surrogateescape carries it
+            out.append(f"%{code - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def from_stored(text: str) -> str:
+    """The file path (``str``, undecodable bytes as surrogates) of database text."""
+    if "%" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: _unescape(int(m.group(1), 16)), text)
+
+
+def printable(path: str) -> str:
+    """A path as text for a terminal or a UTF-8 file: undecodable bytes as ``\\xNN``."""
+    if not _has_surrogates(path):
+        return path
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _unescape(byte: int) -> str:
+    if byte == 0x25:
+        return "%"
+    if byte >= 0x80:
+        return chr(0xDC00 + byte)
+    return f"%{byte:02X}"  # never written by to_stored: leave it as it was
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
