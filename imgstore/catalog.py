@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, case, delete, func, select, update
 
 from .bandindex import mark_changed, remove_codes
 from .errors import NotFoundError
 from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
+from .sqlhelpers import IN_CHUNK, chunks
 from .paths import from_stored, printable, to_stored
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,19 +138,116 @@ def image(conn: Connection, ref: int | str) -> ImageRecord:
     )
 
 
-def remove(ctx: StoreContext, refs: Sequence[int | str]) -> list[int]:
-    """Delete images (by id or any path) from every table in one transaction; unknown
-    references raise :class:`NotFoundError` and remove nothing."""
-    def work(conn: Connection) -> list[int]:
-        ids = sorted({resolve(conn, r) for r in refs})
-        changed = remove_codes(conn, ids)
-        for model in (Feature, ImagePath):
-            conn.execute(delete(model).where(model.image_id.in_(ids)))
-        conn.execute(delete(Image).where(Image.id.in_(ids)))
-        mark_changed(conn, changed)
-        return ids
+@dataclass(frozen=True)
+class Removal:
+    """What ``rm`` removed (or, with ``dry_run``, would remove): path rows, and images (an
+    image named by id, or one whose last current path went)."""
+
+    paths: list[str]
+    images: list[int]
+    dry_run: bool
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.images)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"paths": self.paths, "images": self.images, "dry_run": self.dry_run}
+
+
+def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = False) -> Removal:
+    """Remove what ``refs`` name, in one transaction. An ``int`` (or a string of digits that is no
+    existing file) names an image: it goes with its features, codes and every path. A path names
+    that path: its rows go, and its image too when no other current path is left (an image
+    reached through another file stays). Unknown references raise :class:`NotFoundError` and
+    remove nothing."""
+    def work(conn: Connection) -> Removal:
+        image_ids: set[int] = set()
+        stored: set[str] = set()
+        for ref in refs:
+            if _names_an_id(ref):
+                image_ids.add(resolve(conn, ref))
+            else:
+                resolve(conn, ref)  # NotFoundError for a path never seen
+                stored.add(to_stored(os.path.abspath(os.path.expanduser(os.fspath(ref)))))
+        touched = {int(i) for i in conn.scalars(select(ImagePath.image_id).where(ImagePath.path.in_(sorted(stored))))}
+        left = {int(i) for i in conn.scalars(
+            select(ImagePath.image_id).where(ImagePath.image_id.in_(sorted(touched)), ImagePath.is_current.is_(True),
+                                             ImagePath.path.not_in(sorted(stored)))
+        )} if touched else set()
+        image_ids |= touched - left
+        removal = Removal(sorted(from_stored(p) for p in stored), sorted(image_ids), dry_run)
+        if dry_run:
+            return removal
+        if stored:
+            conn.execute(delete(ImagePath).where(ImagePath.path.in_(sorted(stored))))
+        if image_ids:
+            ids = sorted(image_ids)
+            changed = remove_codes(conn, ids)
+            for model in (Feature, ImagePath):
+                conn.execute(delete(model).where(model.image_id.in_(ids)))
+            conn.execute(delete(Image).where(Image.id.in_(ids)))
+            mark_changed(conn, changed)
+        return removal
 
     return ctx.write(work, doing="remove images")
+
+
+def _names_an_id(ref: int | str) -> bool:
+    """An ``int``, or digits that name no existing file (the CLI reads its arguments the same way)."""
+    return isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref))
+
+
+def _gone(path: str) -> bool:
+    """True only when the file is known not to exist (a permission error is not "gone")."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: set[str] | None = None,
+              dry_run: bool = False) -> list[str] | int:
+    """Mark current paths whose file no longer exists as not current (history kept): those
+    under ``roots`` (a rescan; ``seen`` are stored paths the walk just found), or every one
+    (``roots=None``: prune). Returns the paths (prune) or how many (rescan)."""
+    seen = seen or set()
+    with ctx.read("look up current paths") as conn:
+        stmt = select(ImagePath.path).where(ImagePath.is_current.is_(True))
+        candidates: list[str] = []
+        if roots is None:
+            candidates = list(conn.scalars(stmt))
+        else:
+            for root in roots:
+                stored = to_stored(root)
+                lo = stored.rstrip(os.sep) + os.sep
+                hi = lo[:-1] + chr(ord(os.sep) + 1)
+                candidates += conn.scalars(stmt.where(((ImagePath.path >= lo) & (ImagePath.path < hi)) | (ImagePath.path == stored)))
+    gone = sorted({p for p in candidates if p not in seen and _gone(from_stored(p))})
+    if gone and not dry_run:
+        def work(conn: Connection) -> None:
+            for part in chunks(gone, IN_CHUNK):
+                conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
+
+        ctx.write(work, doing="mark vanished paths")
+    return len(gone) if roots is not None else [from_stored(p) for p in gone]
+
+
+def stale_among(conn: Connection, image_ids: Sequence[int]) -> set[int]:
+    """Images among ``image_ids`` whose every path went stale (seen at paths, none current).
+    Images added without a path are never stale."""
+    out: set[int] = set()
+    current = func.sum(case((ImagePath.is_current.is_(True), 1), else_=0))
+    for part in chunks(sorted({int(i) for i in image_ids}), IN_CHUNK):
+        out |= {int(i) for i in conn.scalars(
+            select(ImagePath.image_id).where(ImagePath.image_id.in_(part)).group_by(ImagePath.image_id).having(current == 0)
+        )}
+    return out
 
 
 def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:

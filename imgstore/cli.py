@@ -211,32 +211,72 @@ def info(obj: Context, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("refs", nargs=-1, required=True)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
-def rm(obj: Context, refs: tuple[str, ...]) -> None:
-    """Remove images (by id or path) and their paths, features and codes.
+def rm(obj: Context, refs: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Remove paths and images from the store (never a file on disk).
 
-    Example: imgstore rm 42 photos/old.jpg
+    A PATH removes that path; its image goes too when no other current path is left. An ID
+    (digits that name no existing file) removes the image with all its paths.
+
+    \b
+    Example:
+      imgstore rm photos/old.jpg
+      imgstore rm 42 --dry-run
     """
     with obj.store() as store:
-        removed = store.remove([int(r) if r.isdigit() and not os.path.exists(r) else r for r in refs])
-    click.echo(f"removed {len(removed)} image(s): {', '.join(map(str, removed))}")
+        removal = store.remove([int(r) if r.isdigit() and not os.path.exists(r) else r for r in refs], dry_run=dry_run)
+    if as_json:
+        emit_json(removal.as_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for path in removal.paths:
+        click.echo(f"{verb} path {printable(path)}")
+    click.echo(f"{verb} {len(removal.images)} image(s){': ' if removal.images else ''}{', '.join(map(str, removal.images))}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only list the paths that would be marked.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+@friendly_errors
+def prune(obj: Context, dry_run: bool, as_json: bool) -> None:
+    """Mark stored paths whose file no longer exists as not current (kept as history).
+
+    An ingest does this itself for the folders it rescans; prune covers every other path. An
+    image left without a current path is hidden from query results (query --include-stale).
+
+    Example: imgstore prune --dry-run
+    """
+    with obj.store() as store:
+        gone = store.prune(dry_run=dry_run)
+    if as_json:
+        emit_json({"paths": gone, "dry_run": dry_run})
+        return
+    for path in gone:
+        click.echo(f"{'would mark' if dry_run else 'marked'} gone: {printable(path)}")
+    click.echo(f"{len(gone)} path(s){' would be' if dry_run else ''} marked not current")
 
 
 @cli.command()
 @click.option("--no-files", is_flag=True, help="Do not check the files on disk.")
+@click.option("--prune", "do_prune", is_flag=True, help="Then mark vanished files' paths not current (as `imgstore prune`).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
-def verify(obj: Context, no_files: bool, as_json: bool) -> None:
+def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
     """Check every image has its features and codes; list files that vanished or changed.
 
     Exits 1 when the database is inconsistent (not for files that moved on disk).
 
-    Example: imgstore verify
+    Example: imgstore verify --prune
     """
     with obj.store() as store:
         report = store.verify(check_files=not no_files)
+        if do_prune and report.vanished_files:
+            store.prune()
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -494,6 +534,8 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.option("--exact", is_flag=True, help="Exact Hamming kNN (equal to a full scan).")
 @click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8), help="Bits flipped per band when probing.")
 @click.option("--rerank/--no-rerank", default=None, help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
+@click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one].")
+@click.option("--include-stale", is_flag=True, help="Also show images whose files all changed or vanished.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--montage", type=click.Path(dir_okay=False), default=None,
               help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
@@ -501,7 +543,7 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.pass_obj
 @friendly_errors
 def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radius: int, rerank: bool | None,
-          as_json: bool, montage: str | None, weights: str | None) -> None:
+          index_id: int | None, include_stale: bool, as_json: bool, montage: str | None, weights: str | None) -> None:
     """Find the stored images most similar to each IMAGE (a file, or a stored image id).
 
     \b
@@ -522,7 +564,8 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
         else:
             raise click.ClickException(f"{ref}: no such file (or stored image id)")
     with obj.store() as store:
-        results = store.search_many(queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank)
+        results = store.search_many(queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank,
+                                    index_id=index_id, include_stale=include_stale)
         if montage:
             for n, (ref, q, res) in enumerate(zip(images, queries, results)):
                 target = montage if n == 0 else _numbered(montage, n + 1)

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, func, select
 
+from .catalog import stale_among
 from .errors import ConfigError
 from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
@@ -416,6 +417,9 @@ def find_duplicates(
                     max_d = default_max_distance(cache.index.n_bits) if max_distance is None else max_distance
                     edges = near_edges(conn, cache, space, rule, max_d, probe_radius)
                     ids = cache.image_ids.tolist()
+        stale = stale_among(conn, sorted({i for e in edges for i in (e.a, e.b)}))
+        if stale:  # every path of these went: nothing on disk to act on
+            edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
         return _groups(conn, multi, near, edges)
 

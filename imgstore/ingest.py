@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import Connection, delete, select, update
 
+from . import catalog
 from .context import StoreContext
 from .decode import DecodedImage, decode_bytes, load_image, read_file
 from .errors import DecodeError, ImgStoreError
@@ -65,6 +66,7 @@ class IngestSummary:
     unchanged: int = 0
     duplicates: int = 0
     failed: int = 0
+    gone: int = 0  # stored paths under the roots whose file no longer exists (now not current)
     elapsed_s: float = 0.0
     dry_run: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -80,6 +82,7 @@ class IngestSummary:
             "unchanged": self.unchanged,
             "duplicates": self.duplicates,
             "failed": self.failed,
+            "gone": self.gone,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
             "dry_run": self.dry_run,
@@ -252,7 +255,12 @@ class Ingester:
             self.ctx.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"), doing="record ingest errors")
             summary.failed += len(walk_errors)
             summary.errors.extend(walk_errors)
-        return self._process(tasks, summary, started)
+        summary = self._process(tasks, summary, started)
+        seen = {to_stored(path) for path, _ in files}
+        present = [os.path.abspath(os.fspath(r)) for r in roots if os.path.lexists(r)]  # a missing root may be unmounted
+        summary.gone = catalog.mark_gone(self.ctx, roots=present, seen=seen) if present else 0
+        summary.elapsed_s = time.perf_counter() - started
+        return summary
 
     def add_items(self, sources: Iterable[Any]) -> tuple[IngestSummary, list[int | None]]:
         """Ingest in-memory images (encoded bytes or PIL images) and single files.

@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import catalog, dedup, indexing, maintenance, migrate, search
-from .catalog import Counts, ImageRecord, IngestErrorRecord
+from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .context import StoreContext, driver_message
 from .dedup import DuplicateGroup
 from .errors import DatabaseError, DecodeError, SchemaError
@@ -144,10 +144,18 @@ class ImageStore:
         with self.ctx.read("read an image") as conn:
             return catalog.image(conn, ref)
 
-    def remove(self, refs: Sequence[int | str]) -> list[int]:
-        """Delete images (by id or by any path they were seen at) from every table; returns
-        the ids removed. Unknown references raise :class:`NotFoundError` and remove nothing."""
-        return catalog.remove(self.ctx, refs)
+    def remove(self, refs: Sequence[int | str], *, dry_run: bool = False) -> Removal:
+        """Remove images and paths. An ``int`` (or digits naming no existing file) is an image
+        id: the image goes with its features, codes and paths. A path removes that path, and its
+        image only when no other current path is left. Returns what was (or, with ``dry_run``,
+        would be) removed; unknown references raise :class:`NotFoundError` and remove nothing."""
+        return catalog.remove(self.ctx, refs, dry_run=dry_run)
+
+    def prune(self, *, dry_run: bool = False) -> list[str]:
+        """Mark every current path whose file no longer exists as not current (the rows stay,
+        as history); returns those paths. An ingest does this itself for paths under the
+        folders it rescans; ``prune`` covers the rest."""
+        return catalog.mark_gone(self.ctx, dry_run=dry_run)  # type: ignore[return-value]
 
     def export_rows(self, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
         """One dict per image: id, content hash, size, format, capture time, metadata, current
@@ -285,6 +293,7 @@ class ImageStore:
         rerank_depth: int | None = None,
         cached: bool | None = None,
         index_id: int | None = None,
+        include_stale: bool = False,
     ) -> list[SearchResult]:
         """The k images most similar to ``query``, best first.
 
@@ -294,9 +303,12 @@ class ImageStore:
         Hamming candidates by cosine similarity of the stored features (default: on). Without
         any index: exact cosine search over the stored features. ``cached`` keeps the index's
         codes in this store's memory between queries (default: the store's ``cache_codes``).
+        Images whose every path went stale (the files changed or vanished) are left out unless
+        ``include_stale``; images added without a path are never stale.
         """
         return self.search_many([query], k, exact=exact, probe_radius=probe_radius, rerank=rerank,
-                                rerank_depth=rerank_depth, cached=cached, index_id=index_id)[0]
+                                rerank_depth=rerank_depth, cached=cached, index_id=index_id,
+                                include_stale=include_stale)[0]
 
     def search_many(
         self,
@@ -309,11 +321,12 @@ class ImageStore:
         rerank_depth: int | None = None,
         cached: bool | None = None,
         index_id: int | None = None,
+        include_stale: bool = False,
     ) -> list[list[SearchResult]]:
         """:meth:`search` for many queries, with one connection and one cache check."""
         return search.search_many(
             self.ctx, queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
-            cached=self.cache_codes if cached is None else cached, index_id=index_id,
+            cached=self.cache_codes if cached is None else cached, index_id=index_id, include_stale=include_stale,
         )
 
     # -- duplicates -----------------------------------------------------------------------

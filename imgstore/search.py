@@ -435,6 +435,7 @@ def search_many(
     rerank_depth: int | None = None,
     cached: bool = False,
     index_id: int | None = None,
+    include_stale: bool = False,
 ) -> list[list[SearchResult]]:
     """The k nearest stored images of each query, best first (see ``ImageStore.search``)."""
     if k < 1:
@@ -455,13 +456,40 @@ def search_many(
         want = max(k, rerank_depth or RERANK_DEPTH_PER_K * k) if do_rerank else k
         out: list[list[SearchResult]] = []
         for vec, code in zip(vectors, codes):
-            found = source.nearest(vec, code, want)
+            found = _visible_nearest(conn, source, vec, code, want, include_stale)
             if do_rerank and vec is not None and found.cosines is None:
                 ids, sims = cosine_rerank(conn, space, vec, found.image_ids)
                 dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
                 found = Found(ids[:k], np.array([dist_of[i] for i in ids[:k].tolist()], dtype=np.int64), sims[:k])
             out.append(results(conn, found, k))
         return out
+
+
+#: Rounds of asking a source for more candidates when stale images were left out.
+STALE_RETRIES = 4
+
+
+def _visible_nearest(conn: Connection, source: CandidateSource, vector: npt.NDArray[np.float32] | None,
+                     code: npt.NDArray[np.uint8] | None, want: int, include_stale: bool) -> Found:
+    """``source.nearest`` without stale images (every path they were seen at went: hidden unless
+    asked), asking for more candidates when some were left out."""
+    from .catalog import stale_among
+
+    ask = want
+    for attempt in range(STALE_RETRIES + 1):
+        found = source.nearest(vector, code, ask)
+        if include_stale:
+            return found
+        stale = stale_among(conn, found.image_ids.tolist())
+        if stale:
+            keep = np.array([i not in stale for i in found.image_ids.tolist()], dtype=bool)
+            found = Found(found.image_ids[keep], None if found.distances is None else found.distances[keep],
+                          None if found.cosines is None else found.cosines[keep])
+        exhausted = len(found.image_ids) + len(stale) < ask  # the source had no more to give
+        if len(found.image_ids) >= want or exhausted or attempt == STALE_RETRIES:
+            return found
+        ask *= 4
+    raise AssertionError("unreachable")
 
 
 def query_vectors(
