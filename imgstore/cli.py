@@ -459,10 +459,11 @@ def index() -> None:
 @click.option("--labels", default=None, help="Supervision: 'folder' or 'tag:KEY'.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same codes).")
 @click.option("--activate/--no-activate", default=True, show_default=True, help="Make it the index queries use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new index as JSON.")
 @click.pass_obj
 @friendly_errors
 def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sample: int | None,
-                 extractor: str | None, labels: str | None, seed: int, activate: bool) -> None:
+                 extractor: str | None, labels: str | None, seed: int, activate: bool, as_json: bool) -> None:
     """Fit a hasher on the stored features and encode every image.
 
     Example: imgstore index create --method itq --bits 64 --bands 4
@@ -471,6 +472,9 @@ def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sa
         index_id = store.create_index(method, n_bits, n_bands=n_bands, sample=sample, extractor=extractor,
                                       activate=activate, random_state=seed, labels=labels)
         info = next(i for i in store.indexes() if i.id == index_id)
+    if as_json:
+        emit_json(info.as_dict())
+        return
     click.echo(f"index {info.id}: {info.method}, {info.n_bits} bits, {info.n_bands} bands of {info.band_width} bits, "
                f"{info.n_codes} images{' (active)' if info.is_active else ''}")
 
@@ -521,8 +525,13 @@ def index_drop(obj: Context, index_id: int) -> None:
     Example: imgstore index drop 1
     """
     with obj.store() as store:
-        store.drop_index(index_id)
+        successor = store.drop_index(index_id)
+        remaining = store.indexes()
     click.echo(f"index {index_id} dropped")
+    if successor is not None:
+        click.echo(f"index {successor} is now the active one")
+    elif not any(i.is_active for i in remaining):
+        click.echo("no active index left: queries scan the float features exactly (`imgstore index create` builds one)")
 
 
 # --- query --------------------------------------------------------------------------------------
@@ -617,12 +626,13 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
               help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.95; 0 = off].")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON (the same as --format json).")
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
               help="Write one contact sheet per group into this folder (created if missing).")
 @click.pass_obj
 @friendly_errors
 def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
-          fmt: str, montage_dir: str | None) -> None:
+          fmt: str, as_json: bool, montage_dir: str | None) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
@@ -641,7 +651,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature)
     if montage_dir:
         _dedup_sheets(groups, montage_dir)
-    if fmt == "json":
+    if fmt == "json" or as_json:
         emit_json([g.as_dict() for g in groups])
     elif fmt == "csv":
         writer = csv.writer(sys.stdout)
@@ -682,15 +692,29 @@ def _dedup_sheets(groups: list[Any], folder: str) -> None:
 
 @cli.command()
 @click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
-def show(obj: Context, ref: str) -> None:
-    """Show one stored image by id or path, as JSON.
+def show(obj: Context, ref: str, as_json: bool) -> None:
+    """Show one stored image by id or path: size, format, metadata, every path it was seen at.
 
-    Example: imgstore show 42
+    Example: imgstore show 42 --json
     """
     with obj.store() as store:
-        emit_json(store.image(int(ref) if ref.isdigit() and not os.path.exists(ref) else ref).as_dict())
+        record = store.image(int(ref) if ref.isdigit() and not os.path.exists(ref) else ref)
+    if as_json:
+        emit_json(record.as_dict())
+        return
+    click.echo(f"image {record.id}: {record.width}x{record.height} {record.format or '?'}, {record.byte_size:,} bytes, "
+               f"sha256 {record.sha256[:16]}...")
+    click.echo(f"ingested {record.ingested_at}" + (f", captured {record.captured_at}" if record.captured_at else ""))
+    if record.meta:
+        click.echo(f"metadata {json.dumps(record.meta, ensure_ascii=False, default=str)}")
+    for p in record.paths:
+        click.echo(f"  {'current' if p.is_current else 'gone   '}  {printable(p.path)}")
+    if not record.paths:
+        click.echo("  (added without a path)")
+    click.echo(f"feature spaces {record.feature_spaces or '-'}, indexes {record.indexes or '-'}")
 
 
 def _db_after_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:

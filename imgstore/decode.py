@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -168,6 +168,27 @@ def decode_bytes(
     return _finish(img, path=path, max_pixels=max_pixels, draft_size=draft_size)
 
 
+def as_source(source: Any) -> Any:
+    """What callers hand over, as a path, bytes or a PIL image: ``~`` expanded in a path, a
+    file-like object (``BytesIO``, an open file) read to bytes, a numpy ``uint8`` array of
+    ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` turned into an image. Anything else is returned
+    as it is (and refused by :func:`load_image`)."""
+    if isinstance(source, (str, os.PathLike)) and not isinstance(source, (bytes, bytearray)):
+        return os.path.expanduser(os.fspath(source))
+    if hasattr(source, "read") and callable(source.read):
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise DecodeError(None, "the file-like object did not give bytes (open it in binary mode)")
+        return bytes(data)
+    if isinstance(source, np.ndarray) and source.ndim in (2, 3):
+        if source.dtype != "uint8":
+            raise DecodeError(None, f"an image array must be uint8 (0-255), got {source.dtype}")
+        if source.ndim == 3 and source.shape[2] not in (3, 4):
+            raise DecodeError(None, f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got {source.shape}")
+        return Image.fromarray(source)
+    return source
+
+
 def load_image(
     source: ImageSource,
     *,
@@ -178,8 +199,9 @@ def load_image(
     """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
 
     A PIL image is taken as it is (its EXIF orientation applied, its mode converted); it is not
-    modified in place.
+    modified in place. File-like objects and numpy arrays are accepted as :func:`as_source` says.
     """
+    source = as_source(source)
     if isinstance(source, Image.Image):
         return _finish(source, path=None, max_pixels=max_pixels, draft_size=None)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -187,7 +209,8 @@ def load_image(
     if isinstance(source, (str, os.PathLike)):
         data = read_file(source, max_bytes=max_bytes)
         return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size)
-    raise TypeError(f"load_image takes a path, bytes or a PIL image, not {type(source).__name__}")
+    raise TypeError(f"an image is a path, bytes, a file-like object, a PIL image or a uint8 array, "
+                    f"not {type(source).__name__}")
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Image, ImagePath
-from .search import CodeCache, current_paths
+from .search import CodeCache, current_paths, plain
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
 
@@ -80,7 +80,9 @@ class DuplicateMember:
     cosine: float | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["cosine"] = plain(self.cosine)
+        return out
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,11 @@ def create_index(
         raise NotFoundError(f"no feature space with id {space_id}")
     n_total = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
     method = _method_for(method, n_bits, n_total, space.extractor, fallback)
+    if sample is not None and sample < max(n_bits, min_samples(method, n_bits)):
+        raise ConfigError(f"a sample of {sample} images is too small to fit {n_bits}-bit codes; "
+                          f"use --sample {max(n_bits, min_samples(method, n_bits))} or more")
+    if n_bands is not None:
+        band_layout(n_bits, n_bands)  # reject a layout that cannot work before spending time fitting
     hasher, n_fitted = _fit(conn, space_id, int(space.dim), method, n_bits, sample, random_state, labels)
     n_bands = default_n_bands(n_bits, max(n_total, 2)) if n_bands is None else n_bands
     band_width = band_layout(n_bits, n_bands)
@@ -175,13 +180,23 @@ def activate_index(conn: Connection, hasher_id: int) -> None:
     conn.execute(update(HashIndex).where(HashIndex.id == hasher_id).values(is_active=True))
 
 
-def drop_index(conn: Connection, hasher_id: int) -> None:
-    if conn.scalar(select(HashIndex.id).where(HashIndex.id == hasher_id)) is None:
+def drop_index(conn: Connection, hasher_id: int) -> int | None:
+    """Delete an index with its codes and buckets. When it was the active one, the newest
+    remaining index of the same feature space becomes active; returns that id (None: queries
+    now scan the float features, or the dropped index was not active)."""
+    row = conn.execute(select(HashIndex.space_id, HashIndex.is_active).where(HashIndex.id == hasher_id)).first()
+    if row is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
     # codes and buckets first: SQLite only cascades when foreign keys are on, and we do not rely on that here
     conn.execute(delete(CodeBucket).where(CodeBucket.hasher_id == hasher_id))
     conn.execute(delete(Code).where(Code.hasher_id == hasher_id))
     conn.execute(delete(HashIndex).where(HashIndex.id == hasher_id))
+    if not row.is_active:
+        return None
+    successor = conn.scalar(select(func.max(HashIndex.id)).where(HashIndex.space_id == row.space_id))
+    if successor is not None:
+        activate_index(conn, int(successor))
+    return None if successor is None else int(successor)
 
 
 def list_indexes(conn: Connection, *, with_counts: bool = True) -> list[IndexInfo]:

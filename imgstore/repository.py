@@ -17,7 +17,9 @@ from . import catalog, dedup, indexing, maintenance, migrate, search
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .context import StoreContext, driver_message
 from .dedup import DuplicateGroup
-from .errors import DatabaseError, DecodeError, SchemaError
+from .decode import as_source
+from .errors import DatabaseError, DecodeError, NotFoundError, SchemaError
+from .paths import printable
 from .indexing import IndexInfo
 from .maintenance import StoreInfo, VerifyReport
 from .search import SearchResult
@@ -203,13 +205,19 @@ class ImageStore:
         """
         from .ingest import Ingester
 
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        roots = [os.path.expanduser(os.fspath(p)) for p in paths]
+        missing = [p for p in roots if not os.path.lexists(p)]
+        if missing:
+            raise NotFoundError(f"no such file or folder: {', '.join(printable(p) for p in missing)}")
         ex = self.ctx.extractor(extractor)
         space_id = self._space_id(ex)
         meta = dict(metadata or {})
         if tags:
             meta["tags"] = sorted(set(tags))
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, workers=workers, metadata=meta, progress=progress)
-        summary = job.run(list(paths), recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
+        summary = job.run(roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
         if auto_index and not dry_run and summary.added:
             indexing.maybe_auto_index(self.ctx, space_id)
         return summary
@@ -236,7 +244,7 @@ class ImageStore:
         ex = self.ctx.extractor(extractor)
         space_id = self._space_id(ex)
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, metadata=metadata)
-        summary, ids = job.add_items(sources)
+        summary, ids = job.add_items([as_source(s) for s in sources])
         if auto_index and summary.added:
             indexing.maybe_auto_index(self.ctx, space_id)
         return summary, ids
@@ -276,9 +284,13 @@ class ImageStore:
     def activate_index(self, index_id: int) -> None:
         self.ctx.write(lambda conn: indexing.activate_index(conn, index_id), doing="activate an index")
 
-    def drop_index(self, index_id: int) -> None:
-        self.ctx.write(lambda conn: indexing.drop_index(conn, index_id), doing="drop an index")
+    def drop_index(self, index_id: int) -> int | None:
+        """Delete an index and its codes. If it was the active one, the newest remaining index of
+        its feature space becomes active: returns that id, or None (queries then scan the float
+        features when no index is left)."""
+        successor = self.ctx.write(lambda conn: indexing.drop_index(conn, index_id), doing="drop an index")
         self.ctx.forget_index(index_id)
+        return successor
 
     # -- search ---------------------------------------------------------------------------
 

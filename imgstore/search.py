@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,7 +68,12 @@ class SearchResult:
     cosine: float | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "distance": self.distance, "cosine": self.cosine, "paths": self.paths}
+        return {"image_id": self.image_id, "distance": self.distance, "cosine": plain(self.cosine), "paths": self.paths}
+
+
+def plain(value: float | None, digits: int = 6) -> float | None:
+    """A similarity as a person reads it: float32 noise rounded away (1.0, not 1.0000001192)."""
+    return None if value is None else round(float(value), digits)
 
 
 @dataclass(frozen=True)
@@ -440,6 +446,7 @@ def search_many(
     """The k nearest stored images of each query, best first (see ``ImageStore.search``)."""
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
+    queries = as_queries(queries)
     with ctx.read("search") as conn:
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         space = get_space(conn, index.space_id) if index is not None else pick_space(conn, None)
@@ -492,28 +499,46 @@ def _visible_nearest(conn: Connection, source: CandidateSource, vector: npt.NDAr
     raise AssertionError("unreachable")
 
 
+def as_queries(queries: Any) -> list[Any]:
+    """A list of queries from what ``search_many`` was given: any iterable of queries, or one
+    query on its own (a path, bytes, a file-like object, an image, a feature vector, an id)
+    rather than its characters, bytes or pixel rows."""
+    import io
+
+    from PIL import Image
+
+    single = (str, bytes, bytearray, memoryview, os.PathLike, io.IOBase, Image.Image, int, np.integer)
+    if isinstance(queries, single) or (isinstance(queries, np.ndarray) and queries.ndim != 2) or (
+        isinstance(queries, np.ndarray) and queries.dtype == np.uint8
+    ):
+        return [queries]
+    return list(queries)
+
+
 def query_vectors(
     ctx: StoreContext, conn: Connection, queries: Sequence[Any], space: SpaceInfo, index: IndexInfo | None
 ) -> tuple[list[npt.NDArray[np.float32] | None], list[npt.NDArray[np.uint8] | None]]:
     """Float vectors and codes (None without an index) of each query: a stored image id, a
     feature vector, or an image (path, bytes, PIL) embedded by the space's extractor."""
-    from .decode import load_image
+    from .decode import as_source, load_image
 
     vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
     to_embed: list[tuple[int, Any]] = []
     for i, q in enumerate(queries):
+        if isinstance(q, str) and q.isdigit() and not os.path.exists(q):
+            q = int(q)  # digits that name no file are an id, as in the CLI
         if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
             ids, vecs = load_features(conn, space.id, space.dim, [int(q)])
             if len(ids) == 0:
                 raise NotFoundError(f"no image with id {int(q)} and {space.extractor} features")
             vectors[i] = vecs[0]
-        elif isinstance(q, np.ndarray) and q.dtype.kind == "f":
+        elif isinstance(q, np.ndarray) and q.dtype.kind == "f" and q.ndim == 1:
             vec = np.asarray(q, dtype=np.float32).reshape(-1)
             if vec.shape[0] != space.dim:
                 raise ConfigError(f"query vector has {vec.shape[0]} values; {space.extractor} features have {space.dim}")
             vectors[i] = vec
         else:
-            to_embed.append((i, q))
+            to_embed.append((i, as_source(q)))
     if to_embed:
         ex = ctx.extractor(space.extractor)
         if ex.preprocess_version != space.preprocess_version:

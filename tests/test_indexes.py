@@ -38,9 +38,19 @@ def test_index_cli_lifecycle(db_url: str, tmp_path: Path) -> None:
     assert listed[0]["n_bands"] == 2 and listed[0]["band_width"] == 8
     assert run("index", "activate", str(listed[1]["id"])).exit_code == 0
     assert [i["is_active"] for i in json.loads(run("index", "list", "--json").output)] == [False, True]
-    assert run("index", "drop", str(listed[1]["id"])).exit_code == 0
+    dropped = run("index", "drop", str(listed[1]["id"]))  # the active one: the newest left takes over
+    assert dropped.exit_code == 0 and f"index {listed[0]['id']} is now the active one" in dropped.output
     with ImageStore(db_url) as store:
         assert store.counts().codes == 24
+        assert [i.is_active for i in store.indexes()] == [True]
+    last = run("index", "drop", str(listed[0]["id"]))
+    assert last.exit_code == 0 and "queries scan the float features" in last.output
+    made = run("index", "create", "--method", "lsh", "--bits", "32", "--json")
+    assert made.exit_code == 0 and json.loads(made.output)["method"] == "lsh"
+    narrow = run("index", "create", "--method", "lsh", "--bits", "32", "--bands", "5")
+    assert narrow.exit_code == 1 and "at most 4 bands" in narrow.output
+    small = run("index", "create", "--method", "itq", "--bits", "16", "--sample", "10")
+    assert small.exit_code == 1 and "--sample 17 or more" in small.output
     missing = run("index", "drop", "999")
     assert missing.exit_code == 1 and "no index with id 999" in missing.output
     bad = run("index", "create", "--method", "nope")

@@ -57,7 +57,8 @@ def test_show_rm_and_verify_find_undecodable_names(db_url: str, tmp_path: Path) 
         hit = store.search(files[0], k=1)[0]
         assert hit.paths == [files[0]]
     latin1 = files[0]
-    shown = runner.invoke(cli, ["--db", db_url, "show", latin1])
+    assert runner.invoke(cli, ["--db", db_url, "show", latin1]).exit_code == 0  # the text form prints it escaped
+    shown = runner.invoke(cli, ["--db", db_url, "show", latin1, "--json"])
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["paths"][0]["path"] == latin1  # JSON escapes the surrogate; it round-trips
     verify = runner.invoke(cli, ["--db", db_url, "verify"])

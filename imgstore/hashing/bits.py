@@ -216,8 +216,11 @@ def band_layout(n_bits: int, n_bands: int) -> int:
     if n_bands < 1:
         raise ConfigError(f"n_bands must be at least 1, got {n_bands}")
     band_width = min(n_bits // n_bands, MAX_BAND_WIDTH)
-    if band_width < 1:
-        raise ConfigError(f"{n_bands} bands do not fit a {n_bits}-bit code; use fewer bands")
+    if band_width < MIN_BAND_WIDTH:
+        raise ConfigError(
+            f"{n_bands} bands of a {n_bits}-bit code are {n_bits // n_bands} bits wide; bands narrower than "
+            f"{MIN_BAND_WIDTH} bits match too many codes to filter: use at most {max(1, n_bits // MIN_BAND_WIDTH)} bands"
+        )
     return band_width
 
 
