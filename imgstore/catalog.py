@@ -238,6 +238,47 @@ def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: se
     return len(gone) if roots is not None else [from_stored(p) for p in gone]
 
 
+def merged_meta(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` updated with ``new``: list values (``tags``) are joined (sorted, no repeats),
+    everything else is replaced; a value of None removes the key."""
+    out = dict(old or {})
+    for key, value in new.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = sorted(set(out[key]) | set(value), key=str)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_meta(conn: Connection, image_ids: Sequence[int], meta: dict[str, Any]) -> int:
+    """Merge ``meta`` into these images' metadata (:func:`merged_meta`); returns how many changed."""
+    if not meta:
+        return 0
+    changed = []
+    for part in chunks(sorted({int(i) for i in image_ids}), IN_CHUNK):
+        for image_id, old in conn.execute(select(Image.id, Image.meta).where(Image.id.in_(part))):
+            new = merged_meta(old if isinstance(old, dict) else {}, meta)
+            if new != old:
+                changed.append({"i": int(image_id), "m": new})
+    if changed:
+        from sqlalchemy import bindparam
+
+        conn.execute(update(Image).where(Image.id == bindparam("i")).values(meta=bindparam("m")), changed)
+    return len(changed)
+
+
+def set_meta(ctx: StoreContext, ref: int | str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``meta`` into one image's metadata; returns the metadata now stored."""
+    def work(conn: Connection) -> dict[str, Any]:
+        image_id = resolve(conn, ref)
+        merge_meta(conn, [image_id], meta)
+        return dict(conn.scalar(select(Image.meta).where(Image.id == image_id)) or {})
+
+    return ctx.write(work, doing="set metadata")
+
+
 def stale_among(conn: Connection, image_ids: Sequence[int]) -> set[int]:
     """Images among ``image_ids`` whose every path went stale (seen at paths, none current).
     Images added without a path are never stale."""

@@ -237,6 +237,47 @@ def rm(obj: Context, refs: tuple[str, ...], dry_run: bool, as_json: bool) -> Non
     click.echo(f"{verb} {len(removal.images)} image(s){': ' if removal.images else ''}{', '.join(map(str, removal.images))}")
 
 
+def _pairs(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("pairs", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--unset", multiple=True, metavar="KEY", help="Remove a field (repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Add a tag (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.pass_obj
+@friendly_errors
+def meta(obj: Context, ref: str, pairs: tuple[str, ...], unset: tuple[str, ...], tags: tuple[str, ...], as_json: bool) -> None:
+    """Set (or show) metadata fields of one image, by id or path.
+
+    Fields are what `index create --labels tag:KEY` learns from; tags are a list that grows.
+
+    \b
+    Example:
+      imgstore meta photos/cat.jpg species=cat
+      imgstore meta 42 --tag favourite --unset species
+    """
+    changes: dict[str, Any] = {**_pairs(pairs), **{key: None for key in unset}}
+    if tags:
+        changes["tags"] = sorted(set(tags))
+    ref_arg: int | str = int(ref) if ref.isdigit() and not os.path.exists(ref) else ref
+    with obj.store(create=False) as store:
+        current = store.set_meta(ref_arg, changes) if changes else store.image(ref_arg).meta
+    if as_json:
+        emit_json(current)
+        return
+    for key, value in sorted(current.items()):
+        click.echo(f"{key}={', '.join(map(str, value)) if isinstance(value, list) else value}")
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only list the paths that would be marked.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -337,7 +378,9 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
 @click.option("--extractor", default=None, metavar="NAME", help="Feature extractor [default: efficientnet-lite0].")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096), help="Images per model batch and per transaction.")
 @click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
-@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag stored with every new image (repeatable).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Add a tag to every image found (repeatable; joins its tags list).")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
+              help="Set a metadata field on every image found, stored before or not (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
 @click.option("--dry-run", is_flag=True, help="Only count what would be ingested.")
 @click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
@@ -347,7 +390,7 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
 @click.pass_obj
 @friendly_errors
 def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
-           workers: int | None, tags: tuple[str, ...], follow_symlinks: bool, dry_run: bool,
+           workers: int | None, tags: tuple[str, ...], meta: dict[str, str], follow_symlinks: bool, dry_run: bool,
            no_auto_index: bool, as_json: bool, progress: bool | None, weights: str | None) -> None:
     """Add image files and folders to the store.
 
@@ -358,6 +401,7 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
     \b
     Example:
       imgstore ingest ~/Pictures --tag holidays
+      imgstore ingest ~/Pictures/2024 --meta trip=alps
       imgstore --db postgresql://localhost/photos ingest /data/products --json
     """
     if weights:
@@ -367,7 +411,7 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
     with obj.store(create=not dry_run) as store:
         try:
             summary = store.ingest(list(paths), recursive=recursive, extractor=extractor, batch_size=batch_size,
-                                   workers=workers, tags=tags, dry_run=dry_run, follow_symlinks=follow_symlinks,
+                                   workers=workers, tags=tags, metadata=meta, dry_run=dry_run, follow_symlinks=follow_symlinks,
                                    auto_index=not no_auto_index, progress=bar)
         finally:
             if bar is not None:

@@ -238,11 +238,13 @@ class Ingester:
         summary.files_seen = len(files)
         known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
         tasks: list[_Task] = []
+        unchanged: list[str] = []
         for path, st in files:
             shown = to_stored(path)
             prior = known_paths.get(shown)
             if prior is not None and prior == (st.st_size, st.st_mtime_ns):
                 summary.unchanged += 1
+                unchanged.append(shown)
                 continue
             tasks.append(_Task(path, st.st_size, st.st_mtime_ns))
         if dry_run:
@@ -256,6 +258,9 @@ class Ingester:
             summary.failed += len(walk_errors)
             summary.errors.extend(walk_errors)
         summary = self._process(tasks, summary, started)
+        if self.metadata and unchanged:  # files skipped unread still get the new metadata
+            self.ctx.write(lambda conn: catalog.merge_meta(conn, _image_ids_at(conn, unchanged), self.metadata),
+                           doing="merge metadata")
         seen = {to_stored(path) for path, _ in files}
         present = [os.path.abspath(os.fspath(r)) for r in roots if os.path.lexists(r)]  # a missing root may be unmounted
         summary.gone = catalog.mark_gone(self.ctx, roots=present, seen=seen) if present else 0
@@ -419,6 +424,7 @@ class Ingester:
         paths = [(r.item, ids[r.item.data_sha256]) for r in ok] + [(t, ids[t.data_sha256]) for t in resolved]
         for task, image_id in paths:
             task.image_id = image_id
+        catalog.merge_meta(conn, [i for _, i in paths if i is not None], self.metadata)  # also for content already stored
         paths = [(t, i) for t, i in paths if t.path is not None]
         _record_paths(conn, paths, now)
         recorded = [(e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"]
@@ -438,6 +444,13 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=timezone.utc)
+
+
+def _image_ids_at(conn: Connection, stored_paths: list[str]) -> list[int]:
+    out: list[int] = []
+    for part in chunks(stored_paths, IN_CHUNK):
+        out += conn.scalars(select(ImagePath.image_id).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)))
+    return out
 
 
 def _ids_by_sha(conn: Connection, shas: set[str | None]) -> dict[str, int]:

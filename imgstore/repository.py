@@ -159,6 +159,11 @@ class ImageStore:
         folders it rescans; ``prune`` covers the rest."""
         return catalog.mark_gone(self.ctx, dry_run=dry_run)  # type: ignore[return-value]
 
+    def set_meta(self, ref: int | str, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``metadata`` into one image's (by id or path): list values such as ``tags``
+        are joined, others replaced, None removes a key. Returns the metadata now stored."""
+        return catalog.set_meta(self.ctx, ref, metadata)
+
     def export_rows(self, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
         """One dict per image: id, content hash, size, format, capture time, metadata, current
         paths and, with ``neighbours``, the ids of its nearest stored images (itself excluded)."""

@@ -132,3 +132,29 @@ def test_query_index_option(db_url: str, tmp_path: Path) -> None:
     assert json.loads(out.output)[0]["results"][0]["distance"] == 0
     bad = runner.invoke(cli, ["--db", db_url, "query", "1", "--index", "99"])
     assert bad.exit_code == 1 and "no index with id 99" in bad.output
+
+
+def test_metadata_from_the_cli(db_url: str, tmp_path: Path) -> None:
+    files = folder(tmp_path / "photos")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["--db", db_url, "ingest", str(tmp_path / "photos"), "--extractor", "color", "--tag", "a"])
+    assert first.exit_code == 0, first.output
+    # a second ingest adds to images already stored (unchanged files are not read again)
+    again = runner.invoke(cli, ["--db", db_url, "ingest", str(tmp_path / "photos"), "--extractor", "color",
+                                "--tag", "b", "--meta", "trip=alps"])
+    assert again.exit_code == 0, again.output
+    with ImageStore(db_url) as store:
+        meta = store.image(str(files["rocket"])).meta
+        assert meta == {"tags": ["a", "b"], "trip": "alps"}
+    out = runner.invoke(cli, ["--db", db_url, "meta", str(files["rocket"]), "species=rocket", "--tag", "c", "--unset", "trip", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"tags": ["a", "b", "c"], "species": "rocket"}
+    shown = runner.invoke(cli, ["--db", db_url, "meta", str(files["rocket"])])
+    assert "species=rocket" in shown.output and "tags=a, b, c" in shown.output
+    bad = runner.invoke(cli, ["--db", db_url, "meta", str(files["rocket"]), "novalue"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    with ImageStore(db_url) as store:
+        from imgstore.indexing import labels_from
+
+        with store.engine.connect() as conn:
+            assert labels_from(conn, "tag:species") == {store.image(str(files["rocket"])).id: "rocket"}
