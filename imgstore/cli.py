@@ -673,10 +673,12 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (the same as --format json).")
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
               help="Write one contact sheet per group into this folder (created if missing).")
+@click.option("--keep", type=click.Choice(["original", "largest", "oldest", "newest", "smallest"]), default="original",
+              show_default=True, help="Which copy to keep: original = most picture, lossless, no added border, earliest capture.")
 @click.pass_obj
 @friendly_errors
 def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
-          fmt: str, as_json: bool, montage_dir: str | None) -> None:
+          fmt: str, as_json: bool, montage_dir: str | None, keep: str) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
@@ -692,7 +694,8 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
     import csv
 
     with obj.store() as store:
-        groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature)
+        groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature,
+                                       keep=keep)
     if montage_dir:
         _dedup_sheets(groups, montage_dir)
     if fmt == "json" or as_json:
@@ -703,17 +706,17 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         for g, group in enumerate(groups, 1):
             for m in group.members:
                 for path in m.paths or [""]:
-                    writer.writerow([g, group.kind, "true" if m.image_id == group.keeper else "false", m.image_id,
+                    writer.writerow([g, group.kind, "true" if path == group.keeper_path else "false", m.image_id,
                                      "" if m.distance is None else m.distance, "" if m.cosine is None else f"{m.cosine:.4f}",
                                      printable(path)])
     else:
         for g, group in enumerate(groups, 1):
             click.echo(f"group {g} ({group.kind}, {sum(len(m.paths) for m in group.members)} files):")
             for m in group.members:
-                mark = "keep" if m.image_id == group.keeper else "    "
                 cos = "" if m.cosine is None else f" cos {m.cosine:.3f}"
                 dist = "" if m.distance is None else f" d {m.distance}"
                 for path in m.paths or ["(no file)"]:
+                    mark = "keep" if path == group.keeper_path else "    "
                     click.echo(f"  {mark} {m.image_id:>6}{dist}{cos}  {printable(path)}")
         click.echo(f"{len(groups)} groups")
 
@@ -726,7 +729,7 @@ def _dedup_sheets(groups: list[Any], folder: str) -> None:
         tiles = []
         for m in group.members:
             for path in m.paths or [None]:
-                keeper = m.image_id == group.keeper
+                keeper = path == group.keeper_path
                 score = ("" if m.distance is None else f"d {m.distance}  ") + ("" if m.cosine is None else f"cos {m.cosine:.3f}")
                 tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m.image_id}", score.strip(),
                                          _short_name(path) if path else "(no file)"], highlight=keeper))

@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Image, ImagePath
+from .paths import from_stored
 from .search import CodeCache, current_paths, plain
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
@@ -92,13 +93,16 @@ class DuplicateGroup:
     kind: str
     keeper: int
     members: list[DuplicateMember]
+    #: the one file to keep: a current path of the keeper image (first seen, then shortest)
+    keeper_path: str | None = None
 
     @property
     def n_files(self) -> int:
         return sum(len(m.paths) or 1 for m in self.members)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "keeper": self.keeper, "members": [m.as_dict() for m in self.members]}
+        return {"kind": self.kind, "keeper": self.keeper, "keeper_path": self.keeper_path,
+                "members": [m.as_dict() for m in self.members]}
 
 
 @dataclass(frozen=True)
@@ -387,8 +391,13 @@ def find_duplicates(
     min_signature: float | None = None,
     index_id: int | None = None,
     probe_radius: int = 1,
+    keep: str = "original",
 ) -> list[DuplicateGroup]:
     """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``)."""
+    from .keeper import RULES
+
+    if keep not in RULES:
+        raise ConfigError(f"unknown keeper rule {keep!r}; choose one of {', '.join(RULES)}")
     min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
     min_s = DEFAULT_MIN_SIGNATURE if min_signature is None else min_signature
     rule = Rule(min_cosine=min_c if min_c > 0 else None, min_signature=min_s if min_s > 0 else None)
@@ -423,17 +432,23 @@ def find_duplicates(
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        return _groups(conn, multi, near, edges)
+        return _groups(conn, multi, near, edges, keep)
 
 
-def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge]) -> list[DuplicateGroup]:
-    """Exact-copy and near-copy groups with members, keepers and their distances to the keeper."""
+def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
+            keep: str = "original") -> list[DuplicateGroup]:
+    """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
+    distances to the keeper."""
+    from .keeper import Candidate, choose
+
     info_ids = sorted(set(multi) | {i for g in near for i in g})
     sizes: dict[int, Any] = {}
     for part in chunks(info_ids, IN_CHUNK):
-        for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size).where(Image.id.in_(part))):
+        for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size, Image.format,
+                                     Image.captured_at, Image.ingested_at).where(Image.id.in_(part))):
             sizes[int(r.id)] = r
     paths = current_paths(conn, info_ids)
+    first_paths = _first_paths(conn, info_ids)
     pair: dict[tuple[int, int], Edge] = {}
     for e in edges:  # CNN-code edges first: their distance is the index's Hamming distance
         pair.setdefault((e.a, e.b), e)
@@ -444,9 +459,10 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
             continue
         r = sizes[image_id]
         groups.append(DuplicateGroup("exact", image_id, [
-            DuplicateMember(image_id, paths[image_id], r.width, r.height, 0, 1.0)]))
+            DuplicateMember(image_id, paths[image_id], r.width, r.height, 0, 1.0)], first_paths.get(image_id)))
     for g in near:
-        keeper = max(g, key=lambda i: (sizes[i].width * sizes[i].height, sizes[i].byte_size, -i))
+        keeper = choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
+                                   sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep)
         members = []
         for i in g:
             e = pair.get((min(i, keeper), max(i, keeper)))
@@ -455,9 +471,24 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
                 0 if i == keeper else (e.distance if e else None),
                 1.0 if i == keeper else (e.cosine if e else None),
             ))
-        groups.append(DuplicateGroup("near", keeper, members))
+        groups.append(DuplicateGroup("near", keeper, members, first_paths.get(keeper)))
     groups.sort(key=lambda g: (-g.n_files, g.keeper))
     return groups
+
+
+def _first_paths(conn: Connection, image_ids: list[int]) -> dict[int, str]:
+    """Per image, the current path to keep among its copies: first seen, then shortest, then by name."""
+    best: dict[int, tuple[Any, int, str]] = {}
+    for part in chunks(image_ids, IN_CHUNK):
+        for image_id, path, seen in conn.execute(
+            select(ImagePath.image_id, ImagePath.path, ImagePath.first_seen_at)
+            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
+        ):
+            real = from_stored(path)
+            key = (seen, len(real), real)
+            if int(image_id) not in best or key < best[int(image_id)]:
+                best[int(image_id)] = key
+    return {i: k[2] for i, k in best.items()}
 
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:

@@ -356,6 +356,7 @@ class ImageStore:
         min_signature: float | None = None,
         index_id: int | None = None,
         probe_radius: int = 1,
+        keep: str = "original",
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, largest first.
 
@@ -367,11 +368,14 @@ class ImageStore:
         (the active one, or ``index_id``) candidates come from its bands and must be within
         ``max_distance`` bits (default a quarter of the code; ``min_cosine=0`` lets the codes
         alone decide); without one every pair is compared, or, in a large store, a temporary
-        in-memory index finds the candidates. Each group names a suggested keeper: the largest
-        resolution, then the largest file, then the lowest id.
+        in-memory index finds the candidates. Each group names a suggested keeper image and
+        ``keeper_path``, by the rule ``keep`` (:mod:`imgstore.keeper`; default ``original``:
+        the most picture, then lossless over lossy, then no added border, then the earliest
+        capture, then the largest file).
         """
         return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
-                                     min_signature=min_signature, index_id=index_id, probe_radius=probe_radius)
+                                     min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
+                                     keep=keep)
 
     # -- health ---------------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""The suggested keeper is the original: not a re-encoded JPEG of the same size (even a larger
+file), not a copy rotated onto a bigger canvas; ``--keep`` picks another rule; exact copies
+name one keeper path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from imgstore import ImageStore
+from imgstore.cli import cli
+from imgstore.errors import ConfigError
+from imgstore.keeper import border_fraction
+
+from .helpers import photo
+
+
+def copies(root: Path) -> dict[str, Path]:
+    root.mkdir(parents=True)
+    img = photo("astronaut").resize((192, 192))
+    out = {"original": root / "original.png", "jpeg": root / "reencoded.jpg", "rotated": root / "rotated.png"}
+    img.save(out["original"])
+    img.save(out["jpeg"], quality=100, subsampling=0)
+    with open(out["jpeg"], "ab") as f:  # data after the end marker, which decoders ignore: the largest file
+        f.write(b"\0" * 200_000)
+    img.rotate(6, resample=Image.Resampling.BICUBIC, expand=True).save(out["rotated"])  # a bigger canvas
+    photo("coffee").resize((192, 192)).save(root / "other.png")
+    return out
+
+
+def group_of(groups: list, path: Path):  # type: ignore[no-untyped-def]
+    return next(g for g in groups if any(str(path) in m.paths for m in g.members))
+
+
+def test_the_original_is_kept(db_url: str, tmp_path: Path) -> None:
+    files = copies(tmp_path / "photos")
+    assert files["jpeg"].stat().st_size > files["original"].stat().st_size
+    with Image.open(files["rotated"]) as r, Image.open(files["original"]) as o:
+        assert r.width * r.height > o.width * o.height
+    with ImageStore(db_url) as store:
+        store.ingest([tmp_path / "photos"], extractor="efficientnet-lite0")
+        rule = dict(min_cosine=0.8)
+        group = group_of(store.find_duplicates(**rule), files["original"])
+        names = sorted(Path(p).name for m in group.members for p in m.paths)
+        assert names == ["original.png", "reencoded.jpg", "rotated.png"]
+        assert group.keeper_path == str(files["original"])
+        assert store.image(str(files["original"])).id == group.keeper
+        # the rule before this one kept the rotated copy (most pixels); --keep largest still does
+        assert group_of(store.find_duplicates(keep="largest", **rule), files["original"]).keeper_path == str(files["rotated"])
+        assert group_of(store.find_duplicates(keep="smallest", **rule), files["original"]).keeper_path != str(files["jpeg"])
+        with pytest.raises(ConfigError, match="unknown keeper rule"):
+            store.find_duplicates(keep="best")
+    out = CliRunner().invoke(cli, ["--db", db_url, "dedup", "--min-cosine", "0.8", "--format", "csv"])
+    rows = [line.split(",") for line in out.output.strip().splitlines()[1:]]
+    kept = [r[-1] for r in rows if r[2] == "true"]
+    assert kept == [str(files["original"])] and {r[2] for r in rows} == {"true", "false"}
+
+
+def test_border_of_a_rotated_copy(tmp_path: Path) -> None:
+    img = photo("chelsea").resize((160, 120))
+    img.save(tmp_path / "plain.png")
+    img.rotate(8, expand=True).save(tmp_path / "rot.png")
+    padded = Image.new("RGB", (200, 120), (255, 255, 255))
+    padded.paste(img, (20, 0))
+    padded.save(tmp_path / "padded.png")
+    assert border_fraction(str(tmp_path / "plain.png")) == 0.0
+    assert 0.1 < border_fraction(str(tmp_path / "rot.png")) < 0.4
+    assert border_fraction(str(tmp_path / "padded.png")) == pytest.approx(40 / 200, abs=0.03)
+    assert border_fraction(str(tmp_path / "gone.png")) == 0.0
+
+
+def test_exact_copies_name_one_keeper_path(db_url: str, tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    (root / "deeper" / "still").mkdir(parents=True)
+    photo("rocket").resize((100, 100)).save(root / "rocket.png")
+    shutil.copyfile(root / "rocket.png", root / "deeper" / "still" / "rocket.png")
+    with ImageStore(db_url) as store:
+        store.ingest([root], extractor="color")
+        (group,) = store.find_duplicates()
+        assert group.kind == "exact" and group.keeper_path == str(root / "rocket.png")
