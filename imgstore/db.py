@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+from urllib.parse import quote
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from .errors import ConfigError
 
@@ -66,13 +68,14 @@ def safe_url_text(text: str) -> str:
         return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", text)  # mask a password by hand
 
 
-def _sqlite_on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_on_connect(dbapi_connection, _record, read_only: bool = False) -> None:  # type: ignore[no-untyped-def]
     cursor = dbapi_connection.cursor()
     try:
-        # WAL lets readers run while one writer writes; NORMAL sync is durable at each
-        # checkpoint and consistent after a crash, which is what WAL is designed for.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        if not read_only:
+            # WAL lets readers run while one writer writes; NORMAL sync is durable at each
+            # checkpoint and consistent after a crash, which is what WAL is designed for.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # Read pages through a memory map instead of read() calls into SQLite's small (2 MB)
@@ -90,17 +93,38 @@ def sqlite_file(url: URL) -> Path | None:
     return Path(url.database)
 
 
+def read_only_file(path: Path) -> bool:
+    """An existing SQLite file this process cannot write (a read-only mount, or no permission on
+    the file or its folder, where SQLite keeps its -wal and -shm files)."""
+    return path.exists() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
+
+
 def make_engine(url: URL, *, echo: bool = False) -> Engine:
-    """An engine with imgstore's settings for the URL's backend."""
+    """An engine with imgstore's settings for the URL's backend.
+
+    An SQLite file that cannot be written is opened read-only, so reading commands work on a
+    read-only mount; without a pending -wal file it is opened ``immutable`` (SQLite then needs
+    no -shm file either). Writes to it fail with SQLite's "readonly database" error.
+    """
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            parent = Path(url.database).parent
+        path = sqlite_file(url)
+        if path is not None:
+            parent = path.parent
             if not parent.is_dir():
                 raise ConfigError(
                     f"cannot create database {url.database}: folder {parent} does not exist"
                 )
-        engine = create_engine(url, echo=echo, poolclass=NullPool if url.database == ":memory:" else None)
-        event.listen(engine, "connect", _sqlite_on_connect)
+        read_only = path is not None and read_only_file(path)
+        if read_only:
+            assert path is not None
+            wal = Path(f"{path}-wal")
+            flags = "mode=ro" if wal.exists() and wal.stat().st_size > 0 else "mode=ro&immutable=1"
+            uri = f"file:{quote(str(path))}?{flags}"
+            engine = create_engine("sqlite://", echo=echo, poolclass=QueuePool,
+                                   creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False))
+        else:
+            engine = create_engine(url, echo=echo, poolclass=NullPool if url.database == ":memory:" else None)
+        event.listen(engine, "connect", lambda conn, record: _sqlite_on_connect(conn, record, read_only))
         # pysqlite's own transaction handling defers BEGIN and breaks SAVEPOINT; let
         # SQLAlchemy emit BEGIN itself (the documented recipe for pysqlite).
         event.listen(engine, "connect", _disable_pysqlite_autobegin)

@@ -51,6 +51,15 @@ DEFAULT_MIN_COSINE = 0.90
 #: heavy JPEG) of small images drift in CNN space but keep their layout.
 DEFAULT_MIN_SIGNATURE = 0.95
 SIGNATURE_COSINE_FLOOR = 0.30
+#: A pair the features call alike must also show the same content: layouts at least this
+#: alike (flip-aware), or, for two flat images (a solid colour each), features at least
+#: FLAT_MIN_COSINE alike. Unrelated layouts are about 0 +- 0.13 alike (63 random directions), so
+#: this is ~2.7 standard deviations above chance; on the copy-detection set the least alike true
+#: copy with cosine >= 0.85 was a 5-degree rotation at 0.385 (benchmarks/results/dedup.md), so
+#: no recall figure drops, while noise images of different seeds and a solid black beside a
+#: solid white image (CNN cosine 0.95) no longer pair up.
+LAYOUT_AGREEMENT = 0.35
+FLAT_MIN_COSINE = 0.99
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 #: Codes probed per chunk by IndexPairs; rows of the cosine matrix per chunk in AllPairs.
@@ -106,19 +115,43 @@ class DuplicateGroup:
 
 
 @dataclass(frozen=True)
+class PairLayout:
+    """Pixel-layout evidence for candidate pairs (any array shape, all alike): signature
+    similarity (flip-aware), whether both images have a signature, and whether each is flat
+    (no light-and-dark layout at all: a solid colour)."""
+
+    similarity: npt.NDArray[np.float32]
+    known: npt.NDArray[np.bool_]
+    flat_a: npt.NDArray[np.bool_]
+    flat_b: npt.NDArray[np.bool_]
+
+    def agrees(self, cos: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+        """The two images show the same content, not just what a CNN calls "featureless": their
+        layouts correlate, or both are flat and their features all but equal (a solid black
+        and a solid white image are 0.95 alike to the CNN). Unknown layouts do not veto."""
+        both_flat = self.flat_a & self.flat_b
+        textured = ~self.flat_a & ~self.flat_b
+        return (~self.known) | (textured & (self.similarity >= LAYOUT_AGREEMENT)) | (both_flat & (cos >= FLAT_MIN_COSINE))
+
+
+@dataclass(frozen=True)
 class Rule:
     """When a candidate pair is a duplicate. ``min_cosine`` None: the codes alone decide;
-    ``min_signature`` None: signatures are not used."""
+    ``min_signature`` None: the signature route is off (the layout must still agree)."""
 
     min_cosine: float | None
     min_signature: float | None
 
-    def accept(self, cos: npt.NDArray[np.float32], layout: npt.NDArray[np.float32] | None) -> npt.NDArray[np.bool_]:
+    def accept(self, cos: npt.NDArray[np.float32], layout: PairLayout | None) -> npt.NDArray[np.bool_]:
         if self.min_cosine is None:
             return np.ones(cos.shape, dtype=bool)
         ok = cos >= self.min_cosine
-        if layout is not None and self.min_signature is not None:
-            ok |= (cos >= SIGNATURE_COSINE_FLOOR) & (layout >= self.min_signature)
+        if layout is None:
+            return ok
+        ok &= layout.agrees(cos)
+        if self.min_signature is not None:
+            textured = layout.known & ~layout.flat_a & ~layout.flat_b
+            ok |= textured & (cos >= SIGNATURE_COSINE_FLOOR) & (layout.similarity >= self.min_signature)
         return ok
 
 
@@ -212,11 +245,18 @@ class IndexPairs:
         matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
         cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
         layout = None
-        if load_signatures is not None and rule.min_signature is not None:
-            sig = _stack(load_signatures(wanted.tolist()), wanted, len(_flip_signs()))
-            layout = signature_similarity(sig[ra], sig[rb])
+        if load_signatures is not None:
+            sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
+            flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
+            layout = PairLayout(signature_similarity(sig[ra], sig[rb]), known[ra] & known[rb], flat[ra], flat[rb])
         ok = rule.accept(cos, layout)
         return [Edge(int(x), int(y), int(d), float(c)) for x, y, d, c in zip(ids_a[ok], ids_b[ok], dist[ok], cos[ok])]
+
+
+def _signature_matrix(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """(n, 63) signatures in the order of ``ids`` (zeros where missing), and which are known."""
+    known = np.array([int(i) in by_id for i in ids.tolist()], dtype=bool)
+    return _stack(by_id, ids, len(_flip_signs())), known
 
 
 def _stack(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64], dim: int | None = None) -> npt.NDArray[np.float32]:
@@ -237,6 +277,7 @@ class AllPairs:
     image_ids: npt.NDArray[np.int64]  # (n,) ascending
     vectors: npt.NDArray[np.float32]  # (n, dim)
     signatures: npt.NDArray[np.float32] | None = None  # (n, 63), zeros where missing
+    known: npt.NDArray[np.bool_] | None = None  # (n,) which signatures exist (default: all)
 
     def edges(self, rule: Rule) -> list[Edge]:
         if rule.min_cosine is None:
@@ -244,15 +285,20 @@ class AllPairs:
                               "build one with `imgstore index create` or give a cosine threshold")
         n = len(self.image_ids)
         unit = _unit(self.vectors)
-        sig = self.signatures if rule.min_signature is not None else None
+        sig = self.signatures
         sig_flip = sig * _flip_signs() if sig is not None else None
+        known = self.known if self.known is not None else np.ones(n, dtype=bool)
+        flat = known & (np.linalg.norm(sig, axis=1) < 0.5) if sig is not None else np.zeros(n, dtype=bool)
         edges: list[Edge] = []
         for start in range(0, n, ALL_PAIRS_ROWS):
             stop = min(n, start + ALL_PAIRS_ROWS)
             cos = unit[start:stop] @ unit[start:].T  # (rows, n - start): pairs (i, j >= start)
             layout = None
             if sig is not None and sig_flip is not None:
-                layout = np.maximum(sig[start:stop] @ sig[start:].T, sig[start:stop] @ sig_flip[start:].T)
+                layout = PairLayout(
+                    np.maximum(sig[start:stop] @ sig[start:].T, sig[start:stop] @ sig_flip[start:].T),
+                    known[start:stop, None] & known[None, start:], flat[start:stop, None], flat[None, start:],
+                )
             ok = rule.accept(cos, layout)
             ok &= np.arange(start, n)[None, :] > np.arange(start, stop)[:, None]  # each pair once, j > i
             rows, cols = np.nonzero(ok)
@@ -420,8 +466,8 @@ def find_duplicates(
                 space = max(spaces, key=lambda s: (s.n_features, -s.id))
                 if space.n_features <= ALL_PAIRS_MAX:
                     got, vectors = load_features(conn, space.id, space.dim)
-                    sigs = _stack(_signatures(conn, got.tolist()), got, len(_flip_signs()))
-                    edges = AllPairs(got, vectors, sigs).edges(rule)
+                    sigs, known = _signature_matrix(_signatures(conn, got.tolist()), got)
+                    edges = AllPairs(got, vectors, sigs, known).edges(rule)
                     ids = got.tolist()
                 else:
                     cache = temporary_index(conn, space)

@@ -133,3 +133,52 @@ def test_ctrl_c_exits_130_and_the_rerun_completes(sqlite_url: str, tmp_path: Pat
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     with ImageStore(sqlite_url) as store:
         assert store.counts().images == expected["images"]
+
+
+READ_ONLY_CHECK = """
+import csv, difflib, json, os, sys  # difflib: imported lazily by a library; nobody cannot read this stdlib
+from click.testing import CliRunner
+from PIL import Image
+import imgstore.catalog, imgstore.dedup, imgstore.decode, imgstore.keeper, imgstore.maintenance, imgstore.search
+from imgstore.cli import cli
+from imgstore.features import get_extractor
+Image.init()
+get_extractor("color")
+db = sys.argv[1]
+CliRunner().invoke(cli, ["--db", db, "info"])  # everything imported while the stdlib is still readable
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)  # root writes everywhere: check as 'nobody'
+
+for args in (["info"], ["query", "1", "-k", "2", "--json"], ["show", "1"], ["verify", "--no-files"], ["dedup"],
+             ["export"], ["index", "list"], ["db", "current"], ["errors"]):
+    result = CliRunner().invoke(cli, ["--db", db, *args])
+    print(args[0], result.exit_code, result.output.strip().splitlines()[-1] if result.output.strip() else repr(result.exception))
+result = CliRunner().invoke(cli, ["--db", db, "rm", "1"])
+print("rm", result.exit_code, result.output.strip())
+"""
+
+
+def test_a_read_only_store_can_be_queried(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    write_variants(photo("chelsea"), tmp_path / "photos", "cat", 3)
+    db = folder / "store.db"
+    assert run("--db", str(db), "ingest", str(tmp_path / "photos"), "--extractor", "color", "--no-progress").exit_code == 0
+    assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+    for parent in [tmp_path, *tmp_path.parents]:  # let 'nobody' reach the folder
+        if parent == Path(parent.anchor):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+    db.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        out = subprocess.run([sys.executable, "-c", READ_ONLY_CHECK, str(db)], capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+        db.chmod(0o644)
+    assert out.returncode == 0, out.stderr
+    codes = {line.split()[0]: line for line in out.stdout.splitlines()}
+    for command in ("info", "query", "show", "verify", "dedup", "export", "index", "db", "errors"):
+        assert codes[command].split()[1] == "0", codes[command]
+    assert codes["rm"].startswith("rm 1 Error:") and "readonly" in codes["rm"]

@@ -82,3 +82,26 @@ def test_exact_copies_name_one_keeper_path(db_url: str, tmp_path: Path) -> None:
         store.ingest([root], extractor="color")
         (group,) = store.find_duplicates()
         assert group.kind == "exact" and group.keeper_path == str(root / "rocket.png")
+
+
+def test_featureless_images_need_the_same_content(db_url: str, tmp_path: Path) -> None:
+    """A solid black and a solid white image, and noise images of different seeds, look alike to
+    a CNN; they are not copies. The same solid colour at two sizes, and a real resized copy, are."""
+    import numpy as np
+
+    root = tmp_path / "flat"
+    root.mkdir()
+    Image.new("RGB", (120, 120), (0, 0, 0)).save(root / "black.png")
+    Image.new("RGB", (120, 120), (255, 255, 255)).save(root / "white.png")
+    Image.new("RGB", (60, 60), (0, 0, 0)).save(root / "black-small.png")
+    for seed in (1, 2, 3):
+        noise = np.random.default_rng(seed).integers(0, 256, (120, 120, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(root / f"noise-{seed}.png")
+    cat = photo("chelsea").resize((160, 120))
+    cat.save(root / "cat.png")
+    cat.resize((80, 60)).save(root / "cat-half.jpg", quality=80)
+    with ImageStore(db_url) as store:
+        store.ingest([root])
+        groups = store.find_duplicates()
+        found = sorted(sorted(Path(p).name for m in g.members for p in m.paths) for g in groups)
+        assert found == [["black-small.png", "black.png"], ["cat-half.jpg", "cat.png"]]
