@@ -238,6 +238,30 @@ def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: se
     return len(gone) if roots is not None else [from_stored(p) for p in gone]
 
 
+def prune_moved(ctx: StoreContext, *, dry_run: bool = False) -> Removal:
+    """Forget the files ``dedup --apply`` moved away (their rows, kept for ``--undo``), and the
+    images left with no path at all. The moved files themselves stay where they were moved."""
+    def work(conn: Connection) -> Removal:
+        rows = conn.execute(select(ImagePath.path, ImagePath.image_id).where(ImagePath.moved_to.is_not(None))).all()
+        touched = sorted({int(i) for _, i in rows})
+        keep = {int(i) for i in conn.scalars(
+            select(ImagePath.image_id).where(ImagePath.image_id.in_(touched), ImagePath.moved_to.is_(None))
+        )} if touched else set()
+        gone = sorted(set(touched) - keep)
+        removal = Removal(sorted(from_stored(p) for p, _ in rows), gone, dry_run)
+        if dry_run or not rows:
+            return removal
+        conn.execute(delete(ImagePath).where(ImagePath.moved_to.is_not(None)))
+        if gone:
+            changed = remove_codes(conn, gone)
+            conn.execute(delete(Feature).where(Feature.image_id.in_(gone)))
+            conn.execute(delete(Image).where(Image.id.in_(gone)))
+            mark_changed(conn, changed)
+        return removal
+
+    return ctx.write(work, doing="forget moved files")
+
+
 def merged_meta(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``old`` updated with ``new``: list values (``tags``) are joined (sorted, no repeats),
     everything else is replaced; a value of None removes the key."""

@@ -280,17 +280,29 @@ def meta(obj: Context, ref: str, pairs: tuple[str, ...], unset: tuple[str, ...],
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only list the paths that would be marked.")
+@click.option("--moved", is_flag=True, help="Instead forget the files `dedup --apply` moved away (ends their undo).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
-def prune(obj: Context, dry_run: bool, as_json: bool) -> None:
+def prune(obj: Context, dry_run: bool, moved: bool, as_json: bool) -> None:
     """Mark stored paths whose file no longer exists as not current (kept as history).
 
     An ingest does this itself for the folders it rescans; prune covers every other path. An
     image left without a current path is hidden from query results (query --include-stale).
+    With --moved, the rows of files that `dedup --apply` moved away are forgotten instead (the
+    files stay where they were moved; no undo after this).
 
     Example: imgstore prune --dry-run
     """
+    if moved:
+        with obj.store() as store:
+            removal = store.prune_moved(dry_run=dry_run)
+        if as_json:
+            emit_json(removal.as_dict())
+            return
+        click.echo(f"{'would forget' if dry_run else 'forgot'} {len(removal.paths)} moved path(s) and "
+                   f"{len(removal.images)} image(s) left without a path")
+        return
     with obj.store() as store:
         gone = store.prune(dry_run=dry_run)
     if as_json:
@@ -675,10 +687,15 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
               help="Write one contact sheet per group into this folder (created if missing).")
 @click.option("--keep", type=click.Choice(["original", "largest", "oldest", "newest", "smallest"]), default="original",
               show_default=True, help="Which copy to keep: original = most picture, lossless, no added border, earliest capture.")
+@click.option("--apply", "do_apply", is_flag=True, help="Move every copy but the keeper into --move-to (journalled; see --undo).")
+@click.option("--move-to", type=click.Path(file_okay=False), default=None, help="Folder the copies go to with --apply.")
+@click.option("--undo", "undo_journal", type=click.Path(dir_okay=False), default=None,
+              help="Put back everything an --apply journal moved.")
 @click.pass_obj
 @friendly_errors
 def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
-          fmt: str, as_json: bool, montage_dir: str | None, keep: str) -> None:
+          fmt: str, as_json: bool, montage_dir: str | None, keep: str, do_apply: bool, move_to: str | None,
+          undo_journal: str | None) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
@@ -693,9 +710,38 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
     """
     import csv
 
+    if undo_journal:
+        with obj.store() as store:
+            undone = store.undo_duplicates(undo_journal)
+        if as_json or fmt == "json":
+            emit_json(undone.as_dict())
+        else:
+            for src, dst in undone.restored:
+                click.echo(f"restored {printable(dst)}")
+            for path, reason in undone.failed:
+                click.echo(f"not restored: {printable(path)}: {reason}", err=True)
+            click.echo(f"{len(undone.restored)} file(s) put back, {len(undone.failed)} not")
+        if undone.failed:
+            raise SystemExit(1)
+        return
+    if do_apply != bool(move_to):
+        raise click.UsageError("--apply and --move-to DIR go together")
     with obj.store() as store:
         groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature,
                                        keep=keep)
+        if do_apply:
+            assert move_to is not None
+            done = store.apply_duplicates(groups, move_to)
+            if as_json or fmt == "json":
+                emit_json(done.as_dict())
+            else:
+                for src, dst in done.moved:
+                    click.echo(f"moved {printable(src)} -> {printable(dst)}")
+                for path, reason in done.failed:
+                    click.echo(f"not moved: {printable(path)}: {reason}", err=True)
+                click.echo(f"{len(done.moved)} file(s) moved from {len(groups)} group(s); undo with "
+                           f"`imgstore dedup --undo {printable(done.journal)}`")
+            return
     if montage_dir:
         _dedup_sheets(groups, montage_dir)
     if fmt == "json" or as_json:

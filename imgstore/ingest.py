@@ -107,6 +107,7 @@ class _Task:
     path: str | None  # None for an in-memory image (bytes or PIL), which gets no path row
     size: int
     mtime_ns: int
+    root: str | None = None  # the folder given to ingest it was found under
     source: Any = None  # bytes or a PIL image when path is None
     data_sha256: str | None = None
     byte_size: int = 0
@@ -231,10 +232,15 @@ class Ingester:
         started = time.perf_counter()
         summary = IngestSummary(dry_run=dry_run)
         walk_errors: list[tuple[str, str]] = []
-        files = list(
-            walk_files(roots, recursive=recursive, follow_symlinks=follow_symlinks,
-                       on_error=lambda p, r: walk_errors.append((p, r)))
-        )
+        files: list[tuple[str, os.stat_result]] = []
+        root_of: dict[str, str] = {}
+        for root in roots:
+            top = os.path.abspath(os.fspath(root))
+            folder = top if os.path.isdir(top) else os.path.dirname(top)
+            for path, st in walk_files([top], recursive=recursive, follow_symlinks=follow_symlinks,
+                                       on_error=lambda p, r: walk_errors.append((p, r))):
+                files.append((path, st))
+                root_of.setdefault(path, folder)
         summary.files_seen = len(files)
         known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
         tasks: list[_Task] = []
@@ -246,7 +252,7 @@ class Ingester:
                 summary.unchanged += 1
                 unchanged.append(shown)
                 continue
-            tasks.append(_Task(path, st.st_size, st.st_mtime_ns))
+            tasks.append(_Task(path, st.st_size, st.st_mtime_ns, root=root_of.get(path)))
         if dry_run:
             summary.added = len(tasks)  # at most: duplicates and failures are found by reading
             summary.failed = len(walk_errors)
@@ -282,7 +288,7 @@ class Ingester:
                     size, mtime = st.st_size, st.st_mtime_ns
                 except OSError:
                     size, mtime = 0, 0  # read_file reports the problem
-                tasks.append(_Task(path, size, mtime))
+                tasks.append(_Task(path, size, mtime, root=os.path.dirname(path)))
             else:
                 tasks.append(_Task(None, 0, 0, source=src))
         summary.files_seen = len(tasks)
@@ -477,11 +483,14 @@ def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetim
             "mtime_ns": stmt.excluded.mtime_ns,
             "last_seen_at": stmt.excluded.last_seen_at,
             "is_current": True,
+            "root": stmt.excluded.root,
+            "moved_to": None,
         },
     )
     rows = [
         {"path": p, "image_id": image_id, "file_size": t.size, "mtime_ns": t.mtime_ns,
-         "first_seen_at": now, "last_seen_at": now, "is_current": True}
+         "first_seen_at": now, "last_seen_at": now, "is_current": True,
+         "root": to_stored(t.root) if t.root else None, "moved_to": None}
         for p, (t, image_id) in zip(shown, paths)
     ]
     for start in range(0, len(rows), 1000):

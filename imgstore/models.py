@@ -91,6 +91,10 @@ class ImagePath(Base):
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: the folder given to ingest when the path was found (``imgstore.paths`` text; NULL before 0006)
+    root: Mapped[str | None] = mapped_column(Text)
+    #: where ``dedup --apply`` moved the file (the row is then not current); NULL otherwise
+    moved_to: Mapped[str | None] = mapped_column(Text)
 
     image: Mapped[Image] = relationship(back_populates="paths")
 

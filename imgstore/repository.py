@@ -153,6 +153,28 @@ class ImageStore:
         would be) removed; unknown references raise :class:`NotFoundError` and remove nothing."""
         return catalog.remove(self.ctx, refs, dry_run=dry_run)
 
+    def apply_duplicates(self, groups: Sequence[DuplicateGroup], move_to: str | os.PathLike[str]) -> Any:
+        """Move every file of ``groups`` but each group's ``keeper_path`` into ``move_to``, under
+        its path relative to the folder it was ingested under; journalled, resumable (an
+        interrupted run is finished by the next one into the same folder) and undoable
+        (:meth:`undo_duplicates`). Never deletes or overwrites a file. Returns an
+        :class:`~imgstore.dedup_apply.ApplyReport` with the journal's path."""
+        from . import dedup_apply
+
+        return dedup_apply.apply(self.ctx, groups, move_to)
+
+    def undo_duplicates(self, journal: str | os.PathLike[str]) -> Any:
+        """Put back every file, path row and keeper metadata that one :meth:`apply_duplicates`
+        changed, as its journal records them; safe to run again."""
+        from . import dedup_apply
+
+        return dedup_apply.undo(self.ctx, journal)
+
+    def prune_moved(self, *, dry_run: bool = False) -> Removal:
+        """Forget files that :meth:`apply_duplicates` moved away (no undo after this), and images
+        left with no path at all; the moved files stay where they are."""
+        return catalog.prune_moved(self.ctx, dry_run=dry_run)
+
     def prune(self, *, dry_run: bool = False) -> list[str]:
         """Mark every current path whose file no longer exists as not current (the rows stay,
         as history); returns those paths. An ingest does this itself for paths under the

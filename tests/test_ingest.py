@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from imgstore import ImageStore
-from imgstore.errors import DecodeError
+from imgstore.errors import DecodeError, NotFoundError
 from imgstore.models import Code, Feature, HashIndex, Image as ImageRow
 
 from .helpers import make_collection, photo, write_variants
@@ -153,9 +153,11 @@ def test_unreadable_inputs_do_not_stop_ingest(db_url: str, tmp_path: Path) -> No
     loop = root / "loop"
     loop.symlink_to(root)  # a symlink loop: skipped by default, detected when following
     with ImageStore(db_url) as store:
-        s = store.ingest([root, tmp_path / "missing"], extractor="color")
+        with pytest.raises(NotFoundError, match="missing"):  # a mistyped folder stops before any work
+            store.ingest([root, tmp_path / "missing"], extractor="color")
+        assert store.counts().images == 0
+        s = store.ingest([root], extractor="color")
         assert s.added == 2
-        assert any("missing" in p for p, _ in s.errors)
         s = store.ingest([root], extractor="color", follow_symlinks=True)
         assert any("loop" in r for _, r in s.errors)
         assert store.counts().images == 2

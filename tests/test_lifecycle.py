@@ -9,10 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from imgstore import ImageStore
 from imgstore.cli import cli
+from imgstore.errors import NotFoundError
 
 from .helpers import photo, write_variants
 
@@ -61,8 +63,9 @@ def test_a_missing_root_marks_nothing(db_url: str, tmp_path: Path) -> None:
     with ImageStore(db_url) as store:
         store.ingest([tmp_path / "photos"], extractor="color")
         shutil.move(str(tmp_path / "photos"), str(tmp_path / "elsewhere"))  # e.g. a drive not mounted
-        assert store.ingest([tmp_path / "photos"], extractor="color").gone == 0
-        assert store.verify().vanished_files  # still current, reported by verify
+        with pytest.raises(NotFoundError):
+            store.ingest([tmp_path / "photos"], extractor="color")
+        assert len(store.verify().vanished_files) == 4  # still current, reported by verify
 
 
 def test_prune_covers_paths_outside_the_rescanned_roots(db_url: str, tmp_path: Path) -> None:

@@ -1,0 +1,283 @@
+"""Acting on duplicate groups: move every copy but the keeper out of the collection, journalled,
+resumable and undoable. No file is ever deleted or overwritten.
+
+``apply`` moves each non-keeper file of each group into ``move_to``, under its path relative to
+the folder it was ingested under (``image_paths.root``; the absolute path mirrored when that is
+unknown), never over an existing file (``name (1).jpg`` then), across devices by copy + fsync +
+link + unlink. Before each move it appends a journal entry (``move_to/.imgstore/journal-*.jsonl``,
+flushed to disk); after the move it marks the path moved in the store (the row stays, not
+current, with ``moved_to``) and merges the member's tags into the keeper; then it appends
+``done``. A run that was interrupted is finished by the next ``apply`` into the same folder
+(entries without ``done`` are completed first). ``undo`` walks a journal backwards, moves every
+file back (again never overwriting) and restores the rows and the keepers' metadata.
+``catalog.prune_moved`` later forgets moved rows a user no longer wants to undo.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, and_, select, update
+
+from .catalog import merge_meta, merged_meta
+from .errors import ConfigError, NotFoundError
+from .models import Image, ImagePath
+from .paths import from_stored, printable, to_stored
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StoreContext
+    from .dedup import DuplicateGroup
+
+JOURNAL_DIR = ".imgstore"
+
+
+@dataclass
+class ApplyReport:
+    journal: str
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (from, to)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    resumed: int = 0  # entries of an interrupted run completed first
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"journal": self.journal, "moved": [{"from": a, "to": b} for a, b in self.moved],
+                "failed": [{"path": a, "reason": b} for a, b in self.failed], "resumed": self.resumed}
+
+
+@dataclass
+class UndoReport:
+    journal: str
+    restored: list[tuple[str, str]] = field(default_factory=list)  # (from, back to)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"journal": self.journal, "restored": [{"from": a, "to": b} for a, b in self.restored],
+                "failed": [{"path": a, "reason": b} for a, b in self.failed]}
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def move_file(src: str, dst: str) -> None:
+    """Move ``src`` to ``dst``, never over an existing file, across devices too."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.link(src, dst)  # fails if dst exists: no overwrite, ever
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        tmp = f"{dst}.imgstore-partial-{os.getpid()}"
+        shutil.copy2(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, dst)
+        except OSError:
+            if os.path.lexists(dst):
+                os.unlink(tmp)
+                raise FileExistsError(errno.EEXIST, "exists", dst) from None
+            os.rename(tmp, dst)  # a file system without links: the exists check above guards it
+        else:
+            os.unlink(tmp)
+    os.unlink(src)
+
+
+def destination(move_to: str, src: str, root: str | None) -> str:
+    """Where ``src`` goes under ``move_to``: its path below its ingest root (or the whole
+    absolute path), with `` (1)``, `` (2)``... before the extension if that name is taken."""
+    rel = os.path.relpath(src, root) if root and (src == root or src.startswith(root.rstrip(os.sep) + os.sep)) else None
+    if rel is None or rel.startswith(".."):
+        rel = src.lstrip(os.sep)
+    dst = os.path.join(move_to, rel)
+    stem, ext = os.path.splitext(dst)
+    n = 1
+    while os.path.lexists(dst):
+        dst = f"{stem} ({n}){ext}"
+        n += 1
+    return dst
+
+
+# --- journal ---------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only JSON lines, each flushed and fsynced before the step it announces."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="ascii") as f:  # json escapes every non-ASCII path
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def entries(self) -> list[dict[str, Any]]:
+        out = []
+        with open(self.path, encoding="ascii") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break  # a line cut by a crash: everything before it stands
+        return out
+
+    def open_moves(self) -> list[dict[str, Any]]:
+        """``move`` entries with no ``done`` or ``undone`` after them."""
+        entries = self.entries()
+        closed = {e["id"] for e in entries if e.get("op") in ("done", "undone")}
+        return [e for e in entries if e.get("op") == "move" and e["id"] not in closed]
+
+
+def journals(move_to: str) -> Iterator[Journal]:
+    folder = Path(move_to) / JOURNAL_DIR
+    if folder.is_dir():
+        for path in sorted(folder.glob("journal-*.jsonl")):
+            yield Journal(str(path))
+
+
+# --- apply -----------------------------------------------------------------------------------
+
+
+def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os.PathLike[str]) -> ApplyReport:
+    """Move every non-keeper file of ``groups`` into ``move_to`` (see the module docstring)."""
+    target = os.path.abspath(os.path.expanduser(os.fspath(move_to)))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"--move-to {printable(target)} is a file; give a folder")
+    os.makedirs(os.path.join(target, JOURNAL_DIR), exist_ok=True)
+    resumed = 0
+    for old in journals(target):
+        for entry in old.open_moves():
+            _finish(ctx, old, entry)
+            resumed += 1
+    journal = Journal(os.path.join(target, JOURNAL_DIR, f"journal-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"))
+    journal.append({"op": "begin", "database": ctx.display_url, "move_to": target, "at": time.time()})
+    report = ApplyReport(journal.path, resumed=resumed)
+    keeper_meta_saved: set[int] = set()
+    n = 0
+    with ctx.read("plan the moves") as conn:
+        plan = _plan(conn, groups)
+    for src, root, image_id, keeper, member_tags in plan:
+        if not os.path.lexists(src):
+            report.failed.append((src, "the file is gone (run `imgstore prune`)"))
+            continue
+        dst = destination(target, src, root)
+        n += 1
+        entry: dict[str, Any] = {"op": "move", "id": n, "src": src, "dst": dst, "image_id": image_id, "keeper": keeper,
+                                 "tags": member_tags}
+        if keeper not in keeper_meta_saved:
+            with ctx.read("read the keeper's metadata") as conn:
+                entry["keeper_meta_before"] = dict(conn.scalar(select(Image.meta).where(Image.id == keeper)) or {})
+            keeper_meta_saved.add(keeper)
+        journal.append(entry)
+        try:
+            move_file(src, dst)
+        except OSError as exc:
+            journal.append({"op": "undone", "id": n, "reason": f"not moved: {exc.strerror or exc}"})
+            report.failed.append((src, exc.strerror or str(exc)))
+            continue
+        _record_move(ctx, entry)
+        journal.append({"op": "done", "id": n})
+        report.moved.append((src, dst))
+    return report
+
+
+def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str, str | None, int, int, list[str]]]:
+    """(path, its ingest root, its image, the keeper, the image's tags) for every file to move."""
+    out = []
+    for group in groups:
+        if group.keeper_path is None:
+            continue
+        for member in group.members:
+            rows = conn.execute(
+                select(ImagePath.path, ImagePath.root).where(ImagePath.image_id == member.image_id, ImagePath.is_current.is_(True))
+            ).all()
+            meta = conn.scalar(select(Image.meta).where(Image.id == member.image_id)) or {}
+            tags = list(meta.get("tags", [])) if isinstance(meta, dict) and isinstance(meta.get("tags"), list) else []
+            for path, root in rows:
+                real = from_stored(path)
+                if real != group.keeper_path:
+                    out.append((real, from_stored(root) if root else None, int(member.image_id), int(group.keeper),
+                                tags if member.image_id != group.keeper else []))
+    return out
+
+
+def _record_move(ctx: StoreContext, entry: dict[str, Any]) -> None:
+    def work(conn: Connection) -> None:
+        conn.execute(update(ImagePath).where(ImagePath.path == to_stored(entry["src"]), ImagePath.image_id == entry["image_id"])
+                     .values(is_current=False, moved_to=to_stored(entry["dst"])))
+        if entry.get("tags"):
+            merge_meta(conn, [entry["keeper"]], {"tags": entry["tags"]})
+
+    ctx.write(work, doing="record a moved file")
+
+
+def _finish(ctx: StoreContext, journal: Journal, entry: dict[str, Any]) -> None:
+    """Complete a move an interrupted run announced: move the file if it is still in place,
+    then record it (recording twice changes nothing)."""
+    src, dst = entry["src"], entry["dst"]
+    if os.path.lexists(src) and not os.path.lexists(dst):
+        move_file(src, dst)
+    if os.path.lexists(dst):
+        _record_move(ctx, entry)
+        journal.append({"op": "done", "id": entry["id"]})
+    else:
+        journal.append({"op": "undone", "id": entry["id"], "reason": "neither the file nor its copy was found"})
+
+
+# --- undo ------------------------------------------------------------------------------------
+
+
+def undo(ctx: StoreContext, journal_path: str | os.PathLike[str]) -> UndoReport:
+    """Put back every file and row a journal moved, newest first; safe to run again."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(journal_path)))
+    if not os.path.isfile(path):
+        raise NotFoundError(f"no journal at {printable(path)}; `dedup --apply` printed where it wrote one")
+    journal = Journal(path)
+    entries = journal.entries()
+    undone = {e["id"] for e in entries if e.get("op") == "undone"}
+    moves = [e for e in entries if e.get("op") == "move" and e["id"] not in undone]
+    report = UndoReport(path)
+    metas: dict[int, dict[str, Any]] = {}
+    for entry in moves:
+        if "keeper_meta_before" in entry:
+            metas.setdefault(int(entry["keeper"]), entry["keeper_meta_before"])
+    for entry in reversed(moves):
+        src, dst = entry["src"], entry["dst"]
+        if os.path.lexists(dst):
+            if os.path.lexists(src):
+                report.failed.append((dst, f"{printable(src)} exists again; left both in place"))
+                continue
+            try:
+                move_file(dst, src)
+            except OSError as exc:
+                report.failed.append((dst, exc.strerror or str(exc)))
+                continue
+        elif not os.path.lexists(src):
+            report.failed.append((dst, "the moved file is gone"))
+            continue
+
+        def work(conn: Connection, e: dict[str, Any] = entry) -> None:
+            conn.execute(update(ImagePath).where(and_(ImagePath.path == to_stored(e["src"]), ImagePath.image_id == e["image_id"]))
+                         .values(is_current=True, moved_to=None))
+
+        ctx.write(work, doing="restore a moved path")
+        journal.append({"op": "undone", "id": entry["id"]})
+        report.restored.append((dst, src))
+
+    def restore_meta(conn: Connection) -> None:
+        for keeper, before in metas.items():
+            conn.execute(update(Image).where(Image.id == keeper).values(meta=merged_meta({}, before)))
+
+    if metas and not report.failed:
+        ctx.write(restore_meta, doing="restore the keepers' metadata")
+    return report
