@@ -3,6 +3,7 @@ with a hint, read commands never create a database, and ``--db`` works after the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -182,3 +183,14 @@ def test_a_read_only_store_can_be_queried(tmp_path: Path) -> None:
     for command in ("info", "query", "show", "verify", "dedup", "export", "index", "db", "errors"):
         assert codes[command].split()[1] == "0", codes[command]
     assert codes["rm"].startswith("rm 1 Error:") and "readonly" in codes["rm"]
+
+
+def test_one_json_convention(small_store: str) -> None:
+    """Plain floats (no float32 noise), no binary fields, --json beside dedup's --format json."""
+    hit = json.loads(run("--db", small_store, "query", "1", "-k", "1", "--json").output)[0]["results"][0]
+    assert hit["cosine"] == 1.0 and repr(hit["cosine"]) == "1.0"
+    rows = [json.loads(line) for line in run("--db", small_store, "export").output.splitlines()]
+    assert rows and all("signature" not in r for r in rows)
+    assert run("--db", small_store, "dedup", "--json").output == run("--db", small_store, "dedup", "--format", "json").output
+    shown = json.loads(run("--db", small_store, "show", "1", "--json").output)
+    assert shown["id"] == 1 and "signature" not in shown
