@@ -2,10 +2,11 @@
 
 The default rule, ``original``, prefers the copy least likely to have been derived from another:
 
-1. the most picture: pixels that show the picture, i.e. width x height less the uniform
-   border that rotating (or padding) a copy adds (rotation keeps the picture's area, so a copy
-   rotated with ``expand`` does not win on its larger canvas); compared in 2% steps, so
-   estimation noise does not decide;
+1. the most picture: width x height, less a uniform border that rotating or padding a copy
+   added around the picture (counted only on a canvas larger than the group's smallest, and
+   only when the border accounts for the extra area, since rotation keeps the picture's area:
+   so a copy rotated with ``expand`` does not win on its larger canvas, and a picture's own
+   plain background is never taken for a border); compared in 2% steps;
 2. lossless over lossy (a PNG or TIFF over the JPEG re-encoded from it);
 3. the least processed: no added border;
 4. the earliest capture time (EXIF), where known;
@@ -14,8 +15,11 @@ The default rule, ``original``, prefers the copy least likely to have been deriv
 Other rules (``--keep``): ``largest`` (most pixels, then the largest file: the rule before
 this one), ``oldest`` / ``newest`` (capture time, else first seen), ``smallest`` (fewest bytes).
 
-The border is measured on the file, decoded small, only for members of near-copy groups: rows
-are scanned from both sides for pixels of the colour all four corners share.
+The border is measured on the file, decoded small, only for members of near-copy groups whose
+canvas is larger than the group's smallest: rows are scanned from both sides for pixels of the
+colour all four corners share. Only a rotation's corner triangles count: a border with whole
+rows or columns of one colour (padding, or a picture's own plain background) is not told apart
+on one image, so a padded copy is not recognised as such.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ LOSSLESS = frozenset({"PNG", "TIFF", "BMP", "PPM", "PGM", "PBM", "QOI", "TGA", "
 #: Side of the thumbnail the border is measured on, and the colour tolerance (0-255).
 BORDER_SIDE = 128
 BORDER_TOLERANCE = 10
+EDGE = 3
 #: A border under this share of the picture is noise (JPEG ringing at a dark corner).
 MIN_BORDER = 0.01
 #: Picture areas within this ratio count as equal.
 AREA_STEP = 0.02
+#: How closely a border must account for a canvas's extra area to count as added.
+BORDER_MATCH = 0.08
 
 
 @dataclass(frozen=True)
@@ -69,15 +76,19 @@ def border_fraction(path: str | None) -> float:
     img.thumbnail((BORDER_SIDE, BORDER_SIDE))
     a = np.asarray(img.convert("L"), dtype=np.int16)
     h, w = a.shape
-    if h < 4 or w < 4:
+    if h < 4 * EDGE or w < 4 * EDGE:
         return 0.0
     corners = np.array([a[0, 0], a[0, -1], a[-1, 0], a[-1, -1]])
     if corners.max() - corners.min() > BORDER_TOLERANCE:
         return 0.0
     fill = np.abs(a - int(np.median(corners))) <= BORDER_TOLERANCE
-    full = fill.all(axis=1)
-    lead = np.where(full, w, np.argmin(fill, axis=1))  # first non-fill pixel from the left
-    trail = np.where(full, 0, np.argmin(fill[:, ::-1], axis=1))
+    inner = fill[EDGE:-EDGE, EDGE:-EDGE]  # a rotated picture's corner may vanish from the outermost rows at this size
+    if inner.all(axis=1).any() or inner.all(axis=0).any():
+        # a whole row or column of it: a plain background (a logo on white, a night sky) or
+        # padding, which no measure on one image tells apart; only rotation borders count
+        return 0.0
+    lead = np.argmin(fill, axis=1)  # first picture pixel from the left, per row
+    trail = np.argmin(fill[:, ::-1], axis=1)
     frac = float(np.minimum(lead + trail, w).sum()) / (h * w)
     return frac if frac >= MIN_BORDER else 0.0
 
@@ -97,12 +108,30 @@ def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
         if rule == "oldest":
             return min(candidates, key=lambda c: (when(c), c.image_id)).image_id
         return max(candidates, key=lambda c: (when(c) if when(c) != float("inf") else float("-inf"), -c.image_id)).image_id
-    borders = {c.image_id: border_fraction(c.path) for c in candidates}
+    added = _added_borders(candidates)
 
     def key(c: Candidate) -> tuple[object, ...]:
-        picture = c.width * c.height * (1.0 - borders[c.image_id])
+        picture = c.width * c.height * (1.0 - added[c.image_id])
         captured = -c.captured_at.timestamp() if c.captured_at is not None else float("-inf")
         return (round(np.log(max(picture, 1.0)) / np.log1p(AREA_STEP)), (c.format or "").upper() in LOSSLESS,
-                borders[c.image_id] == 0.0, captured, c.byte_size, -c.image_id)
+                added[c.image_id] == 0.0, captured, c.byte_size, -c.image_id)
 
     return max(candidates, key=key).image_id
+
+
+def _added_borders(candidates: Sequence[Candidate]) -> dict[int, float]:
+    """Per candidate, the share of its canvas that is a border added around the picture: only a
+    canvas larger than the group's smallest can hide one, and only a uniform border that
+    accounts for the extra canvas (rotating a picture onto a bigger canvas keeps its area, so
+    the border is 1 - smaller area / larger area) counts. A picture's own uniform background
+    (a logo on white, a night sky) is thereby never mistaken for one."""
+    smallest = min(c.width * c.height for c in candidates)
+    out = {}
+    for c in candidates:
+        area = c.width * c.height
+        out[c.image_id] = 0.0
+        if area > smallest * (1 + AREA_STEP):
+            border = border_fraction(c.path)
+            if border > 0 and abs(border - (1.0 - smallest / area)) <= BORDER_MATCH:
+                out[c.image_id] = border
+    return out
