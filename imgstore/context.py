@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, select
+import numpy as np
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -56,6 +57,8 @@ class StoreContext:
         self._extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._hashers: dict[str, Hasher] = {}  # by index uid
         self._code_caches: dict[int, CodeCache] = {}  # by index id; entry checked against uid + generation
+        #: how code caches were brought up to date: full loads, and appends of new codes
+        self.cache_refreshes = {"loads": 0, "appends": 0}
 
     @property
     def dialect(self) -> str:
@@ -145,9 +148,37 @@ class StoreContext:
             self._code_caches.pop(index.id, None)
             raise NotFoundError(f"no index with id {index.id}; `imgstore index list` shows them")
         cache = self._code_caches.get(index.id)
-        if cache is None or cache.index.uid != row.uid or cache.generation != int(row.generation):
-            cache = self._code_caches[index.id] = CodeCache.load(conn, index)
+        generation = int(row.generation)
+        if cache is not None and cache.index.uid == row.uid and cache.generation == generation:
+            return cache
+        if cache is not None and cache.index.uid == row.uid:
+            grown = self._appended(conn, cache, generation)
+            if grown is not None:
+                self.cache_refreshes["appends"] += 1
+                self._code_caches[index.id] = grown
+                return grown
+        self.cache_refreshes["loads"] += 1
+        cache = self._code_caches[index.id] = CodeCache.load(conn, index)
         return cache
+
+    @staticmethod
+    def _appended(conn: Connection, cache: CodeCache, generation: int) -> CodeCache | None:
+        """The cache plus the codes written since, when they are all appends (an ingest adds
+        images with new, larger ids); None when anything else changed (a removal, or ids that
+        committed out of order), which the count of codes reveals: then the caller reloads."""
+        from .models import Code
+
+        last = int(cache.image_ids[-1]) if len(cache) else 0
+        rows = conn.execute(
+            select(Code.image_id, Code.code).where(Code.hasher_id == cache.index.id, Code.image_id > last).order_by(Code.image_id)
+        ).all()
+        total = int(conn.scalar(select(func.count()).select_from(Code).where(Code.hasher_id == cache.index.id)) or 0)
+        if total != len(cache) + len(rows):
+            return None
+        n_bytes = cache.codes.shape[1]
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        codes = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype=np.uint8).reshape(len(rows), n_bytes)
+        return cache.appended(ids, codes, generation)
 
     def forget_index(self, index_id: int) -> None:
         cache = self._code_caches.pop(index_id, None)

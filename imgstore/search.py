@@ -20,6 +20,7 @@ over them: embed and encode the queries, ask the source, re-rank by cosine, atta
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -171,7 +172,8 @@ class CodeCache:
     """All codes of one index in memory, laid out for the compiled probes of :mod:`imgstore.kernels`.
 
     ``generation`` is the index's generation when loaded; a mismatch with the database means
-    another process (or this one) wrote codes since, and the cache reloads. Memory per code:
+    another process (or this one) wrote codes since: the store's context then appends what was
+    added (:meth:`appended`) or, when codes went away, reloads. Memory per code:
     its bytes and words, plus per band a uint32 key, an int32 row and a copy of the code words
     (for 64-bit codes in 4 bands, about 80 bytes).
     """
@@ -202,6 +204,41 @@ class CodeCache:
         generation = int(conn.scalar(select(HashIndex.generation).where(HashIndex.id == index.id)) or 0)
         ids, codes = scan_codes(conn, index)
         return cls(index, generation, ids, codes)
+
+    def appended(self, image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], generation: int) -> CodeCache:
+        """A new cache: this one plus codes of images whose ids are all above this one's (an
+        ingest appending). Each band's sorted segment gets the new keys merged in (O(n) copies,
+        no re-sort); this cache is left as it is, so a search running on it is unaffected."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        if len(ids) == 0:
+            out = copy.copy(self)
+            out.generation = generation
+            return out
+        if len(self) and ids[0] <= self.image_ids[-1]:
+            raise ValueError("appended codes must have larger image ids than the cache holds")
+        n0, m, w = len(self), self.index.n_bands, self.index.band_width
+        new_words = np.ascontiguousarray(as_words(codes))
+        bands = band_values(codes, m, w)
+        keys, rows, words = [], [], []
+        for j in range(m):
+            order = np.argsort(bands[:, j], kind="stable")
+            new_keys = bands[order, j].astype(np.uint32)
+            old = slice(j * n0, (j + 1) * n0)
+            at = np.searchsorted(self.seg_keys[old], new_keys, side="right")  # after equal keys: rows stay in order
+            keys.append(np.insert(self.seg_keys[old], at, new_keys))
+            rows.append(np.insert(self.seg_rows[old], at, (n0 + order).astype(np.int32)))
+            words.append(np.insert(self.seg_words[old], at, new_words[order], axis=0))
+        out = copy.copy(self)
+        out.generation = generation
+        out.image_ids = np.concatenate([self.image_ids, ids])
+        out.codes = np.concatenate([self.codes, codes])
+        out.words = np.ascontiguousarray(np.concatenate([self.words, new_words]))
+        out.seg_keys = np.ascontiguousarray(np.concatenate(keys))
+        out.seg_rows = np.ascontiguousarray(np.concatenate(rows))
+        out.seg_words = np.ascontiguousarray(np.concatenate(words))
+        out._flips = self._flips
+        return out
 
     # the HammingSource interface
     scan_fraction = CACHE_SCAN_FRACTION
