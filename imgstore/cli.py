@@ -810,6 +810,40 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
     click.echo(f"feature spaces {record.feature_spaces or '-'}, indexes {record.indexes or '-'}")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--allow-writes", is_flag=True, help="Let clients add uploaded images and remove images.")
+@click.option("--token", default=None, envvar="IMGSTORE_TOKEN", help="Require this bearer token on every API call [env IMGSTORE_TOKEN].")
+@click.option("--insecure", is_flag=True, help="Listen beyond this machine without a token (not recommended).")
+@click.pass_obj
+@friendly_errors
+def serve(obj: Context, host: str, port: int, allow_writes: bool, token: str | None, insecure: bool) -> None:
+    """Serve the store over HTTP: a JSON API with its OpenAPI docs at /docs.
+
+    Listens on this machine only by default; any other address needs --token (or --insecure).
+
+    \b
+    Example:
+      imgstore serve
+      imgstore serve --host 0.0.0.0 --token "$(openssl rand -hex 16)" --allow-writes
+    """
+    from .serve import create_app, is_loopback
+
+    if not is_loopback(host) and token is None:
+        if not insecure:
+            raise click.UsageError(f"--host {host} is reachable from other machines: give --token TOKEN (or --insecure)")
+        click.echo(f"warning: serving {host} without a token; anyone who can reach it can read the collection", err=True)
+    import uvicorn
+
+    with obj.store() as store:
+        store.cache_codes = True
+        app = create_app(store, allow_writes=allow_writes, token=token)
+        click.echo(f"serving {store.display_url} on http://{host}:{port} (API docs at /docs)"
+                   f"{'; writes allowed' if allow_writes else ''}", err=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 def _db_after_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     if value is not None:
         ctx.ensure_object(Context).db = value

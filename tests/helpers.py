@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import skimage
+import io
+import struct
+import zlib
+
 import numpy as np
 from PIL import Image, ImageEnhance
 from sqlalchemy import text
@@ -108,3 +112,15 @@ def brute_force(ids, codes, q, k):  # type: ignore[no-untyped-def]
     d = hamming_distances(as_words(q.reshape(1, -1))[0], as_words(codes)).astype(int)
     order = np.lexsort((ids, d))[:k]
     return [(int(ids[i]), int(d[i])) for i in order]
+
+
+def png_with_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)

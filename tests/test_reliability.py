@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import os
 import random
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from sqlalchemy import inspect
 
 from imgstore import ImageStore
 
-from .helpers import photo, write_variants
+from .helpers import png_with_header, photo, write_variants
 from .test_ingest import check_consistent
 
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "TIFF": ".tif"}
@@ -49,18 +47,6 @@ def mutants(seed: int, n: int) -> list[tuple[str, bytes]]:
                 data[rng.randrange(len(data))] = rng.randrange(256)
         out.append((f"mutant_{i:03d}{ext}", bytes(data)))
     return out
-
-
-def png_with_header(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
-    buf = io.BytesIO()
-    Image.new("L", (8, 8)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 def hostile_folder(root: Path, seed: int = 1234, n_mutants: int = 40) -> int:

@@ -1,0 +1,156 @@
+"""The HTTP API on SQLite and PostgreSQL: in process through the ASGI app, and through a real
+uvicorn server on a free loopback port; statuses for every mistake; no path of the client's
+choosing is ever read; writes only when allowed; the token when set."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from imgstore import ImageStore
+from imgstore.cli import cli
+from imgstore.serve import Thumbnails, create_app
+
+from .helpers import photo, png_with_header, write_variants
+
+
+@pytest.fixture
+def served(db_url: str, tmp_path: Path) -> tuple[ImageStore, Path]:
+    root = tmp_path / "photos"
+    write_variants(photo("chelsea"), root / "cat", "cat", 4)
+    write_variants(photo("rocket"), root / "rocket", "rocket", 4)
+    store = ImageStore(db_url, cache_codes=True)
+    store.ingest([root], extractor="color")
+    store.create_index("lsh", 32, extractor="color")
+    yield store, root
+    store.close()
+
+
+def png(img) -> bytes:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def client(store: ImageStore, tmp_path: Path, **options) -> TestClient:  # type: ignore[no-untyped-def]
+    return TestClient(create_app(store, thumbnails=Thumbnails(store, tmp_path / "thumbs"), **options))
+
+
+def test_read_api(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    store, root = served
+    api = client(store, tmp_path)
+    info = api.get("/api/info").json()
+    assert info["images"] == 8 and info["indexes"][0]["method"] == "lsh"
+    assert api.get("/api/indexes").json()[0]["is_active"] is True
+    cat = store.image(str(sorted((root / "cat").iterdir())[0])).id
+    shown = api.get(f"/api/images/{cat}").json()
+    assert shown["id"] == cat and shown["paths"][0]["is_current"] is True
+    by_id = api.get("/api/search", params={"id": cat, "k": 4}).json()
+    assert by_id[0]["image_id"] == cat and all("cat" in r["paths"][0] for r in by_id)
+    upload = api.post("/api/search", params={"k": 3}, files={"image": ("q.png", png(photo("chelsea")), "image/png")})
+    assert upload.status_code == 200 and all("cat" in r["paths"][0] for r in upload.json())
+    vector = store.extractor("color").extract([photo("rocket")])[0].tolist()
+    by_vector = api.post("/api/search", params={"k": 2}, json={"vector": vector}).json()
+    assert all("rocket" in r["paths"][0] for r in by_vector)
+    near = api.get(f"/api/images/{cat}/neighbours", params={"k": 3}).json()
+    assert len(near) == 3 and cat not in [r["image_id"] for r in near]
+    assert isinstance(api.get("/api/duplicates").json(), list)
+    thumb = api.get(f"/api/images/{cat}/thumbnail", params={"size": 128})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    made = list((tmp_path / "thumbs").rglob("*.jpg"))
+    assert len(made) == 1  # made once, kept on disk
+    assert api.get(f"/api/images/{cat}/thumbnail", params={"size": 128}).content == thumb.content
+    assert api.get("/docs").status_code == 200 and "/api/search" in api.get("/openapi.json").json()["paths"]
+
+
+def test_statuses(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    store, _ = served
+    api = client(store, tmp_path, max_upload_bytes=200_000)
+    assert api.get("/api/images/99999").status_code == 404
+    assert api.get("/api/images/99999").json()["error"].startswith("no image with id")
+    assert api.get("/api/search", params={"id": 99999}).status_code == 404
+    text = api.post("/api/search", files={"image": ("x.png", b"not an image at all", "image/png")})
+    assert text.status_code == 415 and "error" in text.json()
+    big = api.post("/api/search", files={"image": ("big.png", b"\0" * 300_000, "image/png")})
+    assert big.status_code == 413
+    bomb = api.post("/api/search", files={"image": ("bomb.png", png_with_header(100_000, 100_000), "image/png")})
+    assert bomb.status_code == 422 and ("pixels" in bomb.json()["error"] or "too large" in bomb.json()["error"])
+    assert api.get("/api/info").status_code == 200  # and the server goes on
+    assert api.get("/api/images/1/thumbnail", params={"size": 999}).status_code == 422
+    assert api.get("/api/search", params={"id": 1, "index": 42}).status_code == 404
+    assert api.get("/api/images/abc").status_code == 422
+
+
+def test_no_path_is_ever_read(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    store, _ = served
+    api = client(store, tmp_path)
+    for url in ("/api/images/..%2F..%2Fetc%2Fpasswd", "/api/images/../../etc/passwd/thumbnail",
+                "/api/images/%2e%2e/thumbnail", "/etc/passwd", "/api/images/1%2F..%2F..%2Fetc%2Fpasswd/thumbnail"):
+        response = api.get(url)
+        assert response.status_code in (404, 422), url
+        assert b"root:" not in response.content
+    removed = store.image(1).id
+    store.remove([removed])
+    assert api.get(f"/api/images/{removed}/thumbnail").status_code == 404
+
+
+def test_writes_need_allow_writes_and_the_token_is_checked(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    store, _ = served
+    readonly = client(store, tmp_path)
+    assert readonly.post("/api/images", files={"image": ("h.png", png(photo("horse")), "image/png")}).status_code == 403
+    assert readonly.delete("/api/images/1").status_code == 403
+    api = client(store, tmp_path, allow_writes=True, token="s3cret")
+    assert api.get("/api/info").status_code == 401
+    assert api.get("/api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    added = api.post("/api/images", headers=auth, files={"image": ("h.png", png(photo("horse").convert("RGB")), "image/png")})
+    assert added.status_code == 200
+    new_id = added.json()["image_id"]
+    assert api.get(f"/api/images/{new_id}", headers=auth).json()["paths"] == []
+    assert api.delete(f"/api/images/{new_id}", headers=auth).json()["images"] == [new_id]
+    assert api.get(f"/api/images/{new_id}", headers=auth).status_code == 404
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_real_server(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    import httpx
+    import uvicorn
+
+    store, _ = served
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store, thumbnails=Thumbnails(store, tmp_path / "t")),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/api/info").json()["images"] == 8
+            hits = http.post("/api/search", files={"image": ("q.png", png(photo("rocket")), "image/png")}).json()
+            assert all("rocket" in r["paths"][0] for r in hits[:4])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_serve_refuses_other_hosts_without_a_token(db_url: str) -> None:
+    out = CliRunner().invoke(cli, ["--db", db_url, "db", "upgrade"])
+    assert out.exit_code == 0
+    refused = CliRunner().invoke(cli, ["--db", db_url, "serve", "--host", "0.0.0.0"])
+    assert refused.exit_code == 2 and "--token" in refused.output
