@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/imgstore --db $(DEMO_DB) index list
 	$(BIN)/imgstore --db $(DEMO_DB) query $(DEMO_DIR)/originals/chelsea.png -k 8
 	$(BIN)/imgstore --db $(DEMO_DB) info
+	@echo "browse it over HTTP: $(BIN)/imgstore --db $(DEMO_DB) serve   (then open http://127.0.0.1:8000/docs)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
