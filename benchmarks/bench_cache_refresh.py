@@ -54,6 +54,58 @@ def append_batch(writer: ImageStore, hasher_id: int, first_id: int, codes: np.nd
     writer.transaction(work, what="append a batch")
 
 
+#: During-ingest run: a batch of 64 codes every WRITE_EVERY_S for DURING_S, searches meanwhile.
+WRITE_EVERY_S = 0.5
+DURING_S = 15.0
+
+
+def during_ingest(url: str, writer: ImageStore, hasher_id: int, first_id: int, pool: np.ndarray, mode: str) -> dict[str, float]:
+    """Latency of one cached search (the cache check included) while a writer appends a batch
+    every WRITE_EVERY_S: refreshed in the request ("inline", as without a refresher) or by the
+    store's background refresher ("background", what `imgstore serve` runs)."""
+    import threading
+
+    from imgstore.search import hamming_search
+
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.wait(WRITE_EVERY_S):
+            append_batch(writer, hasher_id, first_id + i * BATCH, pool[(i * BATCH) % (len(pool) - BATCH):][:BATCH])
+            i += 1
+
+    with ImageStore(url, cache_codes=True) as reader:
+        with reader.ctx.read("bench") as conn:
+            index = find_index(list_indexes(conn), hasher_id)
+            assert index is not None
+            warm = reader.ctx.code_cache(conn, index)
+            hamming_search(pool[0], index, 10, warm, probe_radius=1)  # the compiled kernels load once per process
+        if mode == "background":
+            reader.ctx.start_refresher(interval_s=0.1)
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        times = []
+        deadline = time.perf_counter() + DURING_S
+        q = 0
+        with reader.ctx.read("bench") as conn:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                cache = reader.ctx.code_cache(conn, index)
+                hamming_search(pool[q % len(pool)], index, 10, cache, probe_radius=1)
+                times.append(time.perf_counter() - t0)
+                q += 1
+        stop.set()
+        thread.join()
+        reader.ctx.stop_refresher()
+    ms = np.array(times) * 1000
+    out = {"queries": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "max_ms": float(ms.max()), "refreshes": dict(reader.ctx.cache_refreshes)}
+    print(f"  during ingest, {mode}: p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.1f} ms, max {out['max_ms']:.0f} ms "
+          f"over {len(ms):,} searches", flush=True)
+    return out
+
+
 def run_db(kind: str, n: int, repeats: int, pg: str) -> dict[str, Any]:
     hasher, pool, _ = make_data()
     target = Target(kind, pg)
@@ -81,9 +133,12 @@ def run_db(kind: str, n: int, repeats: int, pg: str) -> dict[str, Any]:
                     reloads.append(time.perf_counter() - t0)
                 assert len(cache) == n + (r + 1) * BATCH
             assert reader.ctx.cache_refreshes == {"loads": 1, "appends": repeats}
+            latency = {mode: during_ingest(target.url, writer, hasher_id, next_id + (i * 10_000), extra, mode)
+                       for i, mode in enumerate(("inline", "background"))}
+            next_id += 20_000
     finally:
         target.drop()
-    out = {"db": kind, "N": n, "batch": BATCH, "repeats": repeats, "first_load_s": first_load,
+    out = {"db": kind, "N": n, "batch": BATCH, "repeats": repeats, "first_load_s": first_load, "during_ingest": latency,
            "append_ms": [1000 * a for a in appends], "reload_ms": [1000 * r for r in reloads],
            "append_median_ms": 1000 * statistics.median(appends), "reload_median_ms": 1000 * statistics.median(reloads)}
     print(f"{kind} N={n:,}: append {out['append_median_ms']:.1f} ms, full reload {out['reload_median_ms']:.0f} ms "
@@ -107,6 +162,13 @@ def main() -> None:
     for r in runs:
         lines.append(f"| {r['db']} | {r['N']:,} | {r['append_median_ms']:.1f} | {r['reload_median_ms']:,.0f} | "
                      f"{r['reload_median_ms'] / r['append_median_ms']:.0f}x |")
+    lines += ["", f"Cached search (radius 1, k=10, the cache check included) while a writer appends a batch of 64 "
+              f"codes every {WRITE_EVERY_S} s for {DURING_S:.0f} s, same run: refreshed in the request (inline) or by "
+              "the store's background refresher (0.1 s interval, what `imgstore serve` runs).", "",
+              "| db | refresh | searches | p50, ms | p99, ms | max, ms |", "|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        for mode, d in r["during_ingest"].items():
+            lines.append(f"| {r['db']} | {mode} | {d['queries']:,} | {d['p50_ms']:.2f} | {d['p99_ms']:.1f} | {d['max_ms']:.0f} |")
     (RESULTS / "cache_refresh.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,15 +60,49 @@ class StoreContext:
         self._code_caches: dict[int, CodeCache] = {}  # by index id; entry checked against uid + generation
         #: how code caches were brought up to date: full loads, and appends of new codes
         self.cache_refreshes = {"loads": 0, "appends": 0}
+        self._refresher: tuple[threading.Thread, threading.Event] | None = None
+        self._refresh_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
         return self.url.get_backend_name()
 
     def close(self) -> None:
+        self.stop_refresher()
         self.engine.dispose()
         self._hashers.clear()
         self._code_caches.clear()
+
+    # -- keeping code caches fresh off the request path ----------------------------------------
+
+    def start_refresher(self, interval_s: float = 0.25) -> None:
+        """Bring this store's code caches up to date in a background thread, every
+        ``interval_s``, so that searches never wait for a refresh: they use the cache as of the
+        last refresh (at most about ``interval_s`` plus one refresh behind the database). An
+        index that was dropped or rebuilt is still noticed by the search itself."""
+        if self._refresher is not None:
+            return
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
+                for index_id, cache in list(self._code_caches.items()):
+                    try:
+                        with self.read("refresh the code cache") as conn:
+                            self.code_cache(conn, cache.index, refresh=True)
+                    except Exception as exc:  # noqa: BLE001 - a refresher must outlive a bad moment
+                        log.info("code cache %d: %s", index_id, exc)
+
+        thread = threading.Thread(target=loop, name="imgstore-cache-refresher", daemon=True)
+        self._refresher = (thread, stop)
+        thread.start()
+
+    def stop_refresher(self) -> None:
+        if self._refresher is not None:
+            thread, stop = self._refresher
+            stop.set()
+            thread.join(timeout=30)
+            self._refresher = None
 
     # -- database access --------------------------------------------------------------------
 
@@ -137,11 +172,12 @@ class StoreContext:
             cached = self._hashers[index.uid] = hasher_from_bytes(blob)
         return cached
 
-    def code_cache(self, conn: Connection, index: IndexInfo) -> CodeCache:
+    def code_cache(self, conn: Connection, index: IndexInfo, *, refresh: bool | None = None) -> CodeCache:
         """The index's codes in memory, reloaded when the database says they changed: another
-        uid (the id was reused by a new index) or another generation (codes written since)."""
+        uid (the id was reused by a new index) or another generation (codes written since).
+        With a background refresher running (``refresh`` left None), a newer generation is left
+        to it and the cache as of its last refresh is returned at once."""
         from .models import HashIndex
-        from .search import CodeCache
 
         row = conn.execute(select(HashIndex.uid, HashIndex.generation).where(HashIndex.id == index.id)).first()
         if row is None:
@@ -151,7 +187,18 @@ class StoreContext:
         generation = int(row.generation)
         if cache is not None and cache.index.uid == row.uid and cache.generation == generation:
             return cache
-        if cache is not None and cache.index.uid == row.uid:
+        if cache is not None and cache.index.uid == row.uid and self._refresher is not None and refresh is None:
+            return cache  # the refresher brings it up to date
+        with self._refresh_lock:  # one refresh at a time; a second caller finds it done
+            current = self._code_caches.get(index.id)
+            if current is not None and current is not cache and current.index.uid == row.uid and current.generation >= generation:
+                return current  # another thread refreshed it meanwhile
+            return self._refreshed(conn, index, current, row.uid, generation)
+
+    def _refreshed(self, conn: Connection, index: IndexInfo, cache: CodeCache | None, uid: str, generation: int) -> CodeCache:
+        from .search import CodeCache
+
+        if cache is not None and cache.index.uid == uid:
             grown = self._appended(conn, cache, generation)
             if grown is not None:
                 self.cache_refreshes["appends"] += 1

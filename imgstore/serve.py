@@ -82,7 +82,17 @@ class Thumbnails:
 def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, thumbnails: Thumbnails | None = None) -> Any:
     """A FastAPI application answering for ``store`` (kept open by the caller)."""
-    app = FastAPI(title="imgstore", version="0.1.0",
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: Any) -> Any:
+        store.ctx.start_refresher()  # searches never wait for an ingest's new codes to be merged
+        try:
+            yield
+        finally:
+            store.ctx.stop_refresher()
+
+    app = FastAPI(title="imgstore", version="0.1.0", lifespan=lifespan,
                   description="Search and browse an imgstore collection. JSON bodies follow the CLI's --json shapes.")
     thumbs = thumbnails or Thumbnails(store)
     model_lock = threading.Lock()  # one forward pass at a time on the shared extractor
