@@ -38,6 +38,73 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 THUMB_SIZES = (128, 256, 512)
 
 
+class Overloaded(Exception):
+    """More uploads are waiting for the model than the queue holds: answered with 503."""
+
+
+class Batcher:
+    """Concurrent uploads share model calls: the first image in waits at most ``max_wait_s``
+    for others, then one ``extract`` call embeds up to ``max_batch`` of them, so throughput under
+    load approaches the model's batched rate instead of its batch-1 rate. A queue longer than
+    ``max_queue`` refuses new images at once (:class:`Overloaded`)."""
+
+    def __init__(self, extract: Any, *, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 64) -> None:
+        import queue
+
+        self.extract = extract
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.calls = 0  # model calls made
+        self.images = 0  # images embedded
+        self.thread = threading.Thread(target=self._run, name="imgstore-batcher", daemon=True)
+        self.thread.start()
+
+    def embed(self, image: Any, timeout_s: float = 120.0) -> Any:
+        from concurrent.futures import Future
+
+        if self.queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self.queue.qsize()} images are waiting for the model; try again shortly")
+        future: Future[Any] = Future()
+        self.queue.put((image, future))
+        return future.result(timeout=timeout_s)
+
+    def _run(self) -> None:
+        import queue
+        import time
+
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    nxt = self.queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                vectors = self.extract([image for image, _ in batch])
+                self.calls += 1
+                self.images += len(batch)
+                for (_, future), vector in zip(batch, vectors):
+                    future.set_result(vector)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error
+                for _, future in batch:
+                    future.set_exception(exc)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+
 class Thumbnails:
     """Small JPEG thumbnails, made once per (content, size) and kept on disk: beside an SQLite
     file (``<db>.thumbs/``), or under the user's cache folder for PostgreSQL, keyed by the
@@ -80,7 +147,8 @@ class Thumbnails:
 
 
 def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, thumbnails: Thumbnails | None = None) -> Any:
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, thumbnails: Thumbnails | None = None,
+               batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64) -> Any:
     """A FastAPI application answering for ``store`` (kept open by the caller)."""
     from contextlib import asynccontextmanager
 
@@ -91,11 +159,35 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
             yield
         finally:
             store.ctx.stop_refresher()
+            for batcher in batchers.values():
+                batcher.close()
 
     app = FastAPI(title="imgstore", version="0.1.0", lifespan=lifespan,
                   description="Search and browse an imgstore collection. JSON bodies follow the CLI's --json shapes.")
     thumbs = thumbnails or Thumbnails(store)
     model_lock = threading.Lock()  # one forward pass at a time on the shared extractor
+    batchers: dict[str, Batcher] = {}
+    app.state.batchers = batchers
+
+    def batcher_for(index_id: int | None) -> tuple[Batcher, Any]:
+        """The batcher of the extractor whose features the searched index reads."""
+        from .indexing import find_index, list_indexes
+        from .vectors import get_space, pick_space
+
+        with store.ctx.read("find the feature space") as conn:
+            found = find_index(list_indexes(conn, with_counts=False), index_id)
+            space = get_space(conn, found.space_id) if found is not None else pick_space(conn, None)
+        extractor = store.ctx.extractor(space.extractor)
+        if extractor.preprocess_version != space.preprocess_version:
+            raise ConfigError(f"stored {space.extractor} features were made with preprocessing {space.preprocess_version}, "
+                              f"this imgstore makes {extractor.preprocess_version}; re-ingest, or search by stored id")
+        if space.extractor not in batchers:
+            def extract(images: list[Any], ex: Any = extractor) -> Any:
+                with model_lock:
+                    return ex.extract(images)
+
+            batchers[space.extractor] = Batcher(extract, max_batch=batch_max, max_wait_s=batch_wait_s, max_queue=queue_max)
+        return batchers[space.extractor], extractor
 
     @app.middleware("http")
     async def check_token(request: Request, call_next: Any) -> Any:
@@ -130,6 +222,10 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
         if len(data) > max_upload_bytes:
             raise _TooLarge(f"upload too large: at most {max_upload_bytes:,} bytes")
         return data
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_request: Request, exc: Overloaded) -> Any:
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(_TooLarge)
     async def too_large(_request: Request, exc: _TooLarge) -> Any:
@@ -176,11 +272,19 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
                 raise ConfigError('send {"vector": [numbers]} or a multipart image')
             query: Any = np.asarray(body["vector"], dtype=np.float32)
         else:
-            query = await upload(request)
+            data = await upload(request)
+
+            def embed() -> Any:
+                from .decode import load_image
+
+                batcher, extractor = batcher_for(index)
+                image = load_image(data, draft_size=extractor.draft_size).image  # decoded in the request's thread
+                return batcher.embed(image)
+
+            query = await anyio.to_thread.run_sync(embed)
 
         def run() -> Any:
-            with model_lock:
-                return store.search(query, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
+            return store.search(query, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
 
         return [h.as_dict() for h in await anyio.to_thread.run_sync(run)]
 

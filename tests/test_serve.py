@@ -154,3 +154,57 @@ def test_serve_refuses_other_hosts_without_a_token(db_url: str) -> None:
     assert out.exit_code == 0
     refused = CliRunner().invoke(cli, ["--db", db_url, "serve", "--host", "0.0.0.0"])
     assert refused.exit_code == 2 and "--token" in refused.output
+
+
+def test_concurrent_uploads_share_model_calls_and_overload_is_503(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    store, _ = served
+    extractor = store.extractor("color")
+    real = extractor.extract
+
+    def slow(images):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)  # a model call that takes a while, so uploads pile up behind it
+        return real(images)
+
+    extractor.extract = slow
+    app = create_app(store, thumbnails=Thumbnails(store, tmp_path / "t"), batch_max=16, batch_wait_s=0.05, queue_max=64)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        uploads = [png(photo(name)) for name in ("chelsea", "rocket")] * 10
+
+        def search(data: bytes) -> httpx.Response:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                return http.post("/api/search", params={"k": 1}, files={"image": ("q.png", data, "image/png")})
+
+        with ThreadPoolExecutor(20) as pool:
+            responses = list(pool.map(search, uploads))
+        assert [r.status_code for r in responses] == [200] * 20
+        for data, response in zip(uploads, responses):
+            name = "cat" if data == uploads[0] else "rocket"
+            assert name in response.json()[0]["paths"][0]
+        batcher = app.state.batchers["color"]
+        assert batcher.images == 20 and batcher.calls < 10  # 20 uploads, far fewer model calls
+        # a queue that is full answers 503 at once, and the server goes on
+        for b in app.state.batchers.values():
+            b.max_queue = 1
+        with ThreadPoolExecutor(10) as pool:
+            statuses = [r.status_code for r in pool.map(search, uploads[:10])]
+        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
+        for b in app.state.batchers.values():
+            b.max_queue = 64
+        assert search(uploads[1]).status_code == 200
+    finally:
+        extractor.extract = real
+        server.should_exit = True
+        thread.join(timeout=30)
