@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS_DIR, cifar_split  # noqa: E402
 from imgstore import ImageStore  # noqa: E402
+from imgstore.dedup import ALL_PAIRS_MAX  # noqa: E402
 from imgstore.samples import TRANSFORMS, skimage_photos  # noqa: E402
 
 COPIES = {
@@ -138,12 +139,6 @@ def time_all_pairs(sizes: tuple[int, ...] = (2_000, 5_000, 10_000, 20_000, 30_00
     return out
 
 
-def dd_max() -> int:
-    from imgstore.dedup import ALL_PAIRS_MAX
-
-    return ALL_PAIRS_MAX
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar-originals", type=int, default=300)
@@ -221,7 +216,7 @@ def main() -> None:
               f"pairs: {no_index['extra_from_all_pairs']} ({no_index['extra_true']} of them true copies).", "",
               "All-pairs cost (1280-d unit vectors, one process, `AllPairs.edges` at the default rule), seconds: "
               + ", ".join(f"{n:,} images {s:.1f}" for n, s in all_pairs_cost.items())
-              + f". `imgstore.dedup.ALL_PAIRS_MAX` = {dd_max()}: above it a temporary in-memory index is used."]
+              + f". `imgstore.dedup.ALL_PAIRS_MAX` = {ALL_PAIRS_MAX}: above it a temporary in-memory index is used."]
     (RESULTS_DIR / "dedup.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

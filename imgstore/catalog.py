@@ -108,7 +108,7 @@ def errors(conn: Connection, limit: int | None = None) -> list[IngestErrorRecord
 
 def resolve(conn: Connection, ref: int | str) -> int:
     """The id of the image ``ref`` names: an id, or any path it was seen at (current first)."""
-    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref)):
+    if names_an_id(ref):
         image_id = int(ref)
         if conn.scalar(select(Image.id).where(Image.id == image_id)) is None:
             raise NotFoundError(f"no image with id {image_id}")
@@ -167,7 +167,7 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
         image_ids: set[int] = set()
         stored: set[str] = set()
         for ref in refs:
-            if _names_an_id(ref):
+            if names_an_id(ref):
                 image_ids.add(resolve(conn, ref))
             else:
                 resolve(conn, ref)  # NotFoundError for a path never seen
@@ -195,8 +195,9 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
     return ctx.write(work, doing="remove images")
 
 
-def _names_an_id(ref: int | str) -> bool:
-    """An ``int``, or digits that name no existing file (the CLI reads its arguments the same way)."""
+def names_an_id(ref: object) -> bool:
+    """An ``int``, or digits that name no existing file: the one rule by which the API and the
+    CLI tell an image id from a path."""
     return isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref))
 
 
@@ -212,10 +213,10 @@ def _gone(path: str) -> bool:
 
 
 def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: set[str] | None = None,
-              dry_run: bool = False) -> list[str] | int:
+              dry_run: bool = False) -> list[str]:
     """Mark current paths whose file no longer exists as not current (history kept): those
     under ``roots`` (a rescan; ``seen`` are stored paths the walk just found), or every one
-    (``roots=None``: prune). Returns the paths (prune) or how many (rescan)."""
+    (``roots=None``: prune). Returns those paths."""
     seen = seen or set()
     with ctx.read("look up current paths") as conn:
         stmt = select(ImagePath.path).where(ImagePath.is_current.is_(True))
@@ -235,7 +236,7 @@ def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: se
                 conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
 
         ctx.write(work, doing="mark vanished paths")
-    return len(gone) if roots is not None else [from_stored(p) for p in gone]
+    return [from_stored(p) for p in gone]
 
 
 def prune_moved(ctx: StoreContext, *, dry_run: bool = False) -> Removal:

@@ -227,7 +227,7 @@ def rm(obj: Context, refs: tuple[str, ...], dry_run: bool, as_json: bool) -> Non
       imgstore rm 42 --dry-run
     """
     with obj.store() as store:
-        removal = store.remove([int(r) if r.isdigit() and not os.path.exists(r) else r for r in refs], dry_run=dry_run)
+        removal = store.remove(list(refs), dry_run=dry_run)  # digits naming no file are ids (catalog.names_an_id)
     if as_json:
         emit_json(removal.as_dict())
         return
@@ -268,9 +268,8 @@ def meta(obj: Context, ref: str, pairs: tuple[str, ...], unset: tuple[str, ...],
     changes: dict[str, Any] = {**_pairs(pairs), **{key: None for key in unset}}
     if tags:
         changes["tags"] = sorted(set(tags))
-    ref_arg: int | str = int(ref) if ref.isdigit() and not os.path.exists(ref) else ref
     with obj.store(create=False) as store:
-        current = store.set_meta(ref_arg, changes) if changes else store.image(ref_arg).meta
+        current = store.set_meta(ref, changes) if changes else store.image(ref).meta
     if as_json:
         emit_json(current)
         return
@@ -794,7 +793,7 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
     Example: imgstore show 42 --json
     """
     with obj.store() as store:
-        record = store.image(int(ref) if ref.isdigit() and not os.path.exists(ref) else ref)
+        record = store.image(ref)
     if as_json:
         emit_json(record.as_dict())
         return

@@ -35,7 +35,7 @@ from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Image, ImagePath
 from .paths import from_stored
-from .search import CodeCache, current_paths, plain
+from .search import CodeCache, plain
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
 
@@ -493,8 +493,7 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
         for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size, Image.format,
                                      Image.captured_at, Image.ingested_at).where(Image.id.in_(part))):
             sizes[int(r.id)] = r
-    paths = current_paths(conn, info_ids)
-    first_paths = _first_paths(conn, info_ids)
+    paths, first_paths = _current_paths(conn, info_ids)
     pair: dict[tuple[int, int], Edge] = {}
     for e in edges:  # CNN-code edges first: their distance is the index's Hamming distance
         pair.setdefault((e.a, e.b), e)
@@ -522,20 +521,19 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
     return groups
 
 
-def _first_paths(conn: Connection, image_ids: list[int]) -> dict[int, str]:
-    """Per image, the current path to keep among its copies: first seen, then shortest, then by name."""
-    best: dict[int, tuple[Any, int, str]] = {}
+def _current_paths(conn: Connection, image_ids: list[int]) -> tuple[dict[int, list[str]], dict[int, str]]:
+    """Per image, its current paths (sorted, as ``search.current_paths`` gives them) and the one
+    to keep among them: first seen, then shortest, then by name."""
+    rows: dict[int, list[tuple[Any, int, str]]] = {int(i): [] for i in image_ids}
     for part in chunks(image_ids, IN_CHUNK):
         for image_id, path, seen in conn.execute(
             select(ImagePath.image_id, ImagePath.path, ImagePath.first_seen_at)
-            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
+            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True)).order_by(ImagePath.path)
         ):
             real = from_stored(path)
-            key = (seen, len(real), real)
-            if int(image_id) not in best or key < best[int(image_id)]:
-                best[int(image_id)] = key
-    return {i: k[2] for i, k in best.items()}
-
+            rows[int(image_id)].append((seen, len(real), real))
+    paths = {i: [r[2] for r in found] for i, found in rows.items()}
+    return paths, {i: min(found)[2] for i, found in rows.items() if found}
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:
     """Connected components (groups of 2 or more image ids), each sorted, groups by first id."""

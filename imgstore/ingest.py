@@ -268,8 +268,7 @@ class Ingester:
             self.ctx.write(lambda conn: catalog.merge_meta(conn, _image_ids_at(conn, unchanged), self.metadata),
                            doing="merge metadata")
         seen = {to_stored(path) for path, _ in files}
-        present = [os.path.abspath(os.fspath(r)) for r in roots if os.path.lexists(r)]  # a missing root may be unmounted
-        summary.gone = catalog.mark_gone(self.ctx, roots=present, seen=seen) if present else 0
+        summary.gone = len(catalog.mark_gone(self.ctx, roots=[os.path.abspath(os.fspath(r)) for r in roots], seen=seen))
         summary.elapsed_s = time.perf_counter() - started
         return summary
 

@@ -102,12 +102,13 @@ def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
     if rule == "smallest":
         return min(candidates, key=lambda c: (c.byte_size, c.image_id)).image_id
     if rule in ("oldest", "newest"):
-        def when(c: Candidate) -> float:
+        sign = 1.0 if rule == "oldest" else -1.0  # a copy with no time at all comes last either way
+
+        def when(c: Candidate) -> tuple[float, int]:
             t = c.captured_at or c.ingested_at
-            return t.timestamp() if t is not None else float("inf")
-        if rule == "oldest":
-            return min(candidates, key=lambda c: (when(c), c.image_id)).image_id
-        return max(candidates, key=lambda c: (when(c) if when(c) != float("inf") else float("-inf"), -c.image_id)).image_id
+            return (sign * t.timestamp() if t is not None else float("inf"), c.image_id)
+
+        return min(candidates, key=when).image_id
     added = _added_borders(candidates)
 
     def key(c: Candidate) -> tuple[object, ...]:

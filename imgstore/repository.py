@@ -179,7 +179,7 @@ class ImageStore:
         """Mark every current path whose file no longer exists as not current (the rows stay,
         as history); returns those paths. An ingest does this itself for paths under the
         folders it rescans; ``prune`` covers the rest."""
-        return catalog.mark_gone(self.ctx, dry_run=dry_run)  # type: ignore[return-value]
+        return catalog.mark_gone(self.ctx, dry_run=dry_run)
 
     def set_meta(self, ref: int | str, metadata: dict[str, Any]) -> dict[str, Any]:
         """Merge ``metadata`` into one image's (by id or path): list values such as ``tags``

@@ -557,13 +557,14 @@ def query_vectors(
 ) -> tuple[list[npt.NDArray[np.float32] | None], list[npt.NDArray[np.uint8] | None]]:
     """Float vectors and codes (None without an index) of each query: a stored image id, a
     feature vector, or an image (path, bytes, PIL) embedded by the space's extractor."""
+    from .catalog import names_an_id
     from .decode import as_source, load_image
 
     vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
     to_embed: list[tuple[int, Any]] = []
     for i, q in enumerate(queries):
-        if isinstance(q, str) and q.isdigit() and not os.path.exists(q):
-            q = int(q)  # digits that name no file are an id, as in the CLI
+        if isinstance(q, str) and names_an_id(q):
+            q = int(q)
         if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
             ids, vecs = load_features(conn, space.id, space.dim, [int(q)])
             if len(ids) == 0:

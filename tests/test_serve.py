@@ -8,6 +8,8 @@ import io
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -124,14 +126,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_a_real_server(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
-    import httpx
+@contextmanager
+def running(app) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """A real uvicorn server for ``app`` on a free loopback port, stopped afterwards; yields the port."""
     import uvicorn
 
-    store, _ = served
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(store, thumbnails=Thumbnails(store, tmp_path / "t")),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -139,14 +140,22 @@ def test_a_real_server(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
         assert server.started
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            assert http.get("/api/info").json()["images"] == 8
-            hits = http.post("/api/search", files={"image": ("q.png", png(photo("rocket")), "image/png")}).json()
-            assert all("rocket" in r["paths"][0] for r in hits[:4])
+        yield port
     finally:
         server.should_exit = True
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_a_real_server(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    import httpx
+
+    store, _ = served
+    with running(create_app(store, thumbnails=Thumbnails(store, tmp_path / "t"))) as port:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/api/info").json()["images"] == 8
+            hits = http.post("/api/search", files={"image": ("q.png", png(photo("rocket")), "image/png")}).json()
+            assert all("rocket" in r["paths"][0] for r in hits[:4])
 
 
 def test_serve_refuses_other_hosts_without_a_token(db_url: str) -> None:
@@ -157,11 +166,9 @@ def test_serve_refuses_other_hosts_without_a_token(db_url: str) -> None:
 
 
 def test_concurrent_uploads_share_model_calls_and_overload_is_503(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-    import uvicorn
 
     store, _ = served
     extractor = store.extractor("color")
@@ -173,38 +180,30 @@ def test_concurrent_uploads_share_model_calls_and_overload_is_503(served: tuple[
 
     extractor.extract = slow
     app = create_app(store, thumbnails=Thumbnails(store, tmp_path / "t"), batch_max=16, batch_wait_s=0.05, queue_max=64)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        uploads = [png(photo(name)) for name in ("chelsea", "rocket")] * 10
+        with running(app) as port:
+            uploads = [png(photo(name)) for name in ("chelsea", "rocket")] * 10
 
-        def search(data: bytes) -> httpx.Response:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-                return http.post("/api/search", params={"k": 1}, files={"image": ("q.png", data, "image/png")})
+            def search(data: bytes) -> httpx.Response:
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+                    return http.post("/api/search", params={"k": 1}, files={"image": ("q.png", data, "image/png")})
 
-        with ThreadPoolExecutor(20) as pool:
-            responses = list(pool.map(search, uploads))
-        assert [r.status_code for r in responses] == [200] * 20
-        for data, response in zip(uploads, responses):
-            name = "cat" if data == uploads[0] else "rocket"
-            assert name in response.json()[0]["paths"][0]
-        batcher = app.state.batchers["color"]
-        assert batcher.images == 20 and batcher.calls < 10  # 20 uploads, far fewer model calls
-        # a queue that is full answers 503 at once, and the server goes on
-        for b in app.state.batchers.values():
-            b.max_queue = 1
-        with ThreadPoolExecutor(10) as pool:
-            statuses = [r.status_code for r in pool.map(search, uploads[:10])]
-        assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
-        for b in app.state.batchers.values():
-            b.max_queue = 64
-        assert search(uploads[1]).status_code == 200
+            with ThreadPoolExecutor(20) as pool:
+                responses = list(pool.map(search, uploads))
+            assert [r.status_code for r in responses] == [200] * 20
+            for data, response in zip(uploads, responses):
+                name = "cat" if data == uploads[0] else "rocket"
+                assert name in response.json()[0]["paths"][0]
+            batcher = app.state.batchers["color"]
+            assert batcher.images == 20 and batcher.calls < 10  # 20 uploads, far fewer model calls
+            # a queue that is full answers 503 at once, and the server goes on
+            for b in app.state.batchers.values():
+                b.max_queue = 1
+            with ThreadPoolExecutor(10) as pool:
+                statuses = [r.status_code for r in pool.map(search, uploads[:10])]
+            assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
+            for b in app.state.batchers.values():
+                b.max_queue = 64
+            assert search(uploads[1]).status_code == 200
     finally:
         extractor.extract = real
-        server.should_exit = True
-        thread.join(timeout=30)
