@@ -776,6 +776,8 @@ def _dedup_sheets(groups: list[Any], folder: str) -> None:
             for path in m.paths or [None]:
                 keeper = path == group.keeper_path
                 score = ("" if m.distance is None else f"d {m.distance}  ") + ("" if m.cosine is None else f"cos {m.cosine:.3f}")
+                if not score.strip() and not keeper:
+                    score = "joined via other copies"  # no direct pair with the keeper
                 tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m.image_id}", score.strip(),
                                          _short_name(path) if path else "(no file)"], highlight=keeper))
         contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group.kind} duplicates")
