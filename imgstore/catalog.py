@@ -29,6 +29,8 @@ class PathRecord:
     file_size: int
     mtime_ns: int
     last_seen_at: datetime
+    #: where ``dedup --apply`` moved the file (undoable); None otherwise
+    moved_to: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -124,8 +126,9 @@ def image(conn: Connection, ref: int | str) -> ImageRecord:
     image_id = resolve(conn, ref)
     row = conn.execute(select(Image.__table__).where(Image.id == image_id)).mappings().one()
     paths = [
-        PathRecord(from_stored(p[0]), *p[1:]) for p in conn.execute(
-            select(ImagePath.path, ImagePath.is_current, ImagePath.file_size, ImagePath.mtime_ns, ImagePath.last_seen_at)
+        PathRecord(from_stored(p[0]), *p[1:5], moved_to=from_stored(p[5]) if p[5] else None) for p in conn.execute(
+            select(ImagePath.path, ImagePath.is_current, ImagePath.file_size, ImagePath.mtime_ns, ImagePath.last_seen_at,
+                   ImagePath.moved_to)
             .where(ImagePath.image_id == image_id).order_by(ImagePath.path)
         )
     ]

@@ -805,7 +805,8 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
     if record.meta:
         click.echo(f"metadata {json.dumps(record.meta, ensure_ascii=False, default=str)}")
     for p in record.paths:
-        click.echo(f"  {'current' if p.is_current else 'gone   '}  {printable(p.path)}")
+        moved = f"  (moved to {printable(p.moved_to)})" if p.moved_to else ""
+        click.echo(f"  {'current' if p.is_current else 'moved  ' if p.moved_to else 'gone   '}  {printable(p.path)}{moved}")
     if not record.paths:
         click.echo("  (added without a path)")
     click.echo(f"feature spaces {record.feature_spaces or '-'}, indexes {record.indexes or '-'}")
@@ -814,34 +815,52 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--allow-writes", is_flag=True, help="Let clients add uploaded images and remove images.")
-@click.option("--token", default=None, envvar="IMGSTORE_TOKEN", help="Require this bearer token on every API call [env IMGSTORE_TOKEN].")
+@click.option("--allow-writes", is_flag=True, help="Let clients add, remove and resolve: uploads, removals, new indexes, duplicate moves.")
+@click.option("--move-to", type=click.Path(file_okay=False), default=None,
+              help="Folder the duplicates page moves copies into when resolving (needs --allow-writes).")
+@click.option("--token", default=None, envvar="IMGSTORE_TOKEN", help="Require this token on every page and API call [env IMGSTORE_TOKEN].")
 @click.option("--insecure", is_flag=True, help="Listen beyond this machine without a token (not recommended).")
 @click.pass_obj
 @friendly_errors
-def serve(obj: Context, host: str, port: int, allow_writes: bool, token: str | None, insecure: bool) -> None:
-    """Serve the store over HTTP: a JSON API with its OpenAPI docs at /docs.
+def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str | None, token: str | None, insecure: bool) -> None:
+    """Serve the store over HTTP: web pages to search and review it, and a JSON API (docs at /docs).
 
     Listens on this machine only by default; any other address needs --token (or --insecure).
+    Read-only unless --allow-writes.
 
     \b
     Example:
-      imgstore serve
-      imgstore serve --host 0.0.0.0 --token "$(openssl rand -hex 16)" --allow-writes
+      imgstore serve                      # then open http://127.0.0.1:8000
+      imgstore serve --allow-writes --move-to ~/dupes
+      imgstore serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
     """
+    import socket
+
     from .serve import create_app, is_loopback
 
     if not is_loopback(host) and token is None:
         if not insecure:
             raise click.UsageError(f"--host {host} is reachable from other machines: give --token TOKEN (or --insecure)")
         click.echo(f"warning: serving {host} without a token; anyone who can reach it can read the collection", err=True)
+    if move_to and not allow_writes:
+        raise click.UsageError("--move-to is where resolving duplicates moves files: add --allow-writes")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                                       "pick another --port (0 picks a free one)") from None
     import uvicorn
 
     with obj.store() as store:
         store.cache_codes = True
-        app = create_app(store, allow_writes=allow_writes, token=token)
-        click.echo(f"serving {store.display_url} on http://{host}:{port} (API docs at /docs)"
-                   f"{'; writes allowed' if allow_writes else ''}", err=True)
+        app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to)
+        shown = f"[{host}]" if ":" in host else host
+        address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/" + (f"?token={token}" if token else "")
+        click.echo(f"serving {store.display_url}{'; writes allowed' if allow_writes else ' (read-only)'}", err=True)
+        click.echo(f"open {address}   (API docs at /docs; Ctrl-C stops)", err=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

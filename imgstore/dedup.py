@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Image, ImagePath
-from .paths import from_stored
+from .paths import from_stored, printable
 from .search import CodeCache, plain
 from .sqlhelpers import IN_CHUNK, chunks
 from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
@@ -108,6 +108,18 @@ class DuplicateGroup:
     @property
     def n_files(self) -> int:
         return sum(len(m.paths) or 1 for m in self.members)
+
+    @property
+    def key(self) -> str:
+        """Names the group by its images (``"3-17-42"``), stable while its members are."""
+        return "-".join(str(i) for i in sorted(m.image_id for m in self.members))
+
+    def with_keeper(self, path: str) -> DuplicateGroup:
+        """The group with ``path`` (a current path of one of its members) as the one file kept."""
+        for member in self.members:
+            if path in member.paths:
+                return replace(self, keeper=member.image_id, keeper_path=path)
+        raise ConfigError(f"{printable(path)} is not a file of this duplicate group; choose one of its members' paths")
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "keeper": self.keeper, "keeper_path": self.keeper_path,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -81,13 +82,16 @@ def create_index(
     fallback: bool = False,
     labels: dict[int, Any] | None = None,
     auto: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Fit a hasher on the stored vectors of ``space_id``, store it and every image's code.
 
     Runs inside the caller's transaction, so a process killed midway leaves no half index.
     ``fallback``: with too few vectors for ``method``, build an LSH index instead of failing.
-    ``labels``: image id -> label, for supervised methods. Returns the new index's id.
+    ``labels``: image id -> label, for supervised methods. ``progress(phase, done, total)`` is
+    called as the work goes (phases ``fit``, ``encode``, ``buckets``). Returns the new index's id.
     """
+    report = progress or (lambda _phase, _done, _total: None)
     space = conn.execute(select(FeatureSpace).where(FeatureSpace.id == space_id)).first()
     if space is None:
         raise NotFoundError(f"no feature space with id {space_id}")
@@ -98,6 +102,7 @@ def create_index(
                           f"use --sample {max(n_bits, min_samples(method, n_bits))} or more")
     if n_bands is not None:
         band_layout(n_bits, n_bands)  # reject a layout that cannot work before spending time fitting
+    report("fit", 0, n_total)
     hasher, n_fitted = _fit(conn, space_id, int(space.dim), method, n_bits, sample, random_state, labels)
     n_bands = default_n_bands(n_bits, max(n_total, 2)) if n_bands is None else n_bands
     band_width = band_layout(n_bits, n_bands)
@@ -110,8 +115,13 @@ def create_index(
         ).returning(table.c.id)
     ).scalar_one())
     new_codes: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] = []
+    encoded = 0
+    report("encode", 0, n_total)
     for batch_ids, vectors in iter_features(conn, space_id, int(space.dim), batch=ENCODE_BATCH):
         write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes)
+        encoded += len(batch_ids)
+        report("encode", encoded, n_total)
+    report("buckets", n_total, n_total)
     write_new_buckets(conn, hasher_id, new_codes, n_bands, band_width)  # a new index: each bucket row once
     if activate:
         activate_index(conn, hasher_id)

@@ -290,18 +290,21 @@ class ImageStore:
         random_state: int = 0,
         labels: str | None = None,
         fallback: bool = False,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> int:
         """Fit an index on the stored features of one feature space; returns its id.
 
         ``extractor`` picks the space (default: the one with the most stored vectors).
         ``labels``: ``"folder"`` (each image's parent folder) or ``"tag:KEY"`` (a metadata
-        field), for supervised methods.
+        field), for supervised methods. ``progress(phase, done, total)`` follows the work
+        (phases ``fit``, ``encode``, ``buckets``; a fit over 1M images takes minutes).
         """
         with self.ctx.read("pick a feature space") as conn:
             space = pick_space(conn, extractor)
         return indexing.build_index(
             self.ctx, space.id, "create an index", labels=labels, method=method, n_bits=n_bits, n_bands=n_bands,
             sample=sample or indexing.DEFAULT_SAMPLE, random_state=random_state, activate=activate, fallback=fallback,
+            progress=progress,
         )
 
     def indexes(self) -> list[IndexInfo]:

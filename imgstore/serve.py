@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request  # this module is imported only by `imgstore serve`
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from .db import sqlite_file
 from .errors import ConfigError, DatabaseError, DecodeError, ImgStoreError, NotFoundError
@@ -146,11 +146,189 @@ class Thumbnails:
         return data
 
 
+#: Largest picture an upload may hold (pixels, read from its header before decoding): 8K x 8K.
+MAX_UPLOAD_PIXELS = 64_000_000
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TOKEN_COOKIE = "imgstore_token"
+
+
+class Service:
+    """What one server process holds: the open store, thumbnails, the batchers that share model
+    calls, background jobs, and the options the server was started with. The API (this module)
+    and the pages (:mod:`imgstore.web`) both act through it."""
+
+    def __init__(self, store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
+                 move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 max_pixels: int = MAX_UPLOAD_PIXELS, thumbnails: Thumbnails | None = None,
+                 batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64) -> None:
+        from .jobs import Jobs
+
+        self.store = store
+        self.allow_writes = allow_writes
+        self.token = token
+        self.move_to = os.path.abspath(os.path.expanduser(os.fspath(move_to))) if move_to else None
+        self.max_upload_bytes = max_upload_bytes
+        self.max_pixels = max_pixels
+        self.thumbs = thumbnails or Thumbnails(store)
+        self.batch_options = {"max_batch": batch_max, "max_wait_s": batch_wait_s, "max_queue": queue_max}
+        self.batchers: dict[str, Batcher] = {}
+        self.model_lock = threading.Lock()  # one forward pass at a time on a shared extractor
+        self._batchers_lock = threading.Lock()
+        self.jobs = Jobs()
+        self._secret = os.urandom(32)  # signs the page forms' cross-site-request tokens
+
+    # -- security -------------------------------------------------------------------------
+
+    @property
+    def csrf_token(self) -> str:
+        """Put in every page form that writes; a cross-site page cannot read it."""
+        return hmac.new(self._secret, b"imgstore-form", hashlib.sha256).hexdigest()
+
+    def check_form(self, given: str | None) -> None:
+        self.check_writes()
+        if not given or not hmac.compare_digest(given.encode(), self.csrf_token.encode()):
+            raise Forbidden("this form is out of date or came from another site; reload the page and try again")
+
+    def check_writes(self) -> None:
+        if not self.allow_writes:
+            raise Forbidden("this server is read-only; start it with --allow-writes")
+
+    # -- model ----------------------------------------------------------------------------
+
+    def batcher_for(self, index_id: int | None) -> tuple[Batcher, Any]:
+        """The batcher of the extractor whose features the searched index reads."""
+        from .indexing import find_index, list_indexes
+        from .vectors import get_space, pick_space
+
+        store = self.store
+        with store.ctx.read("find the feature space") as conn:
+            found = find_index(list_indexes(conn, with_counts=False), index_id)
+            space = get_space(conn, found.space_id) if found is not None else pick_space(conn, None)
+        extractor = store.ctx.extractor(space.extractor)
+        if extractor.preprocess_version != space.preprocess_version:
+            raise ConfigError(f"stored {space.extractor} features were made with preprocessing {space.preprocess_version}, "
+                              f"this imgstore makes {extractor.preprocess_version}; re-ingest, or search by stored id")
+        with self._batchers_lock:
+            if space.extractor not in self.batchers:
+                def extract(images: list[Any], ex: Any = extractor) -> Any:
+                    with self.model_lock:
+                        return ex.extract(images)
+
+                self.batchers[space.extractor] = Batcher(extract, **self.batch_options)
+        return self.batchers[space.extractor], extractor
+
+    def check_pixels(self, data: bytes) -> None:
+        """Refuse an upload whose header promises more than ``max_pixels`` (before decoding)."""
+        from .decode import load_image
+
+        load_image(data, max_pixels=self.max_pixels, draft_size=(64, 64))
+
+    def embed(self, data: bytes, index_id: int | None) -> Any:
+        """The feature vector of an uploaded image (decoded here, embedded in a shared batch)."""
+        from .decode import load_image
+
+        batcher, extractor = self.batcher_for(index_id)
+        image = load_image(data, max_pixels=self.max_pixels, draft_size=extractor.draft_size).image
+        return batcher.embed(image)
+
+    def search_upload(self, data: bytes, *, k: int, exact: bool = False, probe_radius: int = 1, rerank: bool = True,
+                      index: int | None = None) -> list[Any]:
+        query = self.embed(data, index)
+        return self.store.search(query, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
+
+    def original(self, image_id: int) -> tuple[bytes, str]:
+        """The stored image's own file, and its media type. Only bytes whose SHA-256 is the
+        stored image's are ever sent: a path that now holds something else (replaced, or a
+        symlink pointed elsewhere) is refused, whatever it holds."""
+        from PIL import Image as PILImage
+
+        from .decode import read_file
+
+        record = self.store.image(image_id)
+        for path in record.current_paths:
+            try:
+                data = read_file(path)
+            except (OSError, DecodeError):
+                continue
+            if hashlib.sha256(data).hexdigest() == record.sha256:
+                return data, PILImage.MIME.get((record.format or "").upper(), "application/octet-stream")
+        raise NotFoundError(f"image {image_id} has no current file with its stored content (run `imgstore verify`)")
+
+    def add(self, data: bytes) -> int:
+        self.check_pixels(data)
+        with self.model_lock:
+            return self.store.add(data)
+
+    # -- duplicates -----------------------------------------------------------------------
+
+    def resolve(self, keep: str, choices: dict[str, str | None] | None = None) -> Any:
+        """Move every copy but the keeper of the chosen groups into ``move_to``, with the CLI's
+        journalled, undoable ``dedup --apply``. ``choices``: group key -> the path to keep (None:
+        the suggested keeper); None resolves every group. Groups are found afresh, so a group
+        that changed since the page showed it (another member, or gone) is left alone."""
+        self.check_writes()
+        if self.move_to is None:
+            raise ConfigError("start the server with --move-to DIR to resolve duplicates (the copies are moved there)")
+        groups = self.store.find_duplicates(keep=keep)
+        if choices is not None:
+            by_key = {g.key: g for g in groups}
+            missing = [key for key in choices if key not in by_key]
+            if missing:
+                raise NotFoundError(f"duplicate group {missing[0]} changed since it was shown; reload the page")
+            groups = [by_key[key] if path is None else by_key[key].with_keeper(path) for key, path in choices.items()]
+        return self.store.apply_duplicates(groups, self.move_to)
+
+    def undo(self, journal_name: str) -> Any:
+        """Undo one resolve, named by its journal's file name (only journals in ``move_to``)."""
+        from .dedup_apply import journals
+
+        self.check_writes()
+        if self.move_to is None:
+            raise ConfigError("start the server with --move-to DIR to undo what was moved there")
+        for journal in journals(self.move_to):
+            if os.path.basename(journal.path) == journal_name:
+                return self.store.undo_duplicates(journal.path)
+        raise NotFoundError(f"no journal named {journal_name!r} in {self.move_to}")
+
+    def recent_journals(self, limit: int = 5) -> list[str]:
+        from .dedup_apply import journals
+
+        if self.move_to is None:
+            return []
+        return [os.path.basename(j.path) for j in journals(self.move_to)][-limit:][::-1]
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def start_index(self, method: str = "itq", n_bits: int = 64, *, extractor: str | None = None,
+                    n_bands: int | None = None, activate: bool = True) -> Any:
+        """Fit an index in the background (a fit over 1M images takes minutes); returns the job."""
+        from .hashing import available_methods
+
+        self.check_writes()
+        if method not in available_methods():
+            raise ConfigError(f"unknown index method {method!r}; choose one of {', '.join(available_methods())}")
+        if not 8 <= n_bits <= 1024 or n_bits % 8:
+            raise ConfigError("bits must be a multiple of 8 between 8 and 1024")
+        store = self.store
+
+        def work(progress: Any) -> int:
+            return store.create_index(method, n_bits, extractor=extractor, n_bands=n_bands, activate=activate,
+                                      progress=progress)
+
+        return self.jobs.start("index", f"{method} index, {n_bits} bits", work)
+
+
 def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, thumbnails: Thumbnails | None = None,
-               batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64) -> Any:
-    """A FastAPI application answering for ``store`` (kept open by the caller)."""
+               move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = MAX_UPLOAD_PIXELS, thumbnails: Thumbnails | None = None,
+               batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64, pages: bool = True) -> Any:
+    """A FastAPI application answering for ``store`` (kept open by the caller): the JSON API
+    under ``/api``, its docs at ``/docs``, and (``pages``) the web pages."""
     from contextlib import asynccontextmanager
+
+    service = Service(store, allow_writes=allow_writes, token=token, move_to=move_to, max_upload_bytes=max_upload_bytes,
+                      max_pixels=max_pixels, thumbnails=thumbnails, batch_max=batch_max, batch_wait_s=batch_wait_s,
+                      queue_max=queue_max)
 
     @asynccontextmanager
     async def lifespan(_app: Any) -> Any:
@@ -159,77 +337,87 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
             yield
         finally:
             store.ctx.stop_refresher()
-            for batcher in batchers.values():
+            for batcher in service.batchers.values():
                 batcher.close()
 
     app = FastAPI(title="imgstore", version="0.1.0", lifespan=lifespan,
                   description="Search and browse an imgstore collection. JSON bodies follow the CLI's --json shapes.")
-    thumbs = thumbnails or Thumbnails(store)
-    model_lock = threading.Lock()  # one forward pass at a time on the shared extractor
-    batchers: dict[str, Batcher] = {}
-    app.state.batchers = batchers
-
-    def batcher_for(index_id: int | None) -> tuple[Batcher, Any]:
-        """The batcher of the extractor whose features the searched index reads."""
-        from .indexing import find_index, list_indexes
-        from .vectors import get_space, pick_space
-
-        with store.ctx.read("find the feature space") as conn:
-            found = find_index(list_indexes(conn, with_counts=False), index_id)
-            space = get_space(conn, found.space_id) if found is not None else pick_space(conn, None)
-        extractor = store.ctx.extractor(space.extractor)
-        if extractor.preprocess_version != space.preprocess_version:
-            raise ConfigError(f"stored {space.extractor} features were made with preprocessing {space.preprocess_version}, "
-                              f"this imgstore makes {extractor.preprocess_version}; re-ingest, or search by stored id")
-        if space.extractor not in batchers:
-            def extract(images: list[Any], ex: Any = extractor) -> Any:
-                with model_lock:
-                    return ex.extract(images)
-
-            batchers[space.extractor] = Batcher(extract, max_batch=batch_max, max_wait_s=batch_wait_s, max_queue=queue_max)
-        return batchers[space.extractor], extractor
+    app.state.service = service
+    app.state.batchers = service.batchers
 
     @app.middleware("http")
-    async def check_token(request: Request, call_next: Any) -> Any:
-        if token is not None and request.url.path.startswith("/api"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.query_params.get("token", "")
+    async def guard(request: Request, call_next: Any) -> Any:
+        """The token on every request (header, the cookie a page visit sets, or ``?token=``), and
+        no state-changing request from another site's page."""
+        is_api = request.url.path.startswith(("/api", "/docs", "/openapi.json", "/redoc"))
+        if token is not None:
+            from_query = request.query_params.get("token", "")
+            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                     or request.cookies.get(TOKEN_COOKIE, "") or from_query)
             if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "a token is needed: send 'Authorization: Bearer TOKEN'"}, status_code=401)
+                message = "a token is needed: send 'Authorization: Bearer TOKEN', or open the address `imgstore serve` printed"
+                if is_api:
+                    return JSONResponse({"error": message}, status_code=401)
+                return _page_error(request, 401, "This collection needs a token",
+                                   "Open the address that `imgstore serve` printed when it started (it ends in ?token=...).")
+            if from_query and not is_api and request.method == "GET":
+                # a page opened with ?token=: keep it in a cookie and take it out of the address bar
+                clean = request.url.remove_query_params("token")
+                response = RedirectResponse(str(clean), status_code=303)
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                                    secure=request.url.scheme == "https")
+                return response
+        if request.method not in SAFE_METHODS and _cross_site(request):
+            return JSONResponse({"error": "a request from another site's page was refused"}, status_code=403)
         return await call_next(request)
 
     @app.exception_handler(ImgStoreError)
-    async def imgstore_error(_request: Request, exc: ImgStoreError) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=_status(exc))
+    async def imgstore_error(request: Request, exc: ImgStoreError) -> Any:
+        return _error(request, _status(exc), str(exc))
 
-    def writes() -> None:
-        if not allow_writes:
-            raise _Forbidden("this server is read-only; start it with --allow-writes")
-
-    @app.exception_handler(_Forbidden)
-    async def forbidden(_request: Request, exc: _Forbidden) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=403)
-
-    async def upload(request: Request) -> bytes:
-        """The uploaded image of a multipart form (field ``image``), size-limited."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_upload_bytes + 65536:
-            raise _TooLarge(f"upload too large: at most {max_upload_bytes:,} bytes")
-        form = await request.form()
-        item = form.get("image")
-        if item is None or isinstance(item, str):
-            raise ConfigError("send the image as a multipart form field named 'image'")
-        data = await item.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise _TooLarge(f"upload too large: at most {max_upload_bytes:,} bytes")
-        return data
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden) -> Any:
+        return _error(request, 403, str(exc))
 
     @app.exception_handler(Overloaded)
-    async def overloaded(_request: Request, exc: Overloaded) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+    async def overloaded(request: Request, exc: Overloaded) -> Any:
+        return _error(request, 503, str(exc), headers={"Retry-After": "1"})
 
-    @app.exception_handler(_TooLarge)
-    async def too_large(_request: Request, exc: _TooLarge) -> Any:
-        return JSONResponse({"error": str(exc)}, status_code=413)
+    @app.exception_handler(TooLarge)
+    async def too_large(request: Request, exc: TooLarge) -> Any:
+        return _error(request, 413, str(exc))
+
+    _api(app, service)
+    if pages:
+        from .web import add_pages
+
+        add_pages(app, service)
+    return app
+
+
+async def read_upload(request: Request, service: Service) -> tuple[bytes, Any]:
+    """The uploaded image of a multipart form (field ``image``), size-limited, and the form."""
+    limit = service.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + 65536:
+        raise TooLarge(f"upload too large: at most {limit:,} bytes")
+    form = await request.form()
+    item = form.get("image")
+    if item is None or isinstance(item, str):
+        raise ConfigError("send the image as a multipart form field named 'image'")
+    data = await item.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"upload too large: at most {limit:,} bytes")
+    if not data:
+        raise ConfigError("the uploaded file is empty; choose an image")
+    return data, form
+
+
+def _api(app: Any, service: Service) -> None:
+    """The JSON API."""
+    import anyio
+
+    store = service.store
 
     @app.get("/api/info")
     def info() -> Any:
@@ -239,14 +427,43 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
     def indexes() -> Any:
         return [i.as_dict() for i in store.indexes()]
 
+    @app.post("/api/indexes", status_code=202)
+    def create_index(body: dict[str, Any]) -> Any:
+        """Fit an index in the background; poll ``/api/jobs/{id}`` for its progress."""
+        job = service.start_index(str(body.get("method", "itq")), int(body.get("n_bits", 64)),
+                                  extractor=body.get("extractor"), n_bands=body.get("n_bands"),
+                                  activate=bool(body.get("activate", True)))
+        return job.as_dict()
+
+    @app.post("/api/indexes/{index_id}/activate")
+    def activate(index_id: int) -> Any:
+        service.check_writes()
+        store.activate_index(index_id)
+        return [i.as_dict() for i in store.indexes()]
+
+    @app.get("/api/jobs")
+    def jobs() -> Any:
+        return [j.as_dict() for j in service.jobs.all()]
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: int) -> Any:
+        found = service.jobs.get(job_id)
+        if found is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        return found.as_dict()
+
+    @app.get("/api/errors")
+    def errors(limit: int = 100) -> Any:
+        return [e.as_dict() for e in store.errors(limit)]
+
     @app.get("/api/images/{image_id}")
     def image(image_id: int) -> Any:
         return store.image(image_id).as_dict()
 
     @app.get("/api/images/{image_id}/thumbnail")
     def thumbnail(image_id: int, size: int = 256) -> Any:
-        return Response(thumbs.get(image_id, size), media_type="image/jpeg",
-                        headers={"Cache-Control": "max-age=86400"})
+        return Response(service.thumbs.get(image_id, size), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=86400"})
 
     @app.get("/api/images/{image_id}/neighbours")
     def neighbours(image_id: int, k: int = 10, exact: bool = False, include_stale: bool = False) -> Any:
@@ -263,57 +480,89 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
                                rerank: bool = True, index: int | None = None) -> Any:
         """The nearest stored images of an uploaded image (multipart field ``image``), or of a
         feature vector (JSON body ``{"vector": [...]}``)."""
-        import anyio
         import numpy as np
 
         if request.headers.get("content-type", "").startswith("application/json"):
             body = json.loads(await request.body() or b"{}")
             if not isinstance(body, dict) or not isinstance(body.get("vector"), list):
                 raise ConfigError('send {"vector": [numbers]} or a multipart image')
-            query: Any = np.asarray(body["vector"], dtype=np.float32)
+            query = np.asarray(body["vector"], dtype=np.float32)
+
+            def run() -> Any:
+                return store.search(query, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
         else:
-            data = await upload(request)
+            data, _ = await read_upload(request, service)
 
-            def embed() -> Any:
-                from .decode import load_image
-
-                batcher, extractor = batcher_for(index)
-                image = load_image(data, draft_size=extractor.draft_size).image  # decoded in the request's thread
-                return batcher.embed(image)
-
-            query = await anyio.to_thread.run_sync(embed)
-
-        def run() -> Any:
-            return store.search(query, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
+            def run() -> Any:
+                return service.search_upload(data, k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, index=index)
 
         return [h.as_dict() for h in await anyio.to_thread.run_sync(run)]
 
     @app.get("/api/duplicates")
     def duplicates(keep: str = "original", min_cosine: float | None = None) -> Any:
-        return [g.as_dict() for g in store.find_duplicates(keep=keep, min_cosine=min_cosine)]
+        return [g.as_dict() | {"key": g.key} for g in store.find_duplicates(keep=keep, min_cosine=min_cosine)]
+
+    @app.post("/api/duplicates/apply")
+    def apply_duplicates(body: dict[str, Any]) -> Any:
+        """Move every copy but the keeper of the groups into the server's ``--move-to`` folder:
+        ``{"keep": "original", "groups": {"KEY": "path to keep" or null}}`` (no ``groups``: all)."""
+        groups = body.get("groups")
+        if groups is not None and not isinstance(groups, dict):
+            raise ConfigError('"groups" maps a group key to the path to keep (or null for the suggested keeper)')
+        return service.resolve(str(body.get("keep", "original")), groups).as_dict()
+
+    @app.post("/api/duplicates/undo")
+    def undo_duplicates(body: dict[str, Any]) -> Any:
+        return service.undo(str(body.get("journal", ""))).as_dict()
 
     @app.post("/api/images")
     async def add_image(request: Request) -> Any:
-        writes()
-        data = await upload(request)
-        with model_lock:
-            image_id = store.add(data)
-        return {"image_id": image_id}
+        service.check_writes()
+        data, _ = await read_upload(request, service)
+        return {"image_id": await anyio.to_thread.run_sync(service.add, data)}
 
     @app.delete("/api/images/{image_id}")
     def remove_image(image_id: int) -> Any:
-        writes()
+        service.check_writes()
         return store.remove([image_id]).as_dict()
 
-    return app
+
+def _cross_site(request: Request) -> bool:
+    """A browser sent this from another site's page (its Origin is not this server, or it says
+    so in Sec-Fetch-Site). Clients that are not browsers send neither header."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    host = request.headers.get("host", "")
+    return origin.rstrip("/") not in (f"http://{host}", f"https://{host}")
 
 
-class _Forbidden(Exception):
-    pass
+def _error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Any:
+    """JSON ``{"error": ...}`` for the API; an HTML page for a page."""
+    if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return _page_error(request, status, _TITLES.get(status, "Something went wrong"), message, headers)
 
 
-class _TooLarge(Exception):
-    pass
+_TITLES = {400: "That request did not work", 401: "This collection needs a token", 403: "Not allowed here",
+           404: "Not found", 413: "That file is too large", 415: "That is not an image this server can read",
+           422: "That request cannot be answered", 503: "Busy; try again in a moment"}
+
+
+def _page_error(request: Request, status: int, title: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    from .web import error_page
+
+    return error_page(request, status, title, message, headers)
+
+
+class Forbidden(Exception):
+    """A write on a read-only server, or a page form without its token: 403."""
+
+
+class TooLarge(Exception):
+    """An upload over the size limit: 413."""
 
 
 def _status(exc: ImgStoreError) -> int:

@@ -1,0 +1,197 @@
+"""The web pages through the ASGI app, on SQLite and PostgreSQL: search by upload and by id,
+an image's page and its original file (only the stored bytes, ever), duplicates resolved and
+undone from the page, background index creation with progress, and the page-side security
+(the token cookie, cross-site form posts, read-only servers)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from imgstore import ImageStore
+from imgstore.serve import Thumbnails, create_app
+
+from .helpers import photo, write_variants
+
+HTML = {"Accept": "text/html"}
+
+
+@pytest.fixture
+def store(db_url: str, tmp_path: Path) -> ImageStore:
+    root = tmp_path / "photos"
+    write_variants(photo("chelsea"), root / "cat", "cat", 4)
+    write_variants(photo("rocket"), root / "rocket", "rocket", 3)
+    photo("coffee").save(root / "coffee.png")
+    s = ImageStore(db_url, cache_codes=True)
+    s.ingest([root], extractor="color")
+    s.create_index("lsh", 32, extractor="color")
+    yield s
+    s.close()
+
+
+def pages(store: ImageStore, tmp_path: Path, **options) -> TestClient:  # type: ignore[no-untyped-def]
+    return TestClient(create_app(store, thumbnails=Thumbnails(store, tmp_path / "thumbs"), **options))
+
+
+def png(img) -> bytes:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert found, "a write form carries its token"
+    return found.group(1)
+
+
+def result_ids(html: str) -> list[int]:
+    grid = html.split('id="results"', 1)[1]
+    return [int(i) for i in re.findall(r'href="/images/(\d+)"', grid)]
+
+
+def test_search_pages(store: ImageStore, tmp_path: Path) -> None:
+    web = pages(store, tmp_path)
+    empty = web.get("/")
+    assert empty.status_code == 200 and "Drop an image here" in empty.text and 'src="/static/app.js"' in empty.text
+    assert "https://" not in empty.text and "http://" not in empty.text  # nothing loaded from elsewhere
+    assert web.get("/static/app.js").status_code == 200 and web.get("/static/style.css").status_code == 200
+
+    uploaded = web.post("/", data={"k": "10"}, files={"image": ("query.png", png(photo("chelsea")), "image/png")})
+    assert uploaded.status_code == 200 and "Images like query.png" in uploaded.text
+    ids = result_ids(uploaded.text)
+    cats = {store.image(str(p)).id for p in sorted((tmp_path / "photos" / "cat").iterdir())}
+    assert set(ids[:4]) == cats  # her four copies come first
+    assert "data:image/jpeg;base64," in uploaded.text and "bits" in uploaded.text and "cos " in uploaded.text
+
+    first = ids[0]
+    by_id = web.get("/", params={"id": first, "k": 10, "exact": 1})
+    assert by_id.status_code == 200 and result_ids(by_id.text)[0] == first
+    assert f'/api/images/{first}/thumbnail' in by_id.text
+
+    # every mistake gets a page that says what went wrong, with the right status
+    not_image = web.post("/", files={"image": ("notes.txt", b"hello, not a picture", "text/plain")})
+    assert not_image.status_code == 415 and "notes.txt" in not_image.text and 'class="error"' in not_image.text
+    nothing = web.post("/", data={"k": "10"})
+    assert nothing.status_code == 422 and "multipart form field" in nothing.text
+    assert web.get("/", params={"id": 99999}).status_code == 404
+    assert web.get("/", params={"id": "abc"}).status_code == 422
+    missing = web.get("/images/99999", headers=HTML)
+    assert missing.status_code == 404 and "<html" in missing.text and "no image with id" in missing.text
+    assert web.get("/no/such/page", headers=HTML).status_code == 404
+
+
+def test_image_page_and_original_file(store: ImageStore, tmp_path: Path) -> None:
+    web = pages(store, tmp_path)
+    path = sorted((tmp_path / "photos" / "cat").iterdir())[1]
+    record = store.image(str(path))
+    page = web.get(f"/images/{record.id}")
+    assert page.status_code == 200
+    assert str(path) in page.text and "current" in page.text and f"{record.width} × {record.height}" in page.text
+    assert page.text.count('class="card"') >= 3  # its neighbours
+    original = web.get(f"/images/{record.id}/file")
+    assert original.status_code == 200 and original.content == path.read_bytes()
+    assert original.headers["x-content-type-options"] == "nosniff"
+    # the path now holds other bytes (replaced, or a symlink pointed out of the collection): refused
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    path.unlink()
+    path.symlink_to(secret)
+    refused = web.get(f"/images/{record.id}/file")
+    assert refused.status_code == 404 and b"root:" not in refused.content
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() != record.sha256
+
+
+def test_duplicates_resolved_from_the_page_and_undone(store: ImageStore, tmp_path: Path) -> None:
+    moved_to = tmp_path / "set-aside"
+    web = pages(store, tmp_path, allow_writes=True, move_to=moved_to)
+    page = web.get("/duplicates")
+    assert page.status_code == 200 and "suggested keeper" in page.text
+    groups = store.find_duplicates()
+    cat_group = next(g for g in groups if any("cat" in p for m in g.members for p in m.paths))
+    assert f'data-key="{cat_group.key}"' in page.text
+    # choose another keeper than the suggested one
+    other = next(p for m in cat_group.members for p in m.paths if p != cat_group.keeper_path)
+    token = csrf(page.text)
+    without_token = web.post("/duplicates/resolve", data={"group": cat_group.key, "keeper": other, "keep": "original"})
+    assert without_token.status_code == 403
+    cross_site = web.post("/duplicates/resolve", headers={"Origin": "http://evil.example"},
+                          data={"csrf": token, "group": cat_group.key, "keeper": other, "keep": "original"})
+    assert cross_site.status_code == 403 and Path(other).exists()
+    done = web.post("/duplicates/resolve", data={"csrf": token, "group": cat_group.key, "keeper": other, "keep": "original"})
+    assert done.status_code == 200 and "Moved 3 file(s)" in done.text and "Undo that" in done.text
+    assert Path(other).exists() and sum(1 for m in cat_group.members for p in m.paths if Path(p).exists()) == 1
+    assert len(list(moved_to.rglob("*.png")) + list(moved_to.rglob("*.jpg"))) == 3
+    assert all(g.key != cat_group.key for g in store.find_duplicates())
+    journal = re.search(r'name="journal" value="([^"]+)"', done.text).group(1)  # type: ignore[union-attr]
+    undone = web.post("/duplicates/undo", data={"csrf": csrf(done.text), "journal": journal})
+    assert undone.status_code == 200 and "Put back 3 file(s)" in undone.text
+    assert all(Path(p).exists() for m in cat_group.members for p in m.paths)
+    assert web.post("/duplicates/undo", data={"csrf": token, "journal": "../../etc/passwd"}).status_code == 404
+    # a keeper that is not a file of the group is refused; a group that changed is refused
+    bad = web.post("/duplicates/resolve", data={"csrf": token, "group": cat_group.key, "keeper": "/etc/passwd"})
+    assert bad.status_code == 422
+    assert web.post("/duplicates/resolve", data={"csrf": token, "group": "1-2-3-999"}).status_code == 404
+
+
+def test_read_only_pages_offer_no_writes(store: ImageStore, tmp_path: Path) -> None:
+    web = pages(store, tmp_path)
+    dup = web.get("/duplicates")
+    assert "--allow-writes --move-to DIR" in dup.text and "Keep the selected copy" not in dup.text
+    coll = web.get("/collection")
+    assert "New index" not in coll.text and "Activate" not in coll.text
+    token = csrf(web.get("/images/1").text) if 'name="csrf"' in web.get("/images/1").text else "x"
+    assert web.post("/images/1/remove", data={"csrf": token}).status_code == 403
+    assert web.post("/collection/indexes", data={"csrf": token, "method": "lsh"}).status_code == 403
+    assert store.image(1).id == 1
+
+
+def test_collection_page_creates_an_index_in_the_background(store: ImageStore, tmp_path: Path) -> None:
+    app = create_app(store, thumbnails=Thumbnails(store, tmp_path / "thumbs"), allow_writes=True)
+    web = TestClient(app)
+    page = web.get("/collection")
+    assert page.status_code == 200 and "New index" in page.text and ">color<" in page.text
+    before = {i.id for i in store.indexes()}
+    started = web.post("/collection/indexes", data={"csrf": csrf(page.text), "method": "lsh", "n_bits": "64"})
+    assert started.status_code == 200 and "Started job" in started.text
+    jobs = app.state.service.jobs
+    job = jobs.wait(jobs.all()[-1].id, timeout_s=60)
+    assert job is not None and job.state == "done", job and job.error
+    assert job.phase == "buckets" and job.done == job.total == store.counts().features
+    new = {i.id for i in store.indexes()} - before
+    assert new == {job.result} and next(i for i in store.indexes() if i.id == job.result).is_active
+    polled = web.get(f"/api/jobs/{job.id}").json()
+    assert polled["state"] == "done" and polled["fraction"] == 1.0
+    # activate the old index again from the page
+    old = min(before)
+    shown = web.get("/collection")
+    assert f"/collection/indexes/{old}/activate" in shown.text
+    web.post(f"/collection/indexes/{old}/activate", data={"csrf": csrf(shown.text)})
+    assert next(i for i in store.indexes() if i.id == old).is_active
+    # a bad request fails as a job that says why, not as a crash
+    failing = web.post("/api/indexes", json={"method": "itq", "n_bits": 256})
+    assert failing.status_code == 202
+    result = jobs.wait(failing.json()["id"], timeout_s=60)
+    assert result is not None and result.state == "failed" and "needs at least" in (result.error or "")
+    assert web.post("/api/indexes", json={"method": "nope"}).status_code == 422
+
+
+def test_token_cookie_for_pages(store: ImageStore, tmp_path: Path) -> None:
+    web = pages(store, tmp_path, token="s3cret")
+    refused = web.get("/", headers=HTML)
+    assert refused.status_code == 401 and "token" in refused.text and "<html" in refused.text
+    assert web.get("/static/style.css").status_code == 401
+    assert web.get("/docs").status_code == 401
+    opened = web.get("/?token=s3cret", follow_redirects=False)
+    assert opened.status_code == 303 and "token" not in opened.headers["location"]
+    assert "httponly" in opened.headers["set-cookie"].lower() and "samesite=strict" in opened.headers["set-cookie"].lower()
+    web.cookies.set("imgstore_token", "s3cret")
+    assert web.get("/").status_code == 200 and web.get("/api/info").status_code == 200
+    assert web.get("/api/images/1/thumbnail").status_code == 200
+    web.cookies.set("imgstore_token", "wrong")
+    assert web.get("/api/info").status_code == 401
