@@ -164,6 +164,9 @@ def test_wheel_ships_migrations_and_they_run(tmp_path: Path) -> None:
     for name in revisions:
         assert f"imgstore/_migrations/{name}" in names
     assert "imgstore/_alembic/env.py" in names and "imgstore/_alembic/script.py.mako" in names
+    # the pages of `imgstore serve` need their templates and script in the wheel
+    for name in ("templates/base.html", "templates/search.html", "templates/duplicates.html", "static/app.js", "static/style.css"):
+        assert f"imgstore/web/{name}" in names
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     db = tmp_path / "w.db"

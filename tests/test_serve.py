@@ -207,3 +207,55 @@ def test_concurrent_uploads_share_model_calls_and_overload_is_503(served: tuple[
             assert search(uploads[1]).status_code == 200
     finally:
         extractor.extract = real
+
+
+def test_a_client_that_disconnects_mid_upload(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    import httpx
+
+    store, _ = served
+    with running(create_app(store, thumbnails=Thumbnails(store, tmp_path / "t"))) as port:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                body = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.png\"\r\n\r\n" + png(photo("chelsea"))[:4000]
+                raw.sendall(b"POST /api/search HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                            b"Content-Length: 900000\r\n\r\n" + body)
+            # the connection is gone with 896 kB still promised
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/api/info").json()["images"] == 8
+            hits = http.post("/api/search", files={"image": ("q.png", png(photo("chelsea")), "image/png")})
+            assert hits.status_code == 200 and "cat" in hits.json()[0]["paths"][0]
+
+
+def test_an_ingest_beside_the_server(served: tuple[ImageStore, Path], tmp_path: Path, db_url: str) -> None:
+    """Another process ingests into the same store while the server answers searches: every
+    search succeeds, and the server finds the new images without a restart."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    store, _ = served
+    more = tmp_path / "more"
+    for name in ("horse", "coffee", "astronaut", "camera"):
+        write_variants(photo(name), more / name, name, 6)
+    with running(create_app(store, thumbnails=Thumbnails(store, tmp_path / "t"))) as port:
+        ingest = subprocess.Popen([sys.executable, "-m", "imgstore.cli", "--db", db_url, "ingest", str(more), "--extractor", "color"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        statuses: list[int] = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            while ingest.poll() is None:
+                statuses.append(http.get("/api/search", params={"id": 1, "k": 5}).status_code)
+                time.sleep(0.02)
+            output = ingest.communicate()[0]
+            assert ingest.returncode == 0, output
+            assert statuses and set(statuses) == {200}
+            horse = store.image(str(sorted((more / "horse").iterdir())[0])).id
+            deadline = time.time() + 20
+            found: list[int] = []
+            while time.time() < deadline:
+                found = [h["image_id"] for h in http.get("/api/search", params={"id": horse, "k": 6}).json()]
+                if horse in found:
+                    break
+                time.sleep(0.2)
+            assert horse in found
+            assert http.get("/api/info").json()["images"] == 8 + 24
