@@ -27,7 +27,11 @@ from typing import Any
 from fastapi import FastAPI, Request  # this module is imported only by `imgstore serve`
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
+from sqlalchemy import select
+
 from .db import sqlite_file
+from .models import Image, ImagePath
+from .paths import from_stored
 from .errors import ConfigError, DatabaseError, DecodeError, ImgStoreError, NotFoundError
 from .repository import ImageStore
 
@@ -126,13 +130,18 @@ class Thumbnails:
 
         if size not in THUMB_SIZES:
             raise ConfigError(f"thumbnail size must be one of {', '.join(map(str, THUMB_SIZES))}")
-        record = self.store.image(image_id)
-        path = self.folder / record.sha256[:2] / f"{record.sha256}-{size}.jpg"
-        if path.exists():
-            return path.read_bytes()
-        source = next(iter(record.current_paths), None)
+        with self.store.ctx.read("find a thumbnail") as conn:  # one small query; the file only when not cached
+            sha256 = conn.scalar(select(Image.sha256).where(Image.id == image_id))
+            if sha256 is None:
+                raise NotFoundError(f"no image with id {image_id}")
+            path = self.folder / sha256[:2] / f"{sha256}-{size}.jpg"
+            if path.exists():
+                return path.read_bytes()
+            source = conn.scalar(select(ImagePath.path).where(ImagePath.image_id == image_id, ImagePath.is_current.is_(True))
+                                 .order_by(ImagePath.id).limit(1))
         if source is None:
             raise NotFoundError(f"image {image_id} has no current file to make a thumbnail from")
+        source = from_stored(source)
         img = load_image(source, draft_size=(size, size)).image
         img.thumbnail((size, size))
         buf = io.BytesIO()

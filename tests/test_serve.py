@@ -259,3 +259,28 @@ def test_an_ingest_beside_the_server(served: tuple[ImageStore, Path], tmp_path: 
                 time.sleep(0.2)
             assert horse in found
             assert http.get("/api/info").json()["images"] == 8 + 24
+
+
+def test_serve_command_mistakes(db_url: str) -> None:
+    out = CliRunner().invoke(cli, ["--db", db_url, "db", "upgrade"])
+    assert out.exit_code == 0
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(cli, ["--db", db_url, "serve", "--host", "0.0.0.0", "--insecure", "--port", str(port)])
+    assert "warning: serving 0.0.0.0 without a token" in busy.output
+    assert busy.exit_code == 1 and f"cannot listen on 0.0.0.0:{port}" in busy.output and "--port" in busy.output
+    alone = CliRunner().invoke(cli, ["--db", db_url, "serve", "--move-to", "dupes"])
+    assert alone.exit_code == 2 and "--allow-writes" in alone.output
+
+
+def test_upload_pixel_limit(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    store, _ = served
+    api = client(store, tmp_path, max_pixels=10_000, allow_writes=True)
+    small = api.post("/api/search", files={"image": ("s.png", png(photo("chelsea").resize((90, 90))), "image/png")})
+    assert small.status_code == 200
+    for url in ("/api/search", "/api/images"):
+        big = api.post(url, files={"image": ("b.png", png(photo("chelsea").resize((200, 200))), "image/png")})
+        assert big.status_code == 422 and "40000 pixels, over the limit of 10000" in big.json()["error"]
+    assert store.counts().images == 8
