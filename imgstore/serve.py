@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request  # this module is imported only by `imgstore serve`
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from sqlalchemy import select
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .db import sqlite_file
 from .models import Image, ImagePath
@@ -383,6 +385,18 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
     @app.exception_handler(ImgStoreError)
     async def imgstore_error(request: Request, exc: ImgStoreError) -> Any:
         return _error(request, _status(exc), str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        message = "no such page or API path; the pages are /, /duplicates and /collection, the API is at /docs" \
+            if exc.status_code == 404 else str(exc.detail)
+        return _error(request, exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_argument(request: Request, exc: RequestValidationError) -> Any:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', '')}"
+                             for e in exc.errors())
+        return _error(request, 422, f"bad argument: {problems}")
 
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, exc: Forbidden) -> Any:

@@ -88,6 +88,8 @@ def test_statuses(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
     assert api.get("/api/images/1/thumbnail", params={"size": 999}).status_code == 422
     assert api.get("/api/search", params={"id": 1, "index": 42}).status_code == 404
     assert api.get("/api/images/abc").status_code == 422
+    assert api.get("/api/images/abc").json()["error"].startswith("bad argument: image_id")
+    assert api.get("/api/nothing-here").json()["error"].startswith("no such page or API path")
 
 
 def test_no_path_is_ever_read(served: tuple[ImageStore, Path], tmp_path: Path) -> None:

@@ -83,7 +83,8 @@ def test_search_pages(store: ImageStore, tmp_path: Path) -> None:
     assert web.get("/", params={"id": "abc"}).status_code == 422
     missing = web.get("/images/99999", headers=HTML)
     assert missing.status_code == 404 and "<html" in missing.text and "no image with id" in missing.text
-    assert web.get("/no/such/page", headers=HTML).status_code == 404
+    wrong_url = web.get("/no/such/page", headers=HTML)
+    assert wrong_url.status_code == 404 and "<html" in wrong_url.text and "/duplicates" in wrong_url.text
 
 
 def test_image_page_and_original_file(store: ImageStore, tmp_path: Path) -> None:
