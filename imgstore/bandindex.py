@@ -99,6 +99,19 @@ def write_new_buckets(
     _append_to_buckets(conn, hasher_id, ids, codes, n_bands, band_width, new_index=True)
 
 
+def append_deferred(
+    conn: Connection, hasher_id: int, deferred: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]], n_bands: int, band_width: int
+) -> None:
+    """Append the codes :func:`write_codes` collected in ``deferred`` to an existing index's
+    buckets (rows locked in (band, value) order)."""
+    if not deferred:
+        return
+    ids = np.concatenate([d[0] for d in deferred])
+    codes = np.concatenate([d[1] for d in deferred])
+    if len(ids):
+        _append_to_buckets(conn, hasher_id, ids, codes, n_bands, band_width, new_index=False)
+
+
 def _bucket_groups(ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> Iterator[tuple[int, int, npt.NDArray[np.intp]]]:
     """(band, value, rows with that band value, in id order) for every band value present."""
     bands = band_values(codes, n_bands, band_width)

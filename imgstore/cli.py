@@ -397,12 +397,19 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
 @click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where the CNN runs: auto = a CUDA device when there is one [default], else the CPU.")
+@click.option("--cluster", default=None, metavar="ADDRESS",
+              help="Read and extract on a Dask cluster: tcp://host:8786, or local[:N] for N worker processes here.")
+@click.option("--worker-db", default=None, metavar="URL",
+              help="The database URL as the cluster's workers reach it [default: --db]; never 127.0.0.1 for remote workers.")
 @_weights_option
 @click.pass_obj
 @friendly_errors
 def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
            workers: int | None, tags: tuple[str, ...], meta: dict[str, str], follow_symlinks: bool, dry_run: bool,
-           no_auto_index: bool, as_json: bool, progress: bool | None, weights: str | None) -> None:
+           no_auto_index: bool, as_json: bool, progress: bool | None, device: str | None, cluster: str | None,
+           worker_db: str | None, weights: str | None) -> None:
     """Add image files and folders to the store.
 
     Unchanged files (same path, size and mtime) are skipped without being read; content that is
@@ -414,7 +421,10 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
       imgstore ingest ~/Pictures --tag holidays
       imgstore ingest ~/Pictures/2024 --meta trip=alps
       imgstore --db postgresql://localhost/photos ingest /data/products --json
+      imgstore --db postgresql://dbhost/photos ingest /shared/photos --cluster tcp://scheduler:8786
     """
+    if worker_db and not cluster:
+        raise click.UsageError("--worker-db is the URL for --cluster's workers: add --cluster")
     if weights:
         obj.extractor_options["resnet50"] = {"weights": weights}
     show = sys.stderr.isatty() if progress is None else progress
@@ -423,7 +433,8 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         try:
             summary = store.ingest(list(paths), recursive=recursive, extractor=extractor, batch_size=batch_size,
                                    workers=workers, tags=tags, metadata=meta, dry_run=dry_run, follow_symlinks=follow_symlinks,
-                                   auto_index=not no_auto_index, progress=bar)
+                                   auto_index=not no_auto_index, progress=bar, device=device, cluster=cluster,
+                                   worker_db=worker_db)
         finally:
             if bar is not None:
                 bar.close()

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, delete, func, select, update
 
-from .bandindex import mark_changed, write_codes, write_new_buckets
+from .bandindex import append_deferred, mark_changed, write_codes, write_new_buckets
 from .errors import ConfigError, NotEnoughDataError, NotFoundError
 from .hashing import available_methods, make_hasher, min_samples
 from .hashing.bits import band_layout, default_n_bands
@@ -170,16 +170,35 @@ def _fit(conn: Connection, space_id: int, dim: int, method: str, n_bits: int, sa
     return hasher.fit(X[labelled], y[labelled].astype(str)), len(ids)
 
 
-def encode_images(ctx: StoreContext, conn: Connection, space_id: int, image_ids: npt.ArrayLike, vectors: npt.NDArray[np.float32]) -> None:
+def encode_images(ctx: StoreContext, conn: Connection, space_id: int, image_ids: npt.ArrayLike, vectors: npt.NDArray[np.float32],
+                  *, deferred: dict[int, tuple[IndexInfo, list[Any]]] | None = None) -> list[int]:
     """Store codes of new vectors in every index of their feature space (hashers from the
-    store's cache, checked against each index's uid)."""
+    store's cache, checked against each index's uid); returns the indexes written.
+
+    Without ``deferred`` the codes enter their band buckets and the indexes' generation is
+    bumped here. With it (an ingest batch), the new codes are collected there per index, for
+    :func:`finish_encoding` at the very end of the transaction: the shared bucket rows and the
+    index rows are then locked only for the transaction's last moments, in one fixed order, so
+    concurrent writers neither queue behind each other for a whole batch nor deadlock."""
     if len(vectors) == 0:
-        return
+        return []
     indexes = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
     for index in indexes:
         hasher = ctx.hasher(conn, index)
-        write_codes(conn, index.id, image_ids, hasher.encode(vectors), index.n_bands, index.band_width)
-    mark_changed(conn, [i.id for i in indexes])
+        target = None if deferred is None else deferred.setdefault(index.id, (index, []))[1]
+        write_codes(conn, index.id, image_ids, hasher.encode(vectors), index.n_bands, index.band_width, defer=target)
+    if deferred is None:
+        mark_changed(conn, [i.id for i in indexes])
+    return [i.id for i in indexes]
+
+
+def finish_encoding(conn: Connection, deferred: dict[int, tuple[IndexInfo, list[Any]]]) -> None:
+    """The bucket appends and generation bumps that :func:`encode_images` deferred, indexes in id
+    order and bucket rows in (band, value) order."""
+    for hasher_id in sorted(deferred):
+        index, codes = deferred[hasher_id]
+        append_deferred(conn, hasher_id, codes, index.n_bands, index.band_width)
+    mark_changed(conn, sorted(deferred))
 
 
 def activate_index(conn: Connection, hasher_id: int) -> None:

@@ -27,7 +27,7 @@ from .decode import DecodedImage, decode_bytes, load_image, read_file
 from .errors import DecodeError, ImgStoreError
 from .features import Extractor
 from .features.pipeline import StreamResult, extract_stream
-from .indexing import encode_images
+from .indexing import encode_images, finish_encoding
 from .models import Feature, Image, ImagePath, IngestError, utcnow
 from .paths import printable, to_stored
 from .signature import thumb_signature
@@ -98,6 +98,18 @@ class BatchOutcome:
     duplicates: int
     errors: list[tuple[str, str]]
     unresolved: list[_Task]
+
+
+@dataclass
+class Plan:
+    """What an ingest found to do: the roots, the files to read, the stored paths that are
+    unchanged, every path the walk saw, and the summary so far."""
+
+    roots: list[str]
+    tasks: list[_Task]
+    unchanged: list[str]
+    seen: set[str]
+    summary: IngestSummary
 
 
 @dataclass
@@ -207,7 +219,11 @@ class Ingester:
         workers: int | None = None,
         metadata: dict[str, Any] | None = None,
         progress: ProgressFn | None = None,
+        preload_known: bool = True,
     ) -> None:
+        """``preload_known``: read every stored content hash of the space once, up front (one
+        process ingesting a whole folder); False asks the database per file instead (a cluster
+        worker handling a few hundred files of a large store)."""
         self.ctx = ctx
         self.extractor = extractor
         self.space_id = space_id
@@ -218,6 +234,7 @@ class Ingester:
         self._claim_lock = threading.Lock()
         self._claimed: set[str] = set()
         self._known: set[str] = set()
+        self.preload_known = preload_known
 
     # The heavy lifting -----------------------------------------------------------------------
 
@@ -230,6 +247,23 @@ class Ingester:
         dry_run: bool = False,
     ) -> IngestSummary:
         started = time.perf_counter()
+        plan = self.plan(roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
+        if dry_run:
+            plan.summary.elapsed_s = time.perf_counter() - started
+            return plan.summary
+        summary = self._process(plan.tasks, plan.summary, started)
+        return self.finish(plan, summary, started)
+
+    def plan(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = True,
+        follow_symlinks: bool = False,
+        dry_run: bool = False,
+    ) -> Plan:
+        """Walk the roots and find what to read: every file whose path, size and mtime are not
+        stored yet (the rest count as unchanged). Walk errors are recorded (unless ``dry_run``)."""
         summary = IngestSummary(dry_run=dry_run)
         walk_errors: list[tuple[str, str]] = []
         files: list[tuple[str, os.stat_result]] = []
@@ -257,18 +291,20 @@ class Ingester:
             summary.added = len(tasks)  # at most: duplicates and failures are found by reading
             summary.failed = len(walk_errors)
             summary.errors = walk_errors
-            summary.elapsed_s = time.perf_counter() - started
-            return summary
-        if walk_errors:
+        elif walk_errors:
             self.ctx.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"), doing="record ingest errors")
             summary.failed += len(walk_errors)
             summary.errors.extend(walk_errors)
-        summary = self._process(tasks, summary, started)
-        if self.metadata and unchanged:  # files skipped unread still get the new metadata
-            self.ctx.write(lambda conn: catalog.merge_meta(conn, _image_ids_at(conn, unchanged), self.metadata),
+        return Plan([os.path.abspath(os.fspath(r)) for r in roots], tasks, unchanged,
+                    {to_stored(path) for path, _ in files}, summary)
+
+    def finish(self, plan: Plan, summary: IngestSummary, started: float) -> IngestSummary:
+        """After every task is written: metadata for the unchanged files, and stored paths under
+        the roots that the walk did not see marked not current."""
+        if self.metadata and plan.unchanged:  # files skipped unread still get the new metadata
+            self.ctx.write(lambda conn: catalog.merge_meta(conn, _image_ids_at(conn, plan.unchanged), self.metadata),
                            doing="merge metadata")
-        seen = {to_stored(path) for path, _ in files}
-        summary.gone = len(catalog.mark_gone(self.ctx, roots=[os.path.abspath(os.fspath(r)) for r in roots], seen=seen))
+        summary.gone = len(catalog.mark_gone(self.ctx, roots=plan.roots, seen=plan.seen))
         summary.elapsed_s = time.perf_counter() - started
         return summary
 
@@ -295,11 +331,28 @@ class Ingester:
         return summary, [t.image_id for t in tasks]
 
     def _process(self, tasks: list[_Task], summary: IngestSummary, started: float) -> IngestSummary:
-        self._known = self._known_hashes()
+        self._known = self._known_hashes() if self.preload_known else set()
+        batches = extract_stream(tasks, self._load, self.extractor, self.batch_size, self.workers)
+        return self.write_results(batches, len(tasks), summary, started)
+
+    def write_results(self, batches: Iterable[list[StreamResult[_Task]]], total: int, summary: IngestSummary,
+                      started: float, *, report: bool = True) -> IngestSummary:
+        """Write extracted batches, one transaction each, into ``summary``. A content seen
+        earlier in this run becomes a duplicate (a path of the first file's image)."""
         pending_dups: list[_Task] = []
+        seen: set[str] = set()
         done = 0
-        for batch in extract_stream(tasks, self._load, self.extractor, self.batch_size, self.workers):
-            pending_dups.extend(r.item for r in batch if r.skipped)
+        for batch in batches:
+            kept = []
+            for r in batch:
+                digest = r.item.data_sha256
+                if r.features is not None and digest in seen:  # two workers extracted one content
+                    r = StreamResult(r.item, None, None, None)
+                if r.features is not None and digest:
+                    seen.add(digest)
+                kept.append(r)
+            batch = kept
+            pending_dups.extend(r.item for r in batch if r.features is None and r.error is None)
             outcome = self.ctx.write(lambda conn, b=batch: self._write_batch(conn, b, pending_dups), doing="ingest")
             summary.added += outcome.added
             summary.duplicates += outcome.duplicates
@@ -307,9 +360,8 @@ class Ingester:
             summary.errors.extend(outcome.errors)
             pending_dups = outcome.unresolved
             done += len(batch)
-            if self.progress is not None:
-                self.progress(IngestProgress(done, len(tasks), summary.added, summary.failed,
-                                             time.perf_counter() - started))
+            if self.progress is not None and report:
+                self.progress(IngestProgress(done, total, summary.added, summary.failed, time.perf_counter() - started))
         if pending_dups:
             outcome = self.ctx.write(lambda conn: self._write_batch(conn, [], pending_dups, final=True), doing="ingest")
             summary.duplicates += outcome.duplicates
@@ -324,21 +376,17 @@ class Ingester:
             decoded = load_image(task.source)  # a PIL image
             task.data_sha256 = digest = image_sha256(task.source)
             task.byte_size = 0
-            with self._claim_lock:
-                if digest in self._known or digest in self._claimed:
-                    task.duplicate = True
-                    return None
-                self._claimed.add(digest)
+            if self._claim(digest):
+                task.duplicate = True
+                return None
             task.signature = signature_bytes(thumb_signature(decoded.image))
             return decoded
         data = read_file(task.path) if task.path is not None else bytes(task.source)
         task.byte_size = len(data)
         task.data_sha256 = digest = hashlib.sha256(data).hexdigest()
-        with self._claim_lock:
-            if digest in self._known or digest in self._claimed:
-                task.duplicate = True
-                return None
-            self._claimed.add(digest)
+        if self._claim(digest):
+            task.duplicate = True
+            return None
         try:
             shown = printable(task.path) if task.path is not None else None
             decoded = decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
@@ -348,6 +396,23 @@ class Ingester:
             with self._claim_lock:
                 self._claimed.discard(digest)
             raise
+
+    def _claim(self, digest: str) -> bool:
+        """True when this content is stored already or another file of this run claimed it;
+        else claim it for this file."""
+        known = not self.preload_known and self._stored(digest)
+        with self._claim_lock:
+            if known or digest in self._known or digest in self._claimed:
+                return True
+            self._claimed.add(digest)
+            return False
+
+    def _stored(self, digest: str) -> bool:
+        with self.ctx.read("look up a known image") as conn:
+            return conn.scalar(
+                select(Image.id).join(Feature, Feature.image_id == Image.id)
+                .where(Image.sha256 == digest, Feature.space_id == self.space_id)
+            ) is not None
 
     def _known_paths(self, roots: list[str]) -> dict[str, tuple[int, int]]:
         """Current path rows under the roots: path -> (size, mtime_ns)."""
@@ -383,7 +448,9 @@ class Ingester:
     ) -> BatchOutcome:
         """One transaction: new images, their features and codes, paths, error records."""
         now = utcnow()
-        ok = [r for r in batch if r.features is not None]
+        # rows in one fixed order (content hash, image id, path), the shared bucket rows and the
+        # index rows last: concurrent writers never wait on each other in a cycle
+        ok = sorted((r for r in batch if r.features is not None), key=lambda r: r.item.data_sha256 or "")
         failed = [r for r in batch if r.error is not None]
         if ok:
             insert_ignore(conn, Image.__table__, [
@@ -404,6 +471,7 @@ class Ingester:
         wanted = {r.item.data_sha256 for r in ok} | {t.data_sha256 for t in dups}
         ids = _ids_by_sha(conn, wanted)
         added = 0
+        deferred: dict[int, Any] = {}
         if ok:
             new_ids = np.array([ids[r.item.data_sha256] for r in ok], dtype=np.int64)
             vectors = np.stack([r.features for r in ok]).astype(np.float32)
@@ -418,7 +486,8 @@ class Ingester:
                     {"space_id": self.space_id, "image_id": int(i), "vector": vector_to_bytes(v)}
                     for i, v in zip(new_ids[fresh], vectors[fresh])
                 ])
-                encode_images(self.ctx, conn, self.space_id, new_ids[fresh], vectors[fresh])
+                order = np.argsort(new_ids[fresh], kind="stable")
+                encode_images(self.ctx, conn, self.space_id, new_ids[fresh][order], vectors[fresh][order], deferred=deferred)
                 added = int(fresh.sum())
         resolved = [t for t in dups if t.data_sha256 in ids]
         unresolved = [t for t in dups if t.data_sha256 not in ids]
@@ -435,6 +504,7 @@ class Ingester:
         recorded = [(e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"]
         if recorded:
             _record_errors(conn, [e for e, _ in recorded], None, [x for _, x in recorded])
+        finish_encoding(conn, deferred)
         return BatchOutcome(added, len(resolved) + (len(ok) - added), errors, unresolved)
 
 
@@ -470,6 +540,7 @@ def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetim
     """Upsert the path rows; a path that now holds other content has its old row made not current."""
     if not paths:
         return
+    paths = sorted(paths, key=lambda p: to_stored(p[0].path))
     shown = [to_stored(t.path) for t, _ in paths]
     for part in chunks(shown, IN_CHUNK):
         conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
@@ -500,12 +571,13 @@ def _record_errors(
     conn: Connection, errors: list[tuple[str, str]], error_type: str | None, excs: list[Any] | None = None
 ) -> None:
     now = utcnow()
-    types = [type(e).__name__ for e in (excs or [])]
-    rows = [
+    kinds = [type(e).__name__ if e is not None else None for e in (excs or [])]
+    kinds += [None] * (len(errors) - len(kinds))
+    rows = sorted((  # in path order, as every writer locks rows
         {"path": to_stored(path), "reason": printable(reason)[:2000], "occurred_at": now,
-         "error_type": error_type or (types[i] if i < len(types) else "DecodeError")}
-        for i, (path, reason) in enumerate(errors)  # paths as given; stored escaped (imgstore.paths)
-    ]
+         "error_type": error_type or kind or "DecodeError"}
+        for (path, reason), kind in zip(errors, kinds)  # paths as given; stored escaped (imgstore.paths)
+    ), key=lambda row: row["path"])
     stmt = insert_stmt(conn, IngestError.__table__)
     stmt = stmt.on_conflict_do_update(
         index_elements=["path"],

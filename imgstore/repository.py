@@ -223,12 +223,21 @@ class ImageStore:
         follow_symlinks: bool = False,
         auto_index: bool = True,
         progress: Callable[[Any], None] | None = None,
+        device: str | None = None,
+        cluster: Any = None,
+        worker_db: str | None = None,
     ) -> Any:
         """Ingest files and folders; returns an :class:`~imgstore.ingest.IngestSummary`.
 
         Files whose path, size and mtime are unchanged since the last ingest are skipped without
         reading them; content already stored is recorded as a new path only. Bad files are
         recorded (``imgstore errors``) and counted, and the ingest goes on.
+
+        ``device``: ``auto`` (a CUDA device when torch sees one, else the CPU), ``cpu`` or
+        ``cuda``, for the CNN extractors. ``cluster``: run the reading and extraction on a Dask
+        cluster (:mod:`imgstore.cluster`): ``"local"`` or ``"local:N"`` (N worker processes on
+        this machine), a scheduler address ``"tcp://host:8786"``, or a ``distributed.Client``;
+        ``worker_db``: the database URL as the workers must write it (default: this store's).
         """
         from .ingest import Ingester
 
@@ -238,13 +247,21 @@ class ImageStore:
         missing = [p for p in roots if not os.path.lexists(p)]
         if missing:
             raise NotFoundError(f"no such file or folder: {', '.join(printable(p) for p in missing)}")
-        ex = self.ctx.extractor(extractor)
+        options = {"device": device} if device else {}
+        ex = self.ctx.extractor(extractor, **options)
         space_id = self._space_id(ex)
         meta = dict(metadata or {})
         if tags:
             meta["tags"] = sorted(set(tags))
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, workers=workers, metadata=meta, progress=progress)
-        summary = job.run(roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
+        if cluster is not None:
+            from .cluster import ClusterIngest
+
+            options = {**self.ctx.extractor_options.get(ex.name, {}), **options}
+            summary = ClusterIngest(job, ex.name, options, cluster, worker_db=worker_db).run(
+                roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
+        else:
+            summary = job.run(roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
         if auto_index and not dry_run and summary.added:
             indexing.maybe_auto_index(self.ctx, space_id)
         return summary

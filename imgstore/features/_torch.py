@@ -98,11 +98,29 @@ def nhwc_uint8_to_tensor(batch: npt.NDArray[np.generic]) -> torch.Tensor:
     return x.to(dtype=torch.float32, memory_format=torch.channels_last)
 
 
-def run_model(module: torch.nn.Module, x: torch.Tensor, precision: Precision) -> npt.NDArray[np.float32]:
-    """Run ``module`` under inference_mode (bf16 autocast when asked); (n, d) float32 numpy."""
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | None) -> str:
+    """"auto" | "cpu" | "cuda" (or None: IMGSTORE_DEVICE, default "auto") to the device used:
+    "auto" takes the first CUDA device when torch sees one, else the CPU."""
+    chosen = (device or os.environ.get("IMGSTORE_DEVICE") or "auto").strip().lower()
+    if chosen not in DEVICES:
+        raise ConfigError(f"unknown device {chosen!r}; choose one of {', '.join(DEVICES)}")
+    has_cuda = torch.cuda.is_available()
+    if chosen == "cuda" and not has_cuda:
+        raise ConfigError("--device cuda: torch sees no CUDA device on this machine; use --device auto (falls back to the CPU) or cpu")
+    return "cuda" if chosen == "cuda" or (chosen == "auto" and has_cuda) else "cpu"
+
+
+def run_model(module: torch.nn.Module, x: torch.Tensor, precision: Precision, device: str = "cpu") -> npt.NDArray[np.float32]:
+    """Run ``module`` under inference_mode (bf16 autocast when asked) on ``device``; (n, d)
+    float32 numpy."""
+    if device != "cpu":
+        x = x.to(device, non_blocking=True)
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = module(x)
-    return out.float().numpy().astype(np.float32, copy=False)
+    return out.float().cpu().numpy().astype(np.float32, copy=False)
 
 
 def fuse_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
@@ -128,9 +146,13 @@ class CnnExtractor:
     dim: int
     _model: torch.nn.Module
 
-    def _configure(self, image_size: int, resize: str, resample: str, precision: str | None, scaling: str) -> None:
+    def _configure(self, image_size: int, resize: str, resample: str, precision: str | None, scaling: str,
+                   device: str | None = None) -> None:
         from .base import check_resize_mode, resampling
 
+        self.device = resolve_device(device)
+        if self.device != "cpu" and (precision or os.environ.get("IMGSTORE_PRECISION") or "auto") == "auto":
+            precision = "fp32"  # the CPU's bf16 test says nothing about the accelerator
         self.image_size = int(image_size)
         self.resize = check_resize_mode(resize)
         self.resample = resample
@@ -142,7 +164,14 @@ class CnnExtractor:
         self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-{scaling}-v1"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(precision={self.precision!r}, preprocess={self.preprocess_version!r})"
+        return (f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, "
+                f"preprocess={self.preprocess_version!r})")
+
+    def _place(self, *modules: torch.nn.Module) -> None:
+        """Move the model(s) to the chosen device."""
+        if self.device != "cpu":
+            for module in modules:
+                module.to(self.device)
 
     def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
         """RGB image -> (image_size, image_size, 3) uint8."""
@@ -152,7 +181,7 @@ class CnnExtractor:
 
     def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
         """(n, s, s, 3) uint8 -> (n, dim) float32."""
-        return run_model(self._model, nhwc_uint8_to_tensor(batch), self.precision)
+        return run_model(self._model, nhwc_uint8_to_tensor(batch), self.precision, self.device)
 
     def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         from .base import stack_preprocessed

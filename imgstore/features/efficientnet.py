@@ -208,8 +208,9 @@ class EfficientNetLite0Extractor(_torch.CnnExtractor):
         resample: str = "bilinear",
         num_threads: int | None = None,
         fuse_batchnorm: bool = True,
+        device: str | None = None,
     ) -> None:
-        self._configure(image_size, resize, resample, precision, scaling="x127d128")
+        self._configure(image_size, resize, resample, precision, scaling="x127d128", device=device)
         _torch.configure_threads(num_threads)
         net = load_network(weights)
         if fuse_batchnorm:
@@ -217,8 +218,9 @@ class EfficientNetLite0Extractor(_torch.CnnExtractor):
         net = net.to(memory_format=torch.channels_last)
         self._model = _Scaled(net, logits=False).eval()
         self._logits = _Scaled(net, logits=True).eval()
+        self._place(self._model, self._logits)
 
     def classify(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """ImageNet logits (n, 1000) float32 (for sanity checks of the weights and preprocessing)."""
         batch = stack_preprocessed(self, images)
-        return _torch.run_model(self._logits, _torch.nhwc_uint8_to_tensor(batch), self.precision)
+        return _torch.run_model(self._logits, _torch.nhwc_uint8_to_tensor(batch), self.precision, self.device)

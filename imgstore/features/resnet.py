@@ -81,10 +81,11 @@ class ResNet50Extractor(_torch.CnnExtractor):
         resize: str = "squash",
         resample: str = "bilinear",
         num_threads: int | None = None,
+        device: str | None = None,
     ) -> None:
         from torchvision.models import resnet50
 
-        self._configure(image_size, resize, resample, precision, scaling="imagenet-meanstd")
+        self._configure(image_size, resize, resample, precision, scaling="imagenet-meanstd", device=device)
         state = _load_state(weights)
         _torch.configure_threads(num_threads)
         net = resnet50(weights=None)
@@ -94,3 +95,4 @@ class ResNet50Extractor(_torch.CnnExtractor):
             raise ExtractorError(f"the weights are not a torchvision resnet50 state dict: {exc}") from exc
         net.fc = nn.Identity()  # type: ignore[assignment]
         self._model = _Normalised(net).eval().to(memory_format=torch.channels_last)
+        self._place(self._model)
