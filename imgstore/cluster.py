@@ -64,6 +64,7 @@ class PartitionResult:
     added: int = 0
     duplicates: int = 0
     unchanged: int = 0
+    retries: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
     extracted: list[tuple[_Task, Any, Any, str | None]] | None = None  # (task, facts, features, error reason)
     worker: str = ""
@@ -111,6 +112,7 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
         job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata, preload_known=False)
         summary = job._process(tasks, IngestSummary(), started)
         result.added, result.duplicates, result.errors = summary.added, summary.duplicates, summary.errors
+        result.retries = summary.retries
     else:
         job = Ingester(None, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata)  # type: ignore[arg-type]
         result.extracted = []
@@ -247,6 +249,7 @@ class ClusterIngest:
                     summary.added += part.added
                     summary.duplicates += part.duplicates
                     summary.unchanged += part.unchanged
+                    summary.retries += part.retries
                     summary.failed += len(part.errors)
                     summary.errors.extend(part.errors)
                 if job.progress is not None:

@@ -60,6 +60,8 @@ class StoreContext:
         self._code_caches: dict[int, CodeCache] = {}  # by index id; entry checked against uid + generation
         #: how code caches were brought up to date: full loads, and appends of new codes
         self.cache_refreshes = {"loads": 0, "appends": 0}
+        #: write transactions rerun after a lock conflict, deadlock or serialization failure
+        self.write_retries = 0
         self._refresher: tuple[threading.Thread, threading.Event] | None = None
         self._refresh_lock = threading.Lock()
 
@@ -140,6 +142,7 @@ class StoreContext:
                 if attempt == RETRY_ATTEMPTS or not is_retryable(exc):
                     raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
                 log.info("%s: %s; retry %d in %.2fs", doing, driver_message(exc), attempt, delay)
+                self.write_retries += 1  # conflicts with other writers, rerun: counted for reports
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
             except self.driver_errors as exc:

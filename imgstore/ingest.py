@@ -67,6 +67,7 @@ class IngestSummary:
     duplicates: int = 0
     failed: int = 0
     gone: int = 0  # stored paths under the roots whose file no longer exists (now not current)
+    retries: int = 0  # write transactions rerun after a conflict with another writer
     elapsed_s: float = 0.0
     dry_run: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -83,6 +84,7 @@ class IngestSummary:
             "duplicates": self.duplicates,
             "failed": self.failed,
             "gone": self.gone,
+            "retries": self.retries,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
             "dry_run": self.dry_run,
@@ -342,6 +344,7 @@ class Ingester:
         pending_dups: list[_Task] = []
         seen: set[str] = set()
         done = 0
+        retries_before = self.ctx.write_retries
         for batch in batches:
             kept = []
             for r in batch:
@@ -367,6 +370,7 @@ class Ingester:
             summary.duplicates += outcome.duplicates
             summary.failed += len(outcome.errors)
             summary.errors.extend(outcome.errors)
+        summary.retries += self.ctx.write_retries - retries_before
         summary.elapsed_s = time.perf_counter() - started
         return summary
 
