@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hashing import Hasher
     from .indexing import IndexInfo
     from .search import CodeCache
+    from .vectors import SpaceInfo
 
 T = TypeVar("T")
 
@@ -64,6 +65,9 @@ class StoreContext:
         self.write_retries = 0
         self._refresher: tuple[threading.Thread, threading.Event] | None = None
         self._refresh_lock = threading.Lock()
+        #: with a refresher running: (when read, the indexes) as of its last tick
+        self._indexes_seen: tuple[float, list[IndexInfo]] | None = None
+        self._spaces: dict[int, SpaceInfo] = {}  # feature spaces never change once made
 
     @property
     def dialect(self) -> str:
@@ -87,7 +91,15 @@ class StoreContext:
         stop = threading.Event()
 
         def loop() -> None:
+            from .indexing import list_indexes
+
             while not stop.wait(interval_s):
+                try:
+                    with self.read("list the indexes") as conn:
+                        self._indexes_seen = (time.monotonic(), list_indexes(conn, with_counts=False))
+                except Exception as exc:  # noqa: BLE001 - a refresher must outlive a bad moment
+                    self._indexes_seen = None
+                    log.info("index list: %s", exc)
                 for index_id, cache in list(self._code_caches.items()):
                     try:
                         with self.read("refresh the code cache") as conn:
@@ -105,6 +117,30 @@ class StoreContext:
             stop.set()
             thread.join(timeout=30)
             self._refresher = None
+        self._indexes_seen = None
+
+    def indexes(self, conn: Connection) -> list[IndexInfo]:
+        """The indexes (without counts). With a refresher running, its list as of its last tick
+        (at most a second old), so a search needs no look-up of its own; else read now."""
+        from .indexing import list_indexes
+
+        seen = self._indexes_seen
+        if self._refresher is not None and seen is not None and time.monotonic() - seen[0] < 1.0:
+            return seen[1]
+        return list_indexes(conn, with_counts=False)
+
+    def forget_indexes(self) -> None:
+        """This process changed the indexes (created, activated, dropped): read them afresh."""
+        self._indexes_seen = None
+
+    def space(self, conn: Connection, space_id: int) -> SpaceInfo:
+        """A feature space by id, read once per process (spaces never change once made)."""
+        from .vectors import get_space
+
+        found = self._spaces.get(space_id)
+        if found is None:
+            found = self._spaces[space_id] = get_space(conn, space_id)
+        return found
 
     # -- database access --------------------------------------------------------------------
 
@@ -175,14 +211,18 @@ class StoreContext:
             cached = self._hashers[index.uid] = hasher_from_bytes(blob)
         return cached
 
-    def code_cache(self, conn: Connection, index: IndexInfo, *, refresh: bool | None = None) -> CodeCache:
+    def code_cache(self, conn: Connection, index: IndexInfo, *, refresh: bool | None = None, current: bool = False) -> CodeCache:
         """The index's codes in memory, reloaded when the database says they changed: another
         uid (the id was reused by a new index) or another generation (codes written since).
         With a background refresher running (``refresh`` left None), a newer generation is left
-        to it and the cache as of its last refresh is returned at once."""
+        to it and the cache as of its last refresh is returned at once. ``current``: ``index``
+        was read in this transaction, so its uid and generation need no second look-up."""
         from .models import HashIndex
 
-        row = conn.execute(select(HashIndex.uid, HashIndex.generation).where(HashIndex.id == index.id)).first()
+        if current:
+            row: Any = index
+        else:
+            row = conn.execute(select(HashIndex.uid, HashIndex.generation).where(HashIndex.id == index.id)).first()
         if row is None:
             self._code_caches.pop(index.id, None)
             raise NotFoundError(f"no index with id {index.id}; `imgstore index list` shows them")
@@ -231,6 +271,7 @@ class StoreContext:
         return cache.appended(ids, codes, generation)
 
     def forget_index(self, index_id: int) -> None:
+        self._indexes_seen = None
         cache = self._code_caches.pop(index_id, None)
         if cache is not None:
             self._hashers.pop(cache.index.uid, None)

@@ -330,6 +330,7 @@ class ImageStore:
 
     def activate_index(self, index_id: int) -> None:
         self.ctx.write(lambda conn: indexing.activate_index(conn, index_id), doing="activate an index")
+        self.ctx.forget_indexes()
 
     def drop_index(self, index_id: int) -> int | None:
         """Delete an index and its codes. If it was the active one, the newest remaining index of

@@ -35,11 +35,11 @@ from sqlalchemy import Connection, func, select
 from .bandindex import SqlProbe, scan_codes
 from .errors import ConfigError, NotFoundError
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
-from .indexing import IndexInfo, find_index, list_indexes
-from .models import Code, HashIndex, ImagePath
+from .indexing import IndexInfo, find_index
+from .models import Code, HashIndex
 from .paths import from_stored
 from .sqlhelpers import IN_CHUNK, chunks
-from .vectors import SpaceInfo, get_space, iter_features, load_features, pick_space
+from .vectors import SpaceInfo, iter_features, load_features, pick_space
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext
@@ -485,14 +485,14 @@ def search_many(
         raise ConfigError(f"k must be at least 1, got {k}")
     queries = as_queries(queries)
     with ctx.read("search") as conn:
-        index = find_index(list_indexes(conn, with_counts=False), index_id)
-        space = get_space(conn, index.space_id) if index is not None else pick_space(conn, None)
+        index = find_index(ctx.indexes(conn), index_id)
+        space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
         vectors, codes = query_vectors(ctx, conn, queries, space, index)
         source: CandidateSource
         if index is None:
             source = FloatScan(conn, space)
         else:
-            hamming: HammingSource = ctx.code_cache(conn, index) if cached else SqlSource(conn, index)
+            hamming: HammingSource = ctx.code_cache(conn, index, current=True) if cached else SqlSource(conn, index)
             source = HammingCandidates(index, hamming, exact=exact, probe_radius=probe_radius)
         # Re-rank is on by default for every kind of index (benchmarks/results/deep.md and
         # hashing.md: it raises P@10 without lowering mAP, since the codes chose the candidates).
@@ -500,12 +500,20 @@ def search_many(
         want = max(k, rerank_depth or RERANK_DEPTH_PER_K * k) if do_rerank else k
         out: list[list[SearchResult]] = []
         for vec, code in zip(vectors, codes):
-            found = _visible_nearest(conn, source, vec, code, want, include_stale)
-            if do_rerank and vec is not None and found.cosines is None:
-                ids, sims = cosine_rerank(conn, space, vec, found.image_ids)
-                dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
-                found = Found(ids[:k], np.array([dist_of[i] for i in ids[:k].tolist()], dtype=np.int64), sims[:k])
-            out.append(results(conn, found, k))
+            ask = want
+            for attempt in range(STALE_RETRIES + 1):
+                found = source.nearest(vec, code, ask)
+                ranked = found
+                if do_rerank and vec is not None and found.cosines is None:
+                    ids, sims = cosine_rerank(conn, space, vec, found.image_ids)
+                    dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
+                    ranked = Found(ids, np.array([dist_of[i] for i in ids.tolist()], dtype=np.int64), sims)
+                hits = _visible(conn, ranked, k, include_stale)
+                exhausted = len(found.image_ids) < ask  # the source had no more to give
+                if len(hits) >= k or exhausted or attempt == STALE_RETRIES:
+                    break
+                ask *= 4  # stale images were left out: ask for more candidates
+            out.append(hits)
         return out
 
 
@@ -513,27 +521,46 @@ def search_many(
 STALE_RETRIES = 4
 
 
-def _visible_nearest(conn: Connection, source: CandidateSource, vector: npt.NDArray[np.float32] | None,
-                     code: npt.NDArray[np.uint8] | None, want: int, include_stale: bool) -> Found:
-    """``source.nearest`` without stale images (every path they were seen at went: hidden unless
-    asked), asking for more candidates when some were left out."""
-    from .catalog import stale_among
+def _visible(conn: Connection, ranked: Found, k: int, include_stale: bool) -> list[SearchResult]:
+    """The first k of ``ranked`` with their current paths, leaving out stale images (seen at
+    paths, none current) unless asked: one query for the usual case of none stale."""
+    out: list[SearchResult] = []
+    ids = ranked.image_ids.tolist()
+    pos = 0
+    while len(out) < k and pos < len(ids):
+        part = [int(i) for i in ids[pos : pos + max(2 * (k - len(out)), 16)]]
+        rows = _path_rows(conn, part)
+        for n, image_id in enumerate(part, start=pos):
+            current, any_path = rows.get(image_id, ([], False))
+            if any_path and not current and not include_stale:
+                continue
+            out.append(SearchResult(
+                image_id=image_id, paths=current,
+                distance=None if ranked.distances is None else int(ranked.distances[n]),
+                cosine=None if ranked.cosines is None else float(ranked.cosines[n]),
+            ))
+            if len(out) == k:
+                break
+        pos += len(part)
+    return out
 
-    ask = want
-    for attempt in range(STALE_RETRIES + 1):
-        found = source.nearest(vector, code, ask)
-        if include_stale:
-            return found
-        stale = stale_among(conn, found.image_ids.tolist())
-        if stale:
-            keep = np.array([i not in stale for i in found.image_ids.tolist()], dtype=bool)
-            found = Found(found.image_ids[keep], None if found.distances is None else found.distances[keep],
-                          None if found.cosines is None else found.cosines[keep])
-        exhausted = len(found.image_ids) + len(stale) < ask  # the source had no more to give
-        if len(found.image_ids) >= want or exhausted or attempt == STALE_RETRIES:
-            return found
-        ask *= 4
-    raise AssertionError("unreachable")
+
+def _path_rows(conn: Connection, image_ids: list[int]) -> dict[int, tuple[list[str], bool]]:
+    """Per image: its current paths (sorted) and whether it has any path row at all."""
+    out: dict[int, tuple[list[str], bool]] = {}
+    for part in chunks(sorted(set(image_ids)), IN_CHUNK):
+        if conn.dialect.name == "postgresql":  # one array parameter (see vectors.iter_features)
+            rows: Any = conn.exec_driver_sql(
+                "SELECT image_id, path, is_current FROM image_paths WHERE image_id = ANY(%s::bigint[]) ORDER BY path", (part,))
+        else:
+            marks = ",".join("?" * len(part))
+            rows = conn.exec_driver_sql(
+                f"SELECT image_id, path, is_current FROM image_paths WHERE image_id IN ({marks}) ORDER BY path", tuple(part))
+        for image_id, path, is_current in rows:
+            current, _ = out.setdefault(int(image_id), ([], True))
+            if is_current:
+                current.append(from_stored(path))
+    return out
 
 
 def as_queries(queries: Any) -> list[Any]:
@@ -594,28 +621,3 @@ def query_vectors(
     return vectors, codes
 
 
-def current_paths(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[str]]:
-    """Current paths of each image, sorted (an image without one maps to an empty list)."""
-    out: dict[int, list[str]] = {int(i): [] for i in image_ids}
-    for part in chunks(sorted(out), IN_CHUNK):
-        for image_id, path in conn.execute(
-            select(ImagePath.image_id, ImagePath.path)
-            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
-            .order_by(ImagePath.path)
-        ):
-            out[int(image_id)].append(from_stored(path))
-    return out
-
-
-def results(conn: Connection, found: Found, k: int) -> list[SearchResult]:
-    ids = [int(i) for i in found.image_ids[:k]]
-    paths = current_paths(conn, ids)
-    return [
-        SearchResult(
-            image_id=i,
-            paths=paths[i],
-            distance=None if found.distances is None else int(found.distances[n]),
-            cosine=None if found.cosines is None else float(found.cosines[n]),
-        )
-        for n, i in enumerate(ids)
-    ]

@@ -208,13 +208,13 @@ class Service:
 
     def batcher_for(self, index_id: int | None) -> tuple[Batcher, Any]:
         """The batcher of the extractor whose features the searched index reads."""
-        from .indexing import find_index, list_indexes
-        from .vectors import get_space, pick_space
+        from .indexing import find_index
+        from .vectors import pick_space
 
         store = self.store
         with store.ctx.read("find the feature space") as conn:
-            found = find_index(list_indexes(conn, with_counts=False), index_id)
-            space = get_space(conn, found.space_id) if found is not None else pick_space(conn, None)
+            found = find_index(store.ctx.indexes(conn), index_id)
+            space = store.ctx.space(conn, found.space_id) if found is not None else pick_space(conn, None)
         extractor = store.ctx.extractor(space.extractor)
         if extractor.preprocess_version != space.preprocess_version:
             raise ConfigError(f"stored {space.extractor} features were made with preprocessing {space.preprocess_version}, "

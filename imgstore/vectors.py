@@ -27,7 +27,7 @@ class SpaceInfo:
     dim: int
     preprocess_version: str
     created_at: datetime
-    n_features: int
+    n_features: int | None  # None where it was not counted (get_space)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -68,10 +68,13 @@ def list_spaces(conn: Connection) -> list[SpaceInfo]:
 
 
 def get_space(conn: Connection, space_id: int) -> SpaceInfo:
-    for space in list_spaces(conn):
-        if space.id == space_id:
-            return space
-    raise NotFoundError(f"no feature space with id {space_id}")
+    """One feature space by id, without counting its vectors (``n_features`` None): every
+    search asks, and counting a million rows took 100 ms (benchmarks/results/serve.md)."""
+    row = conn.execute(select(FeatureSpace.__table__).where(FeatureSpace.id == space_id)).mappings().first()
+    if row is None:
+        raise NotFoundError(f"no feature space with id {space_id}")
+    return SpaceInfo(id=row["id"], extractor=row["extractor"], dim=row["dim"], preprocess_version=row["preprocess_version"],
+                     created_at=row["created_at"], n_features=None)
 
 
 def pick_space(conn: Connection, extractor: str | None) -> SpaceInfo:
@@ -96,11 +99,19 @@ def iter_features(
     if image_ids is not None:
         wanted = sorted(set(int(i) for i in image_ids))
         for part in chunks(wanted, IN_CHUNK):
-            rows = conn.execute(
-                select(Feature.image_id, Feature.vector)
-                .where(Feature.space_id == space_id, Feature.image_id.in_(part))
-                .order_by(Feature.image_id)
-            ).all()
+            if conn.dialect.name == "postgresql":
+                # one array parameter: an IN list of 100 placeholders cost more to bind and plan
+                # than the look-up (every re-ranked search reads its candidates' vectors here)
+                rows = conn.exec_driver_sql(
+                    "SELECT image_id, vector FROM features WHERE space_id = %s AND image_id = ANY(%s::bigint[]) ORDER BY image_id",
+                    (space_id, part),
+                ).all()
+            else:  # driver level: SQLAlchemy's IN-list building cost more than SQLite's look-up
+                marks = ",".join("?" * len(part))
+                rows = conn.exec_driver_sql(
+                    f"SELECT image_id, vector FROM features WHERE space_id = ? AND image_id IN ({marks}) ORDER BY image_id",
+                    (space_id, *part),
+                ).all()
             if rows:
                 yield (
                     np.array([r[0] for r in rows], dtype=np.int64),
