@@ -49,10 +49,12 @@ class Overloaded(Exception):
 
 
 class Batcher:
-    """Concurrent uploads share model calls: the first image in waits at most ``max_wait_s``
-    for others, then one ``extract`` call embeds up to ``max_batch`` of them, so throughput under
-    load approaches the model's batched rate instead of its batch-1 rate. A queue longer than
-    ``max_queue`` refuses new images at once (:class:`Overloaded`)."""
+    """Concurrent uploads share model calls. A request announces itself when it starts decoding
+    (:meth:`announce`); the first image in then waits at most ``max_wait_s`` for the images
+    announced after it, and one ``extract`` call embeds up to ``max_batch`` of them, so
+    throughput under load approaches the model's batched rate instead of its batch-1 rate,
+    while a lone upload on an idle server waits for nobody. A queue longer than ``max_queue``
+    refuses new images at once (:class:`Overloaded`)."""
 
     def __init__(self, extract: Any, *, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 64) -> None:
         import queue
@@ -62,17 +64,35 @@ class Batcher:
         self.queue: queue.Queue[Any] = queue.Queue()
         self.calls = 0  # model calls made
         self.images = 0  # images embedded
+        self._coming = 0  # announced images not yet taken into a batch
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="imgstore-batcher", daemon=True)
         self.thread.start()
 
-    def embed(self, image: Any, timeout_s: float = 120.0) -> Any:
+    def announce(self) -> None:
+        """An image is on its way (being decoded): a batch being formed may wait for it."""
+        if self.queue.qsize() + self._coming >= self.max_queue:
+            raise Overloaded(f"{self.queue.qsize() + self._coming} images are waiting for the model; try again shortly")
+        with self._lock:
+            self._coming += 1
+
+    def withdraw(self) -> None:
+        """An announced image will not come (it failed to decode)."""
+        with self._lock:
+            self._coming -= 1
+
+    def embed(self, image: Any, timeout_s: float = 120.0, *, announced: bool = False) -> Any:
         from concurrent.futures import Future
 
-        if self.queue.qsize() >= self.max_queue:
-            raise Overloaded(f"{self.queue.qsize()} images are waiting for the model; try again shortly")
+        if not announced:
+            self.announce()
         future: Future[Any] = Future()
         self.queue.put((image, future))
         return future.result(timeout=timeout_s)
+
+    def _take(self) -> None:
+        with self._lock:
+            self._coming = max(0, self._coming - 1)
 
     def _run(self) -> None:
         import queue
@@ -82,12 +102,13 @@ class Batcher:
             item = self.queue.get()
             if item is None:
                 return
+            self._take()
             batch = [item]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+                if left <= 0 or (self._coming <= 0 and self.queue.empty()):
+                    break  # nobody else is on the way: run now
                 try:
                     nxt = self.queue.get(timeout=left)
                 except queue.Empty:
@@ -95,6 +116,7 @@ class Batcher:
                 if nxt is None:
                     self.queue.put(None)
                     break
+                self._take()
                 batch.append(nxt)
             try:
                 vectors = self.extract([image for image, _ in batch])
@@ -239,8 +261,13 @@ class Service:
         from .decode import load_image
 
         batcher, extractor = self.batcher_for(index_id)
-        image = load_image(data, max_pixels=self.max_pixels, draft_size=extractor.draft_size).image
-        return batcher.embed(image)
+        batcher.announce()  # a batch forming now may wait for this image while it decodes
+        try:
+            image = load_image(data, max_pixels=self.max_pixels, draft_size=extractor.draft_size).image
+        except BaseException:
+            batcher.withdraw()
+            raise
+        return batcher.embed(image, announced=True)
 
     def search_upload(self, data: bytes, *, k: int, exact: bool = False, probe_radius: int = 1, rerank: bool = True,
                       index: int | None = None) -> list[Any]:
@@ -491,12 +518,12 @@ def _api(app: Any, service: Service) -> None:
     @app.get("/api/images/{image_id}/neighbours")
     def neighbours(image_id: int, k: int = 10, exact: bool = False, include_stale: bool = False) -> Any:
         hits = store.search(image_id, k + 1, exact=exact, include_stale=include_stale)
-        return [h.as_dict() for h in hits if h.image_id != image_id][:k]
+        return _json([h.as_dict() for h in hits if h.image_id != image_id][:k])
 
     @app.get("/api/search")
     def search_by_id(id: int, k: int = 10, exact: bool = False, probe_radius: int = 1, rerank: bool = True,
                      index: int | None = None) -> Any:
-        return [h.as_dict() for h in store.search(id, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)]
+        return _json([h.as_dict() for h in store.search(id, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)])
 
     @app.post("/api/search")
     async def search_by_upload(request: Request, k: int = 10, exact: bool = False, probe_radius: int = 1,
@@ -519,7 +546,7 @@ def _api(app: Any, service: Service) -> None:
             def run() -> Any:
                 return service.search_upload(data, k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, index=index)
 
-        return [h.as_dict() for h in await anyio.to_thread.run_sync(run)]
+        return _json([h.as_dict() for h in await anyio.to_thread.run_sync(run)])
 
     @app.get("/api/duplicates")
     def duplicates(keep: str = "original", min_cosine: float | None = None) -> Any:
@@ -548,6 +575,12 @@ def _api(app: Any, service: Service) -> None:
     def remove_image(image_id: int) -> Any:
         service.check_writes()
         return store.remove([image_id]).as_dict()
+
+
+def _json(content: Any) -> Response:
+    """Search results as JSON, serialized at once: they hold only numbers, strings and lists,
+    and FastAPI's generic encoder cost more than the search itself."""
+    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")), media_type="application/json")
 
 
 def _cross_site(request: Request) -> bool:
