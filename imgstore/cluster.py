@@ -146,6 +146,19 @@ def _not_yet_stored(ctx: Any, space_id: int, tasks: list[_Task]) -> tuple[list[_
 # --- the client side -----------------------------------------------------------------------------
 
 
+def check_cluster(cluster: Any) -> None:
+    """Refuse a malformed ``--cluster`` value before any work."""
+    if not isinstance(cluster, str):
+        return
+    spec = cluster.strip()
+    if spec == "local" or spec.startswith("local:"):
+        count = spec.partition(":")[2]
+        if spec != "local" and (not count.isdigit() or int(count) < 1):
+            raise ConfigError(f"--cluster {spec}: write local:N with N >= 1 the number of worker processes")
+    elif "://" not in spec:
+        raise ConfigError(f"--cluster {spec!r}: give a scheduler address (tcp://host:8786) or local[:N]")
+
+
 def connect(cluster: Any) -> tuple[Any, Callable[[], None], int | None]:
     """A ``distributed.Client`` for ``cluster``: ``"local"`` / ``"local:N"`` (a LocalCluster of N
     worker processes here), a scheduler address (``tcp://host:8786``), or a Client.
@@ -220,6 +233,7 @@ class ClusterIngest:
         from distributed import as_completed
 
         started = time.perf_counter()
+        check_cluster(self.cluster)  # a mistyped address is an error even when nothing is left to do
         job = self.job
         plan: Plan = job.plan(roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
         summary = plan.summary
