@@ -657,7 +657,6 @@ def _latencies(store: ImageStore, n: int, rng: np.random.Generator, seconds: flo
 
 def _breakdown(store: ImageStore, n: int, rng: np.random.Generator, n_timed: int = 200) -> dict[str, Any]:
     """The same searches with each stage of ``search_many`` and each SQL statement timed apart."""
-    import functools
     from collections import defaultdict
 
     from sqlalchemy import event
@@ -668,21 +667,11 @@ def _breakdown(store: ImageStore, n: int, rng: np.random.Generator, n_timed: int
     stages: defaultdict[str, float] = defaultdict(float)
     statements: defaultdict[str, list[float]] = defaultdict(list)
 
-    def timed(fn: Any, label: str) -> Any:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                stages[label] += time.perf_counter() - t0
-        return wrapper
-
     saved = [(search_mod, name, getattr(search_mod, name)) for name in STAGES if hasattr(search_mod, name)]
     saved.append((catalog_mod, "stale_among", catalog_mod.stale_among))
     saved += [(store.ctx, name, getattr(store.ctx, name)) for name in CTX_STAGES if hasattr(store.ctx, name)]
     for owner, name, fn in saved:
-        setattr(owner, name, timed(fn, f"ctx.{name}" if owner is store.ctx else name))
+        setattr(owner, name, _timed(fn, f"ctx.{name}" if owner is store.ctx else name, stages))
 
     def before(conn: Any, *_a: Any) -> None:
         conn.info["bench_t0"] = time.perf_counter()
@@ -897,11 +886,34 @@ def model_contention(extractor: Any, images: list[Any], url: str, vectors: Any, 
     return out
 
 
+def _timed(fn: Any, label: str, into: dict[str, float]) -> Any:
+    """``fn`` (sync or async) adding its wall time to ``into[label]`` on every call."""
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def awrapper(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await fn(*a, **kw)
+            finally:
+                into[label] += time.perf_counter() - t0
+        return awrapper
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            into[label] += time.perf_counter() - t0
+    return wrapper
+
+
 def upload_breakdown(url: str, files: list[Path], n: int) -> dict[str, Any]:
     """Sequential uploads to ``create_app`` served by uvicorn in a thread of this process, with
     the steps of the upload path timed apart (mean ms per upload): where one upload's time goes."""
-    import functools
-    import inspect
     import threading
     from collections import defaultdict
 
@@ -912,25 +924,6 @@ def upload_breakdown(url: str, files: list[Path], n: int) -> dict[str, Any]:
 
     spent: defaultdict[str, float] = defaultdict(float)
 
-    def timed(fn: Any, label: str) -> Any:
-        if inspect.iscoroutinefunction(fn):
-            @functools.wraps(fn)
-            async def awrapper(*a: Any, **kw: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return await fn(*a, **kw)
-                finally:
-                    spent[label] += time.perf_counter() - t0
-            return awrapper
-
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                spent[label] += time.perf_counter() - t0
-        return wrapper
 
     store = ImageStore(url, cache_codes=True)
     app = serve_mod.create_app(store)
@@ -957,7 +950,7 @@ def upload_breakdown(url: str, files: list[Path], n: int) -> dict[str, Any]:
         for owner, name, label in targets:
             if owner is not None and hasattr(owner, name):
                 saved.append((owner, name, owner.__dict__.get(name) if isinstance(owner, type) or owner in (serve_mod, decode_mod) else None))
-                setattr(owner, name, timed(getattr(owner, name), label))
+                setattr(owner, name, _timed(getattr(owner, name), label, spent))
         spent.clear()
         r = run_client(Here, files, 1, 0, sequential=n)
     finally:

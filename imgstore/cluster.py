@@ -169,15 +169,11 @@ def connect(cluster: Any) -> tuple[Any, Callable[[], None], int | None]:
         raise ConfigError("--cluster needs Dask's distributed: pip install 'imgstore[cluster]'") from exc
     if not isinstance(cluster, str):
         return cluster, lambda: None, None
+    check_cluster(cluster)
     spec = cluster.strip()
     if spec == "local" or spec.startswith("local:"):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        count = spec.partition(":")[2]
-        if count and not count.isdigit():
-            raise ConfigError(f"--cluster {spec}: write local:N with N the number of worker processes")
-        n = int(count) if count else cores
-        if n < 1:
-            raise ConfigError("--cluster local:N needs N >= 1")
+        n = int(spec.partition(":")[2] or cores)
         threads = max(1, cores // n)
         local = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                              env={"IMGSTORE_NUM_THREADS": str(threads)})
@@ -188,8 +184,6 @@ def connect(cluster: Any) -> tuple[Any, Callable[[], None], int | None]:
             local.close()
 
         return client, close, threads
-    if "://" not in spec:
-        raise ConfigError(f"--cluster {spec!r}: give a scheduler address (tcp://host:8786) or local[:N]")
     try:
         client = Client(spec, timeout="20s")
     except (OSError, TimeoutError) as exc:

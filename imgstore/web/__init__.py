@@ -123,9 +123,17 @@ def add_pages(app: Any, service: Service) -> None:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def search_context(k: int, exact: bool, index: int | None) -> dict[str, Any]:
-        indexes = store.indexes()
+        """What the search form shows: the index choices and how many images there are (one
+        count, not every table's: this renders with every search)."""
+        from sqlalchemy import func, select
+
+        from ..models import Image
+
+        with store.ctx.read("show the search form") as conn:
+            indexes = store.ctx.indexes(conn)
+            n_images = int(conn.scalar(select(func.count()).select_from(Image)) or 0)
         return {"k": k, "exact": exact, "index": index, "indexes": indexes, "k_choices": K_CHOICES,
-                "counts": store.counts()}
+                "n_images": n_images}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def search_page(request: Request, id: str | None = None, k: str | None = None, exact: str | None = None,
@@ -285,14 +293,26 @@ def note_for(key: str | None) -> str | None:
 
 
 def _member_details(store: Any, groups: list[Any]) -> dict[int, Any]:
-    """Each shown member's stored record (size in bytes, format), for the side-by-side view."""
+    """Each shown member's format and its current files' sizes, for the side-by-side view, in
+    two queries for the whole page: image id -> (format, {path: file size})."""
+    from sqlalchemy import select
+
+    from ..models import Image, ImagePath
+    from ..paths import from_stored
+    from ..sqlhelpers import IN_CHUNK, chunks
+
+    ids = sorted({m.image_id for g in groups for m in g.members})
     details: dict[int, Any] = {}
-    for group in groups:
-        for member in group.members:
-            try:
-                details[member.image_id] = store.image(member.image_id)
-            except ImgStoreError:
-                continue
+    with store.ctx.read("show duplicate groups") as conn:
+        for part in chunks(ids, IN_CHUNK):
+            for image_id, fmt in conn.execute(select(Image.id, Image.format).where(Image.id.in_(part))):
+                details[int(image_id)] = (fmt, {})
+            for image_id, path, size in conn.execute(
+                select(ImagePath.image_id, ImagePath.path, ImagePath.file_size)
+                .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True))
+            ):
+                if int(image_id) in details:
+                    details[int(image_id)][1][from_stored(path)] = int(size)
     return details
 
 
