@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Table, and_, bindparam, delete, func, select,
 
 from .hashing.bits import as_words, band_values
 from .models import Code, CodeBucket, HashIndex
-from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, insert_stmt
+from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, driver_rows, insert_stmt
 
 if TYPE_CHECKING:  # pragma: no cover
     from .indexing import IndexInfo
@@ -323,19 +323,7 @@ class SqlProbe:
         sql, params = self.statement(conn.dialect.name, probes)
         if not sql:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        pg = conn.dialect.name == "postgresql"
-        # binary results: bytea arrives as raw bytes, not hex text to decode
-        cursor = raw.cursor(binary=True) if pg else raw.cursor()  # type: ignore[call-arg]
-        try:
-            if pg:
-                cursor.execute(sql, params, prepare=True)
-            else:
-                cursor.execute(sql, params)
-            rows = cursor.fetchall()
-        finally:
-            cursor.close()
+        rows = driver_rows(conn, sql, params, binary=True)  # bytea as raw bytes, not hex text to decode
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
         ids = np.frombuffer(b"".join([r[0] for r in rows]), dtype="<i8").astype(np.int64, copy=False)

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 #: with exponential back-off from RETRY_BASE_S (plus jitter), then the error is raised.
 RETRY_ATTEMPTS = 8
 RETRY_BASE_S = 0.05
+#: Memory a code cache may spend on its rows' float features (1M 128-d vectors, or 200k of
+#: EfficientNet-Lite0's 1280-d, take 512 MB); ``ImageStore(vector_cache_mb=...)`` changes it.
+VECTOR_CACHE_BYTES = 1 << 30
 
 
 class StoreContext:
@@ -68,6 +71,9 @@ class StoreContext:
         #: with a refresher running: (when read, the indexes) as of its last tick
         self._indexes_seen: tuple[float, list[IndexInfo]] | None = None
         self._spaces: dict[int, SpaceInfo] = {}  # feature spaces never change once made
+        #: memory a code cache may spend on its rows' float features (see :meth:`attach_vectors`)
+        self.vector_cache_bytes = VECTOR_CACHE_BYTES
+        self._vectors_tried: set[tuple[str, int]] = set()  # (index uid, cache size) that did not fit or match
 
     @property
     def dialect(self) -> str:
@@ -103,7 +109,7 @@ class StoreContext:
                 for index_id, cache in list(self._code_caches.items()):
                     try:
                         with self.read("refresh the code cache") as conn:
-                            self.code_cache(conn, cache.index, refresh=True)
+                            self.attach_vectors(conn, self.code_cache(conn, cache.index, refresh=True))
                     except Exception as exc:  # noqa: BLE001 - a refresher must outlive a bad moment
                         log.info("code cache %d: %s", index_id, exc)
 
@@ -128,6 +134,24 @@ class StoreContext:
         if self._refresher is not None and seen is not None and time.monotonic() - seen[0] < 1.0:
             return seen[1]
         return list_indexes(conn, with_counts=False)
+
+    def answers_from_memory(self, index_id: int | None = None, *, rerank: bool = True) -> bool:
+        """Whether a cached search of ``index_id`` (default: the active index) would find its
+        codes, and for the re-rank its vectors, already in memory: then it is CPU work of a
+        millisecond or less (and one look-up of paths), which a server runs at once instead of
+        handing it to a thread. False while anything would have to be loaded first."""
+        from .indexing import find_index
+
+        seen = self._indexes_seen
+        if self._refresher is None or seen is None or time.monotonic() - seen[0] >= 1.0:
+            return False
+        try:
+            index = find_index(seen[1], index_id)
+        except NotFoundError:
+            return False
+        cache = self._code_caches.get(index.id) if index is not None else None
+        return cache is not None and index is not None and cache.index.uid == index.uid and (
+            not rerank or cache.vectors is not None)
 
     def forget_indexes(self) -> None:
         """This process changed the indexes (created, activated, dropped): read them afresh."""
@@ -236,7 +260,70 @@ class StoreContext:
             current = self._code_caches.get(index.id)
             if current is not None and current is not cache and current.index.uid == row.uid and current.generation >= generation:
                 return current  # another thread refreshed it meanwhile
-            return self._refreshed(conn, index, current, row.uid, generation)
+            fresh = self._refreshed(conn, index, current, row.uid, generation)
+        if self._refresher is None:  # no background thread to attach the vectors later
+            fresh = self.attach_vectors(conn, fresh)
+        return fresh
+
+    def cache_state(self) -> list[dict[str, Any]]:
+        """What this process holds in memory per index: codes, whether the float features are
+        attached, and the bytes of both."""
+        out = []
+        for index_id, cache in sorted(self._code_caches.items()):
+            vectors = cache.vectors
+            out.append({"index_id": index_id, "codes": len(cache), "generation": cache.generation,
+                        "vectors": vectors is not None,
+                        "bytes": int(cache.codes.nbytes + cache.words.nbytes + cache.seg_keys.nbytes + cache.seg_rows.nbytes
+                                     + cache.seg_words.nbytes + (0 if vectors is None else vectors.nbytes))})
+        return out
+
+    def warm(self) -> None:
+        """Load the active index's codes and attach their vectors now (a server calls this at
+        start, in a thread, so that the first search does not pay it). Quietly does nothing for
+        a store without images or an index."""
+        from .indexing import find_index
+
+        try:
+            with self.read("load the code cache") as conn:
+                index = find_index(self.indexes(conn), None)
+                if index is not None:
+                    self.attach_vectors(conn, self.code_cache(conn, index, refresh=True))
+        except Exception as exc:  # noqa: BLE001 - the first search will say what is wrong
+            log.info("warming the code cache: %s", exc)
+
+    def attach_vectors(self, conn: Connection, cache: CodeCache) -> CodeCache:
+        """``cache`` with its rows' float features held beside the codes, when they fit in
+        ``vector_cache_bytes`` (float32, as stored: the re-rank then gives exactly what reading
+        them gives): a re-ranked search then reads no vectors from the database (at 1M codes
+        that read was half of a search's time, benchmarks/results/serve.md). One full read of
+        the space's features; appends carry them forward. A cache whose codes lack a stored
+        vector, or that does not fit, is left as it is (and not tried again at that size)."""
+        from .vectors import iter_features
+
+        if cache.vectors is not None or len(cache) == 0:
+            return cache
+        key = (cache.index.uid, len(cache))
+        space = self.space(conn, cache.index.space_id)
+        if key in self._vectors_tried or len(cache) * space.dim * 4 > self.vector_cache_bytes:
+            self._vectors_tried.add(key)
+            return cache
+        self._vectors_tried.add(key)
+        vectors = np.zeros((len(cache), space.dim), dtype=np.float32)
+        filled = 0
+        for ids, part in iter_features(conn, space.id, space.dim):
+            rows = np.searchsorted(cache.image_ids, ids)
+            inside = rows < len(cache)
+            inside[inside] = cache.image_ids[rows[inside]] == ids[inside]
+            vectors[rows[inside]] = part[inside]
+            filled += int(inside.sum())
+        if filled != len(cache):
+            log.info("index %d: %d of %d codes have vectors; the re-rank reads them", cache.index.id, filled, len(cache))
+            return cache
+        with self._refresh_lock:
+            if self._code_caches.get(cache.index.id) is not cache:
+                return cache  # refreshed meanwhile: attach to the new one next time
+            attached = self._code_caches[cache.index.id] = cache.with_vectors(vectors)
+        return attached
 
     def _refreshed(self, conn: Connection, index: IndexInfo, cache: CodeCache | None, uid: str, generation: int) -> CodeCache:
         from .search import CodeCache
@@ -268,7 +355,15 @@ class StoreContext:
         n_bytes = cache.codes.shape[1]
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         codes = np.frombuffer(b"".join(bytes(r[1]) for r in rows), dtype=np.uint8).reshape(len(rows), n_bytes)
-        return cache.appended(ids, codes, generation)
+        vectors = None
+        if cache.vectors is not None and len(ids):
+            from .vectors import load_features
+
+            space = cache.index.space_id
+            got, vectors = load_features(conn, space, cache.vectors.shape[1], ids.tolist())
+            if not np.array_equal(got, ids):
+                vectors = None  # a code without a stored vector: the re-rank reads from the database
+        return cache.appended(ids, codes, generation, vectors)
 
     def forget_index(self, index_id: int) -> None:
         self._indexes_seen = None

@@ -18,7 +18,7 @@ from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .context import StoreContext, driver_message
 from .dedup import DuplicateGroup
 from .decode import as_source
-from .errors import DatabaseError, DecodeError, NotFoundError, SchemaError
+from .errors import ConfigError, DatabaseError, DecodeError, NotFoundError, SchemaError
 from .paths import printable
 from .indexing import IndexInfo
 from .maintenance import StoreInfo, VerifyReport
@@ -49,7 +49,8 @@ class ImageStore:
     migrations raises :class:`SchemaOutdatedError` naming the command that fixes it.
     ``check_schema=False`` opens without that check (used by ``imgstore db ...`` to migrate).
     ``cache_codes`` keeps each index's codes in this process's memory between queries
-    (reloaded when the database says the index changed).
+    (reloaded when the database says the index changed), with the float features of the same
+    images beside them for the re-rank while they fit in ``vector_cache_mb`` (0: never).
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -61,9 +62,13 @@ class ImageStore:
         check_schema: bool = True,
         echo: bool = False,
         cache_codes: bool = False,
+        vector_cache_mb: int = 1024,
         extractor_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        if vector_cache_mb < 0:
+            raise ConfigError(f"vector_cache_mb must be 0 or more, got {vector_cache_mb}")
         self.ctx = StoreContext(db, echo=echo, extractor_options=extractor_options)
+        self.ctx.vector_cache_bytes = vector_cache_mb << 20
         self.cache_codes = cache_codes
         if check_schema:
             try:

@@ -38,7 +38,7 @@ from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbour
 from .indexing import IndexInfo, find_index
 from .models import Code, HashIndex
 from .paths import from_stored
-from .sqlhelpers import IN_CHUNK, chunks
+from .sqlhelpers import IN_CHUNK, chunks, driver_rows
 from .vectors import SpaceInfo, iter_features, load_features, pick_space
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -182,12 +182,17 @@ class CodeCache:
     generation: int
     image_ids: npt.NDArray[np.int64]  # (n,) ascending
     codes: npt.NDArray[np.uint8]  # (n, n_bytes)
+    #: the float features of the same rows (float32, as stored), when they were attached
+    #: (:meth:`StoreContext.attach_vectors`, under its memory budget): the re-rank and a search
+    #: by stored id then read them here instead of from the database
+    vectors: npt.NDArray[np.float32] | None = None
     words: npt.NDArray[np.uint64] = field(init=False)  # (n, n_words)
     seg_keys: npt.NDArray[np.uint32] = field(init=False)  # (n_bands * n,) band j sorted in [j*n, (j+1)*n)
     seg_rows: npt.NDArray[np.int32] = field(init=False)  # (n_bands * n,) row of each key
     seg_words: npt.NDArray[np.uint64] = field(init=False)  # (n_bands * n, n_words) code of each key
     band_masks: npt.NDArray[np.uint64] = field(init=False)  # (n_bands, n_words)
     _flips: dict[tuple[int, int], npt.NDArray[np.int64]] = field(init=False, default_factory=dict)
+    _row_of: npt.NDArray[np.int32] | None = field(init=False, default=None)  # image id -> row (-1: none), when dense
 
     def __post_init__(self) -> None:
         self.words = np.ascontiguousarray(as_words(self.codes))
@@ -205,10 +210,12 @@ class CodeCache:
         ids, codes = scan_codes(conn, index)
         return cls(index, generation, ids, codes)
 
-    def appended(self, image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], generation: int) -> CodeCache:
+    def appended(self, image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], generation: int,
+                 vectors: npt.NDArray[np.float32] | None = None) -> CodeCache:
         """A new cache: this one plus codes of images whose ids are all above this one's (an
         ingest appending). Each band's sorted segment gets the new keys merged in (O(n) copies,
-        no re-sort); this cache is left as it is, so a search running on it is unaffected."""
+        no re-sort); this cache is left as it is, so a search running on it is unaffected.
+        The attached vectors carry over when ``vectors`` gives the new rows' (else they go)."""
         ids = np.asarray(image_ids, dtype=np.int64)
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if len(ids) == 0:
@@ -238,7 +245,53 @@ class CodeCache:
         out.seg_rows = np.ascontiguousarray(np.concatenate(rows))
         out.seg_words = np.ascontiguousarray(np.concatenate(words))
         out._flips = self._flips
+        out._row_of = None
+        out.vectors = None
+        if self.vectors is not None and vectors is not None and len(vectors) == len(ids):
+            out.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32)])
         return out
+
+    def with_vectors(self, vectors: npt.NDArray[np.float32]) -> CodeCache:
+        """This cache with the float features of its rows attached (a new object; searches
+        running on this one are unaffected)."""
+        if vectors.shape[0] != len(self):
+            raise ValueError(f"{vectors.shape[0]} vectors for {len(self)} codes")
+        out = copy.copy(self)
+        out.vectors = vectors
+        return out
+
+    def rows_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
+        """The rows of ``image_ids`` (in that order), or None when one is not in the cache.
+        Ids are mostly dense (1..n with few gaps), so an id -> row table (4 bytes per id up to
+        the largest, made on first use) answers with one memory access per id; a binary search
+        of a million ids cost 20 (a tenth of a search). Sparse ids use the binary search."""
+        n = len(self)
+        ids = np.asarray(image_ids, dtype=np.int64)
+        if n == 0 or len(ids) == 0:
+            return None if len(ids) else np.zeros(0, dtype=np.intp)
+        top = int(self.image_ids[-1])
+        if top < 4 * n + 1024:
+            table = self._row_of
+            if table is None:
+                table = np.full(top + 1, -1, dtype=np.int32)
+                table[self.image_ids] = np.arange(n, dtype=np.int32)
+                self._row_of = table
+            if ids.min() < 0 or ids.max() > top:
+                return None
+            rows = table[ids].astype(np.intp)
+            return None if rows.min() < 0 else rows
+        rows = np.searchsorted(self.image_ids, ids)
+        if rows.max() >= n or not np.array_equal(self.image_ids[rows], ids):
+            return None
+        return rows
+
+    def vectors_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32] | None:
+        """The attached vectors of ``image_ids`` (in that order), or None when there are none
+        attached or one of the ids is not in the cache."""
+        if self.vectors is None:
+            return None
+        rows = self.rows_of(image_ids)
+        return None if rows is None else self.vectors[rows]
 
     # the HammingSource interface
     scan_fraction = CACHE_SCAN_FRACTION
@@ -391,11 +444,16 @@ def cosine_similarities(query: npt.NDArray[np.floating], vectors: npt.NDArray[np
 
 
 def cosine_rerank(
-    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], image_ids: npt.NDArray[np.int64]
+    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], image_ids: npt.NDArray[np.int64],
+    cache: CodeCache | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Order candidates by cosine similarity of their stored float features (best first; ties
-    by image id)."""
-    ids, vectors = load_features(conn, space.id, space.dim, image_ids.tolist())
+    by image id): the vectors attached to ``cache`` when it holds them all, else read."""
+    held = cache.vectors_of(image_ids) if cache is not None else None
+    if held is not None:
+        ids, vectors = np.asarray(image_ids, dtype=np.int64), held
+    else:
+        ids, vectors = load_features(conn, space.id, space.dim, image_ids.tolist())
     if len(ids) == 0:
         return ids, np.zeros(0, dtype=np.float32)
     sims = cosine_similarities(query_vector, vectors)
@@ -487,12 +545,13 @@ def search_many(
     with ctx.read("search") as conn:
         index = find_index(ctx.indexes(conn), index_id)
         space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
-        vectors, codes = query_vectors(ctx, conn, queries, space, index)
+        cache = ctx.code_cache(conn, index, current=True) if cached and index is not None else None
+        vectors, codes = query_vectors(ctx, conn, queries, space, index, cache)
         source: CandidateSource
         if index is None:
             source = FloatScan(conn, space)
         else:
-            hamming: HammingSource = ctx.code_cache(conn, index, current=True) if cached else SqlSource(conn, index)
+            hamming: HammingSource = cache if cache is not None else SqlSource(conn, index)
             source = HammingCandidates(index, hamming, exact=exact, probe_radius=probe_radius)
         # Re-rank is on by default for every kind of index (benchmarks/results/deep.md and
         # hashing.md: it raises P@10 without lowering mAP, since the codes chose the candidates).
@@ -505,7 +564,7 @@ def search_many(
                 found = source.nearest(vec, code, ask)
                 ranked = found
                 if do_rerank and vec is not None and found.cosines is None:
-                    ids, sims = cosine_rerank(conn, space, vec, found.image_ids)
+                    ids, sims = cosine_rerank(conn, space, vec, found.image_ids, cache)
                     dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
                     ranked = Found(ids, np.array([dist_of[i] for i in ids.tolist()], dtype=np.int64), sims)
                 hits = _visible(conn, ranked, k, include_stale)
@@ -550,12 +609,12 @@ def _path_rows(conn: Connection, image_ids: list[int]) -> dict[int, tuple[list[s
     out: dict[int, tuple[list[str], bool]] = {}
     for part in chunks(sorted(set(image_ids)), IN_CHUNK):
         if conn.dialect.name == "postgresql":  # one array parameter (see vectors.iter_features)
-            rows: Any = conn.exec_driver_sql(
-                "SELECT image_id, path, is_current FROM image_paths WHERE image_id = ANY(%s::bigint[]) ORDER BY path", (part,))
+            rows = driver_rows(conn, "SELECT image_id, path, is_current FROM image_paths "
+                                     "WHERE image_id = ANY(%s::bigint[]) ORDER BY path", (list(part),))
         else:
             marks = ",".join("?" * len(part))
-            rows = conn.exec_driver_sql(
-                f"SELECT image_id, path, is_current FROM image_paths WHERE image_id IN ({marks}) ORDER BY path", tuple(part))
+            rows = driver_rows(conn, f"SELECT image_id, path, is_current FROM image_paths WHERE image_id IN ({marks}) "
+                                     "ORDER BY path", tuple(part))
         for image_id, path, is_current in rows:
             current, _ = out.setdefault(int(image_id), ([], True))
             if is_current:
@@ -580,19 +639,27 @@ def as_queries(queries: Any) -> list[Any]:
 
 
 def query_vectors(
-    ctx: StoreContext, conn: Connection, queries: Sequence[Any], space: SpaceInfo, index: IndexInfo | None
+    ctx: StoreContext, conn: Connection, queries: Sequence[Any], space: SpaceInfo, index: IndexInfo | None,
+    cache: CodeCache | None = None,
 ) -> tuple[list[npt.NDArray[np.float32] | None], list[npt.NDArray[np.uint8] | None]]:
-    """Float vectors and codes (None without an index) of each query: a stored image id, a
-    feature vector, or an image (path, bytes, PIL) embedded by the space's extractor."""
+    """Float vectors and codes (None without an index) of each query: a stored image id (its
+    vector from ``cache`` when attached there, else read), a feature vector, or an image
+    (path, bytes, PIL) embedded by the space's extractor."""
     from .catalog import names_an_id
     from .decode import as_source, load_image
 
     vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
+    stored: dict[int, npt.NDArray[np.uint8]] = {}
     to_embed: list[tuple[int, Any]] = []
     for i, q in enumerate(queries):
         if isinstance(q, str) and names_an_id(q):
             q = int(q)
         if isinstance(q, (int, np.integer)) and not isinstance(q, bool):
+            rows = cache.rows_of(np.array([int(q)], dtype=np.int64)) if cache is not None else None
+            if rows is not None and cache is not None and cache.vectors is not None:
+                vectors[i] = cache.vectors[rows[0]]
+                stored[i] = cache.codes[rows[0]]  # its stored code: no need to encode it again
+                continue
             ids, vecs = load_features(conn, space.id, space.dim, [int(q)])
             if len(ids) == 0:
                 raise NotFoundError(f"no image with id {int(q)} and {space.extractor} features")
@@ -615,9 +682,11 @@ def query_vectors(
         images = [load_image(q, draft_size=ex.draft_size).image for _, q in to_embed]
         for (i, _), f in zip(to_embed, ex.extract(images)):
             vectors[i] = f
-    codes: list[npt.NDArray[np.uint8] | None] = [None] * len(queries)
-    if index is not None and queries:
-        codes = list(ctx.hasher(conn, index).encode(np.stack(vectors)))  # type: ignore[arg-type]
+    codes: list[npt.NDArray[np.uint8] | None] = [stored.get(i) for i in range(len(queries))]
+    todo = [i for i in range(len(queries)) if i not in stored]
+    if index is not None and todo:
+        for i, code in zip(todo, ctx.hasher(conn, index).encode(np.stack([vectors[i] for i in todo]))):  # type: ignore[misc]
+            codes[i] = code
     return vectors, codes
 
 

@@ -371,6 +371,8 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
     @asynccontextmanager
     async def lifespan(_app: Any) -> Any:
         store.ctx.start_refresher()  # searches never wait for an ingest's new codes to be merged
+        if store.cache_codes:
+            threading.Thread(target=store.ctx.warm, name="imgstore-warm", daemon=True).start()
         try:
             yield
         finally:
@@ -383,31 +385,7 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
     app.state.service = service
     app.state.batchers = service.batchers
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        """The token on every request (header, the cookie a page visit sets, or ``?token=``), and
-        no state-changing request from another site's page."""
-        is_api = request.url.path.startswith(("/api", "/docs", "/openapi.json", "/redoc"))
-        if token is not None:
-            from_query = request.query_params.get("token", "")
-            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                     or request.cookies.get(TOKEN_COOKIE, "") or from_query)
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                message = "a token is needed: send 'Authorization: Bearer TOKEN', or open the address `imgstore serve` printed"
-                if is_api:
-                    return JSONResponse({"error": message}, status_code=401)
-                return _page_error(request, 401, "This collection needs a token",
-                                   "Open the address that `imgstore serve` printed when it started (it ends in ?token=...).")
-            if from_query and not is_api and request.method == "GET":
-                # a page opened with ?token=: keep it in a cookie and take it out of the address bar
-                clean = request.url.remove_query_params("token")
-                response = RedirectResponse(str(clean), status_code=303)
-                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
-                                    secure=request.url.scheme == "https")
-                return response
-        if request.method not in SAFE_METHODS and _cross_site(request):
-            return JSONResponse({"error": "a request from another site's page was refused"}, status_code=403)
-        return await call_next(request)
+    app.add_middleware(Guard, token=token)
 
     @app.exception_handler(ImgStoreError)
     async def imgstore_error(request: Request, exc: ImgStoreError) -> Any:
@@ -471,7 +449,9 @@ def _api(app: Any, service: Service) -> None:
 
     @app.get("/api/info")
     def info() -> Any:
-        return store.info().as_dict()
+        """The store's counts, spaces and indexes (as ``imgstore info --json``), and ``cache``:
+        what this server holds in memory per index (codes, attached vectors, bytes)."""
+        return store.info().as_dict() | {"cache": store.ctx.cache_state()}
 
     @app.get("/api/indexes")
     def indexes() -> Any:
@@ -523,7 +503,39 @@ def _api(app: Any, service: Service) -> None:
     @app.get("/api/search")
     def search_by_id(id: int, k: int = 10, exact: bool = False, probe_radius: int = 1, rerank: bool = True,
                      index: int | None = None) -> Any:
+        """The k nearest stored images of stored image ``id``. (Answered by the lean route
+        :func:`search_by_id_lean` registered in front of this one; this declaration gives the
+        OpenAPI docs its parameters.)"""
         return _json([h.as_dict() for h in store.search(id, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)])
+
+    async def search_by_id_lean(request: Request) -> Response:
+        """``GET /api/search`` without FastAPI's per-route machinery (parameter models,
+        dependency solving, the threadpool): that cost 0.3 ms a request, as much as the search
+        itself, at 1M codes (benchmarks/results/serve.md). A search whose codes and vectors are
+        in memory runs at once on the event loop; one that would load them runs in a thread."""
+        given = request.query_params
+        try:
+            image_id = _int_param(given, "id", None)
+            k = _int_param(given, "k", 10)
+            probe_radius = _int_param(given, "probe_radius", 1)
+            index = _int_param(given, "index", None, optional=True)
+            exact = _bool_param(given, "exact", False)
+            rerank = _bool_param(given, "rerank", True)
+        except ValueError as exc:
+            return _error(request, 422, f"bad argument: {exc}")
+
+        def run() -> Any:
+            return store.search(image_id, k, exact=exact, probe_radius=probe_radius, rerank=rerank, index_id=index)
+
+        if store.cache_codes and store.ctx.answers_from_memory(index, rerank=rerank):
+            hits = run()
+        else:
+            hits = await anyio.to_thread.run_sync(run)
+        return _json([h.as_dict() for h in hits])
+
+    from starlette.routing import Route
+
+    app.router.routes.insert(0, Route("/api/search", search_by_id_lean, methods=["GET"]))
 
     @app.post("/api/search")
     async def search_by_upload(request: Request, k: int = 10, exact: bool = False, probe_radius: int = 1,
@@ -575,6 +587,79 @@ def _api(app: Any, service: Service) -> None:
     def remove_image(image_id: int) -> Any:
         service.check_writes()
         return store.remove([image_id]).as_dict()
+
+
+class Guard:
+    """The token on every request (header, the cookie a page visit sets, or ``?token=``), and
+    no state-changing request from another site's page. A plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` wraps each request in streams and a task group, which cost a
+    third of a search's time (benchmarks/results/serve.md, variant noguard)."""
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            refusal = self.check(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, request: Request) -> Response | None:
+        """The answer that refuses (or redirects) this request, or None to let it through."""
+        token = self.token
+        if token is not None:
+            is_api = request.url.path.startswith(("/api", "/docs", "/openapi.json", "/redoc"))
+            from_query = request.query_params.get("token", "")
+            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                     or request.cookies.get(TOKEN_COOKIE, "") or from_query)
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                message = "a token is needed: send 'Authorization: Bearer TOKEN', or open the address `imgstore serve` printed"
+                if is_api:
+                    return JSONResponse({"error": message}, status_code=401)
+                return _page_error(request, 401, "This collection needs a token",
+                                   "Open the address that `imgstore serve` printed when it started (it ends in ?token=...).")
+            if from_query and not is_api and request.method == "GET":
+                # a page opened with ?token=: keep it in a cookie and take it out of the address bar
+                clean = request.url.remove_query_params("token")
+                response = RedirectResponse(str(clean), status_code=303)
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                                    secure=request.url.scheme == "https")
+                return response
+        if request.method not in SAFE_METHODS and _cross_site(request):
+            return JSONResponse({"error": "a request from another site's page was refused"}, status_code=403)
+        return None
+
+
+def _int_param(given: Any, name: str, default: int | None, *, optional: bool = False) -> Any:
+    """An integer query parameter (ValueError naming it when it is not one, or missing)."""
+    raw = given.get(name)
+    if raw is None or (optional and raw == ""):
+        if default is None and not optional:
+            raise ValueError(f"{name}: required")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+_TRUE = frozenset({"1", "true", "on", "yes", "t", "y"})
+_FALSE = frozenset({"0", "false", "off", "no", "f", "n"})
+
+
+def _bool_param(given: Any, name: str, default: bool) -> bool:
+    """A true/false query parameter as FastAPI reads one (true/false, 1/0, yes/no, on/off)."""
+    raw = given.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"{name}: expected true or false, got {raw!r}")
 
 
 def _json(content: Any) -> Response:

@@ -41,3 +41,23 @@ def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]
 def chunks(items: Sequence[Any], size: int = WRITE_CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bool = False) -> list[Any]:
+    """Rows of one statement run on the driver's own cursor, in the connection's transaction:
+    for the few statements on every search, where SQLAlchemy's result machinery cost more than
+    the look-up. ``sql`` uses the driver's placeholders (``%s`` for psycopg, ``?`` for
+    SQLite); on PostgreSQL the statement is prepared once per connection, and ``binary`` gets
+    bytea as bytes."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    pg = conn.dialect.name == "postgresql"
+    cursor = raw.cursor(binary=binary) if pg else raw.cursor()  # type: ignore[call-arg]
+    try:
+        if pg:
+            cursor.execute(sql, params, prepare=True)
+        else:
+            cursor.execute(sql, params)
+        return cursor.fetchall()
+    finally:
+        cursor.close()

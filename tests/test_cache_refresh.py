@@ -113,3 +113,63 @@ def test_a_background_refresher_keeps_searches_from_waiting(sqlite_url: str) -> 
         assert server.search(vectors[339], k=1, rerank=False)[0].image_id == more[-1]
         assert server.ctx.cache_refreshes["loads"] == 1 and server.ctx.cache_refreshes["appends"] >= 1
     writer.close()
+
+
+def _answers(hits_per_query):  # type: ignore[no-untyped-def]
+    return [[(h.image_id, h.distance, h.cosine) for h in hits] for hits in hits_per_query]
+
+
+def test_vectors_held_beside_the_codes_give_the_answers_read_from_the_database(db_url: str) -> None:
+    """The re-rank and a search by stored id read the vectors attached to the code cache, and
+    answer exactly as reading them from the database does; appends carry them forward, a
+    removal reloads, and a budget too small for them leaves them in the database."""
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((700, 24)).astype(np.float32)
+    with ImageStore(db_url, cache_codes=True) as held, ImageStore(db_url, cache_codes=True, vector_cache_mb=0) as read:
+        held.transaction(lambda conn: create_index(conn, populate(conn, vectors[:500]), method="lsh", n_bits=32, n_bands=2))
+        queries: list[object] = [*vectors[:4], 1, 7, 250]  # vectors and stored ids, all re-ranked by cosine
+        first = held.search_many(queries, k=8)
+        (cache,) = held.ctx._code_caches.values()
+        assert cache.vectors is not None and cache.vectors.shape == (500, 24)
+        assert [c["vectors"] for c in held.ctx.cache_state()] == [True]
+        assert _answers(first) == _answers(read.search_many(queries, k=8))
+        assert all(c.vectors is None for c in read.ctx._code_caches.values())
+        assert first[4][0].image_id == 1 and first[4][0].distance == 0 and first[4][0].cosine == pytest.approx(1.0)
+
+        new = add_images(held, vectors[500:], "late")  # an ingest appends: the vectors come along
+        queries += [new[3], vectors[650]]
+        grown = held.search_many(queries, k=8)
+        (cache,) = held.ctx._code_caches.values()
+        assert held.ctx.cache_refreshes["appends"] == 1 and cache.vectors is not None and len(cache.vectors) == 700
+        np.testing.assert_array_equal(cache.vectors[-200:], vectors[500:])
+        assert _answers(grown) == _answers(read.search_many(queries, k=8))
+        assert grown[-2][0].image_id == new[3]
+
+        held.remove([new[3], 7])  # a removal reloads the codes; the vectors are read again with them
+        queries = [q for q in queries if not isinstance(q, int) or q not in (new[3], 7)]
+        after = held.search_many(queries, k=8)
+        assert held.ctx.cache_refreshes["loads"] == 2
+        (cache,) = held.ctx._code_caches.values()
+        assert cache.vectors is not None and len(cache.vectors) == 698
+        assert _answers(after) == _answers(read.search_many(queries, k=8))
+        assert all(h.image_id not in (new[3], 7) for hits in after for h in hits)
+
+    with ImageStore(db_url, cache_codes=True, vector_cache_mb=0) as small:
+        small.search(1, k=3)
+        assert [c["vectors"] for c in small.ctx.cache_state()] == [False]
+    with pytest.raises(Exception, match="vector_cache_mb"):
+        ImageStore(db_url, vector_cache_mb=-1)
+
+
+def test_rows_of_finds_dense_and_sparse_ids() -> None:
+    """The id -> row look-up the re-rank uses: a table for dense ids, a binary search for
+    sparse ones; an id not held gives None (the caller reads from the database)."""
+    whole = make_cache(64, 4, 16, n=200, seed=2)
+    for ids in (np.arange(1, 201), np.arange(1, 201) * 1000 + 5):
+        cache = CodeCache(whole.index, 0, ids.astype(np.int64), whole.codes)
+        picked = ids[[5, 0, 199, 5]]
+        np.testing.assert_array_equal(cache.rows_of(picked), [5, 0, 199, 5])
+        assert cache.rows_of(np.array([ids[-1] + 1])) is None and cache.rows_of(np.array([-3])) is None
+        assert cache.vectors_of(picked) is None  # nothing attached
+        vectors = np.arange(200 * 3, dtype=np.float32).reshape(200, 3)
+        np.testing.assert_array_equal(cache.with_vectors(vectors).vectors_of(picked), vectors[[5, 0, 199, 5]])

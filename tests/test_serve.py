@@ -286,3 +286,33 @@ def test_upload_pixel_limit(served: tuple[ImageStore, Path], tmp_path: Path) -> 
         big = api.post(url, files={"image": ("b.png", png(photo("chelsea").resize((200, 200))), "image/png")})
         assert big.status_code == 422 and "40000 pixels, over the limit of 10000" in big.json()["error"]
     assert store.counts().images == 8
+
+
+def test_search_by_id_route_reads_its_arguments_and_answers_from_memory(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
+    """``GET /api/search`` runs on a lean route (no FastAPI parameter models): every argument
+    is still read and checked, the docs still list them, and once the server holds the codes
+    and vectors in memory (its start warms them) it answers as the library does."""
+    store, root = served
+    cat = store.image(str(sorted((root / "cat").iterdir())[0])).id
+    with client(store, tmp_path) as api:  # with: the lifespan runs (refresher, warm-up)
+        deadline = time.time() + 30
+        while time.time() < deadline and not store.ctx.answers_from_memory():
+            time.sleep(0.05)
+        assert [c["vectors"] for c in api.get("/api/info").json()["cache"]] == [True]
+        assert store.ctx.answers_from_memory()
+        got = api.get("/api/search", params={"id": cat, "k": 5, "exact": "yes", "probe_radius": 0, "rerank": "true"})
+        want = store.search(cat, 5, exact=True, probe_radius=0)
+        assert got.status_code == 200 and got.json() == [h.as_dict() for h in want]
+        plain = api.get("/api/search", params={"id": cat, "k": 3, "rerank": "0", "index": ""}).json()
+        assert plain == [h.as_dict() for h in store.search(cat, 3, rerank=False)] and plain[0]["cosine"] is None
+        for params, message in (({"k": 3}, "bad argument: id: required"),
+                                ({"id": "abc"}, "bad argument: id: expected a whole number, got 'abc'"),
+                                ({"id": cat, "k": "ten"}, "bad argument: k: expected a whole number"),
+                                ({"id": cat, "exact": "maybe"}, "bad argument: exact: expected true or false")):
+            bad = api.get("/api/search", params=params)
+            assert bad.status_code == 422 and bad.json()["error"].startswith(message), (params, bad.json())
+        assert api.get("/api/search", params={"id": 10**9}).status_code == 404
+        assert api.get("/api/search", params={"id": cat, "index": 999}).status_code == 404
+        assert api.get("/api/search", params={"id": cat, "k": 0}).status_code == 422
+        listed = api.get("/openapi.json").json()["paths"]["/api/search"]["get"]["parameters"]
+        assert [p["name"] for p in listed] == ["id", "k", "exact", "probe_radius", "rerank", "index"]
