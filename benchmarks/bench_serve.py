@@ -30,16 +30,13 @@ wrk at 8 connections.
 Stores are built once and kept: SQLite files under ``<cache>/serve/`` (``common.cache_dir()``),
 PostgreSQL databases ``imgstore_bench_serve_<N>`` and ``imgstore_bench_serve_photos`` on the
 ``--pg`` server (``--rebuild`` makes them again). Server variants for search by id
-(``--variants``): ``serve`` (``imgstore serve`` as it is), ``uvloop`` (the same command with
-uvloop and httptools importable, which uvicorn then picks: needs ``--extra-site DIR`` holding
-them, e.g. made by ``pip install --target DIR uvloop httptools py-spy``), ``workers2``
-(``uvicorn --workers 2`` over ``create_app``, each worker with its own store and code cache),
-``pool1`` (``create_app`` with FastAPI's threadpool, where the sync search endpoint runs, limited
-to one thread: the searches of concurrent requests run one after another instead of contending
-for the GIL), ``noguard`` (``create_app`` without its ``@app.middleware("http")`` guard, a
-Starlette ``BaseHTTPMiddleware`` that does nothing for a GET without a token), and combinations
-joined by ``+`` (e.g. ``workers2+pool1``). uvloop and httptools are now project dependencies,
-so ``serve`` already runs on them where they are installed.
+(``--variants``): ``serve`` (``imgstore serve`` as it is: one process), ``workers2``
+(``imgstore serve --workers 2``: two processes, each with its own store, codes and vectors),
+``uvloop`` (``imgstore serve`` with ``--extra-site DIR`` on the path, e.g. other versions of
+uvloop and httptools), and, through ``uvicorn --factory bench_serve:app_factory`` (what
+``imgstore serve`` builds): ``pool1`` (the threadpool limited to one thread), ``noguard``
+(without the token/cross-site :class:`imgstore.serve.Guard` middleware), and combinations
+joined by ``+`` (e.g. ``workers2+pool1``: ``uvicorn --workers 2`` over that factory).
 
     python benchmarks/bench_serve.py                                  # 1M, both databases
     python benchmarks/bench_serve.py --n 20000 --db sqlite --out /tmp/serve_small
@@ -445,10 +442,10 @@ def app_factory() -> Any:
 
     store = ImageStore(os.environ[DB_ENV], cache_codes=True)
     app = create_app(store)
-    if os.environ.get(NOGUARD_ENV):  # the ``@app.middleware("http")`` token/cross-site guard, a no-op for GETs without a token
-        from starlette.middleware.base import BaseHTTPMiddleware
+    if os.environ.get(NOGUARD_ENV):  # the token/cross-site guard, a no-op for GETs without a token
+        from imgstore.serve import Guard
 
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not BaseHTTPMiddleware]
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not Guard]
     return ThreadLimit(app, int(os.environ[POOL_ENV])) if os.environ.get(POOL_ENV) else app
 
 
@@ -465,8 +462,10 @@ class Server:
             raise ValueError(f"unknown server variant {variant!r}")
         if "uvloop" in parts:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_site, env.get("PYTHONPATH")) if p)
-        if variant in ("serve", "uvloop"):  # imgstore serve as shipped (uvicorn picks uvloop + httptools when importable)
+        if variant in ("serve", "uvloop", "workers2"):  # imgstore serve as shipped (uvicorn picks uvloop + httptools when importable)
             cmd = [str(BIN / "imgstore"), "--db", url, "serve", "--port", str(self.port)]
+            if variant == "workers2":
+                cmd += ["--workers", "2"]
         else:  # the same app through uvicorn's command line
             env[DB_ENV] = url
             if "pool1" in parts:
@@ -717,6 +716,7 @@ def direct_search(url: str, n: int, seconds: float = 4.0) -> dict[str, Any]:
     with ImageStore(url, cache_codes=True) as store:
         store.ctx.start_refresher()  # as the server runs it
         try:
+            store.ctx.warm()  # codes and vectors in memory, as the server holds them once warm
             store.search(1, K)
             return {**_latencies(store, n, rng, seconds), **_breakdown(store, n, rng, 300)}
         finally:

@@ -831,9 +831,15 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
               help="Folder the duplicates page moves copies into when resolving (needs --allow-writes).")
 @click.option("--token", default=None, envvar="IMGSTORE_TOKEN", help="Require this token on every page and API call [env IMGSTORE_TOKEN].")
 @click.option("--insecure", is_flag=True, help="Listen beyond this machine without a token (not recommended).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Server processes, each with its own copy of the codes in memory: more searches at once "
+                   "(about one per core); read-only only.")
+@click.option("--vector-cache-mb", default=1024, show_default=True, type=click.IntRange(0),
+              help="Memory per process for the float features the re-rank reads (0: read them from the database).")
 @click.pass_obj
 @friendly_errors
-def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str | None, token: str | None, insecure: bool) -> None:
+def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str | None, token: str | None, insecure: bool,
+          workers: int, vector_cache_mb: int) -> None:
     """Serve the store over HTTP: web pages to search and review it, and a JSON API (docs at /docs).
 
     Listens on this machine only by default; any other address needs --token (or --insecure).
@@ -844,10 +850,11 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
       imgstore serve                      # then open http://127.0.0.1:8000
       imgstore serve --allow-writes --move-to ~/dupes
       imgstore serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
+      imgstore serve --workers 2          # a read-only server using two cores
     """
     import socket
 
-    from .serve import create_app, is_loopback
+    from .serve import WORKER_SETTINGS_ENV, create_app, is_loopback, worker_settings
 
     if not is_loopback(host) and token is None:
         if not insecure:
@@ -855,6 +862,9 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
         click.echo(f"warning: serving {host} without a token; anyone who can reach it can read the collection", err=True)
     if move_to and not allow_writes:
         raise click.UsageError("--move-to is where resolving duplicates moves files: add --allow-writes")
+    if workers > 1 and allow_writes:
+        raise click.UsageError("--workers serves a read-only collection (page notes, background jobs and undo live in "
+                               "one process): drop --allow-writes, or --workers")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -865,13 +875,20 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
                                        "pick another --port (0 picks a free one)") from None
     import uvicorn
 
-    with obj.store() as store:
+    with obj.store() as store:  # opened here first: a wrong path or an old schema is one line, before any worker starts
         store.cache_codes = True
-        app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to)
+        store.ctx.vector_cache_bytes = vector_cache_mb << 20
         shown = f"[{host}]" if ":" in host else host
         address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/" + (f"?token={token}" if token else "")
-        click.echo(f"serving {store.display_url}{'; writes allowed' if allow_writes else ' (read-only)'}", err=True)
+        processes = f", {workers} processes" if workers > 1 else ""
+        click.echo(f"serving {store.display_url}{'; writes allowed' if allow_writes else ' (read-only)'}{processes}", err=True)
         click.echo(f"open {address}   (API docs at /docs; Ctrl-C stops)", err=True)
+        if workers > 1:
+            os.environ[WORKER_SETTINGS_ENV] = worker_settings(store, token)
+            store.close()
+            uvicorn.run("imgstore.serve:worker_app", factory=True, workers=workers, host=host, port=port, log_level="warning")
+            return
+        app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to)
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -59,6 +59,7 @@ class StoreContext:
         #: per extractor name, options used whenever this store builds it (e.g. a weights file)
         self.extractor_options = dict(extractor_options or {})
         self.engine: Engine = make_engine(self.url, echo=echo)
+        self._quick_engine: Engine | None = None  # see quick_read
         self._extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._hashers: dict[str, Hasher] = {}  # by index uid
         self._code_caches: dict[int, CodeCache] = {}  # by index id; entry checked against uid + generation
@@ -82,6 +83,8 @@ class StoreContext:
     def close(self) -> None:
         self.stop_refresher()
         self.engine.dispose()
+        if self._quick_engine is not None:
+            self._quick_engine.dispose()
         self._hashers.clear()
         self._code_caches.clear()
 
@@ -187,6 +190,31 @@ class StoreContext:
         """A connection for reads; any driver error (connecting included) is translated."""
         with self.translate(doing), self.engine.connect() as conn:
             yield conn
+
+    @contextmanager
+    def quick_read(self, doing: str) -> Iterator[Connection]:
+        """A connection for a read of one or two independent statements on the hot path (a
+        search answered from the code cache reads only paths). On PostgreSQL it comes from a
+        second pool, in autocommit and without the checkout ping: BEGIN, the ping and the
+        ROLLBACK were three of a cached search's four round trips. A connection that died
+        meanwhile (a server restart) fails that one read; :func:`is_disconnect` tells the
+        caller to run it again, on a fresh connection. SQLite: :meth:`read`."""
+        if self.dialect != "postgresql":
+            with self.read(doing) as conn:
+                yield conn
+            return
+        if self._quick_engine is None:
+            from sqlalchemy import create_engine
+
+            self._quick_engine = create_engine(self.url, isolation_level="AUTOCOMMIT", pool_pre_ping=False)
+        with self.translate(doing), self._quick_engine.connect() as conn:
+            yield conn
+
+    def drop_quick_connections(self) -> None:
+        """Close every pooled :meth:`quick_read` connection (after one was found dead: the
+        others, opened before the same restart, are likely dead too)."""
+        if self._quick_engine is not None:
+            self._quick_engine.dispose()
 
     def write(self, work: Callable[[Connection], T], *, doing: str = "write") -> T:
         """Run ``work(conn)`` in one write transaction, retrying lock and serialization
@@ -370,6 +398,18 @@ class StoreContext:
         cache = self._code_caches.pop(index_id, None)
         if cache is not None:
             self._hashers.pop(cache.index.uid, None)
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """``exc`` (a :class:`DatabaseError` or what it wraps) says the connection was lost: the
+    server restarted or closed it. A read may be run again on a fresh connection."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseError) else exc
+    if isinstance(cause, DBAPIError):
+        if cause.connection_invalidated:
+            return True
+        cause = cause.orig
+    # the driver's OperationalError and its kinds (psycopg's AdminShutdown, ...)
+    return any(kind.__name__ == "OperationalError" for kind in type(cause).__mro__)
 
 
 def is_retryable(exc: DBAPIError) -> bool:

@@ -539,10 +539,29 @@ def search_many(
     include_stale: bool = False,
 ) -> list[list[SearchResult]]:
     """The k nearest stored images of each query, best first (see ``ImageStore.search``)."""
+    from .context import is_disconnect
+    from .errors import DatabaseError
+
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     queries = as_queries(queries)
-    with ctx.read("search") as conn:
+    args = (ctx, queries, k, exact, probe_radius, rerank, rerank_depth, cached, index_id, include_stale)
+    if not (cached and ctx.answers_from_memory(index_id, rerank=rerank is not False)):
+        return _search_many(ctx.read("search"), *args)
+    # codes and vectors in memory: one statement (the paths), no transaction needed
+    try:
+        return _search_many(ctx.quick_read("search"), *args)
+    except DatabaseError as exc:
+        if not is_disconnect(exc):
+            raise
+        ctx.drop_quick_connections()
+        return _search_many(ctx.quick_read("search"), *args)  # a pooled connection had died: once more, on a fresh one
+
+
+def _search_many(reading: Any, ctx: StoreContext, queries: list[Any], k: int, exact: bool, probe_radius: int,
+                 rerank: bool | None, rerank_depth: int | None, cached: bool, index_id: int | None,
+                 include_stale: bool) -> list[list[SearchResult]]:
+    with reading as conn:
         index = find_index(ctx.indexes(conn), index_id)
         space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
         cache = ctx.code_cache(conn, index, current=True) if cached and index is not None else None

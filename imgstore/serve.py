@@ -359,9 +359,11 @@ class Service:
 def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
                move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_UPLOAD_PIXELS, thumbnails: Thumbnails | None = None,
-               batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64, pages: bool = True) -> Any:
-    """A FastAPI application answering for ``store`` (kept open by the caller): the JSON API
-    under ``/api``, its docs at ``/docs``, and (``pages``) the web pages."""
+               batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64, pages: bool = True,
+               owns_store: bool = False) -> Any:
+    """A FastAPI application answering for ``store`` (kept open by the caller, or closed when
+    the app shuts down with ``owns_store``): the JSON API under ``/api``, its docs at
+    ``/docs``, and (``pages``) the web pages."""
     from contextlib import asynccontextmanager
 
     service = Service(store, allow_writes=allow_writes, token=token, move_to=move_to, max_upload_bytes=max_upload_bytes,
@@ -379,6 +381,8 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
             store.ctx.stop_refresher()
             for batcher in service.batchers.values():
                 batcher.close()
+            if owns_store:
+                store.close()
 
     app = FastAPI(title="imgstore", version="0.1.0", lifespan=lifespan,
                   description="Search and browse an imgstore collection. JSON bodies follow the CLI's --json shapes.")
@@ -715,6 +719,30 @@ def _status(exc: ImgStoreError) -> int:
     if isinstance(exc, DatabaseError):
         return 503
     return 422 if isinstance(exc, ConfigError) else 400
+
+
+#: The settings of one ``imgstore serve --workers N`` process, as JSON, set by the command.
+WORKER_SETTINGS_ENV = "IMGSTORE_SERVE_WORKER"
+
+
+def worker_settings(store: ImageStore, token: str | None) -> str:
+    """What each worker process of ``imgstore serve --workers N`` needs to open the same store
+    (the URL with its password: the environment of one's own processes is not shown to other
+    users), for :func:`worker_app`."""
+    return json.dumps({"db": store.url.render_as_string(hide_password=False), "token": token,
+                       "vector_cache_mb": store.ctx.vector_cache_bytes >> 20,
+                       "extractor_options": store.extractor_options})
+
+
+def worker_app() -> Any:
+    """The app of one ``imgstore serve --workers N`` process (uvicorn's factory): its own store
+    and code cache, read-only. Several processes answer more searches at once than one, whose
+    search work holds Python's lock; writes are not offered there, since page notes, background
+    jobs and the undo list live in one process."""
+    settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    store = ImageStore(settings["db"], cache_codes=True, vector_cache_mb=int(settings["vector_cache_mb"]),
+                       extractor_options=settings["extractor_options"])
+    return create_app(store, token=settings["token"], owns_store=True)
 
 
 def is_loopback(host: str) -> bool:

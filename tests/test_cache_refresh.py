@@ -173,3 +173,31 @@ def test_rows_of_finds_dense_and_sparse_ids() -> None:
         assert cache.vectors_of(picked) is None  # nothing attached
         vectors = np.arange(200 * 3, dtype=np.float32).reshape(200, 3)
         np.testing.assert_array_equal(cache.with_vectors(vectors).vectors_of(picked), vectors[[5, 0, 199, 5]])
+
+
+@pytest.mark.postgres
+def test_a_cached_search_survives_its_connections_being_killed(pg_url: str) -> None:
+    """A search answered from memory reads paths on a pooled autocommit connection without a
+    ping; when the server ends those connections (a restart, an administrator), the next search
+    still answers, on a fresh one."""
+    from sqlalchemy import create_engine, text
+
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    with ImageStore(pg_url, cache_codes=True) as store:
+        store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=2))
+        store.ctx.start_refresher(interval_s=0.05)
+        deadline = time.time() + 30
+        while time.time() < deadline and not store.ctx.answers_from_memory():
+            store.search(1, k=3)
+            time.sleep(0.05)
+        assert store.ctx.answers_from_memory()
+        before = _answers(store.search_many([1, 2, 3], k=5))
+        admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            ended = conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+        admin.dispose()
+        assert ended >= 1
+        assert _answers(store.search_many([1, 2, 3], k=5)) == before
+        store.ctx.stop_refresher()

@@ -275,6 +275,69 @@ def test_serve_command_mistakes(db_url: str) -> None:
     assert busy.exit_code == 1 and f"cannot listen on 0.0.0.0:{port}" in busy.output and "--port" in busy.output
     alone = CliRunner().invoke(cli, ["--db", db_url, "serve", "--move-to", "dupes"])
     assert alone.exit_code == 2 and "--allow-writes" in alone.output
+    several = CliRunner().invoke(cli, ["--db", db_url, "serve", "--workers", "2", "--allow-writes"])
+    assert several.exit_code == 2 and "read-only" in several.output
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_serve_with_worker_processes(served: tuple[ImageStore, Path]) -> None:
+    """``imgstore serve --workers 2``: two server processes answer on one port with the token
+    checked and writes refused, both give the library's answers, and Ctrl-C stops them all."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    store, root = served
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "imgstore.cli", "--db", store.url.render_as_string(hide_password=False),
+                             "serve", "--port", str(port), "--workers", "2", "--token", "s3cret"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        headers = {"Authorization": "Bearer s3cret"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            deadline = time.time() + 120
+            while True:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                try:
+                    if http.get("/api/info", headers=headers).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+            workers = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+            assert len(workers) == 2, workers
+            cats = [store.image(str(p)).id for p in sorted((root / "cat").iterdir())]
+            want = {i: [h.as_dict() for h in store.search(i, 4)] for i in cats}
+            for _ in range(5):  # new connections each time: the kernel spreads them over the workers
+                for i in cats:
+                    got = httpx.get(f"http://127.0.0.1:{port}/api/search", params={"id": i, "k": 4}, headers=headers, timeout=30)
+                    assert got.status_code == 200 and got.json() == want[i]
+            assert http.get("/api/search", params={"id": cats[0]}).status_code == 401
+            assert http.delete(f"/api/images/{cats[0]}", headers=headers).status_code == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "2 processes" in out and "Traceback" not in out
 
 
 def test_upload_pixel_limit(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
