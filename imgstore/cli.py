@@ -886,10 +886,11 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
         if workers > 1:
             os.environ[WORKER_SETTINGS_ENV] = worker_settings(store, token)
             store.close()
-            uvicorn.run("imgstore.serve:worker_app", factory=True, workers=workers, host=host, port=port, log_level="warning")
+            uvicorn.run("imgstore.serve:worker_app", factory=True, workers=workers, host=host, port=port, log_level="warning",
+                        access_log=False)
             return
         app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # no log line per request
 
 
 def _db_after_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
