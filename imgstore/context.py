@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 #: with exponential back-off from RETRY_BASE_S (plus jitter), then the error is raised.
 RETRY_ATTEMPTS = 8
 RETRY_BASE_S = 0.05
-#: Memory a code cache may spend on its rows' float features (1M 128-d vectors, or 200k of
+#: Memory a code cache may spend on its rows' float features (1M 128-d vectors, or 100k of
 #: EfficientNet-Lite0's 1280-d, take 512 MB); ``ImageStore(vector_cache_mb=...)`` changes it.
 VECTOR_CACHE_BYTES = 1 << 30
 
