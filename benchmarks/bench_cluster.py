@@ -13,7 +13,9 @@ each writing its own batches), on the same cores, in one run; images/s of the wh
 writers: precomputed 1280-d features (random unit vectors, as a CNN's) written by 1, 2, 4 and 8
 concurrent writer processes through the real write path (``Ingester.write_results``: images,
 paths, features, codes of a 64-bit index with 8 bands, bucket appends, index bump), each its
-own batches of 64; aggregate images/s, and the transactions retried after a conflict.
+own batches of 64, written ``--write-size`` images per transaction (64: what a local ingest
+commits; 256: what a cluster worker commits, its whole partition); aggregate images/s, and the
+transactions retried after a conflict.
 Writes benchmarks/results/cluster.json and cluster.md.
 """
 
@@ -113,7 +115,7 @@ def throughput(limit: int | None, repeats: int) -> list[dict[str, Any]]:
 # --- writers -----------------------------------------------------------------------------------
 
 
-def _writer(url: str, space_id: int, first: int, count: int, seed: int, start: Any, out: Any) -> None:
+def _writer(url: str, space_id: int, first: int, count: int, seed: int, write_size: int, start: Any, out: Any) -> None:
     from imgstore import ImageStore
     from imgstore.decode import DecodedImage
     from imgstore.features import get_extractor
@@ -122,7 +124,7 @@ def _writer(url: str, space_id: int, first: int, count: int, seed: int, start: A
 
     rng = np.random.default_rng(seed)
     store = ImageStore(url)
-    job = Ingester(store.ctx, get_extractor("color"), space_id, preload_known=False)  # the extractor is not used
+    job = Ingester(store.ctx, get_extractor("color"), space_id, preload_known=False, write_size=write_size)  # the extractor is not used
     batches = []
     for b in range(first, first + count, 64):
         batch = []
@@ -163,11 +165,11 @@ def _seed_store(url: str) -> int:
         return int(store.transaction(seed))
 
 
-def writers(n: int, counts: list[int]) -> list[dict[str, Any]]:
+def writers(n: int, counts: list[int], write_sizes: list[int]) -> list[dict[str, Any]]:
     from imgstore import ImageStore
 
     rows = []
-    for k in counts:
+    for ws, k in [(ws, k) for ws in write_sizes for k in counts]:
         name = fresh_db(f"w{k}")
         url = PG_BASE + name
         try:
@@ -175,7 +177,7 @@ def writers(n: int, counts: list[int]) -> list[dict[str, Any]]:
             ctx = mp.get_context("spawn")
             start, out = ctx.Event(), ctx.Queue()
             per = n // k
-            procs = [ctx.Process(target=_writer, args=(url, space_id, 10_000_000 + w * per, per, w, start, out)) for w in range(k)]
+            procs = [ctx.Process(target=_writer, args=(url, space_id, 10_000_000 + w * per, per, w, ws, start, out)) for w in range(k)]
             for p in procs:
                 p.start()
             time.sleep(8 + 2 * k)  # every writer has built its batches and connected
@@ -188,7 +190,7 @@ def writers(n: int, counts: list[int]) -> list[dict[str, Any]]:
             added = sum(r[1] for r in results)
             with ImageStore(url) as store:
                 ok = store.verify(check_files=False).ok
-            row = {"writers": k, "images": added, "wall_s": round(wall, 2), "images_per_s": round(added / wall),
+            row = {"writers": k, "write_size": ws, "images": added, "wall_s": round(wall, 2), "images_per_s": round(added / wall),
                    "retries": sum(r[2] for r in results), "cpu_busy": round(cpu / wall / (os.cpu_count() or 1), 2),
                    "verify_ok": ok}
             print(row, flush=True)
@@ -211,9 +213,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Ratio cluster / local (median of {len(local)}): **{np.median(clus) / np.median(local):.2f}** (floor 0.85).", ""]
     if report.get("writers"):
         lines += ["## Concurrent writers into one PostgreSQL server", "",
-                  "| writers | images | wall s | images/s | retries | CPU busy | verify |", "|---|---|---|---|---|---|---|"]
+                  "| images per transaction | writers | images | wall s | images/s | retries | CPU busy | verify |", "|---|---|---|---|---|---|---|---|"]
         for r in report["writers"]:
-            lines.append(f"| {r['writers']} | {r['images']:,} | {r['wall_s']} | {r['images_per_s']:,} | {r['retries']} | {r['cpu_busy']} | {'ok' if r['verify_ok'] else 'FAILED'} |")
+            lines.append(f"| {r.get('write_size', 64)} | {r['writers']} | {r['images']:,} | {r['wall_s']} | {r['images_per_s']:,} | {r['retries']} | {r['cpu_busy']} | {'ok' if r['verify_ok'] else 'FAILED'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -225,6 +227,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--n", type=int, default=40_000, help="images written in the writers part")
     parser.add_argument("--writers", default="1,2,4,8")
+    parser.add_argument("--write-size", default="64,256", help="images per write transaction, one set of rows each")
     args = parser.parse_args()
     report: dict[str, Any] = {}
     path = RESULTS_DIR / "cluster.json"
@@ -233,7 +236,7 @@ def main() -> int:
     if args.part in ("throughput", "both"):
         report["throughput"] = throughput(args.limit, args.repeats)
     if args.part in ("writers", "both"):
-        report["writers"] = writers(args.n, [int(x) for x in args.writers.split(",")])
+        report["writers"] = writers(args.n, [int(x) for x in args.writers.split(",")], [int(x) for x in args.write_size.split(",")])
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     (RESULTS_DIR / "cluster.md").write_text(markdown(report))

@@ -109,7 +109,8 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
     if store is not None:
         db = _worker_store(store.url)
         tasks, result.unchanged = _not_yet_stored(db.ctx, space_id, tasks)
-        job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata, preload_known=False)
+        job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata, preload_known=False,
+                       write_size=len(tasks))  # the partition in one transaction: a rerun of the task redoes it anyway
         summary = job._process(tasks, IngestSummary(), started)
         result.added, result.duplicates, result.errors = summary.added, summary.duplicates, summary.errors
         result.retries = summary.retries

@@ -173,3 +173,40 @@ def test_second_extractor_processes_unchanged_files(db_url: str, tmp_path: Path)
         assert (again.added, again.unchanged) == (2, 0)
         assert store.counts().images == 2 and store.counts().features == 4
         assert store.ingest([root], extractor="efficientnet-lite0").unchanged == 2
+
+
+def test_writes_join_batches_and_keep_blas_on_one_thread(tmp_path: Path) -> None:
+    """``write_size`` joins consecutive batches into one transaction (as a cluster worker writes
+    its partition) with the same result as batch by batch; while writing, numpy's BLAS runs on
+    one thread (a second one only spun beside the small encoding products), and afterwards it
+    is as it was."""
+    from threadpoolctl import threadpool_info
+
+    from imgstore.features import get_extractor
+    from imgstore.ingest import Ingester, _joined
+    from imgstore.vectors import get_or_create_space
+
+    assert [len(b) for b in _joined([[1] * 3, [2] * 3, [3] * 3, [4] * 2], 5)] == [6, 5]  # type: ignore[list-item]
+    assert [len(b) for b in _joined([[1] * 3], 64)] == [3]  # type: ignore[list-item]
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    make_collection(tmp_path / "photos", per_photo=2)
+    results = {}
+    for write_size in (2, 1000):
+        seen: list[list[int]] = []
+        with ImageStore(tmp_path / f"w{write_size}.db") as store:
+            ex = get_extractor("color")
+            space_id = store.transaction(lambda conn: get_or_create_space(conn, ex.name, ex.dim, ex.preprocess_version))
+            job = Ingester(store.ctx, ex, space_id, batch_size=2, write_size=write_size,
+                           progress=lambda _p, s=seen: s.append(blas()))
+            summary = job.run([tmp_path / "photos"])
+            assert summary.added > 0 and summary.failed == 2  # the collection's two broken files
+            results[write_size] = (summary.added, summary.duplicates, summary.failed, store.counts())
+            assert seen and all(n == [1] * len(n) for n in seen), seen  # one BLAS thread while writing
+            assert len(seen) > 1 if write_size == 2 else len(seen) == 1  # one report per transaction
+            check_consistent(store)
+        assert blas() == before
+    assert results[2] == results[1000]
