@@ -226,15 +226,17 @@ class StoreContext:
                     conn = conn.execution_options(**{WRITE_OPTION: True})
                     with conn.begin():
                         return work(conn)
-            except DBAPIError as exc:
-                if attempt == RETRY_ATTEMPTS or not is_retryable(exc):
+            except self.driver_errors as exc:
+                # conflicts with other writers, and a connection the server ended (a restart):
+                # the transaction was rolled back (or, lost in its commit, is idempotent: every
+                # write is an insert-or-ignore), so it is run again from the start, counted
+                retry = is_retryable(exc) if isinstance(exc, DBAPIError) else False
+                if attempt == RETRY_ATTEMPTS or not (retry or is_disconnect(exc)):
                     raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
                 log.info("%s: %s; retry %d in %.2fs", doing, driver_message(exc), attempt, delay)
-                self.write_retries += 1  # conflicts with other writers, rerun: counted for reports
+                self.write_retries += 1
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
-            except self.driver_errors as exc:
-                raise DatabaseError(f"cannot {doing} on {self.display_url}: {driver_message(exc)}") from exc
         raise AssertionError("unreachable")
 
     # -- caches -----------------------------------------------------------------------------
@@ -408,8 +410,9 @@ def is_disconnect(exc: BaseException) -> bool:
         if cause.connection_invalidated:
             return True
         cause = cause.orig
-    # the driver's OperationalError and its kinds (psycopg's AdminShutdown, ...)
-    return any(kind.__name__ == "OperationalError" for kind in type(cause).__mro__)
+    # psycopg's OperationalError and its kinds (AdminShutdown, "the connection is lost"); not
+    # SQLite's, which also names a missing table or a full disk
+    return type(cause).__module__.startswith("psycopg") and any(kind.__name__ == "OperationalError" for kind in type(cause).__mro__)
 
 
 def is_retryable(exc: DBAPIError) -> bool:

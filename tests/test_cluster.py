@@ -201,3 +201,35 @@ def test_no_dask_import_without_cluster(sqlite_url: str, tmp_path: Path) -> None
     out = subprocess.run([sys.executable, "-c", code, sqlite_url, str(photos)], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "False False", out.stderr
 
+
+
+@pytest.mark.postgres
+def test_postgresql_ends_every_connection_mid_run(pg_url: str, tmp_path: Path, dask_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a PostgreSQL restart does to the writers: every connection ended mid-run. The
+    transactions that were cut are run again on fresh connections (counted as retries), and the
+    ingest completes with every image once, as a local ingest stores it."""
+    from sqlalchemy import create_engine, text
+
+    monkeypatch.setattr(cluster, "PARTITION", 4)
+    photos = collection(tmp_path / "photos", 10)
+    ended: list[int] = []
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+
+    def progress(p: Any) -> None:
+        if len(ended) < 2 and p.done > 8 * len(ended):  # twice, a few partitions apart
+            with admin.connect() as conn:
+                ended.append(int(conn.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()))
+
+    try:
+        with open_store(pg_url) as remote:
+            summary = remote.ingest([photos], cluster=dask_client, progress=progress, auto_index=False)
+            assert len(ended) == 2 and sum(ended) >= 2, ended
+            assert summary.added + summary.duplicates == 60 and summary.failed == 1, summary
+            with ImageStore(f"sqlite:///{tmp_path / 'local.db'}") as reference:
+                reference.ingest([photos], auto_index=False)
+                assert_same_store(reference, remote)
+            assert remote.verify().ok
+    finally:
+        admin.dispose()
