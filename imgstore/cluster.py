@@ -21,11 +21,12 @@ rest. Dask is imported only here, only when ``--cluster`` is given.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from .decode import DecodedImage
-from .errors import ConfigError, DecodeError
+from .context import is_disconnect
+from .errors import ClusterError, ConfigError, DatabaseError, DecodeError, ImgStoreError
 from .features.pipeline import StreamResult, extract_stream
 from .ingest import IngestProgress, IngestSummary, Ingester, Plan, _Task
 from .models import Feature, ImagePath
@@ -99,6 +101,10 @@ def _worker_extractor(name: str, options: dict[str, Any]) -> Any:
         return _extractors[key]
 
 
+#: Times a worker runs its partition when the database server ends its connections mid-way.
+DISCONNECT_ATTEMPTS = 5
+
+
 def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, options: dict[str, Any], tasks: list[_Task],
                      metadata: dict[str, Any], batch_size: int, threads: int | None) -> PartitionResult:
     """A worker's task: read, hash, decode and extract ``tasks``; with ``store`` (PostgreSQL)
@@ -108,12 +114,32 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
     result = PartitionResult(worker=f"{os.uname().nodename}:{os.getpid()}")
     if store is not None:
         db = _worker_store(store.url)
-        tasks, result.unchanged = _not_yet_stored(db.ctx, space_id, tasks)
-        job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata, preload_known=False,
-                       write_size=len(tasks))  # the partition in one transaction: a rerun of the task redoes it anyway
-        summary = job._process(tasks, IngestSummary(), started)
-        result.added, result.duplicates, result.errors = summary.added, summary.duplicates, summary.errors
-        result.retries = summary.retries
+        for attempt in range(1, DISCONNECT_ATTEMPTS + 1):
+            summary = IngestSummary()  # what this attempt committed, kept if a later statement fails
+            try:
+                todo, unchanged = _not_yet_stored(db.ctx, space_id, tasks)
+                if attempt == 1:
+                    result.unchanged = unchanged
+                job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata,
+                               preload_known=False, write_size=len(todo))  # one transaction: a rerun redoes it anyway
+                job._process(todo, summary, started)
+            except DatabaseError as exc:
+                # the server ended the connections (a restart): what was committed stays, and the
+                # partition is run again on fresh connections, skipping it (counted as a retry)
+                if attempt == DISCONNECT_ATTEMPTS or not is_disconnect(exc):
+                    raise
+                log.info("partition: %s; again (%d)", exc, attempt)
+                db.ctx.engine.dispose()
+                summary.retries += 1
+                time.sleep(0.5 * attempt)
+            else:
+                attempt = 0
+            result.added += summary.added
+            result.duplicates += summary.duplicates
+            result.errors += summary.errors
+            result.retries += summary.retries
+            if attempt == 0:
+                break
     else:
         job = Ingester(None, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata)  # type: ignore[arg-type]
         result.extracted = []
@@ -211,6 +237,32 @@ def worker_url(client_url: Any, worker_db: str | None, local: bool) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _completed(futures: Any, client: Any, cluster: Any) -> Iterator[Any]:
+    """The futures as they finish, each one's result fetched; a lost scheduler (its connection
+    closed, the futures cancelled with it) becomes one :class:`ClusterError` that says to rerun."""
+    where = cluster if isinstance(cluster, str) else getattr(client, "scheduler", None) and client.scheduler.address
+    try:
+        for future in futures:
+            future.result()  # here, so that a lost connection surfaces inside this try
+            yield future
+    except ImgStoreError:
+        raise
+    except (Exception, asyncio.CancelledError) as exc:
+        if not _scheduler_lost(client, exc):
+            raise
+        raise ClusterError(f"lost the Dask scheduler at {where} mid-run ({type(exc).__name__}); the batches the "
+                           "workers finished are stored: start the scheduler and workers again and rerun the "
+                           "same command to do the rest") from None
+
+
+def _scheduler_lost(client: Any, exc: BaseException) -> bool:
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, (CommClosedError, OSError, TimeoutError)) or "Cancelled" in type(exc).__name__:
+        return True
+    return getattr(client, "status", "running") != "running"
+
+
 class ClusterIngest:
     """One ingest run through a Dask cluster (built by :meth:`ImageStore.ingest`)."""
 
@@ -236,6 +288,11 @@ class ClusterIngest:
             return job.finish(plan, summary, started) if not dry_run else summary
         sqlite = job.ctx.url.get_backend_name() == "sqlite"
         client, close, threads = connect(self.cluster)
+        # a lost scheduler is reported once, by _completed; the client's own reconnect attempts
+        # would print tracebacks meanwhile
+        quiet = logging.getLogger("distributed.client")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             spec = None if sqlite else StoreSpec(worker_url(job.ctx.url, self.worker_db, _workers_are_local(client)))
             parts = [plan.tasks[i : i + self.partition] for i in range(0, len(plan.tasks), self.partition)]
@@ -246,7 +303,7 @@ class ClusterIngest:
             ]
             log.info("ingest: %d files in %d tasks on %s", len(plan.tasks), len(parts), client)
             done = 0
-            for future in as_completed(futures):
+            for future in _completed(as_completed(futures), client, self.cluster):
                 part: PartitionResult = future.result()
                 future.release()
                 done += part.added + part.duplicates + part.unchanged + len(part.errors)
@@ -265,7 +322,10 @@ class ClusterIngest:
                     job.progress(IngestProgress(min(done, len(plan.tasks)), len(plan.tasks), summary.added, summary.failed,
                                                 time.perf_counter() - started))
         finally:
-            close()
+            try:
+                close()
+            finally:
+                quiet.setLevel(level)
         return job.finish(plan, summary, started)
 
     @staticmethod

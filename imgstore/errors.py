@@ -82,6 +82,11 @@ class WeightsNotFoundError(ExtractorError):
     """Pretrained weights are needed and none could be found or downloaded."""
 
 
+class ClusterError(ImgStoreError):
+    """The Dask cluster an ingest ran on went away mid-run (its scheduler lost). What the
+    workers finished is stored; rerunning the same command does the rest."""
+
+
 # --- hashing --------------------------------------------------------------------------------
 
 

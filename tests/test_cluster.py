@@ -233,3 +233,67 @@ def test_postgresql_ends_every_connection_mid_run(pg_url: str, tmp_path: Path, d
             assert remote.verify().ok
     finally:
         admin.dispose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _dask_process(*args: str) -> subprocess.Popen[str]:
+    dask = str(Path(sys.executable).parent / "dask")
+    return subprocess.Popen([dask, *args], env={**os.environ, "IMGSTORE_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+
+
+def _stop(*procs: subprocess.Popen[str]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.postgres
+def test_scheduler_lost_mid_run_then_rerun(pg_url: str, tmp_path: Path) -> None:
+    """A Dask scheduler (`dask scheduler`, `dask worker` processes) killed mid-ingest: the
+    command stops with one line that names the scheduler and says to rerun (no traceback); the
+    same command against a new scheduler completes the job, every image once."""
+    photos = collection(tmp_path / "photos", 16)
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "imgstore.cli", "--db", pg_url, "ingest", str(photos), "--cluster", address,
+               "--no-progress", "--no-auto-index"]
+    env = {**os.environ, "IMGSTORE_CLUSTER_PARTITION": "4"}
+
+    def start_cluster() -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+        scheduler = _dask_process("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
+        worker = _dask_process("worker", address, "--nthreads", "1", "--no-dashboard")
+        return scheduler, worker
+
+    scheduler, worker = start_cluster()
+    try:
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open_store(pg_url) as store:
+            deadline = time.time() + 240
+            while time.time() < deadline and store.counts().images == 0 and first.poll() is None:
+                time.sleep(0.1)
+            stored_then = store.counts().images
+            _stop(scheduler)
+            out, _ = first.communicate(timeout=180)
+            assert 0 < stored_then < 96, "killed mid-run"
+            assert first.returncode != 0 and "Traceback" not in out, out
+            message = [line for line in out.splitlines() if line.startswith("Error:")]
+            assert len(message) == 1 and address in message[0] and "rerun" in message[0], out
+            _stop(worker)
+            scheduler, worker = start_cluster()
+            rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+            with ImageStore(f"sqlite:///{tmp_path / 'local.db'}") as reference:
+                reference.ingest([photos], auto_index=False)
+                assert_same_store(reference, store)
+            assert store.verify().ok
+    finally:
+        _stop(scheduler, worker)

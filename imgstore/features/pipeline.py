@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..decode import DecodedImage
-from ..errors import ImgStoreError
+from ..errors import DatabaseError, ImgStoreError
 from .base import Extractor
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def extract_stream(
             if decoded is None:
                 return _Prepared(item, None, None, None)
             return _Prepared(item, decoded, None, extractor.preprocess(decoded.image))
+        except DatabaseError:
+            raise  # the database, not this file: never recorded as the file's error
         except ImgStoreError as exc:
             return _Prepared(item, None, exc, None)
 
