@@ -73,6 +73,17 @@ def dask_client() -> Iterator[Any]:
         yield client
 
 
+def rerun_completes(command: list[str], env: dict[str, str], store: ImageStore, photos: Path, tmp_path: Path) -> None:
+    """The same ingest command run again succeeds, and the store then holds what a local ingest
+    of the folder stores, consistently."""
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    with ImageStore(f"sqlite:///{tmp_path / 'local.db'}") as reference:
+        reference.ingest([photos], auto_index=False)
+        assert_same_store(reference, store)
+    assert store.verify().ok
+
+
 def open_store(url: str) -> ImageStore:
     return ImageStore(url)
 
@@ -155,12 +166,7 @@ def test_client_killed_mid_run_then_rerun(pg_url: str, tmp_path: Path) -> None:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         assert 0 < stored_then < 96, "killed mid-run"
-        rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-        with ImageStore(f"sqlite:///{tmp_path / 'local.db'}") as reference:
-            reference.ingest([photos], auto_index=False)
-            assert_same_store(reference, store)
-        assert store.verify().ok
+        rerun_completes(command, env, store, photos, tmp_path)
 
 
 def test_device_choices(sqlite_url: str, tmp_path: Path) -> None:
@@ -289,11 +295,6 @@ def test_scheduler_lost_mid_run_then_rerun(pg_url: str, tmp_path: Path) -> None:
             assert len(message) == 1 and address in message[0] and "rerun" in message[0], out
             _stop(worker)
             scheduler, worker = start_cluster()
-            rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-            assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-            with ImageStore(f"sqlite:///{tmp_path / 'local.db'}") as reference:
-                reference.ingest([photos], auto_index=False)
-                assert_same_store(reference, store)
-            assert store.verify().ok
+            rerun_completes(command, env, store, photos, tmp_path)
     finally:
         _stop(scheduler, worker)
