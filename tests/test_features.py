@@ -206,3 +206,21 @@ def test_extract_stream_bugs_propagate_and_early_stop(tmp_path: Path) -> None:
     assert [r.item for r in first] == [0, 1, 2, 3]
     stream.close()
     assert list(extract_stream([], broken, ex)) == []
+
+
+def test_efficientnet_lite2_loads_strictly_and_classifies(photos: list[Image.Image]) -> None:
+    """The larger sibling: its released weights load into the Lite2 layout with strict=True (a
+    wrong channel or repeat count would refuse them), it classifies the sample photos, and its
+    features live in their own space (260 px input)."""
+    lite2 = get_extractor("efficientnet-lite2", precision="fp32")
+    assert (lite2.name, lite2.dim) == ("efficientnet-lite2", 1280) and "efficientnet-lite2" in available_extractors()
+    assert lite2.preprocess_version.startswith("squash260-") and lite2.image_size == 260  # type: ignore[attr-defined]
+    logits = lite2.classify(photos[:2])  # type: ignore[attr-defined]
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    assert set(top5[0]) & {281, 282, 283, 284, 285}, f"chelsea (a cat) top 5: {top5[0]}"
+    assert set(top5[1]) & {967, 968, 504}, f"coffee top 5: {top5[1]}"
+    features = lite2.extract(photos)
+    assert features.shape == (3, 1280) and features.dtype == np.float32 and np.isfinite(features).all()
+    assert np.array_equal(features, lite2.extract(photos))  # deterministic
+    with pytest.raises(WeightsNotFoundError, match="EfficientNet-Lite2"):
+        get_extractor("efficientnet-lite2", weights="/nonexistent/lite2.pth")

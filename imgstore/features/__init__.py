@@ -27,6 +27,12 @@ def _efficientnet_lite0(**options: Any) -> Extractor:
     return EfficientNetLite0Extractor(**options)
 
 
+def _efficientnet_lite2(**options: Any) -> Extractor:
+    from .efficientnet import EfficientNetLite2Extractor
+
+    return EfficientNetLite2Extractor(**options)
+
+
 def _resnet50(**options: Any) -> Extractor:
     from .resnet import ResNet50Extractor
 
@@ -43,6 +49,7 @@ def _color(**options: Any) -> Extractor:
 
 _FACTORIES: dict[str, Callable[..., Extractor]] = {
     "efficientnet-lite0": _efficientnet_lite0,
+    "efficientnet-lite2": _efficientnet_lite2,
     "resnet50": _resnet50,
     "color": _color,
 }

