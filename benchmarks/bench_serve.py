@@ -1188,12 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remake-md", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args(argv)
     if args.remake_md:
-        report = json.loads(Path(f"{args.out}.json").read_text())
-        report["floors"] = floors(report)
-        Path(f"{args.out}.json").write_text(json.dumps(report, indent=1, default=str))
-        md = markdown(report)
-        Path(f"{args.out}.md").write_text(md)
-        print(md)
+        save(json.loads(Path(f"{args.out}.json").read_text()), Path(args.out))
         return 0
     if not 0 < args.n <= POOL:
         ap.error(f"--n must be in 1..{POOL:,}")
@@ -1245,12 +1240,17 @@ def main(argv: list[str] | None = None) -> int:
     if report["source_at_end"] != report["source_at_start"]:
         notes.append(f"imgstore's source changed during the run ({report['source_at_start']} -> {report['source_at_end']}): "
                      "rows before and after the change measured different code")
+    save(report, out)
+    return 0
+
+
+def save(report: dict[str, Any], out: Path) -> None:
+    """Judge the floors, write OUT.json and OUT.md, print the table."""
     report["floors"] = floors(report)
     Path(f"{out}.json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(report)
     Path(f"{out}.md").write_text(md)
     print(md)
-    return 0
 
 
 if __name__ == "__main__":

@@ -152,9 +152,10 @@ class StoreContext:
             index = find_index(seen[1], index_id)
         except NotFoundError:
             return False
-        cache = self._code_caches.get(index.id) if index is not None else None
-        return cache is not None and index is not None and cache.index.uid == index.uid and (
-            not rerank or cache.vectors is not None)
+        if index is None:
+            return False
+        cache = self._code_caches.get(index.id)
+        return cache is not None and cache.index.uid == index.uid and (not rerank or cache.vectors is not None)
 
     def forget_indexes(self) -> None:
         """This process changed the indexes (created, activated, dropped): read them afresh."""
