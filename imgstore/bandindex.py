@@ -20,8 +20,9 @@ import numpy.typing as npt
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, select, update
 
 from .hashing.bits import as_words, band_values
+from . import pgcopy
 from .models import Code, CodeBucket, HashIndex
-from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, driver_rows, insert_stmt
+from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, copy_binary, driver_rows, insert_stmt
 
 if TYPE_CHECKING:  # pragma: no cover
     from .indexing import IndexInfo
@@ -44,7 +45,7 @@ def mark_changed(conn: Connection, hasher_ids: Iterable[int]) -> None:
 
 def write_codes(
     conn: Connection, hasher_id: int, image_ids: npt.ArrayLike, codes: npt.NDArray[np.uint8], n_bands: int, band_width: int,
-    defer: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] | None = None,
+    defer: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]] | None = None, new_index: bool = False,
 ) -> int:
     """Store codes (keeping any code already stored for the same image) and add the new ones to
     their band buckets, in the caller's transaction. Returns how many were new.
@@ -55,11 +56,22 @@ def write_codes(
     :func:`write_new_buckets` at the end; appending batch by batch rewrote each bucket row
     once per batch, which on PostgreSQL left the bucket table many times its live size (dead
     row versions) and probes reading scattered pages.
+
+    ``new_index`` (with ``defer``): the index was created in this transaction, so no code of it
+    is stored and no other process can write one: the codes are inserted without the conflict
+    check, on PostgreSQL by binary ``COPY`` (:mod:`imgstore.pgcopy`). ``image_ids`` must then
+    be distinct.
     """
     ids = np.asarray(image_ids, dtype=np.int64).reshape(-1)
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if len(ids) == 0:
         return 0
+    if new_index:
+        if defer is None:
+            raise ValueError("new_index needs defer: a new index's buckets are written once, by write_new_buckets")
+        _insert_new_codes(conn, hasher_id, ids, codes)
+        defer.append((ids, codes))
+        return len(ids)
     inserted: list[int] = []
     if conn.dialect.name == "postgresql":
         # one statement of arrays per chunk: SQLAlchemy's multi-row VALUES with RETURNING had
@@ -85,6 +97,17 @@ def write_codes(
     else:
         _append_to_buckets(conn, hasher_id, ids[keep], codes[keep], n_bands, band_width, new_index=False)
     return int(keep.sum())
+
+
+def _insert_new_codes(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8]) -> None:
+    """Codes of a new index, no conflict possible: PostgreSQL binary COPY, SQLite a plain
+    executemany (no RETURNING to read back)."""
+    if conn.dialect.name == "postgresql":
+        copy_binary(conn, "COPY codes (hasher_id, image_id, code) FROM STDIN (FORMAT BINARY)",
+                    pgcopy.framed([pgcopy.codes_stream(hasher_id, ids, codes)]))
+        return
+    sql = "INSERT INTO codes (hasher_id, image_id, code) VALUES (?, ?, ?)"
+    conn.exec_driver_sql(sql, [(hasher_id, i, c) for i, c in zip(ids.tolist(), map(bytes, codes))])
 
 
 def write_new_buckets(
@@ -155,6 +178,9 @@ def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int
                        band_width: int, new_index: bool) -> None:
     """Add entries to their buckets, filling each bucket's last chunk before starting another.
     ``new_index``: the index has no buckets yet, so there are no last chunks to look up."""
+    if new_index and conn.dialect.name == "postgresql":
+        _copy_new_buckets(conn, hasher_id, ids, codes, n_bands, band_width)
+        return
     groups = list(_bucket_groups(ids, codes, n_bands, band_width))
     tails: dict[tuple[int, int], tuple[int, int]] = {}  # (band, value) -> (last chunk, its entries)
     if not new_index:
@@ -183,6 +209,22 @@ def _append_to_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int
     else:
         for part in chunks(rows, WRITE_CHUNK):
             conn.exec_driver_sql(_APPEND_SQL["sqlite"], list(part))
+
+
+def _copy_new_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int,
+                      band_width: int) -> None:
+    """A new index's bucket rows on PostgreSQL: one binary COPY, built band by band with numpy
+    (the same rows :func:`_append_to_buckets` writes: chunks of BUCKET_CHUNK in id order)."""
+    bands = band_values(codes, n_bands, band_width)
+
+    def parts() -> Iterator[bytes]:
+        yield pgcopy.HEADER
+        for j in range(n_bands):
+            order = np.lexsort((ids, bands[:, j]))
+            yield pgcopy.bucket_stream(hasher_id, j, bands[order, j], ids[order], codes[order], BUCKET_CHUNK)
+        yield pgcopy.TRAILER
+
+    copy_binary(conn, "COPY code_buckets (hasher_id, band, value, chunk, n, image_ids, codes) FROM STDIN (FORMAT BINARY)", parts())
 
 
 _APPEND_SQL = {

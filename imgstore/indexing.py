@@ -118,7 +118,7 @@ def create_index(
     encoded = 0
     report("encode", 0, n_total)
     for batch_ids, vectors in iter_features(conn, space_id, int(space.dim), batch=ENCODE_BATCH):
-        write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes)
+        write_codes(conn, hasher_id, batch_ids, hasher.encode(vectors), n_bands, band_width, defer=new_codes, new_index=True)
         encoded += len(batch_ids)
         report("encode", encoded, n_total)
     report("buckets", n_total, n_total)

@@ -6,7 +6,7 @@ takes an open ``Connection`` and leaves the transaction to the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table
@@ -61,3 +61,14 @@ def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bo
         return cursor.fetchall()
     finally:
         cursor.close()
+
+
+def copy_binary(conn: Connection, sql: str, parts: Iterable[bytes]) -> None:
+    """Run a PostgreSQL ``COPY ... FROM STDIN (FORMAT BINARY)`` in the connection's transaction,
+    sending ``parts`` (a whole binary stream: :func:`imgstore.pgcopy.framed`) as they come."""
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(sql) as copy:  # type: ignore[attr-defined]
+        for part in parts:
+            if part:
+                copy.write(part)

@@ -86,3 +86,47 @@ def test_verify_notices_a_damaged_bucket(db_url: str) -> None:
             conn.execute(text("DELETE FROM code_buckets WHERE chunk = 0 AND band = 1 AND value = (SELECT min(value) FROM code_buckets WHERE band = 1)"))
         report = store.verify(check_files=False)
         assert not report.ok and report.bucket_mismatch
+
+
+def test_bulk_path_of_a_new_index_writes_the_rows_of_the_append_path(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``write_codes(new_index=True)`` + ``write_new_buckets`` (PostgreSQL: binary COPY built with
+    numpy; SQLite: a plain executemany) stores the same codes and bucket rows, byte for byte, as
+    the checked append path, with crowded buckets split into chunks and ids out of order."""
+    monkeypatch.setattr(bandindex, "BUCKET_CHUNK", 5)
+    rng = np.random.default_rng(7)
+    vectors = crowded_vectors(400, seed=2)
+    with ImageStore(db_url) as store:
+        space_id = store.transaction(lambda conn: populate(conn, vectors))
+
+        def load(conn: Connection) -> tuple[int, int]:
+            from imgstore.hashing.methods import LSHHasher
+            from imgstore.models import HashIndex
+
+            ids = np.array([r[0] for r in conn.execute(text("SELECT id FROM images ORDER BY id"))], dtype=np.int64)
+            codes = LSHHasher(n_bits=40, random_state=0).fit(vectors).encode(vectors)
+            perm = rng.permutation(len(ids))  # batches arrive in any id order
+            made = []
+            for bulk in (True, False):
+                hid = int(conn.execute(HashIndex.__table__.insert().values(
+                    uid=f"bulk{bulk}", space_id=space_id, method="lsh", n_bits=40, n_bands=3, band_width=13, params=b"",
+                    config={}, is_active=False, n_fitted=0, generation=0).returning(HashIndex.id)).scalar_one())
+                deferred: list = []
+                for part in np.array_split(perm, 3):
+                    assert write_codes(conn, hid, ids[part], codes[part], 3, 13, defer=deferred, new_index=bulk) == len(part)
+                bandindex.write_new_buckets(conn, hid, deferred, 3, 13)
+                made.append(hid)
+            with pytest.raises(ValueError, match="defer"):
+                write_codes(conn, made[0], ids[:1], codes[:1], 3, 13, new_index=True)
+            return made[0], made[1]
+
+        bulk_id, checked_id = store.transaction(load)
+        with store.engine.connect() as conn:
+            def rows(table: str, cols: str, hid: int) -> list:
+                return [tuple(bytes(x) if isinstance(x, memoryview) else x for x in r)
+                        for r in conn.execute(text(f"SELECT {cols} FROM {table} WHERE hasher_id = :h ORDER BY {cols}"), {"h": hid})]
+            bucket_cols = "band, value, chunk, n, image_ids, codes"
+            assert rows("codes", "image_id, code", bulk_id) == rows("codes", "image_id, code", checked_id)
+            got = rows("code_buckets", bucket_cols, bulk_id)
+            assert got == rows("code_buckets", bucket_cols, checked_id)
+            assert max(r[3] for r in got) == 5 and max(r[2] for r in got) >= 3  # crowded buckets were split
+            assert_buckets_match_codes(conn, bulk_id)
