@@ -12,7 +12,8 @@ ingested into a fresh SQLite store with the default extractor and default index,
 
 A found pair is two images in one group. For transformation t: recall = share of
 (original, t-copy) pairs found; precision = share of found pairs involving a t-copy that are
-true (both derive from the same original). Writes benchmarks/results/dedup.json and dedup.md.
+true (both derive from the same original). Writes benchmarks/results/dedup.json and dedup.md
+(``--out NAME``: NAME.json and NAME.md).
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--extractor", default=None)
     parser.add_argument("--workdir", default=None, help="keep the image set and store here and reuse them")
     parser.add_argument("--sweep", action="store_true", help="also sweep the signature cosine floor")
+    parser.add_argument("--out", default="dedup", help="basename of the result files under benchmarks/results")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(args.workdir) if args.workdir else Path(tmp_name)
@@ -201,7 +203,7 @@ def main() -> None:
               "index": f"{index.method} {index.n_bits} bits, {index.n_bands} bands", "runs": runs,
               "no_index": no_index, "all_pairs_seconds": all_pairs_cost}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "dedup.json").write_text(json.dumps(result, indent=2))
+    (RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"Copy-detection set: {summary.added} images ({len([1 for k in truth.values() if k[1] == 'original'])} originals, "
              f"{len(COPIES)} copies each, distractors); index {result['index']}.", "",
              "| settings | transform | precision | recall | pairs found |", "|---|---|---|---|---|"]
@@ -217,7 +219,7 @@ def main() -> None:
               "All-pairs cost (1280-d unit vectors, one process, `AllPairs.edges` at the default rule), seconds: "
               + ", ".join(f"{n:,} images {s:.1f}" for n, s in all_pairs_cost.items())
               + f". `imgstore.dedup.ALL_PAIRS_MAX` = {ALL_PAIRS_MAX}: above it a temporary in-memory index is used."]
-    (RESULTS_DIR / "dedup.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -132,7 +132,7 @@ def test_resnet50_offline_without_weights(tmp_path: Path, monkeypatch: pytest.Mo
 def test_color_descriptor(photos: list[Image.Image]) -> None:
     ex = get_extractor("color")
     feats = ex.extract(photos)
-    assert feats.shape == (3, 384) and feats.dtype == np.float32
+    assert feats.shape == (3, 464) and feats.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(feats, ex.extract(photos))
     flipped = ex.extract([photos[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)])[0]
@@ -224,3 +224,20 @@ def test_efficientnet_lite2_loads_strictly_and_classifies(photos: list[Image.Ima
     assert np.array_equal(features, lite2.extract(photos))  # deterministic
     with pytest.raises(WeightsNotFoundError, match="EfficientNet-Lite2"):
         get_extractor("efficientnet-lite2", weights="/nonexistent/lite2.pth")
+
+
+def test_color_texture_block_is_invariant_to_brightness_and_quarter_turns(photos: list[Image.Image]) -> None:
+    """The texture part of ``color`` (riu2 local binary patterns): a monotonic brightness change
+    leaves every code as it was, and a quarter turn permutes the grid cells but keeps the
+    whole image's histogram; another photo's differs."""
+    from imgstore.features.color import _lbp_grid
+
+    gray = np.asarray(photos[0].convert("L").resize((64, 64)), dtype=np.float32)
+    other = np.asarray(photos[1].convert("L").resize((64, 64)), dtype=np.float32)
+    for r in (1, 2):
+        h = _lbp_grid(gray, r)
+        assert h.shape == (40,) and h.sum() == (64 - 2 * r) ** 2
+        np.testing.assert_array_equal(h, _lbp_grid(0.5 * gray + 7.0, r))
+        whole = h.reshape(4, 10).sum(axis=0)
+        np.testing.assert_array_equal(whole, _lbp_grid(np.ascontiguousarray(np.rot90(gray)), r).reshape(4, 10).sum(axis=0))
+        assert not np.array_equal(whole, _lbp_grid(other, r).reshape(4, 10).sum(axis=0))

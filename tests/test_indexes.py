@@ -92,7 +92,7 @@ from imgstore.models import Code, HashIndex
 from imgstore.vectors import load_features
 with ImageStore(sys.argv[1]) as store, store.engine.connect() as conn:
     h = conn.execute(select(HashIndex.params, HashIndex.space_id, HashIndex.id)).one()
-    ids, X = load_features(conn, h.space_id, 384)
+    ids, X = load_features(conn, h.space_id, 464)
     codes = hasher_from_bytes(h.params).encode(X)
     stored = dict(conn.execute(select(Code.image_id, Code.code).where(Code.hasher_id == h.id)).all())
     same = sum(stored[int(i)] == c.tobytes() for i, c in zip(ids, codes))

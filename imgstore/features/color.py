@@ -1,12 +1,19 @@
-"""A fast handcrafted descriptor: colour histograms + gradient-orientation histograms (pure numpy).
+"""A fast handcrafted descriptor: colour, shape and texture histograms (pure numpy).
 
 No weights, hundreds of images per second. Far weaker than CNN features for semantic search, but
 good for near-duplicates and colour/layout queries, and a baseline for the benchmarks.
 
-Layout (dim = 384), every block L1-normalised, square-rooted (Hellinger), the whole L2-normalised:
+Layout (dim = 464), every block L1-normalised, square-rooted (Hellinger), the whole L2-normalised:
 - 128: joint HSV histogram of the whole image (8 hue x 4 saturation x 4 value bins);
 - 128: HSV histograms of the 4 quadrants (8 hue x 2 saturation x 2 value bins each);
-- 128: gradient orientation histograms (8 unsigned orientations, magnitude-weighted) on a 4x4 grid.
+- 128: gradient orientation histograms (8 unsigned orientations, magnitude-weighted) on a 4x4 grid
+  (shape);
+- 80: texture: rotation-invariant uniform local binary patterns (Ojala et al. 2002, "riu2": 8
+  neighbours, 10 codes) at radius 1 and 2 on a 2x2 grid. Each pixel's code says how many of its
+  neighbours are at least as bright when they form one arc (edges, corners, spots, flat), else
+  "non-uniform"; the histogram of codes is invariant to monotonic brightness changes and, being
+  rotation-invariant per pixel, changes little when the photo is rotated.
+Version 2 added the texture block; a store made with version 1 is told to re-extract.
 """
 
 from __future__ import annotations
@@ -35,19 +42,39 @@ def _hellinger(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.sqrt(block / max(float(block.sum()), _EPS))
 
 
+#: the 8 neighbours in circular order (unit steps; scaled by the radius)
+_RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
+
+
+def _lbp_grid(gray: npt.NDArray[np.float32], radius: int) -> npt.NDArray[np.float32]:
+    """Histograms of riu2 LBP codes (0..8 uniform, 9 non-uniform) on a 2x2 grid: (40,)."""
+    h, w = gray.shape
+    centre = gray[radius : h - radius, radius : w - radius]
+    bits = np.stack([
+        gray[radius + dy * radius : h - radius + dy * radius, radius + dx * radius : w - radius + dx * radius] >= centre
+        for dy, dx in _RING
+    ])
+    ones = bits.sum(axis=0)
+    transitions = (bits != np.roll(bits, 1, axis=0)).sum(axis=0)
+    code = np.where(transitions <= 2, ones, 9)
+    rows = (np.arange(radius, h - radius)[:, None] * 2) // h
+    cols = (np.arange(radius, w - radius)[None, :] * 2) // w
+    return np.bincount(((rows * 2 + cols) * 10 + code).ravel(), minlength=40).astype(np.float32)
+
+
 class ColorExtractor:
-    """Colour + gradient histogram descriptor, 384-d float32; ``preprocess`` does all the work."""
+    """Colour + gradient + texture histogram descriptor, 464-d float32; ``preprocess`` does all the work."""
 
     name = "color"
-    dim = 384
-    preprocess_version = "hsv8x4x4-q8x2x2-hog8g4-s64-v1"
+    dim = 464
+    preprocess_version = "hsv8x4x4-q8x2x2-hog8g4-lbp10r12g2-s64-v2"
     draft_size: tuple[int, int] | None = (2 * _SIZE, 2 * _SIZE)
 
     def __repr__(self) -> str:
         return "ColorExtractor()"
 
     def preprocess(self, img: Image.Image) -> npt.NDArray[np.float32]:
-        """RGB image -> (384,) float32 descriptor (thread-safe; numpy and Pillow release the GIL)."""
+        """RGB image -> (464,) float32 descriptor (thread-safe; numpy and Pillow release the GIL)."""
         small = img.convert("RGB").resize((_SIZE, _SIZE), Image.Resampling.BILINEAR)
         hsv = np.asarray(small.convert("HSV"), dtype=np.uint8)
         half = _SIZE // 2
@@ -64,11 +91,12 @@ class ColorExtractor:
         cell_id = (np.arange(_SIZE)[:, None] // cell) * 4 + (np.arange(_SIZE)[None, :] // cell)
         hog = np.bincount((cell_id * 8 + obin).ravel(), weights=magnitude.ravel(), minlength=128)
         parts.append(_hellinger(hog.astype(np.float32)))
+        parts.append(_hellinger(np.concatenate([_lbp_grid(gray, r) for r in (1, 2)])))
         out = np.concatenate(parts).astype(np.float32)
         return out / max(float(np.linalg.norm(out)), _EPS)
 
     def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
-        """(n, 384) descriptors from ``preprocess`` -> the same, as float32."""
+        """(n, 464) descriptors from ``preprocess`` -> the same, as float32."""
         arr = np.asarray(batch, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
             raise ValueError(f"expected a (n, {self.dim}) batch, got shape {arr.shape}")
