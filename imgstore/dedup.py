@@ -475,7 +475,7 @@ def find_duplicates(
         else:
             spaces = [s for s in list_spaces(conn) if s.n_features > 1]
             if spaces:
-                space = max(spaces, key=lambda s: (s.n_features, -s.id))
+                space = max(spaces, key=lambda s: (s.n_features, s.id))  # as pick_space: newest on a tie
                 if space.n_features <= ALL_PAIRS_MAX:
                     got, vectors = load_features(conn, space.id, space.dim)
                     sigs, known = _signature_matrix(_signatures(conn, got.tolist()), got)

@@ -696,7 +696,8 @@ def query_vectors(
             raise ConfigError(
                 f"stored {space.extractor} features were made with preprocessing "
                 f"{space.preprocess_version}, this imgstore makes {ex.preprocess_version}; "
-                "re-ingest, or query by stored image id"
+                f"re-ingest the folders (imgstore ingest FOLDER --extractor {space.extractor}) and index the new "
+                f"features (imgstore index create --extractor {space.extractor}), or query by stored image id"
             )
         images = [load_image(q, draft_size=ex.draft_size).image for _, q in to_embed]
         for (i, _), f in zip(to_embed, ex.extract(images)):

@@ -107,3 +107,24 @@ def test_codes_reproduced_bit_for_bit_in_another_process(db_url: str, tmp_path: 
     out = subprocess.run([sys.executable, "-c", REENCODE, db_url], capture_output=True, text=True, check=True)
     same, total = map(int, out.stdout.split())
     assert total == 24 and same == total
+
+
+def test_features_of_an_old_preprocessing_version_are_told_and_replaced(tmp_path: Path) -> None:
+    """A store whose color features came from an older preprocessing (the texture block arrived
+    in version 2): a query by file names the commands that fix it; after them, it works."""
+    root = tmp_path / "photos"
+    ingest_two_classes(str(tmp_path / "s.db"), root)
+    db = str(tmp_path / "s.db")
+    run = lambda *a: CliRunner().invoke(cli, ["--db", db, *a])  # noqa: E731
+    assert run("index", "create", "--method", "lsh", "--bits", "32").exit_code == 0
+    with ImageStore(db) as store, store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE feature_spaces SET preprocess_version = 'hsv8x4x4-q8x2x2-hog8g4-s64-v1'")
+    query = sorted((root / "cats").iterdir())[0]
+    told = run("query", str(query), "-k", "3")
+    assert told.exit_code == 1 and "hog8g4-s64-v1" in told.output
+    assert "imgstore ingest FOLDER --extractor color" in told.output and "imgstore index create --extractor color" in told.output
+    assert run("ingest", str(root), "--extractor", "color").exit_code == 0
+    assert run("index", "create", "--extractor", "color", "--method", "lsh", "--bits", "32").exit_code == 0
+    fixed = run("query", str(query), "-k", "3", "--json")
+    assert fixed.exit_code == 0, fixed.output
+    assert "cats" in json.loads(fixed.output)[0]["results"][0]["paths"][0]
