@@ -1,11 +1,19 @@
 """Near-duplicate detection quality: precision and recall of duplicate pairs, per transformation.
 
-    python benchmarks/bench_dedup.py [--cifar-originals 300] [--distractors 1000]
+    python benchmarks/bench_dedup.py [--cifar-originals 300] [--distractors 1000] [--copies extended|basic]
 
 Copy-detection set, built from real photos: scikit-image's bundled photos and CIFAR-10 test
 images (taken from the database part of the protocol split) are the originals; each gets one
-copy per transformation (resize to half, JPEG quality 30, crop 90%, horizontal flip, brightness
-+20%, rotation 5 degrees); other CIFAR-10 images are distractors with no copy. Everything is
+copy per transformation: ``--copies basic``, resize to half, JPEG quality 30, crop 90%,
+horizontal flip, brightness +20%, rotation 5 degrees; ``extended`` (the default) adds rotations
+of 2, 10 and 15 degrees, 5 and 10 with ``expand``, centred crops keeping 70% and 50% of the
+area, a caption band and a logo badge (each about a tenth of the image), greyscale, sepia, aspect
+changes 4:3 <-> 16:9, and crop 70% + greyscale, rotation 5 + caption. Distractors: other
+CIFAR-10 images with no copy (same classes as the originals: the same subject on other
+photos), the left and right halves of three photos (no overlap; the photos themselves are not
+in the set), and scikit-image's stereo pair motorcycle_left/right (two originals: the same
+scene from two viewpoints, not copies). Figures are given over the whole set and per size
+class (photos; thumbnails). Everything is
 ingested into a fresh SQLite store with the default extractor and default index, then
 ``ImageStore.find_duplicates`` runs with default settings (and other ``min_cosine`` and
 ``min_signature`` values, to show the trade-off).
@@ -30,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,7 +48,7 @@ from imgstore import ImageStore  # noqa: E402
 from imgstore.dedup import ALL_PAIRS_MAX  # noqa: E402
 from imgstore.samples import TRANSFORMS, skimage_photos  # noqa: E402
 
-COPIES = {
+BASIC = {
     "resize_half": TRANSFORMS["resize_half"],
     "jpeg_q30": TRANSFORMS["jpeg_q30"],
     "crop_90": TRANSFORMS["crop_90"],
@@ -48,6 +56,98 @@ COPIES = {
     "brighter_20": lambda img: ImageEnhance.Brightness(img).enhance(1.2),
     "rotate_5": TRANSFORMS["rotate_5"],
 }
+
+
+def _rotate(degrees: float, expand: bool) -> Any:
+    return lambda img: img.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=expand)
+
+
+def _crop_area(area: float) -> Any:
+    """A centred crop keeping ``area`` of the pixels."""
+    side = area ** 0.5
+
+    def apply(img: Image.Image) -> Image.Image:
+        w, h = img.size
+        cw, ch = max(1, round(w * side)), max(1, round(h * side))
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return img.crop((left, top, left + cw, top + ch))
+    return apply
+
+
+def _caption(img: Image.Image) -> Image.Image:
+    """A white caption band with black text across the bottom tenth of the image."""
+    out = img.convert("RGB").copy()
+    w, h = out.size
+    band = max(2, h // 10)
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((0, h - band, w, h), fill=(255, 255, 255))
+    font = ImageFont.load_default(size=max(6, int(band * 0.7)))
+    draw.text((max(1, w // 40), h - band + band // 8), "Holiday 2024 - imgstore", fill=(0, 0, 0), font=font)
+    return out
+
+
+def _logo(img: Image.Image) -> Image.Image:
+    """A coloured badge (disc, bar and letters) over about a tenth of the image, top right."""
+    out = img.convert("RGB").copy()
+    w, h = out.size
+    side = max(4, int((0.10 * w * h) ** 0.5))
+    x0, y0 = w - side - w // 30, h // 30
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((x0, y0, x0 + side, y0 + side), fill=(20, 60, 160))
+    draw.ellipse((x0 + side // 8, y0 + side // 8, x0 + side // 2, y0 + side // 2), fill=(250, 200, 0))
+    draw.rectangle((x0 + side // 8, y0 + 5 * side // 8, x0 + 7 * side // 8, y0 + 6 * side // 8), fill=(230, 40, 40))
+    draw.text((x0 + side // 2, y0 + side // 5), "TV", fill=(255, 255, 255), font=ImageFont.load_default(size=max(6, side // 4)))
+    return out
+
+
+def _sepia(img: Image.Image) -> Image.Image:
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    m = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], dtype=np.float32)
+    return Image.fromarray(np.clip(rgb @ m.T, 0, 255).astype(np.uint8))
+
+
+def _aspect(factor: float) -> Any:
+    """Width scaled by ``factor``, height kept: 4:3 -> 16:9 is 4/3, 16:9 -> 4:3 is 3/4."""
+    return lambda img: img.resize((max(8, round(img.width * factor)), img.height), Image.Resampling.LANCZOS)
+
+
+def _then(*steps: Any) -> Any:
+    def apply(img: Image.Image) -> Image.Image:
+        for step in steps:
+            img = step(img)
+        return img
+    return apply
+
+
+def _grey(img: Image.Image) -> Image.Image:
+    return ImageOps.grayscale(img).convert("RGB")
+
+
+#: Issue 18's edits: rotations (with and without ``expand``), hard crops, overlays, colour
+#: changes, aspect changes and combinations of two, beside the basic six.
+EXTENDED = {
+    **BASIC,
+    "rotate_2": _rotate(2, False),
+    "rotate_10": _rotate(10, False),
+    "rotate_15": _rotate(15, False),
+    "rotate_5_expand": _rotate(5, True),
+    "rotate_10_expand": _rotate(10, True),
+    "crop_area_70": _crop_area(0.70),
+    "crop_area_50": _crop_area(0.50),
+    "caption": _caption,
+    "logo": _logo,
+    "greyscale": _grey,
+    "sepia": _sepia,
+    "aspect_4x3_to_16x9": _aspect(4 / 3),
+    "aspect_16x9_to_4x3": _aspect(3 / 4),
+    "crop_area_70+greyscale": _then(_crop_area(0.70), _grey),
+    "rotate_5+caption": _then(_rotate(5, False), _caption),
+}
+COPY_SETS = {"basic": BASIC, "extended": EXTENDED}
+COPIES: dict[str, Any] = EXTENDED
+#: photos whose left and right halves (no overlap) enter the set as distractors of each other;
+#: they are not originals (a half is a crop of its photo)
+HALVES = ("astronaut", "coffee", "rocket")
 
 
 def build_set(root: Path, n_cifar: int, n_distractors: int) -> dict[str, tuple[str, str]]:
@@ -64,7 +164,8 @@ def build_set(root: Path, n_cifar: int, n_distractors: int) -> dict[str, tuple[s
             rest.append(path)
     distractors = rest[:: max(1, len(rest) // max(n_distractors, 1))][:n_distractors]
     truth: dict[str, tuple[str, str]] = {}
-    sources = [(f"sk-{p.stem}", p) for p in skimage_photos()] + [(f"cifar-{p.parent.name}-{p.stem}", p) for p in chosen]
+    photos = [p for p in skimage_photos() if p.stem not in HALVES]
+    sources = [(f"sk-{p.stem}", p) for p in photos] + [(f"cifar-{p.parent.name}-{p.stem}", p) for p in chosen]
     for ident, src in sources:
         with Image.open(src) as opened:
             img = opened.convert("RGB")
@@ -78,6 +179,16 @@ def build_set(root: Path, n_cifar: int, n_distractors: int) -> dict[str, tuple[s
             quality = 30 if name == "jpeg_q30" else 90
             transform(img).convert("RGB").save(target, format="JPEG", quality=quality)
             truth[str(target)] = (ident, name)
+    for p in skimage_photos():
+        if p.stem in HALVES:
+            with Image.open(p) as opened:
+                img = opened.convert("RGB")
+            w, h = img.size
+            for side, box in (("left", (0, 0, w // 2, h)), ("right", (w - w // 2, 0, w, h))):
+                target = root / "distractors" / f"sk-half-{p.stem}-{side}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                img.crop(box).save(target)
+                truth[str(target)] = (f"distractor-{target.name}", "distractor")
     for p in distractors:
         target = root / "distractors" / f"{p.parent.name}-{p.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +197,23 @@ def build_set(root: Path, n_cifar: int, n_distractors: int) -> dict[str, tuple[s
     return truth
 
 
-def score(groups: list[Any], truth: dict[str, tuple[str, str]]) -> dict[str, dict[str, float]]:
+def size_class(ident: str) -> str:
+    """``photos`` (scikit-image's, 300-4000 px) or ``thumbnails`` (CIFAR-10's 32x32)."""
+    return "photos" if ident.startswith(("sk-", "distractor-sk-")) else "thumbnails"
+
+
+def score(groups: list[Any], truth: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Scores over the whole set, and per size class (``by_size``): a pair is in a class when its
+    first image is (copies are in their original's class; pairs across classes are false)."""
+    out: dict[str, Any] = _score(groups, truth)
+    out["by_size"] = {}
+    for cls in ("photos", "thumbnails"):
+        part = {p: t for p, t in truth.items() if size_class(t[0]) == cls}
+        out["by_size"][cls] = _score(groups, truth, keep=set(part))
+    return out
+
+
+def _score(groups: list[Any], truth: dict[str, tuple[str, str]], keep: set[str] | None = None) -> dict[str, Any]:
     group_of: dict[str, int] = {}
     for g, group in enumerate(groups):
         for m in group.members:
@@ -97,11 +224,11 @@ def score(groups: list[Any], truth: dict[str, tuple[str, str]]) -> dict[str, dic
     for p, g in group_of.items():
         members[g].append(p)
     for paths in members.values():
-        found_pairs += list(combinations(sorted(paths), 2))
-    out = {}
+        found_pairs += [(a, b) for a, b in combinations(sorted(paths), 2) if keep is None or a in keep]
+    out: dict[str, Any] = {}
     originals = {ident: p for p, (ident, kind) in truth.items() if kind == "original"}
     for name in COPIES:
-        copies = {ident: p for p, (ident, kind) in truth.items() if kind == name}
+        copies = {ident: p for p, (ident, kind) in truth.items() if kind == name and (keep is None or p in keep)}
         hits = sum(1 for ident, c in copies.items() if c in group_of and group_of.get(originals[ident]) == group_of[c])
         involving = [(a, b) for a, b in found_pairs if truth.get(a, ("", ""))[1] == name or truth.get(b, ("", ""))[1] == name]
         true = sum(1 for a, b in involving if truth[a][0] == truth[b][0])
@@ -148,7 +275,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the image set and store here and reuse them")
     parser.add_argument("--sweep", action="store_true", help="also sweep the signature cosine floor")
     parser.add_argument("--out", default="dedup", help="basename of the result files under benchmarks/results")
+    parser.add_argument("--copies", choices=sorted(COPY_SETS), default="extended",
+                        help="the edits: basic (the first six) or extended (issue 18's, with the basic six)")
     args = parser.parse_args()
+    global COPIES
+    COPIES = COPY_SETS[args.copies]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(args.workdir) if args.workdir else Path(tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -206,12 +337,17 @@ def main() -> None:
     (RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     lines = [f"Copy-detection set: {summary.added} images ({len([1 for k in truth.values() if k[1] == 'original'])} originals, "
              f"{len(COPIES)} copies each, distractors); index {result['index']}.", "",
-             "| settings | transform | precision | recall | pairs found |", "|---|---|---|---|---|"]
+             "Per size class: photos are scikit-image's (300-4000 px), thumbnails CIFAR-10's 32x32.", "",
+             "| settings | transform | precision | recall | pairs found | photos: precision | recall | thumbnails: precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, run in runs.items():
+        by = run.get("by_size", {})
         for name in COPIES:
             r = run[name]
-            lines.append(f"| {label} | {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['pairs_found']} |")
-        lines.append(f"| {label} | all pairs | {run['all']['precision']:.3f} | | {run['all']['pairs_found']} |")
+            cells = "".join(f" {by[c][name]['precision']:.3f} | {by[c][name]['recall']:.3f} |" if c in by else " | |" for c in ("photos", "thumbnails"))
+            lines.append(f"| {label} | {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['pairs_found']} |{cells}")
+        cells = "".join(f" {by[c]['all']['precision']:.3f} | |" if c in by else " | |" for c in ("photos", "thumbnails"))
+        lines.append(f"| {label} | all pairs | {run['all']['precision']:.3f} | | {run['all']['pairs_found']} |{cells}")
     lines += ["", "Without an index (all pairs) against the index path, default settings: "
               f"{no_index['pairs_with_index']} pairs with the index, {no_index['pairs_without_index']} without; "
               f"pairs the index found that all pairs missed: {no_index['missed_by_all_pairs']}; extra pairs from all "
