@@ -350,17 +350,21 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
     for n in args.sizes:
         codes = np.ascontiguousarray(pool[:n])
         gt_ids, gt_dist = ground_truth(n, pool, queries)
-        if not args.no_faiss:
+        if "faiss" in args.paths:
             for row in run_faiss(n, codes, queries, gt_ids, gt_dist):
                 upsert(res["rows"], row, ("db", "N", "method", "n_bands"))
                 _print(row)
-            save_results(res, "search")
+            save_results(res, "search " + ",".join(sorted(args.paths)))
         for kind in args.db:
+            if "sql" not in args.paths and kind != "sqlite":
+                continue
             with ImageStore(store_url(kind, n, args.pg)) as store, store.engine.connect() as conn:
                 for m, index in sorted(indexes_of(conn).items()):
-                    methods = search_methods("sql", SqlSource(conn, index, n_codes=n))
+                    methods = search_methods("sql", SqlSource(conn, index, n_codes=n)) if "sql" in args.paths else {}
                     cache_info: dict[str, Any] = {}
-                    if kind == "sqlite":  # the cache is the same arrays whatever the database
+                    if "cache" not in args.paths:
+                        pass
+                    elif kind == "sqlite":  # the cache is the same arrays whatever the database
                         r0 = rss_bytes()
                         t0 = time.perf_counter()
                         cache = CodeCache.load(conn, index)
@@ -383,11 +387,11 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
                         upsert(res["rows"], row, ("db", "N", "method", "n_bands"))
                         _print(row)
                     conn.rollback()
-                    save_results(res, "search")
+                    save_results(res, "search " + ",".join(sorted(args.paths)))
 
 
 def _cache_bytes(cache: CodeCache) -> int:
-    return sum(a.nbytes for a in (cache.image_ids, cache.codes, cache.words, cache.seg_keys, cache.seg_rows, cache.seg_words))
+    return cache.nbytes
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -760,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pg", default=os.environ.get("IMGSTORE_TEST_PG_URL", bs.DEFAULT_PG))
     ap.add_argument("--rebuild", action="store_true", help="load: rebuild stores that exist")
     ap.add_argument("--drop", action="store_true", help="with --stage load: drop the stores of --sizes/--db and stop")
-    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--paths", default="sql,cache,faiss", help="search: which of sql, cache, faiss to measure")
     ap.add_argument("--ef", default="16,32,64,128", help="usearch expansion_search values")
     ap.add_argument("--procs", default="1,2,4", help="clients: process counts")
     ap.add_argument("--seconds", type=float, default=8.0, help="clients/writes: seconds per measurement")
@@ -771,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.db = [d for d in args.db.split(",") if d]
     args.ef = [int(x) for x in args.ef.split(",") if x]
+    args.paths = set(args.paths.split(","))
     args.procs = [int(x) for x in args.procs.split(",") if x]
     if any(n > POOL - APPEND for n in args.sizes):
         ap.error(f"sizes must be <= {POOL - APPEND:,}")

@@ -304,8 +304,7 @@ class StoreContext:
             vectors = cache.vectors
             out.append({"index_id": index_id, "codes": len(cache), "generation": cache.generation,
                         "vectors": vectors is not None,
-                        "bytes": int(cache.codes.nbytes + cache.words.nbytes + cache.seg_keys.nbytes + cache.seg_rows.nbytes
-                                     + cache.seg_words.nbytes + (0 if vectors is None else vectors.nbytes))})
+                        "bytes": cache.nbytes + (0 if vectors is None else int(vectors.nbytes))})
         return out
 
     def warm(self) -> None:

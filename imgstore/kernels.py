@@ -15,6 +15,8 @@ bands of ``w`` bits:
 * ``seg_rows`` ``(m * n,)`` int32: the cache row of each entry;
 * ``seg_words`` ``(m * n, n_words)`` uint64: that row's code, copied next to its key so a probe
   reads codes sequentially instead of one cache miss per candidate;
+* ``seg_dir`` ``(m, 2**p + 1)`` int32 and ``shift``: where each value of a band's top
+  ``w - shift`` bits starts in its segment (:func:`imgstore.search.directory`);
 * ``band_masks`` ``(m, n_words)`` uint64: the bits of band ``j`` in the word layout of
   :func:`imgstore.hashing.bits.as_words`, so a band's distance is ``popcount((x ^ q) & mask)``.
 
@@ -59,8 +61,10 @@ def _query_band(qbytes, j, w):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def _ranges(seg_keys, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
-    """Start and end (exclusive) in ``seg_keys`` of every probe, band by band."""
+def _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+    """Start and end (exclusive) in ``seg_keys`` of every probe, band by band: the directory
+    gives the run of keys sharing the probe's top bits (exactly its bucket when ``shift`` is 0),
+    a binary search inside that run the rest."""
     nf = flips.shape[0]
     los = np.empty(m * nf, np.int64)
     his = np.empty(m * nf, np.int64)
@@ -69,19 +73,24 @@ def _ranges(seg_keys, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
         seg = seg_keys[j * n : (j + 1) * n]
         for f in range(nf):
             v = qb ^ flips[f]
-            lo = np.searchsorted(seg, v)
-            hi = lo
-            while hi < n and seg[hi] == v:
-                hi += 1
+            top = v >> shift
+            lo = np.int64(seg_dir[j, top])
+            hi = np.int64(seg_dir[j, top + 1])
+            if shift > 0:
+                lo = lo + np.searchsorted(seg[lo:hi], v)
+                end = hi
+                hi = lo
+                while hi < end and seg[hi] == v:
+                    hi += 1
             los[j * nf + f] = j * n + lo
             his[j * nf + f] = j * n + hi
     return los, his
 
 
 @nb.njit(cache=True, nogil=True)
-def probe_count(seg_keys, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+def probe_count(seg_keys, seg_dir, shift, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
     """Index entries the probes would visit (codes found by several bands count each time)."""
-    los, his = _ranges(seg_keys, n, qbytes, m, w, flips)
+    los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips)
     return int((his - los).sum())
 
 
@@ -113,7 +122,7 @@ def _select(keys, hist, c, n, k):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def probe_rank(seg_keys, seg_rows, seg_words, n, qbytes, qwords, band_masks, w, flips, s_lo, s_hi, k):  # type: ignore[no-untyped-def]
+def probe_rank(seg_keys, seg_dir, shift, seg_rows, seg_words, n, qbytes, qwords, band_masks, w, flips, s_lo, s_hi, k):  # type: ignore[no-untyped-def]
     """Top-k rows among codes with some band within ``s_lo..s_hi`` bits of the query's.
 
     ``flips``: the XOR masks of that radius range (``probe_values(0, w, s_lo, s_hi)``); codes
@@ -123,7 +132,7 @@ def probe_rank(seg_keys, seg_rows, seg_words, n, qbytes, qwords, band_masks, w, 
     m = band_masks.shape[0]
     nw = qwords.shape[0]
     nf = flips.shape[0]
-    los, his = _ranges(seg_keys, n, qbytes, m, w, flips)
+    los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips)
     keys = np.empty(int((his - los).sum()), np.int64)
     hist = np.zeros(nw * 64 + 1, np.int64)
     x = np.empty(nw, np.uint64)

@@ -167,6 +167,25 @@ class SqlSource:
         return rank(all_ids, all_codes, query_code, k)
 
 
+def directory(seg_keys: npt.NDArray[np.uint32], n: int, n_bands: int, band_width: int) -> tuple[npt.NDArray[np.int32], int]:
+    """A directory of the sorted band segments: for band ``j`` and each value ``t`` of a band's
+    top ``p = min(band_width, floor(log2 n))`` bits, ``dir[j, t]`` is where keys with those top
+    bits start in the segment (``dir[j, 2**p] = n``); returns ``(dir, band_width - p)``.
+
+    A probe then finds its bucket by one look-up and, when ``p < band_width``, a binary search
+    over the few keys sharing the top bits, instead of a binary search over all ``n`` keys (23
+    dependent cache misses at 10M codes: most of a query's time). ``p <= log2 n`` keeps the
+    directory at most 4 bytes per code and band."""
+    p = min(band_width, int(np.floor(np.log2(n))) if n > 1 else 0)
+    shift = band_width - p
+    out = np.empty((n_bands, (1 << p) + 1), dtype=np.int32)
+    for j in range(n_bands):
+        counts = np.bincount(seg_keys[j * n : (j + 1) * n] >> np.uint32(shift), minlength=1 << p)
+        out[j, 0] = 0
+        np.cumsum(counts, out=out[j, 1:])
+    return out, shift
+
+
 @dataclass
 class CodeCache:
     """All codes of one index in memory, laid out for the compiled probes of :mod:`imgstore.kernels`.
@@ -175,7 +194,8 @@ class CodeCache:
     another process (or this one) wrote codes since: the store's context then appends what was
     added (:meth:`appended`) or, when codes went away, reloads. Memory per code:
     its bytes and words, plus per band a uint32 key, an int32 row and a copy of the code words
-    (for 64-bit codes in 4 bands, about 80 bytes).
+    (for 64-bit codes in 4 bands, about 90 bytes), and a directory of the band values (at most
+    4 bytes per code and band).
     """
 
     index: IndexInfo
@@ -190,6 +210,10 @@ class CodeCache:
     seg_keys: npt.NDArray[np.uint32] = field(init=False)  # (n_bands * n,) band j sorted in [j*n, (j+1)*n)
     seg_rows: npt.NDArray[np.int32] = field(init=False)  # (n_bands * n,) row of each key
     seg_words: npt.NDArray[np.uint64] = field(init=False)  # (n_bands * n, n_words) code of each key
+    #: per band, where each value of the top ``band_width - dir_shift`` bits starts in its
+    #: segment: ``(n_bands, 2**p + 1)`` int32 (see :func:`directory`)
+    seg_dir: npt.NDArray[np.int32] = field(init=False)
+    dir_shift: int = field(init=False)
     band_masks: npt.NDArray[np.uint64] = field(init=False)  # (n_bands, n_words)
     _flips: dict[tuple[int, int], npt.NDArray[np.int64]] = field(init=False, default_factory=dict)
     _row_of: npt.NDArray[np.int32] | None = field(init=False, default=None)  # image id -> row (-1: none), when dense
@@ -203,6 +227,7 @@ class CodeCache:
         self.seg_rows = np.ascontiguousarray(order.T).reshape(-1).astype(np.int32)
         self.seg_words = np.ascontiguousarray(self.words[self.seg_rows])
         self.band_masks = band_word_masks(self.codes.shape[1] * 8, m, w)
+        self.seg_dir, self.dir_shift = directory(self.seg_keys, n, m, w)
 
     @classmethod
     def load(cls, conn: Connection, index: IndexInfo) -> CodeCache:
@@ -244,6 +269,7 @@ class CodeCache:
         out.seg_keys = np.ascontiguousarray(np.concatenate(keys))
         out.seg_rows = np.ascontiguousarray(np.concatenate(rows))
         out.seg_words = np.ascontiguousarray(np.concatenate(words))
+        out.seg_dir, out.dir_shift = directory(out.seg_keys, len(out.image_ids), m, w)
         out._flips = self._flips
         out._row_of = None
         out.vectors = None
@@ -259,6 +285,12 @@ class CodeCache:
         out = copy.copy(self)
         out.vectors = vectors
         return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held for the codes (not the attached vectors)."""
+        return int(sum(a.nbytes for a in (self.image_ids, self.codes, self.words, self.seg_keys, self.seg_rows, self.seg_words,
+                                          self.seg_dir)))
 
     def rows_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
         """The rows of ``image_ids`` (in that order), or None when one is not in the cache.
@@ -326,7 +358,8 @@ class CodeCache:
         if n == 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
         rows, dist, found = kernels.probe_rank(
-            self.seg_keys, self.seg_rows, self.seg_words, n, query_code, as_words(query_code.reshape(1, -1))[0],
+            self.seg_keys, self.seg_dir, self.dir_shift, self.seg_rows, self.seg_words, n, query_code,
+            as_words(query_code.reshape(1, -1))[0],
             self.band_masks, self.index.band_width, self.flips(s_lo, s_hi), s_lo, s_hi, k,
         )
         return self.image_ids[rows], dist, int(found)
@@ -337,7 +370,7 @@ class CodeCache:
 
         if len(self) == 0:
             return 0
-        return int(kernels.probe_count(self.seg_keys, len(self), query_code, self.index.n_bands,
+        return int(kernels.probe_count(self.seg_keys, self.seg_dir, self.dir_shift, len(self), query_code, self.index.n_bands,
                                        self.index.band_width, self.flips(s, s)))
 
     def probe(self, probes: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.intp]:

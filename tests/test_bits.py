@@ -165,6 +165,8 @@ def test_default_n_bands_rule() -> None:
             assert 8 <= band_layout(n_bits, m) <= 32
     assert default_n_bands(64, 2**16) == 4  # 64 / log2(65536) = 4 bands of 16 bits
     assert default_n_bands(64, 2**32) == 2
+    # rounded up (no band wider than log2 N): the faster layout measured at 1M and at 10M
+    assert default_n_bands(64, 10**6) == 4 and default_n_bands(64, 10**7) == 3
     assert default_n_bands(256, 10**6) == 13  # 256 / log2(1e6): no longer capped at 8 (migration 0004)
     assert band_layout(256, 4) == 32  # capped: bits 128..255 are in no band
     assert band_layout(64, 8) == 8

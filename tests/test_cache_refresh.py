@@ -23,7 +23,7 @@ def test_appended_equals_built_from_scratch(n_bits: int, n_bands: int, width: in
     first = CodeCache(whole.index, 0, whole.image_ids[:split], whole.codes[:split])
     grown = first.appended(whole.image_ids[split:], whole.codes[split:], generation=7)
     assert grown.generation == 7 and len(first) == split  # the old cache is untouched
-    for name in ("image_ids", "codes", "words", "seg_keys", "seg_rows", "seg_words"):
+    for name in ("image_ids", "codes", "words", "seg_keys", "seg_rows", "seg_words", "seg_dir", "dir_shift"):
         np.testing.assert_array_equal(getattr(grown, name), getattr(whole, name), err_msg=name)
     rng = np.random.default_rng(0)
     for q in whole.codes[rng.integers(0, len(whole), 10)]:
