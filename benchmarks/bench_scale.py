@@ -495,6 +495,8 @@ def _client(url: str, n: int, n_bands: int, radius: int, queries: npt.NDArray[np
             hamming_search(queries[i % len(queries)], index, K, source, probe_radius=radius)
             done += 1
             i += 1
+            if done % 32 == 0:
+                t_end = stop_at.value  # the writes stage moves the stop time when its appends end
         out.put(done)
 
 
@@ -558,6 +560,7 @@ def stage_writes(args: argparse.Namespace, res: dict[str, Any]) -> None:
         m = args.bands or default_n_bands(bs.N_BITS, n)
         radius = best_probe(res, kind, n, m)
         with ImageStore(url) as store:
+            _remove_appended(store, n)  # an earlier run stopped before taking them out
             with store.engine.connect() as conn:
                 index = indexes_of(conn)[m]
                 size0 = table_bytes(conn)
@@ -625,16 +628,23 @@ def stage_writes(args: argparse.Namespace, res: dict[str, Any]) -> None:
             print(f"  {kind}: {json.dumps(row, default=float)}", flush=True)
             upsert(res["writes"], row, ("db", "N", "fillfactor"))
             save_results(res, "writes")
-            # back to N codes: the appended images go (their codes and bucket entries with them)
-            from imgstore.bandindex import remove_codes
+            _remove_appended(store, n)  # back to N codes
 
-            def undo(conn: Any) -> None:
-                gone = list(range(n + 1, n + APPEND + 1))
-                remove_codes(conn, gone)
-                conn.exec_driver_sql(f"DELETE FROM images WHERE id > {n}")
-            t0 = time.perf_counter()
-            store.transaction(undo, what="remove appended")
-            print(f"  removed the appended codes again ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+def _remove_appended(store: ImageStore, n: int) -> None:
+    """Take out images above id N with their codes and bucket entries (what the writes stage added)."""
+    from imgstore.bandindex import remove_codes
+
+    def undo(conn: Any) -> int:
+        gone = [int(r[0]) for r in conn.exec_driver_sql(f"SELECT id FROM images WHERE id > {n}")]
+        if gone:
+            remove_codes(conn, gone)
+            conn.exec_driver_sql(f"DELETE FROM images WHERE id > {n}")
+        return len(gone)
+    t0 = time.perf_counter()
+    removed = store.transaction(undo, what="remove appended")
+    if removed:
+        print(f"  removed {removed:,} appended images with their codes ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 # --- report ----------------------------------------------------------------------------------
