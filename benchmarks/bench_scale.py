@@ -322,8 +322,10 @@ def _via(source: Any, **kw: Any) -> bs.Searcher:
     return fn
 
 
-def search_methods(prefix: str, source: Any) -> dict[str, bs.Searcher]:
-    out = {f"{prefix} r{r}": _via(source, probe_radius=r) for r in RADII if r <= source.index.band_width}
+def search_methods(prefix: str, source: Any, n: int) -> dict[str, bs.Searcher]:
+    """Probe radii 0-2 (and 3 up to 100k codes, where the 10th neighbour lies farther) and exact."""
+    radii = RADII + ((3,) if n <= 100_000 else ())
+    out = {f"{prefix} r{r}": _via(source, probe_radius=r) for r in radii if r <= source.index.band_width}
     out[f"{prefix} exact"] = _via(source, exact=True)
     return out
 
@@ -360,7 +362,7 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
                 continue
             with ImageStore(store_url(kind, n, args.pg)) as store, store.engine.connect() as conn:
                 for m, index in sorted(indexes_of(conn).items()):
-                    methods = search_methods("sql", SqlSource(conn, index, n_codes=n)) if "sql" in args.paths else {}
+                    methods = search_methods("sql", SqlSource(conn, index, n_codes=n), n) if "sql" in args.paths else {}
                     cache_info: dict[str, Any] = {}
                     if "cache" not in args.paths:
                         pass
@@ -370,7 +372,7 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
                         cache = CodeCache.load(conn, index)
                         cache_info = {"cache_load_s": time.perf_counter() - t0, "cache_rss_per_code": (rss_bytes() - r0) / n,
                                       "cache_array_bytes_per_code": _cache_bytes(cache) / n}
-                        methods.update(search_methods("cache", cache))
+                        methods.update(search_methods("cache", cache, n))
                     else:
                         t0 = time.perf_counter()
                         CodeCache.load(conn, index)
@@ -519,7 +521,7 @@ def run_clients(url: str, n: int, n_bands: int, radius: int, queries: npt.NDArra
 
 def best_probe(res: dict[str, Any], kind: str, n: int, m: int) -> int:
     """The smallest SQL probe radius with recall >= 0.99 for this store and layout (else 1)."""
-    for r in RADII:
+    for r in (*RADII, 3):
         row = next((x for x in res["rows"] if x["db"] == kind and x["N"] == n and x.get("n_bands") == m and x["method"] == f"sql r{r}"), None)
         if row and row["recall@10"] >= 0.99:
             return r
@@ -694,9 +696,11 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{ld['bytes_buckets'] / ld['N']:.0f} | {ld['bytes_per_code']:.0f} |")
     cache_rows = [r for r in res["rows"] if r["method"] == "cache r0" and r.get("cache_array_bytes_per_code")]
     if cache_rows:
-        lines += ["", "## The cache's memory per code", "", "| N | layout | arrays bytes/code | RSS growth bytes/code |", "|---:|---|---:|---:|"]
+        lines += ["", "## The cache's memory per code (its arrays; the process's RSS growth, also in scale.json, "
+                  "was confounded by memory freed from the previous layout's cache)", "",
+                  "| N | layout | bytes/code |", "|---:|---|---:|"]
         for r in sorted(cache_rows, key=lambda r: (r["N"], r["n_bands"])):
-            lines.append(f"| {r['N']:,} | {r['n_bands']} x {r['band_width']} | {r['cache_array_bytes_per_code']:.0f} | {r['cache_rss_per_code']:.0f} |")
+            lines.append(f"| {r['N']:,} | {r['n_bands']} x {r['band_width']} | {r['cache_array_bytes_per_code']:.0f} |")
     if res["clients"]:
         lines += ["", "## Concurrent client processes (SQL path, one connection each)", "",
                   "| N | db | layout | probe | processes | q/s (median) | passes | vs one |", "|---:|---|---|---|---:|---:|---|---:|"]
@@ -733,7 +737,18 @@ def best_rows(res: dict[str, Any]) -> dict[tuple[int, str, int], dict[str, str]]
     return out
 
 
+def _family(r: dict[str, Any]) -> str:
+    m = r["method"]
+    if m.startswith("sql"):
+        return f"SQL, {r['db']}"
+    if m.startswith("cache"):
+        return "in-memory cache"
+    return {"faiss flat": "faiss flat"}.get(m, "faiss MultiHash" if m.startswith("faiss") else "usearch HNSW")
+
+
 def plot(res: dict[str, Any], path: Path) -> None:
+    """Two panels over N: the best q/s at recall@10 >= 0.99 of each path (over the layouts and
+    probe radii built at that N), and exact search (equal to brute force)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -742,28 +757,30 @@ def plot(res: dict[str, Any], path: Path) -> None:
     rows = res["rows"]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 6))
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if r["db"] == "memory" or r.get("n_bands") == 4:
-            name = f"{r['db']} {r['method']}" if r["db"] != "memory" else r["method"]
-            if r["method"].startswith("cache") and r["db"] != "sqlite":
-                continue
-            name = name.replace("sqlite cache", "cache")
-            series.setdefault(name, []).append((r["N"], r["qps"]))
-    style = {"sqlite": ("tab:blue", "-"), "postgresql": ("tab:green", "-"), "cache": ("tab:purple", "--"), "faiss": ("tab:red", ":"),
-             "usearch": ("tab:orange", "-.")}
-    for name, pts in sorted(series.items()):
-        pts.sort()
-        colour, ls = style.get(name.split()[0], ("black", "-"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour, marker="o", ms=3, lw=1, label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("codes in the store (N)")
-    ax.set_ylabel("queries / second, one thread")
-    ax.set_title("Hamming kNN, 64-bit codes, k=10: our paths in 4 bands x 16 bits, faiss, usearch")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    style = {"SQL, sqlite": ("tab:blue", "o", "-"), "SQL, postgresql": ("tab:green", "s", "-"), "in-memory cache": ("tab:purple", "D", "-"),
+             "faiss MultiHash": ("tab:red", "^", ":"), "faiss flat": ("black", "x", ":"), "usearch HNSW": ("tab:orange", "v", "-.")}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    panels = (("best at recall@10 >= 0.99 (any layout and probe radius built)", lambda r: r["recall@10"] >= 0.99),
+              ("exact (equal to brute force on every query)", lambda r: r["method"].endswith("exact") or r["method"] == "faiss flat"))
+    for ax, (title, keep) in zip(axes, panels):
+        best: dict[str, dict[int, float]] = {}
+        for r in rows:
+            if keep(r) and (r["db"] != "postgresql" or r["method"].startswith("sql")):
+                fam = _family(r)
+                best.setdefault(fam, {})
+                best[fam][r["N"]] = max(best[fam].get(r["N"], 0.0), r["qps"])
+        for fam, pts in sorted(best.items()):
+            xs = sorted(pts)
+            colour, marker, ls = style.get(fam, ("grey", "o", "-"))
+            ax.plot(xs, [pts[x] for x in xs], ls, color=colour, marker=marker, lw=1.5, label=fam)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("codes in the store (N)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("queries / second, one thread, k=10")
+    fig.suptitle("Hamming kNN over 64-bit codes: imgstore's SQL and cached paths, faiss, usearch (benchmarks/bench_scale.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
