@@ -234,8 +234,8 @@ def default_n_bands(n_bits: int, n_items: int) -> int:
     buckets empty (``2**w`` values for ``N`` codes) while a probe radius costs ``C(w, r)``
     look-ups, and more bands reach a given recall at a smaller radius. Measured on 64-bit codes
     (benchmarks/results/scale.md, both databases and the in-memory cache): at 1M codes 4 bands
-    (``64 / 19.9 = 3.2``, rounded up) answer 1.6-3.3x faster than 3 at recall >= 0.99; at 10M
-    3 bands (``2.75``) 4.4x faster than 4. We clamp so that ``band_width = n_bits // m`` stays
+    (``64 / 19.9 = 3.2``, rounded up) answer 2.4-3.3x faster than 3 at recall >= 0.99; at 10M
+    3 bands (``2.75``) 3.8-5.0x faster than 4. We clamp so that ``band_width = n_bits // m`` stays
     in 8..32 (narrower bands match too many rows; wider ones overflow a non-negative BIGINT and
     rarely match exactly). There is no other cap: bands are bucket keys, not columns (the 8 band
     columns went with migration 0004).
