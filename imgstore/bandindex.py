@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, select, update
 
-from .hashing.bits import as_words, band_values
 from . import pgcopy
+from .hashing.bits import as_words, band_values
 from .models import Code, CodeBucket, HashIndex
 from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, copy_binary, driver_rows, insert_stmt
 
