@@ -163,7 +163,11 @@ def upsert(rows: list[dict[str, Any]], new: dict[str, Any], keys: tuple[str, ...
 
 
 def _git() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    """The commit this process started from (a long stage may end after later commits)."""
+    return _GIT_AT_START
+
+
+_GIT_AT_START = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
 
 
 # --- stores ----------------------------------------------------------------------------------
@@ -667,13 +671,14 @@ def markdown(res: dict[str, Any]) -> str:
     runs = res.get("runs", [])
     lines = ["# Search as the store grows: 1k to 10M codes, SQLite and PostgreSQL, faiss and usearch", "",
              f"{res.get('machine', '')}; one thread per client; k={K}; 1,000 queries; q/s = median of 3 passes. "
-             "Data and method: the docstring of `benchmarks/bench_scale.py`. Runs (stage, command, commit):", ""]
-    seen = set()
-    for r in reversed(runs):
-        if r["stage"] in seen:
-            continue
-        seen.add(r["stage"])
-        lines.append(f"- {r['stage']}: `{r['command']}` at {r['git']}, {r['at']}")
+             "Data and method: the docstring of `benchmarks/bench_scale.py`. Runs (stage, command, commit, when it saved; "
+             "a later run of a stage replaces the rows it measured):", ""]
+    done = set()
+    for r in runs:  # each stage run once (a stage saves after every store), in order
+        key = (r["stage"], r["command"], r["git"])
+        if key not in done:
+            done.add(key)
+            lines.append(f"- {r['stage']}: `{r['command']}` at {r['git']}, {r['at']}")
     lines += ["", "## Search (per store, layout and path)", "",
               "| N | db | layout | method | q/s | recall@10 | candidates/query | exact: differ / 1000 | cache load s | build s |",
               "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]

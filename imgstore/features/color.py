@@ -46,20 +46,37 @@ def _hellinger(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
 _RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 
 
+def _riu2_table() -> npt.NDArray[np.intp]:
+    """riu2 code of each 8-bit neighbour pattern (bit i = neighbour i of :data:`_RING`): the
+    number of set bits when the circular pattern has at most 2 transitions, else 9."""
+    out = np.empty(256, dtype=np.intp)
+    for p in range(256):
+        bits = [(p >> i) & 1 for i in range(8)]
+        transitions = sum(bits[i] != bits[i - 1] for i in range(8))
+        out[p] = sum(bits) if transitions <= 2 else 9
+    return out
+
+
+_RIU2 = _riu2_table()
+_CELLS: dict[tuple[int, int, int], npt.NDArray[np.intp]] = {}
+
+
 def _lbp_grid(gray: npt.NDArray[np.float32], radius: int) -> npt.NDArray[np.float32]:
-    """Histograms of riu2 LBP codes (0..8 uniform, 9 non-uniform) on a 2x2 grid: (40,)."""
+    """Histograms of riu2 LBP codes (0..8 uniform, 9 non-uniform) on a 2x2 grid: (40,).
+
+    Each pixel's 8 comparisons are packed into a byte and mapped through a 256-entry table."""
     h, w = gray.shape
     centre = gray[radius : h - radius, radius : w - radius]
-    bits = np.stack([
-        gray[radius + dy * radius : h - radius + dy * radius, radius + dx * radius : w - radius + dx * radius] >= centre
-        for dy, dx in _RING
-    ])
-    ones = bits.sum(axis=0)
-    transitions = (bits != np.roll(bits, 1, axis=0)).sum(axis=0)
-    code = np.where(transitions <= 2, ones, 9)
-    rows = (np.arange(radius, h - radius)[:, None] * 2) // h
-    cols = (np.arange(radius, w - radius)[None, :] * 2) // w
-    return np.bincount(((rows * 2 + cols) * 10 + code).ravel(), minlength=40).astype(np.float32)
+    pattern = np.zeros(centre.shape, dtype=np.uint8)
+    for bit, (dy, dx) in enumerate(_RING):
+        neighbour = gray[radius + dy * radius : h - radius + dy * radius, radius + dx * radius : w - radius + dx * radius]
+        pattern |= (neighbour >= centre).view(np.uint8) << np.uint8(bit)
+    cells = _CELLS.get((h, w, radius))
+    if cells is None:
+        rows = (np.arange(radius, h - radius)[:, None] * 2) // h
+        cols = (np.arange(radius, w - radius)[None, :] * 2) // w
+        cells = _CELLS[(h, w, radius)] = ((rows * 2 + cols) * 10).ravel()
+    return np.bincount(cells + _RIU2[pattern.ravel()], minlength=40).astype(np.float32)
 
 
 class ColorExtractor:
