@@ -813,8 +813,12 @@ def main(argv: list[str] | None = None) -> int:
     args.ef = [int(x) for x in args.ef.split(",") if x]
     args.paths = set(args.paths.split(","))
     args.procs = [int(x) for x in args.procs.split(",") if x]
-    if any(n > POOL - APPEND for n in args.sizes):
-        ap.error(f"sizes must be <= {POOL - APPEND:,}")
+    if any(n > POOL - APPEND or n < 1 for n in args.sizes):
+        ap.error(f"sizes must be between 1 and {POOL - APPEND:,}")
+    if any(d not in ("sqlite", "postgresql") for d in args.db):
+        ap.error("--db takes sqlite and/or postgresql")
+    if any(p not in ("sql", "cache", "faiss") for p in args.paths):
+        ap.error("--paths takes sql, cache and/or faiss")
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = load_results()
     if args.stage == "data":
@@ -827,6 +831,9 @@ def main(argv: list[str] | None = None) -> int:
                 drop_store(kind, n, args.pg)
     elif args.stage == "load":
         stage_load(args, res)
+    elif args.stage in ("search", "clients", "writes") and (missing := [f"{k} N={n:,}" for n in args.sizes for k in args.db
+                                                                      if not _store_exists(k, n, args.pg)]):
+        ap.error(f"no store for {', '.join(missing)}: run --stage load with the same --sizes/--db first")
     elif args.stage == "search":
         stage_search(args, res)
     elif args.stage == "usearch":
