@@ -312,7 +312,7 @@ def _store_exists(kind: str, n: int, pg: str) -> bool:
 
 
 def indexes_of(conn: Any) -> dict[int, IndexInfo]:
-    """The store's indexes by band count, with their code counts from the load figures."""
+    """The store's indexes by band count (without counting their codes: callers know N)."""
     return {i.n_bands: i for i in list_indexes(conn, with_counts=False)}
 
 
@@ -368,19 +368,13 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
                 for m, index in sorted(indexes_of(conn).items()):
                     methods = search_methods("sql", SqlSource(conn, index, n_codes=n), n) if "sql" in args.paths else {}
                     cache_info: dict[str, Any] = {}
-                    if "cache" not in args.paths:
-                        pass
-                    elif kind == "sqlite":  # the cache is the same arrays whatever the database
-                        r0 = rss_bytes()
-                        t0 = time.perf_counter()
+                    if "cache" in args.paths:
+                        r0, t0 = rss_bytes(), time.perf_counter()
                         cache = CodeCache.load(conn, index)
-                        cache_info = {"cache_load_s": time.perf_counter() - t0, "cache_rss_per_code": (rss_bytes() - r0) / n,
-                                      "cache_array_bytes_per_code": _cache_bytes(cache) / n}
-                        methods.update(search_methods("cache", cache, n))
-                    else:
-                        t0 = time.perf_counter()
-                        CodeCache.load(conn, index)
                         cache_info = {"cache_load_s": time.perf_counter() - t0}
+                        if kind == "sqlite":  # measured once: the cache is the same arrays whatever the database
+                            cache_info.update(cache_rss_per_code=(rss_bytes() - r0) / n, cache_array_bytes_per_code=cache.nbytes / n)
+                            methods.update(search_methods("cache", cache, n))
                     measured = bs.measure(methods, {k: queries for k in methods})
                     for name, meas in measured.items():
                         row = dict(db=kind, N=n, n_bands=m, band_width=index.band_width,
@@ -394,10 +388,6 @@ def stage_search(args: argparse.Namespace, res: dict[str, Any]) -> None:
                         _print(row)
                     conn.rollback()
                     save_results(res, "search " + ",".join(sorted(args.paths)))
-
-
-def _cache_bytes(cache: CodeCache) -> int:
-    return cache.nbytes
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -506,21 +496,39 @@ def _client(url: str, n: int, n_bands: int, radius: int, queries: npt.NDArray[np
         out.put(done)
 
 
+class Clients:
+    """``procs`` client processes (:func:`_client`), started and warm, waiting for :meth:`go`."""
+
+    def __init__(self, url: str, n: int, n_bands: int, radius: int, queries: npt.NDArray[np.uint8], procs: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.start, self.stop_at, self.out = ctx.Event(), ctx.Value("d", 0.0), ctx.Queue()
+        self.ps = [ctx.Process(target=_client, args=(url, n, n_bands, radius, queries, 137 * i, self.start, self.stop_at, self.out))
+                   for i in range(procs)]
+        for p in self.ps:
+            p.start()
+        time.sleep(3.0 + 1.0 * procs)  # every client connected and warm (they wait on start)
+
+    def go(self, seconds: float) -> None:
+        """Start querying; stop after ``seconds`` (or at :meth:`stop`)."""
+        self.stop_at.value = time.time() + seconds
+        self.start.set()
+
+    def stop(self) -> int:
+        """Stop now (the clients re-read the stop time); the queries answered in all."""
+        self.stop_at.value = time.time()
+        return self.total()
+
+    def total(self) -> int:
+        done = sum(self.out.get(timeout=600) for _ in self.ps)
+        for p in self.ps:
+            p.join()
+        return done
+
+
 def run_clients(url: str, n: int, n_bands: int, radius: int, queries: npt.NDArray[np.uint8], procs: int, seconds: float) -> float:
-    ctx = mp.get_context("spawn")
-    start = ctx.Event()
-    stop_at = ctx.Value("d", 0.0)
-    out = ctx.Queue()
-    ps = [ctx.Process(target=_client, args=(url, n, n_bands, radius, queries, 137 * i, start, stop_at, out)) for i in range(procs)]
-    for p in ps:
-        p.start()
-    time.sleep(3.0 + 1.0 * procs)  # every client connected and warm (they wait on start)
-    stop_at.value = time.time() + seconds
-    start.set()
-    total = sum(out.get(timeout=seconds + 120) for _ in ps)
-    for p in ps:
-        p.join()
-    return total / seconds
+    clients = Clients(url, n, n_bands, radius, queries, procs)
+    clients.go(seconds)
+    return clients.total() / seconds
 
 
 def best_probe(res: dict[str, Any], kind: str, n: int, m: int) -> int:
@@ -583,14 +591,8 @@ def stage_writes(args: argparse.Namespace, res: dict[str, Any]) -> None:
                     print(f"  fillfactor {args.fillfactor}: VACUUM FULL {time.perf_counter() - t0:.0f} s", flush=True)
                     size0 = table_bytes(conn)
             before = run_clients(url, n, m, radius, queries, 2, args.seconds)
-            ctx = mp.get_context("spawn")
-            start, stop_at, out = ctx.Event(), ctx.Value("d", 0.0), ctx.Queue()
-            ps = [ctx.Process(target=_client, args=(url, n, m, radius, queries, 137 * i, start, stop_at, out)) for i in range(2)]
-            for p in ps:
-                p.start()
-            time.sleep(5.0)
-            stop_at.value = time.time() + 10_000
-            start.set()
+            clients = Clients(url, n, m, radius, queries, 2)
+            clients.go(10_000)  # until the appends end
             t_start = time.time()
             new = np.asarray(pool[n : n + APPEND])
 
@@ -613,10 +615,7 @@ def stage_writes(args: argparse.Namespace, res: dict[str, Any]) -> None:
                     mark_changed(conn, [index.id])
                 store.transaction(batch, what="append codes")
             append_s = time.perf_counter() - t0
-            stop_at.value = time.time()
-            during_total = sum(out.get(timeout=120) for _ in ps)
-            for p in ps:
-                p.join()
+            during_total = clients.stop()
             during = during_total / max(time.time() - t_start, 1e-9)
             with store.engine.connect() as conn:
                 size1 = table_bytes(conn)

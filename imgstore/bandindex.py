@@ -217,14 +217,13 @@ def _copy_new_buckets(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int6
     (the same rows :func:`_append_to_buckets` writes: chunks of BUCKET_CHUNK in id order)."""
     bands = band_values(codes, n_bands, band_width)
 
-    def parts() -> Iterator[bytes]:
-        yield pgcopy.HEADER
+    def per_band() -> Iterator[bytes]:
         for j in range(n_bands):
             order = np.lexsort((ids, bands[:, j]))
             yield pgcopy.bucket_stream(hasher_id, j, bands[order, j], ids[order], codes[order], BUCKET_CHUNK)
-        yield pgcopy.TRAILER
 
-    copy_binary(conn, "COPY code_buckets (hasher_id, band, value, chunk, n, image_ids, codes) FROM STDIN (FORMAT BINARY)", parts())
+    copy_binary(conn, "COPY code_buckets (hasher_id, band, value, chunk, n, image_ids, codes) FROM STDIN (FORMAT BINARY)",
+                pgcopy.framed(per_band()))
 
 
 _APPEND_SQL = {

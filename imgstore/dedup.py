@@ -37,7 +37,7 @@ from .models import Image, ImagePath
 from .paths import from_stored, printable
 from .search import CodeCache, plain
 from .sqlhelpers import IN_CHUNK, chunks
-from .vectors import SpaceInfo, get_space, iter_features, list_spaces, load_features
+from .vectors import SpaceInfo, get_space, iter_features, largest_space, list_spaces, load_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext
@@ -475,7 +475,7 @@ def find_duplicates(
         else:
             spaces = [s for s in list_spaces(conn) if s.n_features > 1]
             if spaces:
-                space = max(spaces, key=lambda s: (s.n_features, s.id))  # as pick_space: newest on a tie
+                space = largest_space(spaces)
                 if space.n_features <= ALL_PAIRS_MAX:
                     got, vectors = load_features(conn, space.id, space.dim)
                     sigs, known = _signature_matrix(_signatures(conn, got.tolist()), got)

@@ -10,6 +10,8 @@ vectorised copies avoids a Python object per row, which is what bounded the ``un
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import numpy.typing as npt
 
@@ -85,9 +87,11 @@ def bucket_stream(hasher_id: int, band: int, values: npt.NDArray[np.int64], imag
     return out.tobytes()
 
 
-def framed(parts: list[bytes]) -> list[bytes]:
-    """A whole COPY stream from tuple blocks: the header, the blocks, the trailer."""
-    return [HEADER, *parts, TRAILER]
+def framed(parts: Iterable[bytes]) -> Iterator[bytes]:
+    """A whole COPY stream from tuple blocks, as they come: the header, the blocks, the trailer."""
+    yield HEADER
+    yield from parts
+    yield TRAILER
 
 
 def _scatter(out: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64], block: npt.NDArray[np.uint8]) -> None:

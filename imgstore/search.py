@@ -176,7 +176,7 @@ def directory(seg_keys: npt.NDArray[np.uint32], n: int, n_bands: int, band_width
     over the few keys sharing the top bits, instead of a binary search over all ``n`` keys (23
     dependent cache misses at 10M codes: most of a query's time). ``p <= log2 n`` keeps the
     directory at most 4 bytes per code and band."""
-    p = min(band_width, int(np.floor(np.log2(n))) if n > 1 else 0)
+    p = min(band_width, max(n.bit_length() - 1, 0))
     shift = band_width - p
     out = np.empty((n_bands, (1 << p) + 1), dtype=np.int32)
     for j in range(n_bands):

@@ -78,8 +78,8 @@ def get_space(conn: Connection, space_id: int) -> SpaceInfo:
 
 
 def pick_space(conn: Connection, extractor: str | None) -> SpaceInfo:
-    """The space of ``extractor``, or by default the one with the most stored vectors; on a tie
-    the newest (an extractor's new preprocessing version, once its images are re-ingested)."""
+    """The space of ``extractor``, or by default the one with the most stored vectors
+    (:func:`largest_space`)."""
     spaces = list_spaces(conn)
     if extractor is not None:
         spaces = [s for s in spaces if s.extractor == extractor]
@@ -87,6 +87,12 @@ def pick_space(conn: Connection, extractor: str | None) -> SpaceInfo:
             raise NotFoundError(f"no images with {extractor} features; ingest with --extractor {extractor} first")
     if not spaces or max(s.n_features for s in spaces) == 0:
         raise NotFoundError("the store has no images yet; run `imgstore ingest FOLDER` first")
+    return largest_space(spaces)
+
+
+def largest_space(spaces: Sequence[SpaceInfo]) -> SpaceInfo:
+    """The space with the most stored vectors; on a tie the newest (an extractor's new
+    preprocessing version, once its images are re-ingested)."""
     return max(spaces, key=lambda s: (s.n_features, s.id))
 
 
