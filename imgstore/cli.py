@@ -691,6 +691,9 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.option("--min-cosine", type=click.FloatRange(0, 1), default=None, help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
 @click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
               help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.95; 0 = off].")
+@click.option("--geometry/--no-geometry", default=True, show_default=True,
+              help="Check photo pairs geometrically (keypoints, one affine map, aligned pixels), re-reading their files: "
+                   "finds rotated, cropped and captioned copies, rejects second shots of a scene.")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (the same as --format json).")
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
@@ -704,12 +707,12 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.pass_obj
 @friendly_errors
 def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
-          fmt: str, as_json: bool, montage_dir: str | None, keep: str, do_apply: bool, move_to: str | None,
+          geometry: bool, fmt: str, as_json: bool, montage_dir: str | None, keep: str, do_apply: bool, move_to: str | None,
           undo_journal: str | None) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
-    slightly cropped, colour-adjusted). With an index, candidates come from its bands; without
+    cropped, rotated, captioned, colour-adjusted). With an index, candidates come from its bands; without
     one, every pair is compared (a large store gets a temporary in-memory index instead).
 
     \b
@@ -738,7 +741,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         raise click.UsageError("--apply and --move-to DIR go together")
     with obj.store() as store:
         groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature,
-                                       keep=keep)
+                                       keep=keep, geometry=geometry)
         if do_apply:
             assert move_to is not None
             done = store.apply_duplicates(groups, move_to)

@@ -405,6 +405,7 @@ class ImageStore:
         index_id: int | None = None,
         probe_radius: int = 1,
         keep: str = "original",
+        geometry: bool = True,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, largest first.
 
@@ -416,14 +417,19 @@ class ImageStore:
         (the active one, or ``index_id``) candidates come from its bands and must be within
         ``max_distance`` bits (default a quarter of the code; ``min_cosine=0`` lets the codes
         alone decide); without one every pair is compared, or, in a large store, a temporary
-        in-memory index finds the candidates. Each group names a suggested keeper image and
+        in-memory index finds the candidates. With ``geometry`` (the default), pairs of images
+        at least 64 pixels a side whose features agree at least 0.5 are decided by a geometric
+        check of their files (``imgstore.geometry``: keypoints, one affine map, then pixels
+        compared once aligned), which finds rotated, hard-cropped and captioned copies and
+        rejects second shots of one scene; files that cannot be read keep the rule's answer.
+        Each group names a suggested keeper image and
         ``keeper_path``, by the rule ``keep`` (:mod:`imgstore.keeper`; default ``original``:
         the most picture, then lossless over lossy, then no added border, then the earliest
         capture, then the largest file).
         """
         return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
                                      min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
-                                     keep=keep)
+                                     keep=keep, geometry=geometry)
 
     # -- health ---------------------------------------------------------------------------
 
