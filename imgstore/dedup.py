@@ -577,8 +577,8 @@ def find_duplicates(
                     ids = cache.image_ids.tolist()
         if check is not None and check.verifier.stats.pairs:
             st = check.verifier.stats
-            logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), %d images read (%d unreadable)",
-                        st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable)
+            logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), %d images read (%d unreadable), %.1f s",
+                        st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds)
         stale = stale_among(conn, sorted({i for e in edges for i in (e.a, e.b)}))
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]

@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -139,16 +141,32 @@ def edit_views(grey: npt.NDArray[np.uint8], side: int) -> EditViews:
     img = Image.fromarray(grey)
     method = Image.Resampling.BOX if min(img.size) >= side else Image.Resampling.BILINEAR
     small = cv2.GaussianBlur(np.asarray(img.resize((side, side), method), dtype=np.float32), (0, 0), 1.0)
-    centre = (side / 2 - 0.5, side / 2 - 0.5)
-    warps = [cv2.warpAffine(np.ascontiguousarray(view), cv2.getRotationMatrix2D(centre, angle, zoom), (side, side),
-                            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-             for view in (small, small[:, ::-1]) for angle in EDIT_ANGLES for zoom in EDIT_ZOOMS]
-    q = side // 4
-    patches = np.stack([w[q:side - q, q:side - q].ravel() for w in warps])
+    map_x, map_y = _edit_maps(side)
+    patches = cv2.remap(small, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     patches -= patches.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(patches, axis=1, keepdims=True)
     patches = np.where(norms > 1e-6, patches / np.maximum(norms, 1e-6), 0).astype(np.float32)
     return EditViews(patches[0], patches, float(norms[0, 0]) / np.sqrt(patches.shape[1]))
+
+
+@lru_cache(maxsize=None)
+def _edit_maps(side: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Where each pixel of the centre (the middle half of each axis) of each edited view comes
+    from in the working image: (V, P) x and y, one row per edit, the unedited view first."""
+    import cv2
+
+    q = side // 4
+    ys, xs = np.mgrid[q:side - q, q:side - q]
+    dst = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)]).astype(np.float64)  # (3, P)
+    centre = (side / 2 - 0.5, side / 2 - 0.5)
+    rows_x, rows_y = [], []
+    for mirrored in (False, True):
+        for angle in EDIT_ANGLES:
+            for zoom in EDIT_ZOOMS:
+                src = cv2.invertAffineTransform(cv2.getRotationMatrix2D(centre, angle, zoom)) @ dst  # (2, P)
+                rows_x.append(side - 1 - src[0] if mirrored else src[0])
+                rows_y.append(src[1])
+    return np.array(rows_x, dtype=np.float32), np.array(rows_y, dtype=np.float32)
 
 
 def edit_compare(a: Views, b: Views) -> Match:
@@ -316,6 +334,7 @@ class VerifyStats:
     unknown: int = 0
     images_read: int = 0
     unreadable: int = 0
+    seconds: float = 0.0  # wall time spent reading images and comparing pairs
 
 
 @dataclass
@@ -335,6 +354,7 @@ class PairVerifier:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def verdicts(self, ids_a: Iterable[int], ids_b: Iterable[int]) -> npt.NDArray[np.int8]:
+        started = time.perf_counter()
         pairs = list(zip((int(i) for i in ids_a), (int(i) for i in ids_b)))
         out = np.full(len(pairs), UNKNOWN, dtype=np.int8)
         step = self.part_images
@@ -356,6 +376,7 @@ class PairVerifier:
         self.stats.copies += int((out == COPY).sum())
         self.stats.different += int((out == DIFFERENT).sum())
         self.stats.unknown += int((out == UNKNOWN).sum())
+        self.stats.seconds += time.perf_counter() - started
         return out
 
     def _compare(self, a: int, b: int) -> Match:
