@@ -75,6 +75,9 @@ class StoreContext:
         #: memory a code cache may spend on its rows' float features (see :meth:`attach_vectors`)
         self.vector_cache_bytes = VECTOR_CACHE_BYTES
         self._vectors_tried: set[tuple[str, int]] = set()  # (index uid, cache size) that did not fit or match
+        #: the geometric check's verdicts on pairs of contents (sha256, sha256), COPY or DIFFERENT:
+        #: a content never changes, so a second dedup (the duplicates page) re-reads nothing
+        self.pair_verdicts: dict[tuple[str, str], int] = {}
 
     @property
     def dialect(self) -> str:

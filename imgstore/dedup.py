@@ -38,7 +38,7 @@ from sqlalchemy import Connection, func, select
 
 from .catalog import stale_among
 from .errors import ConfigError, ImgStoreError
-from .geometry import COPY, DIFFERENT, PairVerifier
+from .geometry import COPY, DIFFERENT, UNKNOWN, PairVerifier
 from .hashing.bits import band_values, default_n_bands, flip_neighbours
 from .indexing import IndexInfo, find_index, list_indexes
 from .models import Image, ImagePath
@@ -78,6 +78,8 @@ FLAT_MIN_COSINE = 0.99
 #: its other copies above 0.5: each copy reaches its original through some pair above it. A
 #: lower floor costs more checks (2,536 false candidate pairs among its photos at 0.4, 761 at 0.5).
 GEOMETRY_MIN_COSINE = 0.5
+#: Pair verdicts a store context keeps between runs (about 150 bytes each).
+KNOWN_VERDICTS_MAX = 1_000_000
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 #: Codes probed per chunk by IndexPairs; rows of the cosine matrix per chunk in AllPairs.
@@ -358,16 +360,19 @@ class GeometricCheck:
     large_ids: npt.NDArray[np.int64]  # ascending
     verifier: PairVerifier
     min_cosine: float = GEOMETRY_MIN_COSINE
+    #: verdicts by pair of contents, kept between runs (StoreContext.pair_verdicts)
+    known: dict[tuple[str, str], int] = field(default_factory=dict)
     _paths: dict[int, list[str]] = field(default_factory=dict)
+    _sha: dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def for_store(cls, conn: Connection) -> GeometricCheck:
+    def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None) -> GeometricCheck:
         from .geometry import MIN_SIDE
 
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
-        check = cls(conn, np.array(large, dtype=np.int64), PairVerifier(lambda i: None))
+        check = cls(conn, np.array(large, dtype=np.int64), PairVerifier(lambda i: None), known=known if known is not None else {})
         check.verifier.load = check._load
         return check
 
@@ -384,9 +389,19 @@ class GeometricCheck:
         if not wanted.any():
             return ok
         a, b = ids_a[wanted], ids_b[wanted]
-        need = sorted({int(i) for i in np.concatenate([a, b]).tolist()} - self._paths.keys())
-        self._paths.update(_current_paths(self.conn, need)[0])  # read here: the loader runs on threads
-        verdict = self.verifier.verdicts(a, b)
+        need = sorted({int(i) for i in np.concatenate([a, b]).tolist()} - self._sha.keys())
+        for part in chunks(need, IN_CHUNK):
+            self._sha.update((int(i), h) for i, h in self.conn.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))))
+        keys = [(self._sha.get(int(x), ""), self._sha.get(int(y), "")) for x, y in zip(a.tolist(), b.tolist())]
+        verdict = np.array([self.known.get(k, UNKNOWN) for k in keys], dtype=np.int8)
+        todo = np.nonzero(verdict == UNKNOWN)[0]
+        if len(todo):
+            need = sorted({int(i) for i in np.concatenate([a[todo], b[todo]]).tolist()} - self._paths.keys())
+            self._paths.update(_current_paths(self.conn, need)[0])  # read here: the loader runs on threads
+            verdict[todo] = self.verifier.verdicts(a[todo], b[todo])
+            if len(self.known) > KNOWN_VERDICTS_MAX:
+                self.known.clear()
+            self.known.update((keys[k], int(verdict[k])) for k in todo.tolist() if verdict[k] != UNKNOWN)
         decided = ok[wanted]
         decided[verdict == COPY] = True
         decided[verdict == DIFFERENT] = False
@@ -555,7 +570,7 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
-        check = GeometricCheck.for_store(conn) if geometry and rule.min_cosine is not None else None
+        check = GeometricCheck.for_store(conn, ctx.pair_verdicts) if geometry and rule.min_cosine is not None else None
         if index is not None:
             cache = ctx.code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
