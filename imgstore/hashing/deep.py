@@ -188,10 +188,6 @@ class DeepHasher(Hasher):
         supervised_epochs: int = 20,
         centre_quantization_weight: float = 1e-3,
         max_samples: int | None = DEFAULT_MAX_SAMPLES,
-        centre_loss: str = "bce",
-        centre_margin: float = 0.2,
-        centre_scale: float = 8.0,
-        mixup: float = 0.0,
     ) -> None:
         super().__init__(n_bits=n_bits, random_state=random_state)
         self.hidden_units = hidden_units
@@ -209,10 +205,6 @@ class DeepHasher(Hasher):
         self.supervised_epochs = supervised_epochs
         self.centre_quantization_weight = centre_quantization_weight
         self.max_samples = max_samples
-        self.centre_loss = centre_loss
-        self.centre_margin = centre_margin
-        self.centre_scale = centre_scale
-        self.mixup = mixup
 
     @classmethod
     def min_samples(cls, n_bits: int) -> int:
@@ -379,11 +371,7 @@ def _train(
 
         centres = None
         if supervised:
-            centres_pm = torch.from_numpy(_class_centres(n_classes, n_bits, rng).astype(np.float32))
-            centres = (centres_pm + 1) / 2
-        softmax_centres = hasher.centre_loss == "softmax"
-        margin, scale_s = float(hasher.centre_margin), float(hasher.centre_scale)
-        mix = float(hasher.mixup)
+            centres = torch.from_numpy(((_class_centres(n_classes, n_bits, rng) + 1) / 2).astype(np.float32))
         labels_t = torch.from_numpy(labels)
         qw = float(hasher.centre_quantization_weight if supervised else hasher.quantization_weight)
         bw = float(hasher.balance_weight)
@@ -393,24 +381,8 @@ def _train(
             x = drop_input(Zt[rows])
             return lin(x) + mlp(x)
 
-        def loss_of(rows: np.ndarray, positives: np.ndarray | None, train: bool = False) -> torch.Tensor:
+        def loss_of(rows: np.ndarray, positives: np.ndarray | None) -> torch.Tensor:
             rows_t = torch.from_numpy(rows)
-            if supervised and train and mix > 0:
-                lab = labels_t[rows_t]
-                lam = torch.distributions.Beta(mix, mix).sample((len(rows), 1))
-                partner = torch.randperm(len(rows))
-                x = drop_input(Zt[rows_t])
-                x = lam * x + (1 - lam) * x[partner]
-                z = lin(x) + mlp(x)
-                u = torch.tanh(z)
-                loss = qw * ((u.abs() - 1.0) ** 2).mean()
-                if softmax_centres:
-                    cos = torch.nn.functional.normalize(u, dim=1) @ centres_pm.T / math.sqrt(n_bits)
-                    logp = torch.log_softmax(scale_s * cos, dim=1)
-                    nll = -(lam[:, 0] * logp[torch.arange(len(rows)), lab] + (1 - lam[:, 0]) * logp[torch.arange(len(rows)), lab[partner]])
-                    return loss + nll.mean()
-                target = lam * centres[lab] + (1 - lam) * centres[lab[partner]]
-                return loss + torch.nn.functional.binary_cross_entropy_with_logits(2.0 * z, target)
             z = forward(rows_t)
             u = torch.tanh(z)
             loss = qw * ((u.abs() - 1.0) ** 2).mean()
@@ -418,11 +390,7 @@ def _train(
                 assert centres is not None
                 lab = labels_t[rows_t]
                 mask = lab >= 0
-                if bool(mask.any()) and softmax_centres:
-                    cos = torch.nn.functional.normalize(u[mask], dim=1) @ centres_pm.T / math.sqrt(n_bits)
-                    cos = cos - margin * torch.nn.functional.one_hot(lab[mask], n_classes)
-                    loss = loss + torch.nn.functional.cross_entropy(scale_s * cos, lab[mask])
-                elif bool(mask.any()):
+                if bool(mask.any()):
                     # BCE of sigmoid(2z) = (tanh z + 1) / 2 toward the class centre in {0, 1}.
                     loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(
                         2.0 * z[mask], centres[lab[mask]]
@@ -476,7 +444,7 @@ def _train(
                 if knn_train is not None:
                     pick = rng.integers(knn_train.shape[1], size=len(idx))
                     pos = train_rows[knn_train[idx, pick]]
-                loss = loss_of(train_rows[idx], pos, train=True)
+                loss = loss_of(train_rows[idx], pos)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
