@@ -71,12 +71,17 @@ def rerank_ranking(hamming: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarra
 
 def measure(
     label: str, method: str, supervised: bool, n_bits: int, data: dict[str, np.ndarray],
-    cosine: np.ndarray, rerank_k: int, seed: int,
+    cosine: np.ndarray, rerank_k: int, seed: int, *, params: dict[str, Any] | None = None,
+    extra_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    hasher: Hasher = make_hasher(method, n_bits=n_bits, random_state=seed)
-    y = data["db_labels"] if supervised else None
+    """Fit on the database (plus ``extra_rows``: more training views (features, labels) of the
+    database, e.g. of mirrored images), then score the queries against the database's codes."""
+    hasher: Hasher = make_hasher(method, n_bits=n_bits, random_state=seed, **(params or {}))
+    x, y = data["db_feats"], data["db_labels"]
+    if extra_rows is not None:
+        x, y = np.concatenate([x, extra_rows[0]]), np.concatenate([y, extra_rows[1]])
     started = time.perf_counter()
-    hasher.fit(data["db_feats"], y)
+    hasher.fit(x, y if supervised else None)
     fit_s = time.perf_counter() - started
     hamming = hamming_distances_batch(as_words(hasher.encode(data["q_feats"])), as_words(hasher.encode(data["db_feats"])))
     plain = average_precision_from_ranking(rank_by_distance(hamming), data["q_labels"], data["db_labels"])

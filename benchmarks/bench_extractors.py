@@ -17,6 +17,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +38,20 @@ def sample_images(n: int) -> list:  # type: ignore[type-arg]
     return [photos[i % len(photos)] for i in range(n)]
 
 
+def interleaved_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call, ``repeats`` rounds after one warm-up call each; the calls take turns
+    within a round, so a noisy minute on a shared machine hits all of them."""
+    for call in calls.values():
+        call()  # warm-up
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for _ in range(repeats):
+        for n, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--extractors", default="efficientnet-lite0,efficientnet-lite2")
@@ -48,14 +64,7 @@ def main() -> int:
     images = sample_images(args.batch)
     names = [n for n in args.extractors.split(",") if n]
     extractors = {n: get_extractor(n) for n in names}
-    for ex in extractors.values():
-        ex.extract(images)  # warm-up
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(args.repeats):
-        for n, ex in extractors.items():
-            t0 = time.perf_counter()
-            ex.extract(images)
-            times[n].append(time.perf_counter() - t0)
+    times = interleaved_seconds({n: partial(ex.extract, images) for n, ex in extractors.items()}, args.repeats)
     rows = [{"extractor": n, "image_size": getattr(extractors[n], "image_size", None),
              "precision": getattr(extractors[n], "precision", None), "batch": args.batch,
              "images_per_s": args.batch / statistics.median(times[n]), "seconds": times[n]} for n in names]

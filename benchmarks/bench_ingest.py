@@ -47,6 +47,19 @@ def model_alone_rate(extractor, paths: list[Path], batch_size: int = 64, repeats
     return statistics.median(rates)
 
 
+def link_folder(files: list[Path], folder: Path) -> Path:
+    """``folder/<parent name>/<file name>`` for each file, hard-linked (copied across devices):
+    a folder of symlinks would be skipped, ingest does not follow them."""
+    for f in files:
+        target = folder / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.hardlink_to(f)
+        except OSError:
+            target.write_bytes(f.read_bytes())
+    return folder
+
+
 class PgDatabase:
     def __init__(self) -> None:
         self.name = f"imgstore_bench_{secrets.token_hex(4)}"
@@ -85,15 +98,7 @@ def main() -> None:
     for set_name, files in (("cifar10-test", cifar), ("full-size photos", photos)):
         alone = model_alone_rate(extractor, files)
         with tempfile.TemporaryDirectory() as tmp:
-            # a folder of links would be skipped (symlinks are not followed): hard-link or copy
-            folder = Path(tmp) / "set"
-            for i, f in enumerate(files):
-                target = folder / f.parent.name / f.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    target.hardlink_to(f)
-                except OSError:
-                    target.write_bytes(f.read_bytes())
+            folder = link_folder(files, Path(tmp) / "set")
             for backend in args.db.split(","):
                 pg = None
                 if backend == "sqlite":

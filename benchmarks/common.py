@@ -11,14 +11,15 @@ import logging
 import os
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
-from imgstore.decode import load_image
+from imgstore.decode import DecodedImage, load_image
 from imgstore.evaluation import RetrievalScores, cosine_distances, evaluate_distances
 from imgstore.features import get_extractor
 from imgstore.features.base import Extractor
@@ -95,14 +96,20 @@ class CifarFeatures:
 
 
 def extract_paths(
-    extractor: Extractor, paths: list[Path], *, batch_size: int = 64, workers: int | None = None, draft: bool = True
+    extractor: Extractor, paths: list[Path], *, batch_size: int = 64, workers: int | None = None, draft: bool = True,
+    flip: bool = False,
 ) -> npt.NDArray[np.float32]:
-    """Features (n, dim) of image files through the real decode + extract pipeline; any failure raises."""
+    """Features (n, dim) of image files through the real decode + extract pipeline; any failure raises.
+
+    flip: mirror each decoded image left-right before the extractor sees it (a training view)."""
     draft_size = extractor.draft_size if draft else None
+
+    def load(p: Path) -> DecodedImage:
+        decoded = load_image(p, draft_size=draft_size)
+        return replace(decoded, image=decoded.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) if flip else decoded
+
     rows: list[npt.NDArray[np.float32]] = []
-    for batch in extract_stream(
-        paths, lambda p: load_image(p, draft_size=draft_size), extractor, batch_size=batch_size, workers=workers
-    ):
+    for batch in extract_stream(paths, load, extractor, batch_size=batch_size, workers=workers):
         for r in batch:
             if r.features is None:
                 raise RuntimeError(f"{r.item}: {r.error}")
@@ -148,6 +155,30 @@ def cifar_features(extractor_name: str = "efficientnet-lite0", precision: str = 
     )
     tmp.replace(path)
     return result
+
+
+def cifar_flipped_db_features(extractor_name: str = "efficientnet-lite0", precision: str = "auto") -> npt.NDArray[np.float32]:
+    """Features (9000, dim) of the protocol's database images mirrored left-right, in
+    ``cifar_split().db_paths`` order: extra training views for a hasher (never queries). Computed
+    once and cached as ``features-<name>-<precision>-flipped-db.npz``."""
+    extractor = get_extractor(extractor_name, precision=precision)
+    resolved = getattr(extractor, "precision", "fp32")
+    path = cache_dir() / f"features-{extractor_name}-{resolved}-flipped-db.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if str(z["preprocess_version"]) == extractor.preprocess_version:
+                return z["db_feats"]
+        logger.info("%s was made with another preprocessing; recomputing", path)
+    split = cifar_split()
+    start = time.perf_counter()
+    feats = extract_paths(extractor, split.db_paths, flip=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp, db_feats=feats, db_labels=split.db_labels, db_paths=np.array([str(p) for p in split.db_paths]),
+        preprocess_version=np.array(extractor.preprocess_version), seconds=np.array(time.perf_counter() - start),
+    )
+    tmp.replace(path)
+    return feats
 
 
 def retrieval_scores(f: CifarFeatures, *, centre: bool = False) -> RetrievalScores:
