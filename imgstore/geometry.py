@@ -33,6 +33,7 @@ Needs the pixels: callers re-read files. OpenCV is imported on first use.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -349,7 +350,7 @@ class PairVerifier:
     max_bytes: int = 1 << 30
     #: images read ahead per part of the pairs (all of a part's images stay cached while it runs)
     part_images: int = 512
-    workers: int = 2
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 2))
     stats: VerifyStats = field(default_factory=VerifyStats)
     _cache: OrderedDict[tuple[int, bool], Any] = field(default_factory=OrderedDict)
     _bytes: int = 0

@@ -3,8 +3,8 @@
 The default rule, ``original``, prefers the copy least likely to have been derived from another:
 
 1. the most picture: width x height, less a uniform border that rotating or padding a copy
-   added around the picture (counted only on a canvas larger than the group's smallest, and
-   only when the border accounts for the extra area, since rotation keeps the picture's area:
+   added around the picture (counted only on a canvas larger than another member's, and
+   only when the border accounts for the extra area over one of them, since rotation keeps the picture's area:
    so a copy rotated with ``expand`` does not win on its larger canvas, and a picture's own
    plain background is never taken for a border); compared in 2% steps;
 2. lossless over lossy (a PNG or TIFF over the JPEG re-encoded from it);
@@ -16,7 +16,7 @@ Other rules (``--keep``): ``largest`` (most pixels, then the largest file: the r
 this one), ``oldest`` / ``newest`` (capture time, else first seen), ``smallest`` (fewest bytes).
 
 The border is measured on the file, decoded small, only for members of near-copy groups whose
-canvas is larger than the group's smallest: rows are scanned from both sides for pixels of the
+canvas is larger than another member's: rows are scanned from both sides for pixels of the
 colour all four corners share. Only a rotation's corner triangles count: a border with whole
 rows or columns of one colour (padding, or a picture's own plain background) is not told apart
 on one image, so a padded copy is not recognised as such.
@@ -122,17 +122,21 @@ def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
 
 def _added_borders(candidates: Sequence[Candidate]) -> dict[int, float]:
     """Per candidate, the share of its canvas that is a border added around the picture: only a
-    canvas larger than the group's smallest can hide one, and only a uniform border that
-    accounts for the extra canvas (rotating a picture onto a bigger canvas keeps its area, so
-    the border is 1 - smaller area / larger area) counts. A picture's own uniform background
-    (a logo on white, a night sky) is thereby never mistaken for one."""
-    smallest = min(c.width * c.height for c in candidates)
+    canvas larger than another member's can hide one, and only a uniform border that accounts
+    for the extra canvas over some smaller member (rotating a picture onto a bigger canvas keeps
+    its area, so the border is 1 - smaller area / larger area) counts. A picture's own uniform
+    background (a logo on white, a night sky) is thereby never mistaken for one. Any smaller
+    member, not only the smallest: a group may also hold crops, smaller than the picture."""
+    areas = [c.width * c.height for c in candidates]
     out = {}
-    for c in candidates:
-        area = c.width * c.height
+    for c, area in zip(candidates, areas):
         out[c.image_id] = 0.0
-        if area > smallest * (1 + AREA_STEP):
+        smaller = [other for other in areas if area > other * (1 + AREA_STEP)]
+        if smaller:
             border = border_fraction(c.path)
-            if border > 0 and abs(border - (1.0 - smallest / area)) <= BORDER_MATCH:
-                out[c.image_id] = border
+            match = min(smaller, key=lambda other: abs(border - (1.0 - other / area)))
+            if border > 0 and abs(border - (1.0 - match / area)) <= BORDER_MATCH:
+                # the picture inside is that member's picture (a rotation keeps the area); the
+                # border measured on a thumbnail is a little short of it
+                out[c.image_id] = 1.0 - match / area
     return out

@@ -124,3 +124,23 @@ def test_a_plain_background_is_not_a_border(db_url: str, tmp_path: Path) -> None
         group = group_of(groups, root / "logo.png")
         assert len(group.members) >= 2
         assert group.keeper_path == str(root / "logo.png")
+
+
+def test_a_crop_in_the_group_does_not_hide_a_rotation_border(tmp_path: Path) -> None:
+    """The original beside a copy straightened onto a bigger canvas (black corners) and a crop:
+    the rotated copy's border accounts for its extra canvas over the original, not over the
+    crop (the group's smallest), and the picture inside it is the original's, not more."""
+    from imgstore.keeper import Candidate, choose
+
+    img = photo("chelsea")
+    w, h = img.size
+    files = {1: (tmp_path / "cat.png", img),
+             2: (tmp_path / "cat-straightened.jpg", img.rotate(8, expand=True)),
+             3: (tmp_path / "cat-crop.jpg", img.crop((w // 6, h // 6, w - w // 6, h - h // 6)))}
+    candidates = []
+    for image_id, (path, picture) in files.items():
+        picture.save(path, quality=90) if path.suffix == ".jpg" else picture.save(path)
+        candidates.append(Candidate(image_id, picture.width, picture.height, "JPEG" if path.suffix == ".jpg" else "PNG",
+                                    path.stat().st_size, None, None, str(path)))
+    assert choose(candidates) == 1
+    assert choose(candidates, "largest") == 2
