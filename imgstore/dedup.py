@@ -14,13 +14,13 @@ Near copies come from one of two pair sources, and the same acceptance rule deci
 
 A candidate pair is accepted when its float features have cosine >= ``min_cosine``, or when
 they agree loosely (cosine >= :data:`SIGNATURE_COSINE_FLOOR`) and its pixel-layout signatures
-(flip-aware, :mod:`imgstore.signature`) have similarity >= ``min_signature``. Then, when both
-images are large enough for keypoints (photos, not thumbnails), a geometric check
-(:mod:`imgstore.geometry`, on the files re-read from their current paths) decides every pair
-the rule accepted and every pair whose features agree at least :data:`GEOMETRY_MIN_COSINE`:
-it finds rotated, hard-cropped and captioned copies the rule misses and rejects what the rule
-accepts wrongly (a second shot of one scene); where it cannot tell (a file gone, a flat or
-repetitive image) the rule's answer stands. Accepted pairs are joined into connected components
+(flip-aware, :mod:`imgstore.signature`) have similarity >= ``min_signature``. Then a geometric
+check (:mod:`imgstore.geometry`, on the files re-read from their current paths) decides every
+pair the rule accepted and, between images large enough for keypoints (photos, not
+thumbnails), every pair whose features agree at least :data:`GEOMETRY_MIN_COSINE`: it finds
+rotated, hard-cropped and captioned copies the rule misses and rejects what the rule accepts
+wrongly (a second shot of one scene, look-alike layouts); where it cannot tell (a file gone, a
+flat image) the rule's answer stands. Accepted pairs are joined into connected components
 with a union-find.
 """
 
@@ -326,6 +326,7 @@ class AllPairs:
         known = self.known if self.known is not None else np.ones(n, dtype=bool)
         flat = known & (np.linalg.norm(sig, axis=1) < 0.5) if sig is not None else np.zeros(n, dtype=bool)
         edges: list[Edge] = []
+        large = self.check.large(self.image_ids) if self.check is not None else None
         for start in range(0, n, ALL_PAIRS_ROWS):
             stop = min(n, start + ALL_PAIRS_ROWS)
             cos = unit[start:stop] @ unit[start:].T  # (rows, n - start): pairs (i, j >= start)
@@ -337,10 +338,9 @@ class AllPairs:
                 )
             ok = rule.accept(cos, layout)
             upper = np.arange(start, n)[None, :] > np.arange(start, stop)[:, None]  # each pair once, j > i
-            if self.check is None:
+            if self.check is None or large is None:
                 rows, cols = np.nonzero(ok & upper)
             else:
-                large = self.check.large(self.image_ids)
                 wanted = (cos >= self.check.min_cosine) & large[start:stop, None] & large[None, start:]
                 rows, cols = np.nonzero((ok | wanted) & upper)
                 keep = self.check.refine(self.image_ids[start + rows], self.image_ids[start + cols], cos[rows, cols], ok[rows, cols])

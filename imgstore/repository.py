@@ -417,11 +417,12 @@ class ImageStore:
         (the active one, or ``index_id``) candidates come from its bands and must be within
         ``max_distance`` bits (default a quarter of the code; ``min_cosine=0`` lets the codes
         alone decide); without one every pair is compared, or, in a large store, a temporary
-        in-memory index finds the candidates. With ``geometry`` (the default), pairs of images
-        at least 64 pixels a side whose features agree at least 0.5 are decided by a geometric
-        check of their files (``imgstore.geometry``: keypoints, one affine map, then pixels
-        compared once aligned), which finds rotated, hard-cropped and captioned copies and
-        rejects second shots of one scene; files that cannot be read keep the rule's answer.
+        in-memory index finds the candidates. With ``geometry`` (the default), every pair the
+        rule accepts, and every pair of images at least 64 pixels a side whose features agree
+        at least 0.5, is decided by a geometric check of their files (``imgstore.geometry``:
+        keypoints, one affine map, then pixels compared once aligned; an edit search for
+        thumbnails), which finds rotated, hard-cropped and captioned copies and rejects second
+        shots of one scene; files that cannot be read keep the rule's answer.
         Each group names a suggested keeper image and
         ``keeper_path``, by the rule ``keep`` (:mod:`imgstore.keeper`; default ``original``:
         the most picture, then lossless over lossy, then no added border, then the earliest
