@@ -692,8 +692,9 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 @click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
               help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.95; 0 = off].")
 @click.option("--geometry/--no-geometry", default=True, show_default=True,
-              help="Check photo pairs geometrically (keypoints, one affine map, aligned pixels), re-reading their files: "
-                   "finds rotated, cropped and captioned copies, rejects second shots of a scene.")
+              help="Check candidate pairs on their pixels, re-reading their files (photos: keypoints, one affine map, "
+                   "aligned pixels; thumbnails: an edit search): finds rotated, cropped and captioned copies, rejects "
+                   "second shots of a scene and look-alikes.")
 @click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (the same as --format json).")
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
