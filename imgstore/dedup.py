@@ -84,6 +84,8 @@ KNOWN_VERDICTS_MAX = 1_000_000
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 #: Codes probed per chunk by IndexPairs; rows of the cosine matrix per chunk in AllPairs.
 CHUNK = 2048
+#: IndexPairs judges its pairs at least this often (pairs held), so memory stays bounded.
+PAIR_BATCH = 1 << 20
 ALL_PAIRS_ROWS = 512
 #: Without an index, up to this many images are compared all pairs; above it a temporary
 #: in-memory index finds the candidates (benchmarks/results/dedup.md times both).
@@ -225,6 +227,17 @@ def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32])
     return np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)).astype(np.float32)
 
 
+def _pair_dots(m: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp],
+               signs: npt.NDArray[np.float32] | None = None, step: int = 16_384) -> npt.NDArray[np.float32]:
+    """Row-wise dot products of ``m[ra]`` and ``m[rb]`` (times ``signs``), a slice at a time:
+    never a (pairs, dim) copy of the whole batch."""
+    out = np.empty(len(ra), dtype=np.float32)
+    for s in range(0, len(ra), step):
+        x, y = m[ra[s:s + step]], m[rb[s:s + step]]
+        out[s:s + step] = np.einsum("ij,ij->i", x, y * signs if signs is not None else y)
+    return out
+
+
 def _unit(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
@@ -248,22 +261,25 @@ class IndexPairs:
             return []
         bands = band_values(cache.codes, index.n_bands, index.band_width)
         edges: list[Edge] = []
-        for start in range(0, n, CHUNK):
-            pairs_a: list[npt.NDArray[np.intp]] = []
-            pairs_b: list[npt.NDArray[np.intp]] = []
-            for row in range(start, min(n, start + CHUNK)):
-                probes = [flip_neighbours(int(bands[row, j]), index.band_width, self.probe_radius) for j in range(index.n_bands)]
-                cand = cache.probe(probes)
-                cand = cand[cand > row]  # each pair once
-                if len(cand) == 0:
-                    continue
+        pairs_a: list[npt.NDArray[np.intp]] = []
+        pairs_b: list[npt.NDArray[np.intp]] = []
+        held = 0
+        for row in range(n):
+            probes = [flip_neighbours(int(bands[row, j]), index.band_width, self.probe_radius) for j in range(index.n_bands)]
+            cand = cache.probe(probes)
+            cand = cand[cand > row]  # each pair once
+            if len(cand):
                 dist = np.bitwise_count(cache.words[cand] ^ cache.words[row]).sum(axis=1)
                 keep = cand[dist <= self.max_distance]
                 if len(keep):
                     pairs_a.append(np.full(len(keep), row, dtype=np.intp))
                     pairs_b.append(keep)
-            if pairs_a:
+                    held += len(keep)
+            # judged in batches of rows, and sooner when the pairs pile up (crowded buckets):
+            # memory stays bounded whatever the store
+            if pairs_a and (held >= PAIR_BATCH or (row + 1) % CHUNK == 0 or row == n - 1):
                 edges += self._accepted(np.concatenate(pairs_a), np.concatenate(pairs_b), rule, load_vectors, load_signatures)
+                pairs_a, pairs_b, held = [], [], 0
         return edges
 
     def _accepted(self, a: npt.NDArray[np.intp], b: npt.NDArray[np.intp], rule: Rule, load_vectors: VectorLoader,
@@ -276,12 +292,13 @@ class IndexPairs:
         wanted = np.unique(np.concatenate([ids_a, ids_b]))
         ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
         matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
-        cos = (matrix[ra] * matrix[rb]).sum(axis=1).astype(np.float32)
+        cos = _pair_dots(matrix, ra, rb)
         layout = None
         if load_signatures is not None:
             sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
             flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
-            layout = PairLayout(signature_similarity(sig[ra], sig[rb]), known[ra] & known[rb], flat[ra], flat[rb])
+            layout = PairLayout(np.maximum(_pair_dots(sig, ra, rb), _pair_dots(sig, ra, rb, _flip_signs())),
+                                known[ra] & known[rb], flat[ra], flat[rb])
         ok = rule.accept(cos, layout)
         if self.check is not None:
             ok = self.check.refine(ids_a, ids_b, cos, ok)
