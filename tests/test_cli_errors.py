@@ -111,7 +111,8 @@ def test_usage_errors_keep_exit_2(small_store: str) -> None:
 
 def test_ctrl_c_exits_130_and_the_rerun_completes(sqlite_url: str, tmp_path: Path) -> None:
     root = tmp_path / "photos"
-    expected = make_collection(root, per_photo=12)
+    # enough work that the interrupt lands mid-run even when the poll below is slow (a loaded machine)
+    expected = make_collection(root, per_photo=40)
     cmd = [sys.executable, "-m", "imgstore.cli", "--db", sqlite_url, "ingest", str(root), "--extractor", "color",
            "--batch-size", "2", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
