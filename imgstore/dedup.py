@@ -227,15 +227,19 @@ def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32])
     return np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)).astype(np.float32)
 
 
-def _pair_dots(m: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp],
-               signs: npt.NDArray[np.float32] | None = None, step: int = 16_384) -> npt.NDArray[np.float32]:
-    """Row-wise dot products of ``m[ra]`` and ``m[rb]`` (times ``signs``), a slice at a time:
-    never a (pairs, dim) copy of the whole batch."""
+def _by_pairs(fn: Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], npt.NDArray[np.float32]],
+              m: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp],
+              step: int = 16_384) -> npt.NDArray[np.float32]:
+    """``fn(m[ra], m[rb])`` (a row-wise measure), a slice of pairs at a time: never a
+    (pairs, dim) copy of a whole batch."""
     out = np.empty(len(ra), dtype=np.float32)
     for s in range(0, len(ra), step):
-        x, y = m[ra[s:s + step]], m[rb[s:s + step]]
-        out[s:s + step] = np.einsum("ij,ij->i", x, y * signs if signs is not None else y)
+        out[s:s + step] = fn(m[ra[s:s + step]], m[rb[s:s + step]])
     return out
+
+
+def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return np.einsum("ij,ij->i", a, b)
 
 
 def _unit(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -292,13 +296,12 @@ class IndexPairs:
         wanted = np.unique(np.concatenate([ids_a, ids_b]))
         ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
         matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
-        cos = _pair_dots(matrix, ra, rb)
+        cos = _by_pairs(_row_dots, matrix, ra, rb)
         layout = None
         if load_signatures is not None:
             sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
             flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
-            layout = PairLayout(np.maximum(_pair_dots(sig, ra, rb), _pair_dots(sig, ra, rb, _flip_signs())),
-                                known[ra] & known[rb], flat[ra], flat[rb])
+            layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
         ok = rule.accept(cos, layout)
         if self.check is not None:
             ok = self.check.refine(ids_a, ids_b, cos, ok)
@@ -375,12 +378,15 @@ class GeometricCheck:
 
     conn: Connection
     large_ids: npt.NDArray[np.int64]  # ascending
-    verifier: PairVerifier
     min_cosine: float = GEOMETRY_MIN_COSINE
     #: verdicts by pair of contents, kept between runs (StoreContext.pair_verdicts)
     known: dict[tuple[str, str], int] = field(default_factory=dict)
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
+    verifier: PairVerifier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.verifier = PairVerifier(self._load)
 
     @classmethod
     def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None) -> GeometricCheck:
@@ -389,9 +395,7 @@ class GeometricCheck:
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
-        check = cls(conn, np.array(large, dtype=np.int64), PairVerifier(lambda i: None), known=known if known is not None else {})
-        check.verifier.load = check._load
-        return check
+        return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {})
 
     def large(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         if not len(self.large_ids):
