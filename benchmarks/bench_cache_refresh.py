@@ -34,7 +34,7 @@ from imgstore import ImageStore  # noqa: E402
 from imgstore.bandindex import mark_changed, write_codes  # noqa: E402
 from imgstore.indexing import find_index, list_indexes  # noqa: E402
 from imgstore.models import Image  # noqa: E402
-from imgstore.search import CodeCache  # noqa: E402
+from imgstore.codecache import CodeCache, caches  # noqa: E402
 from imgstore.sqlhelpers import insert_ignore  # noqa: E402
 
 BATCH = 64
@@ -79,10 +79,10 @@ def during_ingest(url: str, writer: ImageStore, hasher_id: int, first_id: int, p
         with reader.ctx.read("bench") as conn:
             index = find_index(list_indexes(conn), hasher_id)
             assert index is not None
-            warm = reader.ctx.code_cache(conn, index)
+            warm = caches(reader.ctx).code_cache(conn, index)
             hamming_search(pool[0], index, 10, warm, probe_radius=1)  # the compiled kernels load once per process
         if mode == "background":
-            reader.ctx.start_refresher(interval_s=0.1)
+            reader.start_refresher(interval_s=0.1)
         thread = threading.Thread(target=write, daemon=True)
         thread.start()
         times = []
@@ -91,16 +91,16 @@ def during_ingest(url: str, writer: ImageStore, hasher_id: int, first_id: int, p
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
             with reader.ctx.read("bench") as conn:  # one read transaction per search, as search_many
-                cache = reader.ctx.code_cache(conn, index)
+                cache = caches(reader.ctx).code_cache(conn, index)
                 hamming_search(pool[q % len(pool)], index, 10, cache, probe_radius=1)
             times.append(time.perf_counter() - t0)
             q += 1
         stop.set()
         thread.join()
-        reader.ctx.stop_refresher()
+        reader.stop_refresher()
     ms = np.array(times) * 1000
     out = {"queries": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-           "max_ms": float(ms.max()), "refreshes": dict(reader.ctx.cache_refreshes)}
+           "max_ms": float(ms.max()), "refreshes": dict(reader.cache_refreshes)}
     print(f"  during ingest, {mode}: p50 {out['p50_ms']:.2f} ms, p99 {out['p99_ms']:.1f} ms, max {out['max_ms']:.0f} ms "
           f"over {len(ms):,} searches", flush=True)
     return out
@@ -117,7 +117,7 @@ def run_db(kind: str, n: int, repeats: int, pg: str) -> dict[str, Any]:
                 index = find_index(list_indexes(conn), hasher_id)
                 assert index is not None
                 t0 = time.perf_counter()
-                reader.ctx.code_cache(conn, index)
+                caches(reader.ctx).code_cache(conn, index)
                 first_load = time.perf_counter() - t0
             appends, reloads = [], []
             next_id = n + 1
@@ -126,13 +126,13 @@ def run_db(kind: str, n: int, repeats: int, pg: str) -> dict[str, Any]:
                 next_id += BATCH
                 with reader.ctx.read("bench") as conn:
                     t0 = time.perf_counter()
-                    cache = reader.ctx.code_cache(conn, index)
+                    cache = caches(reader.ctx).code_cache(conn, index)
                     appends.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     CodeCache.load(conn, index)  # what every refresh cost before
                     reloads.append(time.perf_counter() - t0)
                 assert len(cache) == n + (r + 1) * BATCH
-            assert reader.ctx.cache_refreshes == {"loads": 1, "appends": repeats}
+            assert reader.cache_refreshes == {"loads": 1, "appends": repeats}
             latency = {mode: during_ingest(target.url, writer, hasher_id, next_id + (i * 10_000), extra, mode)
                        for i, mode in enumerate(("inline", "background"))}
             next_id += 20_000

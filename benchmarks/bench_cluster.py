@@ -120,7 +120,7 @@ def _writer(url: str, space_id: int, first: int, count: int, seed: int, write_si
     from imgstore.decode import DecodedImage
     from imgstore.features import get_extractor
     from imgstore.features.pipeline import StreamResult
-    from imgstore.ingest import Ingester, IngestSummary, _Task
+    from imgstore.ingest import Ingester, IngestSummary, Task
 
     rng = np.random.default_rng(seed)
     store = ImageStore(url)
@@ -131,7 +131,7 @@ def _writer(url: str, space_id: int, first: int, count: int, seed: int, write_si
         for i in range(b, min(b + 64, first + count)):
             v = rng.standard_normal(DIM).astype(np.float32)
             v /= np.linalg.norm(v)
-            task = _Task(f"/bench/writer/{i:08d}.jpg", 1000 + i, i, root="/bench", data_sha256=f"{i:064x}", byte_size=1000 + i)
+            task = Task(f"/bench/writer/{i:08d}.jpg", 1000 + i, i, root="/bench", data_sha256=f"{i:064x}", byte_size=1000 + i)
             batch.append(StreamResult(task, DecodedImage(None, 32, 32, "JPEG", None), None, v))  # type: ignore[arg-type]
         batches.append(batch)
     start.wait()

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS_DIR, cifar_split  # noqa: E402
 from imgstore import ImageStore  # noqa: E402
-from imgstore.dedup import ALL_PAIRS_MAX  # noqa: E402
+from imgstore.dedup import ALL_PAIRS_MAX, PairVerdicts  # noqa: E402
 from imgstore.samples import TRANSFORMS, skimage_photos  # noqa: E402
 
 BASIC = {
@@ -355,7 +355,7 @@ def main() -> None:
                                   ("features only (no signature)", {"min_signature": 0.0}),
                                   ("features only, rule only", {"min_signature": 0.0, "geometry": False}),
                                   ("min_cosine 0.95", {"min_cosine": 0.95})):
-                store.ctx.pair_verdicts.clear()  # time the check's whole work every run
+                store.ctx.part(PairVerdicts).known.clear()  # time the check's whole work every run
                 t0 = time.perf_counter()
                 with CheckLog() as check:
                     groups = store.find_duplicates(**kwargs)
@@ -374,7 +374,7 @@ def main() -> None:
             # automatic-index threshold, or one whose index was dropped, gets)
             with_index = pairs(store.find_duplicates())
             store.drop_index(index.id)
-            store.ctx.pair_verdicts.clear()
+            store.ctx.part(PairVerdicts).known.clear()
             t0 = time.perf_counter()
             groups = store.find_duplicates()
             runs["default, no index (all pairs)"] = {"seconds": round(time.perf_counter() - t0, 2), "groups": len(groups),

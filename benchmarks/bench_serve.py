@@ -91,6 +91,7 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from imgstore import ImageStore
+from imgstore.codecache import caches
 from imgstore.errors import SchemaError
 from imgstore.models import FeatureSpace
 
@@ -643,7 +644,8 @@ def py_spy_profile(server: Server, n: int, lua: Path, args: argparse.Namespace, 
 #: Steps of ``search.search_many`` timed apart by ``direct_search``: functions of ``imgstore.search``
 #: and methods of the store's context, each where it exists (none nested in another listed here).
 STAGES = ("list_indexes", "find_index", "get_space", "query_vectors", "hamming_search", "cosine_rerank", "_visible", "results")
-CTX_STAGES = ("indexes", "space", "code_cache")
+CTX_STAGES = ("space",)
+CACHE_STAGES = ("indexes", "code_cache")
 
 
 def _latencies(store: ImageStore, n: int, rng: np.random.Generator, seconds: float) -> dict[str, float]:
@@ -677,8 +679,11 @@ def _breakdown(store: ImageStore, n: int, rng: np.random.Generator, n_timed: int
     saved = [(search_mod, name, getattr(search_mod, name)) for name in STAGES if hasattr(search_mod, name)]
     saved.append((catalog_mod, "stale_among", catalog_mod.stale_among))
     saved += [(store.ctx, name, getattr(store.ctx, name)) for name in CTX_STAGES if hasattr(store.ctx, name)]
+    held = caches(store.ctx)
+    saved += [(held, name, getattr(held, name)) for name in CACHE_STAGES if hasattr(held, name)]
     for owner, name, fn in saved:
-        setattr(owner, name, _timed(fn, f"ctx.{name}" if owner is store.ctx else name, stages))
+        label = f"ctx.{name}" if owner is store.ctx else f"caches.{name}" if owner is held else name
+        setattr(owner, name, _timed(fn, label, stages))
 
     def before(conn: Any, *_a: Any) -> None:
         conn.info["bench_t0"] = time.perf_counter()
@@ -695,8 +700,8 @@ def _breakdown(store: ImageStore, n: int, rng: np.random.Generator, n_timed: int
     finally:
         total = time.perf_counter() - t0
         for owner, name, fn in saved:
-            if owner is store.ctx:
-                delattr(store.ctx, name)  # the bound method again
+            if owner is store.ctx or owner is held:
+                delattr(owner, name)  # the bound method again
             else:
                 setattr(owner, name, fn)
         event.remove(store.engine, "before_cursor_execute", before)
@@ -714,13 +719,13 @@ def direct_search(url: str, n: int, seconds: float = 4.0) -> dict[str, Any]:
     """``store.search(id, k)`` in this process (no HTTP), one thread: latency and where it goes."""
     rng = np.random.default_rng(5)
     with ImageStore(url, cache_codes=True) as store:
-        store.ctx.start_refresher()  # as the server runs it
+        store.start_refresher()  # as the server runs it
         try:
-            store.ctx.warm()  # codes and vectors in memory, as the server holds them once warm
+            store.warm()  # codes and vectors in memory, as the server holds them once warm
             store.search(1, K)
             return {**_latencies(store, n, rng, seconds), **_breakdown(store, n, rng, 300)}
         finally:
-            store.ctx.stop_refresher()
+            store.stop_refresher()
 
 
 # --- uploads ------------------------------------------------------------------------------------

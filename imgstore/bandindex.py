@@ -25,7 +25,7 @@ from .models import Code, CodeBucket, HashIndex
 from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, copy_binary, driver_rows, insert_stmt
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .indexing import IndexInfo
+    from .types import IndexInfo
 
 codes_table: Table = Code.__table__  # type: ignore[assignment]
 buckets_table: Table = CodeBucket.__table__  # type: ignore[assignment]

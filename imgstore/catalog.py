@@ -1,4 +1,4 @@
-"""The catalog: images, the paths they were seen at, ingest errors; look-up, removal, export."""
+"""The catalog: images, the paths they were seen at, ingest errors; look-up, removal, metadata."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from .bandindex import mark_changed, remove_codes
 from .errors import NotFoundError
 from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
 from .sqlhelpers import IN_CHUNK, chunks
-from .paths import from_stored, printable, to_stored
+from .paths import from_stored, names_an_id, printable, to_stored
+from .sqlhelpers import driver_rows
+from .types import ImageFiles, ThumbnailSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext
@@ -198,12 +200,6 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
     return ctx.write(work, doing="remove images")
 
 
-def names_an_id(ref: object) -> bool:
-    """An ``int``, or digits that name no existing file: the one rule by which the API and the
-    CLI tell an image id from a path."""
-    return isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref))
-
-
 def _gone(path: str) -> bool:
     """True only when the file is known not to exist (a permission error is not "gone")."""
     try:
@@ -319,24 +315,68 @@ def stale_among(conn: Connection, image_ids: Sequence[int]) -> set[int]:
     return out
 
 
-def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
-    """One dict per image: its row, current paths and, with ``neighbours``, the ids of its
-    nearest stored images (itself excluded)."""
-    from .search import search_many
+@dataclass(frozen=True)
+class PathRow:
+    """One row of ``image_paths`` as :func:`path_rows` reads it (``path`` as a file name)."""
 
-    with ctx.read("export") as conn:
-        images = conn.execute(select(Image.__table__).order_by(Image.id)).mappings().all()
-        paths: dict[int, list[str]] = {}
-        for image_id, path in conn.execute(
-            select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.path)
-        ):
-            paths.setdefault(int(image_id), []).append(from_stored(path))
-    for start in range(0, len(images), 256):
-        chunk = images[start : start + 256]
-        near = search_many(ctx, [int(r["id"]) for r in chunk], neighbours + 1, cached=True) if neighbours else []
-        for n, row in enumerate(chunk):
-            item = {k: v for k, v in row.items() if k != "signature"}  # binary, for dedup only
-            item["paths"] = paths.get(int(row["id"]), [])
-            if neighbours:
-                item["neighbours"] = [r.image_id for r in near[n] if r.image_id != row["id"]][:neighbours]
-            yield item
+    path: str
+    is_current: bool
+    file_size: int
+    first_seen_at: Any  # a datetime, or SQLite's text of one: ordered either way
+
+
+def path_rows(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[PathRow]]:
+    """Every path row of each image (current or not), sorted by path: the one read of "the
+    paths of these ids" that search, dedup and the pages share. Images without any path row
+    (added from bytes) are absent. Read through the driver's cursor: it runs with every search."""
+    out: dict[int, list[PathRow]] = {}
+    columns = "image_id, path, is_current, file_size, first_seen_at"
+    for part in chunks(sorted({int(i) for i in image_ids}), IN_CHUNK):
+        if conn.dialect.name == "postgresql":  # one array parameter (see vectors.iter_features)
+            rows = driver_rows(conn, f"SELECT {columns} FROM image_paths WHERE image_id = ANY(%s::bigint[]) ORDER BY path",
+                               (list(part),))
+        else:
+            marks = ",".join("?" * len(part))
+            rows = driver_rows(conn, f"SELECT {columns} FROM image_paths WHERE image_id IN ({marks}) ORDER BY path", tuple(part))
+        for image_id, path, is_current, size, seen in rows:
+            out.setdefault(int(image_id), []).append(PathRow(from_stored(path), bool(is_current), int(size or 0), seen))
+    return out
+
+
+def current_paths(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Each image's current paths, sorted (an image without one maps to an empty list)."""
+    rows = path_rows(conn, image_ids)
+    return {int(i): [r.path for r in rows.get(int(i), []) if r.is_current] for i in image_ids}
+
+
+def keeper_path(rows: Sequence[PathRow]) -> str | None:
+    """The path to keep among one image's current paths: first seen, then shortest, then by name."""
+    current = [(r.first_seen_at, len(r.path), r.path) for r in rows if r.is_current]
+    return min(current)[2] if current else None
+
+
+def image_files(conn: Connection, image_ids: Sequence[int]) -> dict[int, ImageFiles]:
+    """Each image's format and its current files' sizes, for a side-by-side view of copies:
+    two queries for any number of images. Unknown ids are absent."""
+    ids = sorted({int(i) for i in image_ids})
+    formats: dict[int, str | None] = {}
+    for part in chunks(ids, IN_CHUNK):
+        formats.update((int(i), f) for i, f in conn.execute(select(Image.id, Image.format).where(Image.id.in_(part))))
+    rows = path_rows(conn, list(formats))
+    return {i: ImageFiles(i, fmt, {r.path: r.file_size for r in rows.get(i, []) if r.is_current}) for i, fmt in formats.items()}
+
+
+def thumbnail_source(conn: Connection, image_id: int) -> ThumbnailSource:
+    """What a thumbnail of ``image_id`` is made from: its content hash and its first current
+    file (None when every file went). Unknown id: :class:`NotFoundError`."""
+    sha256 = conn.scalar(select(Image.sha256).where(Image.id == image_id))
+    if sha256 is None:
+        raise NotFoundError(f"no image with id {image_id}")
+    source = conn.scalar(select(ImagePath.path).where(ImagePath.image_id == image_id, ImagePath.is_current.is_(True))
+                         .order_by(ImagePath.id).limit(1))
+    return ThumbnailSource(image_id, str(sha256), None if source is None else from_stored(source))
+
+
+def count_images(conn: Connection) -> int:
+    """Stored images (one count, not every table's: a page shows it with every search)."""
+    return int(conn.scalar(select(func.count()).select_from(Image)) or 0)

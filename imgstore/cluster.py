@@ -34,10 +34,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from .decode import DecodedImage
-from .context import is_disconnect
+from .context import StoreContext, is_disconnect, open_context
 from .errors import ClusterError, ConfigError, DatabaseError, DecodeError, ImgStoreError
+from .features import get_extractor
 from .features.pipeline import StreamResult, extract_stream
-from .ingest import IngestProgress, IngestSummary, Ingester, Plan, _Task
+from .ingest import IngestProgress, IngestSummary, Ingester, Plan, Task
 from .models import Feature, ImagePath
 from .paths import to_stored
 
@@ -68,7 +69,7 @@ class PartitionResult:
     unchanged: int = 0
     retries: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
-    extracted: list[tuple[_Task, Any, Any, str | None]] | None = None  # (task, facts, features, error reason)
+    extracted: list[tuple[Task, Any, Any, str | None]] | None = None  # (task, facts, features, error reason)
     worker: str = ""
     seconds: float = 0.0
 
@@ -76,24 +77,21 @@ class PartitionResult:
 # --- the worker side -----------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_stores: dict[str, Any] = {}
+_stores: dict[str, StoreContext] = {}
 _extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
 
 
-def _worker_store(url: str) -> Any:
-    """This worker process's store for ``url``, opened once."""
-    from .repository import ImageStore
-
+def _worker_store(url: str) -> StoreContext:
+    """This worker process's store for ``url`` (its context: engine, transactions), opened
+    once, its schema checked as ``ImageStore`` checks it."""
     with _lock:
         if url not in _stores:
-            _stores[url] = ImageStore(url)
+            _stores[url] = open_context(url)
         return _stores[url]
 
 
 def _worker_extractor(name: str, options: dict[str, Any]) -> Any:
     """This worker process's extractor, loaded once and reused by every task."""
-    from .features import get_extractor
-
     key = (name, tuple(sorted(options.items())))
     with _lock:
         if key not in _extractors:
@@ -105,7 +103,7 @@ def _worker_extractor(name: str, options: dict[str, Any]) -> Any:
 DISCONNECT_ATTEMPTS = 5
 
 
-def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, options: dict[str, Any], tasks: list[_Task],
+def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, options: dict[str, Any], tasks: list[Task],
                      metadata: dict[str, Any], batch_size: int, threads: int | None) -> PartitionResult:
     """A worker's task: read, hash, decode and extract ``tasks``; with ``store`` (PostgreSQL)
     write them there, else return what the client needs to write them."""
@@ -117,19 +115,19 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
         for attempt in range(1, DISCONNECT_ATTEMPTS + 1):
             summary = IngestSummary()  # what this attempt committed, kept if a later statement fails
             try:
-                todo, unchanged = _not_yet_stored(db.ctx, space_id, tasks)
+                todo, unchanged = _not_yet_stored(db, space_id, tasks)
                 if attempt == 1:
                     result.unchanged = unchanged
-                job = Ingester(db.ctx, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata,
+                job = Ingester(db, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata,
                                preload_known=False, write_size=len(todo))  # one transaction: a rerun redoes it anyway
-                job._process(todo, summary, started)
+                job.process(todo, summary, started)
             except DatabaseError as exc:
                 # the server ended the connections (a restart): what was committed stays, and the
                 # partition is run again on fresh connections, skipping it (counted as a retry)
                 if attempt == DISCONNECT_ATTEMPTS or not is_disconnect(exc):
                     raise
                 log.info("partition: %s; again (%d)", exc, attempt)
-                db.ctx.engine.dispose()
+                db.engine.dispose()
                 summary.retries += 1
                 time.sleep(0.5 * attempt)
             else:
@@ -143,7 +141,7 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
     else:
         job = Ingester(None, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata)  # type: ignore[arg-type]
         result.extracted = []
-        for batch in extract_stream(tasks, job._load, ex, batch_size, threads):
+        for batch in extract_stream(tasks, job.load, ex, batch_size, threads):
             for r in batch:
                 facts = None if r.decoded is None else (r.decoded.width, r.decoded.height, r.decoded.format, r.decoded.captured_at)
                 reason = None if r.error is None else getattr(r.error, "reason", None) or str(r.error)
@@ -152,7 +150,7 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
     return result
 
 
-def _not_yet_stored(ctx: Any, space_id: int, tasks: list[_Task]) -> tuple[list[_Task], int]:
+def _not_yet_stored(ctx: StoreContext, space_id: int, tasks: list[Task]) -> tuple[list[Task], int]:
     """Drop the files an earlier attempt of this task already stored (same path, size and mtime,
     with features in the space): a rerun after a lost worker redoes only the rest."""
     stored = [to_stored(t.path) for t in tasks if t.path is not None]
@@ -329,9 +327,9 @@ class ClusterIngest:
         return job.finish(plan, summary, started)
 
     @staticmethod
-    def _rebuild(extracted: list[tuple[_Task, Any, Any, str | None]]) -> list[StreamResult[_Task]]:
+    def _rebuild(extracted: list[tuple[Task, Any, Any, str | None]]) -> list[StreamResult[Task]]:
         """A worker's returned rows as the results a local extraction gives (no pixels needed)."""
-        out: list[StreamResult[_Task]] = []
+        out: list[StreamResult[Task]] = []
         for task, facts, features, reason in extracted:
             if reason is not None:
                 out.append(StreamResult(task, None, DecodeError(task.path, reason), None))

@@ -36,16 +36,21 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import Connection, func, select
 
-from .catalog import stale_among
+from .catalog import keeper_path, path_rows, stale_among
+from .codecache import CodeCache, caches
 from .errors import ConfigError, ImgStoreError
-from .geometry import COPY, DIFFERENT, UNKNOWN, PairVerifier
-from .hashing.bits import band_values, default_n_bands, flip_neighbours
-from .indexing import IndexInfo, find_index, list_indexes
+from .decode import load_image
+from .geometry import COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
+from .hashing import make_hasher, min_samples
+from .hashing.bits import band_values, default_n_bands, flip_neighbours, pack_bits
+from .keeper import RULES, Candidate, choose
+from .indexing import find_index, list_indexes
 from .models import Image, ImagePath
-from .paths import from_stored, printable
-from .search import CodeCache, plain
+from .paths import printable
+from .signature import DIM, KEEP, from_bytes
 from .sqlhelpers import IN_CHUNK, chunks
-from .vectors import SpaceInfo, get_space, iter_features, largest_space, list_spaces, load_features
+from .types import IndexInfo, SpaceInfo, plain
+from .vectors import get_space, iter_features, largest_space, list_spaces, load_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -214,8 +219,6 @@ def default_max_distance(n_bits: int) -> int:
 def _flip_signs() -> npt.NDArray[np.float32]:
     """Signs that turn a signature into the signature of the mirrored image: a horizontal flip
     negates the DCT coefficients of odd horizontal frequency."""
-    from .signature import DIM, KEEP
-
     signs = np.array([(-1.0) ** (i % KEEP) for i in range(KEEP * KEEP)], dtype=np.float32)[1:]
     assert len(signs) == DIM
     return signs
@@ -379,7 +382,7 @@ class GeometricCheck:
     conn: Connection
     large_ids: npt.NDArray[np.int64]  # ascending
     min_cosine: float = GEOMETRY_MIN_COSINE
-    #: verdicts by pair of contents, kept between runs (StoreContext.pair_verdicts)
+    #: verdicts by pair of contents, kept between runs (the store's :class:`PairVerdicts`)
     known: dict[tuple[str, str], int] = field(default_factory=dict)
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
@@ -390,8 +393,6 @@ class GeometricCheck:
 
     @classmethod
     def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None) -> GeometricCheck:
-        from .geometry import MIN_SIDE
-
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
@@ -431,9 +432,6 @@ class GeometricCheck:
         return out
 
     def _load(self, image_id: int) -> PILImage.Image | None:
-        from .decode import load_image
-        from .geometry import WORK_SIDE
-
         for path in self._paths.get(image_id, []):
             try:
                 return load_image(path, draft_size=(WORK_SIDE, WORK_SIDE)).image
@@ -452,9 +450,6 @@ _SIGNATURE_SEED = 20261129
 
 def signature_codes(signatures: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     """(n, 63) unit signatures -> (n, 4) packed 32-bit SimHash codes (same in every process)."""
-    from .hashing.bits import pack_bits
-    from .signature import DIM
-
     planes = np.random.default_rng(_SIGNATURE_SEED).standard_normal((DIM, SIGNATURE_BITS))
     return pack_bits(np.asarray(signatures, dtype=np.float64) @ planes > 0)
 
@@ -475,8 +470,6 @@ def _memory_index(method: str, n_bits: int, n_bands: int, n: int, space_id: int 
 
 def temporary_index(conn: Connection, space: SpaceInfo, n_bits: int = 64) -> CodeCache:
     """An ITQ index over every vector of ``space``, fitted on a sample and held in memory only."""
-    from .hashing import make_hasher, min_samples
-
     ids_all = np.array(
         [i for part, _ in iter_features(conn, space.id, space.dim) for i in part.tolist()], dtype=np.int64
     )
@@ -494,8 +487,6 @@ def temporary_index(conn: Connection, space: SpaceInfo, n_bits: int = 64) -> Cod
 
 
 def _signatures(conn: Connection, ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
-    from .signature import from_bytes
-
     out: dict[int, npt.NDArray[np.float32]] = {}
     for part in chunks(ids, IN_CHUNK):
         for image_id, blob in conn.execute(select(Image.id, Image.signature).where(Image.id.in_(part))):
@@ -507,8 +498,6 @@ def _signatures(conn: Connection, ids: list[int]) -> dict[int, npt.NDArray[np.fl
 
 def _signature_codes(conn: Connection) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
     """Every stored image's signature hashed to a 32-bit code, read in chunks (bounded memory)."""
-    from .signature import from_bytes
-
     ids_out: list[npt.NDArray[np.int64]] = []
     codes_out: list[npt.NDArray[np.uint8]] = []
     last = -1
@@ -576,8 +565,6 @@ def find_duplicates(
     geometry: bool = True,
 ) -> list[DuplicateGroup]:
     """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``)."""
-    from .keeper import RULES
-
     if keep not in RULES:
         raise ConfigError(f"unknown keeper rule {keep!r}; choose one of {', '.join(RULES)}")
     min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
@@ -591,9 +578,9 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
-        check = GeometricCheck.for_store(conn, ctx.pair_verdicts) if geometry and rule.min_cosine is not None else None
+        check = GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known) if geometry and rule.min_cosine is not None else None
         if index is not None:
-            cache = ctx.code_cache(conn, index)
+            cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
             edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check)
             ids = cache.image_ids.tolist()
@@ -626,8 +613,6 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
             keep: str = "original") -> list[DuplicateGroup]:
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
     distances to the keeper."""
-    from .keeper import Candidate, choose
-
     info_ids = sorted(set(multi) | {i for g in near for i in g})
     sizes: dict[int, Any] = {}
     for part in chunks(info_ids, IN_CHUNK):
@@ -663,18 +648,28 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
 
 
 def _current_paths(conn: Connection, image_ids: list[int]) -> tuple[dict[int, list[str]], dict[int, str]]:
-    """Per image, its current paths (sorted, as ``search.current_paths`` gives them) and the one
-    to keep among them: first seen, then shortest, then by name."""
-    rows: dict[int, list[tuple[Any, int, str]]] = {int(i): [] for i in image_ids}
-    for part in chunks(image_ids, IN_CHUNK):
-        for image_id, path, seen in conn.execute(
-            select(ImagePath.image_id, ImagePath.path, ImagePath.first_seen_at)
-            .where(ImagePath.image_id.in_(part), ImagePath.is_current.is_(True)).order_by(ImagePath.path)
-        ):
-            real = from_stored(path)
-            rows[int(image_id)].append((seen, len(real), real))
-    paths = {i: [r[2] for r in found] for i, found in rows.items()}
-    return paths, {i: min(found)[2] for i, found in rows.items() if found}
+    """Per image, its current paths (sorted) and the one to keep among them
+    (:func:`catalog.keeper_path`: first seen, then shortest, then by name)."""
+    rows = path_rows(conn, image_ids)
+    paths = {int(i): [r.path for r in rows.get(int(i), []) if r.is_current] for i in image_ids}
+    keepers = {int(i): keeper_path(rows.get(int(i), [])) for i in image_ids}
+    return paths, {i: p for i, p in keepers.items() if p is not None}
+
+
+class PairVerdicts:
+    """The geometric check's verdicts on pairs of contents (sha256, sha256), COPY or
+    DIFFERENT, kept per store for the life of the process (a part of its context): a content
+    never changes, so a second dedup (the duplicates page) re-reads nothing."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self.known: dict[tuple[str, str], int] = {}
+
+    def forget_index(self, index_id: int) -> None:
+        """Verdicts are about pixels, not indexes: nothing to forget."""
+
+    def close(self) -> None:
+        self.known.clear()
+
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:
     """Connected components (groups of 2 or more image ids), each sorted, groups by first id."""

@@ -12,7 +12,6 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from .errors import ConfigError, NotEnoughDataError, NotFoundError
 from .hashing import available_methods, make_hasher, min_samples
 from .hashing.bits import band_layout, default_n_bands
 from .models import Code, CodeBucket, Feature, FeatureSpace, HashIndex, Image, ImagePath
+from .types import IndexInfo
 from .vectors import iter_features, load_features
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,29 +44,6 @@ SUPERVISED = ("centres", "deep")
 AUTO_INDEX_MIN_IMAGES = 256
 #: ... and rebuilt when the space has grown this many times past what the auto index was fitted on.
 AUTO_INDEX_REFIT_GROWTH = 10
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """An index as listed: its layout, space, state and size (not its fitted parameters)."""
-
-    id: int
-    uid: str
-    method: str
-    n_bits: int
-    n_bands: int
-    band_width: int
-    extractor: str
-    space_id: int
-    is_active: bool
-    n_codes: int
-    n_fitted: int
-    generation: int
-    created_at: datetime
-    config: dict[str, Any]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def create_index(

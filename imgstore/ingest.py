@@ -99,7 +99,7 @@ class BatchOutcome:
     added: int
     duplicates: int
     errors: list[tuple[str, str]]
-    unresolved: list[_Task]
+    unresolved: list[Task]
 
 
 @dataclass
@@ -108,14 +108,14 @@ class Plan:
     unchanged, every path the walk saw, and the summary so far."""
 
     roots: list[str]
-    tasks: list[_Task]
+    tasks: list[Task]
     unchanged: list[str]
     seen: set[str]
     summary: IngestSummary
 
 
 @dataclass
-class _Task:
+class Task:
     """One file to ingest. ``sha256``/``byte_size`` are filled by the worker that reads it."""
 
     path: str | None  # None for an in-memory image (bytes or PIL), which gets no path row
@@ -258,7 +258,7 @@ class Ingester:
         if dry_run:
             plan.summary.elapsed_s = time.perf_counter() - started
             return plan.summary
-        summary = self._process(plan.tasks, plan.summary, started)
+        summary = self.process(plan.tasks, plan.summary, started)
         return self.finish(plan, summary, started)
 
     def plan(
@@ -284,7 +284,7 @@ class Ingester:
                 root_of.setdefault(path, folder)
         summary.files_seen = len(files)
         known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
-        tasks: list[_Task] = []
+        tasks: list[Task] = []
         unchanged: list[str] = []
         for path, st in files:
             shown = to_stored(path)
@@ -293,7 +293,7 @@ class Ingester:
                 summary.unchanged += 1
                 unchanged.append(shown)
                 continue
-            tasks.append(_Task(path, st.st_size, st.st_mtime_ns, root=root_of.get(path)))
+            tasks.append(Task(path, st.st_size, st.st_mtime_ns, root=root_of.get(path)))
         if dry_run:
             summary.added = len(tasks)  # at most: duplicates and failures are found by reading
             summary.failed = len(walk_errors)
@@ -330,19 +330,21 @@ class Ingester:
                     size, mtime = st.st_size, st.st_mtime_ns
                 except OSError:
                     size, mtime = 0, 0  # read_file reports the problem
-                tasks.append(_Task(path, size, mtime, root=os.path.dirname(path)))
+                tasks.append(Task(path, size, mtime, root=os.path.dirname(path)))
             else:
-                tasks.append(_Task(None, 0, 0, source=src))
+                tasks.append(Task(None, 0, 0, source=src))
         summary.files_seen = len(tasks)
-        summary = self._process(tasks, summary, started)
+        summary = self.process(tasks, summary, started)
         return summary, [t.image_id for t in tasks]
 
-    def _process(self, tasks: list[_Task], summary: IngestSummary, started: float) -> IngestSummary:
+    def process(self, tasks: list[Task], summary: IngestSummary, started: float) -> IngestSummary:
+        """Read, decode, extract and write ``tasks`` (planned by :meth:`plan`, or a cluster
+        worker's partition), adding to ``summary``."""
         self._known = self._known_hashes() if self.preload_known else set()
-        batches = extract_stream(tasks, self._load, self.extractor, self.batch_size, self.workers)
+        batches = extract_stream(tasks, self.load, self.extractor, self.batch_size, self.workers)
         return self.write_results(batches, len(tasks), summary, started)
 
-    def write_results(self, batches: Iterable[list[StreamResult[_Task]]], total: int, summary: IngestSummary,
+    def write_results(self, batches: Iterable[list[StreamResult[Task]]], total: int, summary: IngestSummary,
                       started: float, *, report: bool = True) -> IngestSummary:
         """Write extracted batches into ``summary``: one transaction per ``write_size`` images
         (consecutive batches joined), numpy's BLAS on one thread meanwhile (a second thread
@@ -354,9 +356,9 @@ class Ingester:
         with threadpool_limits(1, user_api="blas"):
             return self._write_results(_joined(batches, self.write_size), total, summary, started, report=report)
 
-    def _write_results(self, batches: Iterable[list[StreamResult[_Task]]], total: int, summary: IngestSummary,
+    def _write_results(self, batches: Iterable[list[StreamResult[Task]]], total: int, summary: IngestSummary,
                        started: float, *, report: bool = True) -> IngestSummary:
-        pending_dups: list[_Task] = []
+        pending_dups: list[Task] = []
         seen: set[str] = set()
         done = 0
         retries_before = self.ctx.write_retries
@@ -389,7 +391,7 @@ class Ingester:
         summary.elapsed_s = time.perf_counter() - started
         return summary
 
-    def _load(self, task: _Task) -> DecodedImage | None:
+    def load(self, task: Task) -> DecodedImage | None:
         """Worker thread: read, hash, skip known content, decode."""
         if task.path is None and not isinstance(task.source, (bytes, bytearray, memoryview)):
             decoded = load_image(task.source)  # a PIL image
@@ -463,7 +465,7 @@ class Ingester:
             )
 
     def _write_batch(
-        self, conn: Connection, batch: list[StreamResult[_Task]], dups: list[_Task], *, final: bool = False
+        self, conn: Connection, batch: list[StreamResult[Task]], dups: list[Task], *, final: bool = False
     ) -> BatchOutcome:
         """One transaction: new images, their features and codes, paths, error records."""
         now = utcnow()
@@ -532,10 +534,10 @@ class Ingester:
         return BatchOutcome(added, len(resolved) + (len(ok) - added), errors, unresolved)
 
 
-def _joined(batches: Iterable[list[StreamResult[_Task]]], size: int) -> Iterator[list[StreamResult[_Task]]]:
+def _joined(batches: Iterable[list[StreamResult[Task]]], size: int) -> Iterator[list[StreamResult[Task]]]:
     """Consecutive batches joined until they hold at least ``size`` results (the last may hold
     fewer)."""
-    held: list[StreamResult[_Task]] = []
+    held: list[StreamResult[Task]] = []
     for batch in batches:
         held.extend(batch)
         if len(held) >= size:
@@ -573,7 +575,7 @@ def _ids_by_sha(conn: Connection, shas: set[str | None]) -> dict[str, int]:
     return out
 
 
-def _record_paths(conn: Connection, paths: list[tuple[_Task, int]], now: datetime) -> None:
+def _record_paths(conn: Connection, paths: list[tuple[Task, int]], now: datetime) -> None:
     """Upsert the path rows; a path that now holds other content has its old row made not current."""
     if not paths:
         return

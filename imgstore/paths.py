@@ -66,3 +66,10 @@ def _has_surrogates(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def names_an_id(ref: object) -> bool:
+    """An ``int``, or digits that name no existing file: the one rule by which the API and the
+    CLI tell an image id from a path."""
+    return (isinstance(ref, int) and not isinstance(ref, bool)) or (
+        isinstance(ref, str) and ref.isdigit() and not os.path.exists(ref))

@@ -6,26 +6,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import SQLAlchemyError
 
-from . import catalog, dedup, indexing, maintenance, migrate, search
+from . import catalog, dedup, dedup_apply, export, indexing, maintenance, migrate, search
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
-from .context import StoreContext, driver_message
+from .cluster import ClusterIngest
+from .codecache import caches
+from .context import open_context
+from .db import sqlite_file
 from .dedup import DuplicateGroup
+from .dedup_apply import ApplyReport, UndoReport
 from .decode import as_source
-from .errors import ConfigError, DatabaseError, DecodeError, NotFoundError, SchemaError
+from .errors import ConfigError, DecodeError, NotFoundError
+from .features.base import Extractor
+from .ingest import Ingester, IngestSummary
 from .paths import printable
-from .indexing import IndexInfo
 from .maintenance import StoreInfo, VerifyReport
-from .search import SearchResult
-from .vectors import SpaceInfo, get_or_create_space, pick_space
+from .types import CacheState, ImageFiles, IndexInfo, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
+from .vectors import get_or_create_space, list_spaces, pick_space
 
-__all__ = ["ImageStore", "SchemaStatus", "SearchResult"]
+__all__ = ["ImageStore", "SchemaStatus", "SearchOptions", "SearchResult"]
 
 
 @dataclass(frozen=True)
@@ -67,18 +71,9 @@ class ImageStore:
     ) -> None:
         if vector_cache_mb < 0:
             raise ConfigError(f"vector_cache_mb must be 0 or more, got {vector_cache_mb}")
-        self.ctx = StoreContext(db, echo=echo, extractor_options=extractor_options)
+        self.ctx = open_context(db, check_schema=check_schema, echo=echo, extractor_options=extractor_options)
         self.ctx.vector_cache_bytes = vector_cache_mb << 20
         self.cache_codes = cache_codes
-        if check_schema:
-            try:
-                migrate.ensure_current(self.engine, self.url)
-            except SchemaError:
-                self.ctx.close()
-                raise
-            except SQLAlchemyError as exc:
-                self.ctx.close()
-                raise DatabaseError(f"cannot open {self.display_url}: {driver_message(exc)}") from exc
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -158,21 +153,17 @@ class ImageStore:
         would be) removed; unknown references raise :class:`NotFoundError` and remove nothing."""
         return catalog.remove(self.ctx, refs, dry_run=dry_run)
 
-    def apply_duplicates(self, groups: Sequence[DuplicateGroup], move_to: str | os.PathLike[str]) -> Any:
+    def apply_duplicates(self, groups: Sequence[DuplicateGroup], move_to: str | os.PathLike[str]) -> ApplyReport:
         """Move every file of ``groups`` but each group's ``keeper_path`` into ``move_to``, under
         its path relative to the folder it was ingested under; journalled, resumable (an
         interrupted run is finished by the next one into the same folder) and undoable
         (:meth:`undo_duplicates`). Never deletes or overwrites a file. Returns an
         :class:`~imgstore.dedup_apply.ApplyReport` with the journal's path."""
-        from . import dedup_apply
-
         return dedup_apply.apply(self.ctx, groups, move_to)
 
-    def undo_duplicates(self, journal: str | os.PathLike[str]) -> Any:
+    def undo_duplicates(self, journal: str | os.PathLike[str]) -> UndoReport:
         """Put back every file, path row and keeper metadata that one :meth:`apply_duplicates`
         changed, as its journal records them; safe to run again."""
-        from . import dedup_apply
-
         return dedup_apply.undo(self.ctx, journal)
 
     def prune_moved(self, *, dry_run: bool = False) -> Removal:
@@ -194,21 +185,39 @@ class ImageStore:
     def export_rows(self, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
         """One dict per image: id, content hash, size, format, capture time, metadata, current
         paths and, with ``neighbours``, the ids of its nearest stored images (itself excluded)."""
-        return catalog.export_rows(self.ctx, neighbours=neighbours)
+        return export.export_rows(self.ctx, neighbours=neighbours)
+
+    def image_files(self, image_ids: Sequence[int]) -> dict[int, ImageFiles]:
+        """Each image's format and its current files with their sizes (unknown ids absent)."""
+        with self.ctx.read("read image files") as conn:
+            return catalog.image_files(conn, image_ids)
+
+    def thumbnail_source(self, image_id: int) -> ThumbnailSource:
+        """What a thumbnail of the image is made from: its content hash and first current file."""
+        with self.ctx.read("find a thumbnail") as conn:
+            return catalog.thumbnail_source(conn, image_id)
+
+    def image_count(self) -> int:
+        """Stored images: one count (:meth:`counts` counts every table)."""
+        with self.ctx.read("count images") as conn:
+            return catalog.count_images(conn)
+
+    @property
+    def sqlite_file(self) -> str | None:
+        """The SQLite database file, or None for a server database."""
+        return sqlite_file(self.url)
 
     def feature_spaces(self) -> list[SpaceInfo]:
-        from .vectors import list_spaces
-
         with self.ctx.read("list feature spaces") as conn:
             return list_spaces(conn)
 
     # -- ingest ---------------------------------------------------------------------------
 
-    def extractor(self, name: str | None = None, **options: Any) -> Any:
+    def extractor(self, name: str | None = None, **options: Any) -> Extractor:
         """The extractor ``name`` (default EfficientNet-Lite0), built once per store."""
         return self.ctx.extractor(name, **options)
 
-    def _space_id(self, extractor: Any) -> int:
+    def _space_id(self, extractor: Extractor) -> int:
         return self.ctx.write(
             lambda conn: get_or_create_space(conn, extractor.name, extractor.dim, extractor.preprocess_version),
             doing="register a feature space",
@@ -231,7 +240,7 @@ class ImageStore:
         device: str | None = None,
         cluster: Any = None,
         worker_db: str | None = None,
-    ) -> Any:
+    ) -> IngestSummary:
         """Ingest files and folders; returns an :class:`~imgstore.ingest.IngestSummary`.
 
         Files whose path, size and mtime are unchanged since the last ingest are skipped without
@@ -244,8 +253,6 @@ class ImageStore:
         this machine), a scheduler address ``"tcp://host:8786"``, or a ``distributed.Client``;
         ``worker_db``: the database URL as the workers must write it (default: this store's).
         """
-        from .ingest import Ingester
-
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         roots = [os.path.expanduser(os.fspath(p)) for p in paths]
@@ -260,8 +267,6 @@ class ImageStore:
             meta["tags"] = sorted(set(tags))
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, workers=workers, metadata=meta, progress=progress)
         if cluster is not None:
-            from .cluster import ClusterIngest
-
             options = {**self.ctx.extractor_options.get(ex.name, {}), **options}
             summary = ClusterIngest(job, ex.name, options, cluster, worker_db=worker_db).run(
                 roots, recursive=recursive, follow_symlinks=follow_symlinks, dry_run=dry_run)
@@ -286,10 +291,8 @@ class ImageStore:
     def add_many(
         self, sources: Iterable[Any], metadata: dict[str, Any] | None = None, *, extractor: str | None = None,
         batch_size: int = 64, auto_index: bool = True,
-    ) -> tuple[Any, list[int | None]]:
+    ) -> tuple[IngestSummary, list[int | None]]:
         """Add many images; returns (summary, image id or None per source, in order)."""
-        from .ingest import Ingester
-
         ex = self.ctx.extractor(extractor)
         space_id = self._space_id(ex)
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, metadata=metadata)
@@ -329,13 +332,22 @@ class ImageStore:
             progress=progress,
         )
 
-    def indexes(self) -> list[IndexInfo]:
+    def indexes(self, *, with_counts: bool = True) -> list[IndexInfo]:
+        """The indexes; ``with_counts=False`` skips counting each one's codes (a page's list),
+        and, with :meth:`start_refresher` running, is answered from its last look."""
         with self.ctx.read("list indexes") as conn:
-            return indexing.list_indexes(conn)
+            return indexing.list_indexes(conn) if with_counts else caches(self.ctx).indexes(conn)
+
+    def index_space(self, index_id: int | None = None) -> SpaceInfo:
+        """The feature space the index ``index_id`` (default: the active one; without any index,
+        the space with the most vectors) reads: what a query image must be embedded into."""
+        with self.ctx.read("find the feature space") as conn:
+            found = indexing.find_index(caches(self.ctx).indexes(conn), index_id)
+            return self.ctx.space(conn, found.space_id) if found is not None else pick_space(conn, None)
 
     def activate_index(self, index_id: int) -> None:
         self.ctx.write(lambda conn: indexing.activate_index(conn, index_id), doing="activate an index")
-        self.ctx.forget_indexes()
+        self.ctx.forget_index(index_id)
 
     def drop_index(self, index_id: int) -> int | None:
         """Delete an index and its codes. If it was the active one, the newest remaining index of
@@ -359,6 +371,7 @@ class ImageStore:
         cached: bool | None = None,
         index_id: int | None = None,
         include_stale: bool = False,
+        options: SearchOptions | None = None,
     ) -> list[SearchResult]:
         """The k images most similar to ``query``, best first.
 
@@ -369,15 +382,17 @@ class ImageStore:
         any index: exact cosine search over the stored features. ``cached`` keeps the index's
         codes in this store's memory between queries (default: the store's ``cache_codes``).
         Images whose every path went stale (the files changed or vanished) are left out unless
-        ``include_stale``; images added without a path are never stale.
+        ``include_stale``; images added without a path are never stale. ``options``: all of
+        these as one :class:`~imgstore.types.SearchOptions` (then the keywords are ignored).
         """
-        return self.search_many([query], k, exact=exact, probe_radius=probe_radius, rerank=rerank,
-                                rerank_depth=rerank_depth, cached=cached, index_id=index_id,
-                                include_stale=include_stale)[0]
+        if options is None:
+            options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
+                                    cached=cached, index_id=index_id, include_stale=include_stale)
+        return self.search_many([query], options=options)[0]
 
     def search_many(
         self,
-        queries: Sequence[Any],
+        queries: Iterable[Any],
         k: int = 10,
         *,
         exact: bool = False,
@@ -387,12 +402,49 @@ class ImageStore:
         cached: bool | None = None,
         index_id: int | None = None,
         include_stale: bool = False,
+        options: SearchOptions | None = None,
     ) -> list[list[SearchResult]]:
         """:meth:`search` for many queries, with one connection and one cache check."""
-        return search.search_many(
-            self.ctx, queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
-            cached=self.cache_codes if cached is None else cached, index_id=index_id, include_stale=include_stale,
-        )
+        if options is None:
+            options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
+                                    cached=cached, index_id=index_id, include_stale=include_stale)
+        if options.cached is None:
+            options = replace(options, cached=self.cache_codes)
+        return search.search_many(self.ctx, queries, options)
+
+    # -- the in-memory code cache (a long-running process: ``imgstore serve``) -------------
+
+    def start_refresher(self, interval_s: float = 0.25) -> None:
+        """Keep this store's in-memory codes up to date in a background thread, every
+        ``interval_s``: searches then never wait for an ingest's new codes to be merged, at the
+        price of answering from codes up to an interval old."""
+        caches(self.ctx).start_refresher(interval_s)
+
+    def stop_refresher(self) -> None:
+        caches(self.ctx).stop_refresher()
+
+    def warm(self) -> None:
+        """Load the active index's codes and their vectors into memory now (so that the first
+        search does not pay it); does nothing for a store without an index."""
+        caches(self.ctx).warm()
+
+    def cache_state(self) -> list[CacheState]:
+        """What this process holds in memory per index: codes, vectors attached, bytes."""
+        return caches(self.ctx).state()
+
+    def answers_from_memory(self, index_id: int | None = None, *, rerank: bool = True) -> bool:
+        """Whether a cached search of ``index_id`` (default: the active index) would find every
+        code (and, for the re-rank, vector) in memory: a millisecond of CPU, no loading."""
+        return self.cache_codes and caches(self.ctx).answers_from_memory(index_id, rerank=rerank)
+
+    @property
+    def cache_refreshes(self) -> dict[str, int]:
+        """How the in-memory codes were brought up to date: full loads, and appends."""
+        return dict(caches(self.ctx).refreshes)
+
+    @property
+    def vector_cache_mb(self) -> int:
+        return self.ctx.vector_cache_bytes >> 20
 
     # -- duplicates -----------------------------------------------------------------------
 

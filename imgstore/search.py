@@ -20,26 +20,32 @@ over them: embed and encode the queries, ask the source, re-rank by cosine, atta
 
 from __future__ import annotations
 
-import copy
+import io
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 from sqlalchemy import Connection, func, select
 
 from .bandindex import SqlProbe, scan_codes
-from .errors import ConfigError, NotFoundError
-from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours, hamming_distances, topk_smallest
-from .indexing import IndexInfo, find_index
-from .models import Code, HashIndex
-from .paths import from_stored
-from .sqlhelpers import IN_CHUNK, chunks, driver_rows
-from .vectors import SpaceInfo, iter_features, load_features, pick_space
+from .catalog import path_rows
+from .codecache import CodeCache, caches, probe_values
+from .context import is_disconnect
+from .errors import ConfigError, DatabaseError, NotFoundError
+from .hashing.bits import as_words, band_values, hamming_distances, topk_smallest
+from .indexing import find_index
+from .models import Code
+from .decode import as_source, load_image
+from .paths import names_an_id
+from .types import IndexInfo, SearchOptions, SearchResult, SpaceInfo
+from .vectors import iter_features, load_features, pick_space
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext
@@ -53,28 +59,8 @@ MAX_PROBES_PER_BAND = 4096
 #: long; in memory a scan is one popcount pass, far cheaper per code than gathering probed
 #: candidates, so the cache switches early.
 SCAN_FRACTION = 0.25
-CACHE_SCAN_FRACTION = 0.02
 #: Float re-rank looks at this many Hamming candidates per result wanted.
 RERANK_DEPTH_PER_K = 10
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """One search hit. ``distance``: Hamming distance of the codes (None for an exact float
-    search without index); ``cosine``: similarity of the float features when they were used."""
-
-    image_id: int
-    paths: list[str]
-    distance: int | None
-    cosine: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"image_id": self.image_id, "distance": self.distance, "cosine": plain(self.cosine), "paths": self.paths}
-
-
-def plain(value: float | None, digits: int = 6) -> float | None:
-    """A similarity as a person reads it: float32 noise rounded away (1.0, not 1.0000001192)."""
-    return None if value is None else round(float(value), digits)
 
 
 @dataclass(frozen=True)
@@ -86,14 +72,6 @@ class Ranked:
     n_candidates: int
     radius: int
     scanned: bool
-
-
-def probe_values(band: int | npt.NDArray[np.int64], band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
-    """Band values at Hamming distance ``radius_from..radius_to`` from ``band`` (a scalar gives
-    ``(n_values,)``; an array of ``m`` bands gives ``(m, n_values)``)."""
-    values = flip_neighbours(band, band_width, radius_to)
-    skip = sum(math.comb(band_width, r) for r in range(radius_from))
-    return values[..., skip:]
 
 
 def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -165,238 +143,6 @@ class SqlSource:
     def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         all_ids, all_codes = scan_codes(self.conn, self.index)
         return rank(all_ids, all_codes, query_code, k)
-
-
-def directory(seg_keys: npt.NDArray[np.uint32], n: int, n_bands: int, band_width: int) -> tuple[npt.NDArray[np.int32], int]:
-    """A directory of the sorted band segments: for band ``j`` and each value ``t`` of a band's
-    top ``p = min(band_width, floor(log2 n))`` bits, ``dir[j, t]`` is where keys with those top
-    bits start in the segment (``dir[j, 2**p] = n``); returns ``(dir, band_width - p)``.
-
-    A probe then finds its bucket by one look-up and, when ``p < band_width``, a binary search
-    over the few keys sharing the top bits, instead of a binary search over all ``n`` keys (23
-    dependent cache misses at 10M codes: most of a query's time). ``p <= log2 n`` keeps the
-    directory at most 4 bytes per code and band."""
-    p = min(band_width, max(n.bit_length() - 1, 0))
-    shift = band_width - p
-    out = np.empty((n_bands, (1 << p) + 1), dtype=np.int32)
-    for j in range(n_bands):
-        counts = np.bincount(seg_keys[j * n : (j + 1) * n] >> np.uint32(shift), minlength=1 << p)
-        out[j, 0] = 0
-        np.cumsum(counts, out=out[j, 1:])
-    return out, shift
-
-
-@dataclass
-class CodeCache:
-    """All codes of one index in memory, laid out for the compiled probes of :mod:`imgstore.kernels`.
-
-    ``generation`` is the index's generation when loaded; a mismatch with the database means
-    another process (or this one) wrote codes since: the store's context then appends what was
-    added (:meth:`appended`) or, when codes went away, reloads. Memory per code:
-    its bytes and words, plus per band a uint32 key, an int32 row and a copy of the code words
-    (for 64-bit codes in 4 bands, about 90 bytes), and a directory of the band values (at most
-    4 bytes per code and band).
-    """
-
-    index: IndexInfo
-    generation: int
-    image_ids: npt.NDArray[np.int64]  # (n,) ascending
-    codes: npt.NDArray[np.uint8]  # (n, n_bytes)
-    #: the float features of the same rows (float32, as stored), when they were attached
-    #: (:meth:`StoreContext.attach_vectors`, under its memory budget): the re-rank and a search
-    #: by stored id then read them here instead of from the database
-    vectors: npt.NDArray[np.float32] | None = None
-    words: npt.NDArray[np.uint64] = field(init=False)  # (n, n_words)
-    seg_keys: npt.NDArray[np.uint32] = field(init=False)  # (n_bands * n,) band j sorted in [j*n, (j+1)*n)
-    seg_rows: npt.NDArray[np.int32] = field(init=False)  # (n_bands * n,) row of each key
-    seg_words: npt.NDArray[np.uint64] = field(init=False)  # (n_bands * n, n_words) code of each key
-    #: per band, where each value of the top ``band_width - dir_shift`` bits starts in its
-    #: segment: ``(n_bands, 2**p + 1)`` int32 (see :func:`directory`)
-    seg_dir: npt.NDArray[np.int32] = field(init=False)
-    dir_shift: int = field(init=False)
-    band_masks: npt.NDArray[np.uint64] = field(init=False)  # (n_bands, n_words)
-    _flips: dict[tuple[int, int], npt.NDArray[np.int64]] = field(init=False, default_factory=dict)
-    _row_of: npt.NDArray[np.int32] | None = field(init=False, default=None)  # image id -> row (-1: none), when dense
-
-    def __post_init__(self) -> None:
-        self.words = np.ascontiguousarray(as_words(self.codes))
-        n, m, w = len(self.codes), self.index.n_bands, self.index.band_width
-        bands = band_values(self.codes, m, w) if n else np.zeros((0, m), dtype=np.int64)
-        order = np.argsort(bands, axis=0, kind="stable")  # per band; equal values keep row order
-        self.seg_keys = np.ascontiguousarray(np.take_along_axis(bands, order, 0).T).reshape(-1).astype(np.uint32)
-        self.seg_rows = np.ascontiguousarray(order.T).reshape(-1).astype(np.int32)
-        self.seg_words = np.ascontiguousarray(self.words[self.seg_rows])
-        self.band_masks = band_word_masks(self.codes.shape[1] * 8, m, w)
-        self.seg_dir, self.dir_shift = directory(self.seg_keys, n, m, w)
-
-    @classmethod
-    def load(cls, conn: Connection, index: IndexInfo) -> CodeCache:
-        generation = int(conn.scalar(select(HashIndex.generation).where(HashIndex.id == index.id)) or 0)
-        ids, codes = scan_codes(conn, index)
-        return cls(index, generation, ids, codes)
-
-    def appended(self, image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], generation: int,
-                 vectors: npt.NDArray[np.float32] | None = None) -> CodeCache:
-        """A new cache: this one plus codes of images whose ids are all above this one's (an
-        ingest appending). Each band's sorted segment gets the new keys merged in (O(n) copies,
-        no re-sort); this cache is left as it is, so a search running on it is unaffected.
-        The attached vectors carry over when ``vectors`` gives the new rows' (else they go)."""
-        ids = np.asarray(image_ids, dtype=np.int64)
-        codes = np.ascontiguousarray(codes, dtype=np.uint8)
-        if len(ids) == 0:
-            out = copy.copy(self)
-            out.generation = generation
-            return out
-        if len(self) and ids[0] <= self.image_ids[-1]:
-            raise ValueError("appended codes must have larger image ids than the cache holds")
-        n0, m, w = len(self), self.index.n_bands, self.index.band_width
-        new_words = np.ascontiguousarray(as_words(codes))
-        bands = band_values(codes, m, w)
-        keys, rows, words = [], [], []
-        for j in range(m):
-            order = np.argsort(bands[:, j], kind="stable")
-            new_keys = bands[order, j].astype(np.uint32)
-            old = slice(j * n0, (j + 1) * n0)
-            at = np.searchsorted(self.seg_keys[old], new_keys, side="right")  # after equal keys: rows stay in order
-            keys.append(np.insert(self.seg_keys[old], at, new_keys))
-            rows.append(np.insert(self.seg_rows[old], at, (n0 + order).astype(np.int32)))
-            words.append(np.insert(self.seg_words[old], at, new_words[order], axis=0))
-        out = copy.copy(self)
-        out.generation = generation
-        out.image_ids = np.concatenate([self.image_ids, ids])
-        out.codes = np.concatenate([self.codes, codes])
-        out.words = np.ascontiguousarray(np.concatenate([self.words, new_words]))
-        out.seg_keys = np.ascontiguousarray(np.concatenate(keys))
-        out.seg_rows = np.ascontiguousarray(np.concatenate(rows))
-        out.seg_words = np.ascontiguousarray(np.concatenate(words))
-        out.seg_dir, out.dir_shift = directory(out.seg_keys, len(out.image_ids), m, w)
-        out._flips = self._flips
-        out._row_of = None
-        out.vectors = None
-        if self.vectors is not None and vectors is not None and len(vectors) == len(ids):
-            out.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32)])
-        return out
-
-    def with_vectors(self, vectors: npt.NDArray[np.float32]) -> CodeCache:
-        """This cache with the float features of its rows attached (a new object; searches
-        running on this one are unaffected)."""
-        if vectors.shape[0] != len(self):
-            raise ValueError(f"{vectors.shape[0]} vectors for {len(self)} codes")
-        out = copy.copy(self)
-        out.vectors = vectors
-        return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the arrays held for the codes (not the attached vectors)."""
-        return int(sum(a.nbytes for a in (self.image_ids, self.codes, self.words, self.seg_keys, self.seg_rows, self.seg_words,
-                                          self.seg_dir)))
-
-    def rows_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp] | None:
-        """The rows of ``image_ids`` (in that order), or None when one is not in the cache.
-        Ids are mostly dense (1..n with few gaps), so an id -> row table (4 bytes per id up to
-        the largest, made on first use) answers with one memory access per id; a binary search
-        of a million ids cost 20 (a tenth of a search). Sparse ids use the binary search."""
-        n = len(self)
-        ids = np.asarray(image_ids, dtype=np.int64)
-        if n == 0 or len(ids) == 0:
-            return None if len(ids) else np.zeros(0, dtype=np.intp)
-        top = int(self.image_ids[-1])
-        if top < 4 * n + 1024:
-            table = self._row_of
-            if table is None:
-                table = np.full(top + 1, -1, dtype=np.int32)
-                table[self.image_ids] = np.arange(n, dtype=np.int32)
-                self._row_of = table
-            if ids.min() < 0 or ids.max() > top:
-                return None
-            rows = table[ids].astype(np.intp)
-            return None if rows.min() < 0 else rows
-        rows = np.searchsorted(self.image_ids, ids)
-        if rows.max() >= n or not np.array_equal(self.image_ids[rows], ids):
-            return None
-        return rows
-
-    def vectors_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32] | None:
-        """The attached vectors of ``image_ids`` (in that order), or None when there are none
-        attached or one of the ids is not in the cache."""
-        if self.vectors is None:
-            return None
-        rows = self.rows_of(image_ids)
-        return None if rows is None else self.vectors[rows]
-
-    # the HammingSource interface
-    scan_fraction = CACHE_SCAN_FRACTION
-    disjoint_rounds = True
-
-    @property
-    def total(self) -> int:
-        return len(self)
-
-    def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
-        return float(self.count(query_code, s))
-
-    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-        return self.rank_probes(query_code, k, s_lo, s_hi)
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def flips(self, s_lo: int, s_hi: int) -> npt.NDArray[np.int64]:
-        """XOR masks of band values ``s_lo..s_hi`` bits away (cached)."""
-        got = self._flips.get((s_lo, s_hi))
-        if got is None:
-            got = self._flips[(s_lo, s_hi)] = probe_values(0, self.index.band_width, s_lo, s_hi)
-        return got
-
-    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
-        """Top-k (ids, distances) of the codes first found at band radius ``s_lo..s_hi``, and
-        how many such codes there were (each code once; none found at a radius below ``s_lo``)."""
-        from . import kernels
-
-        n = len(self)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
-        rows, dist, found = kernels.probe_rank(
-            self.seg_keys, self.seg_dir, self.dir_shift, self.seg_rows, self.seg_words, n, query_code,
-            as_words(query_code.reshape(1, -1))[0],
-            self.band_masks, self.index.band_width, self.flips(s_lo, s_hi), s_lo, s_hi, k,
-        )
-        return self.image_ids[rows], dist, int(found)
-
-    def count(self, query_code: npt.NDArray[np.uint8], s: int) -> int:
-        """Index entries that probing every band at radius exactly ``s`` would visit."""
-        from . import kernels
-
-        if len(self) == 0:
-            return 0
-        return int(kernels.probe_count(self.seg_keys, self.seg_dir, self.dir_shift, len(self), query_code, self.index.n_bands,
-                                       self.index.band_width, self.flips(s, s)))
-
-    def probe(self, probes: list[npt.NDArray[np.int64]]) -> npt.NDArray[np.intp]:
-        """Rows whose band j is in ``probes[j]`` for some j; sorted, unique."""
-        n = len(self)
-        found = []
-        for j, values in enumerate(probes):
-            seg = self.seg_keys[j * n : (j + 1) * n]
-            values = np.asarray(values, dtype=np.int64)
-            lo = np.searchsorted(seg, values, "left")
-            hi = np.searchsorted(seg, values, "right")
-            sizes = hi - lo
-            if sizes.sum():
-                starts = np.repeat(lo - np.concatenate(([0], np.cumsum(sizes)[:-1])), sizes)
-                found.append(self.seg_rows[j * n + starts + np.arange(int(sizes.sum()))])
-        if not found:
-            return np.zeros(0, dtype=np.intp)
-        return np.unique(np.concatenate(found)).astype(np.intp)
-
-    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        from . import kernels
-
-        if len(self) == 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        rows, dist = kernels.scan_rank(self.words, as_words(query_code.reshape(1, -1))[0], k)
-        return self.image_ids[rows], dist
 
 
 # --- the Hamming search loop ----------------------------------------------------------------
@@ -558,57 +304,61 @@ class FloatScan:
         return Found(ids, None, sims)
 
 
-def search_many(
-    ctx: StoreContext,
-    queries: Sequence[Any],
-    k: int,
-    *,
-    exact: bool = False,
-    probe_radius: int = 1,
-    rerank: bool | None = None,
-    rerank_depth: int | None = None,
-    cached: bool = False,
-    index_id: int | None = None,
-    include_stale: bool = False,
-) -> list[list[SearchResult]]:
-    """The k nearest stored images of each query, best first (see ``ImageStore.search``)."""
-    from .context import is_disconnect
-    from .errors import DatabaseError
+def check_options(options: SearchOptions) -> None:
+    """Refuse options a search cannot run with, by type first (a str ``"5"`` is a caller's
+    mistake, not five), with what to give instead."""
+    for name in ("k", "probe_radius"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    for name in ("rerank_depth", "index_id"):
+        value = getattr(options, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ConfigError(f"{name} must be a whole number or None, got {value!r}")
+    if options.k < 1:
+        raise ConfigError(f"k must be at least 1, got {options.k}")
+    if options.probe_radius < 0:
+        raise ConfigError(f"probe radius must be 0 or more, got {options.probe_radius}")
+    if options.rerank_depth is not None and options.rerank_depth < 1:
+        raise ConfigError(f"rerank depth must be at least 1, got {options.rerank_depth}")
 
-    if k < 1:
-        raise ConfigError(f"k must be at least 1, got {k}")
-    queries = as_queries(queries)
-    args = (ctx, queries, k, exact, probe_radius, rerank, rerank_depth, cached, index_id, include_stale)
-    if not (cached and ctx.answers_from_memory(index_id, rerank=rerank is not False)):
-        return _search_many(ctx.read("search"), *args)
+
+def search_many(ctx: StoreContext, queries: Sequence[Any], options: SearchOptions) -> list[list[SearchResult]]:
+    """The ``options.k`` nearest stored images of each query, best first (see
+    ``ImageStore.search``). ``options.cached`` None counts as False here."""
+    check_options(options)
+    listed = as_queries(queries)
+    if not (options.cached and caches(ctx).answers_from_memory(options.index_id, rerank=options.rerank is not False)):
+        return _search_many(ctx.read("search"), ctx, listed, options)
     # codes and vectors in memory: one statement (the paths), no transaction needed
     try:
-        return _search_many(ctx.quick_read("search"), *args)
+        return _search_many(ctx.quick_read("search"), ctx, listed, options)
     except DatabaseError as exc:
         if not is_disconnect(exc):
             raise
         ctx.drop_quick_connections()
-        return _search_many(ctx.quick_read("search"), *args)  # a pooled connection had died: once more, on a fresh one
+        return _search_many(ctx.quick_read("search"), ctx, listed, options)  # a pooled connection had died: once more
 
 
-def _search_many(reading: Any, ctx: StoreContext, queries: list[Any], k: int, exact: bool, probe_radius: int,
-                 rerank: bool | None, rerank_depth: int | None, cached: bool, index_id: int | None,
-                 include_stale: bool) -> list[list[SearchResult]]:
+def _search_many(reading: AbstractContextManager[Connection], ctx: StoreContext, queries: list[Any],
+                 options: SearchOptions) -> list[list[SearchResult]]:
+    k = options.k
     with reading as conn:
-        index = find_index(ctx.indexes(conn), index_id)
+        part = caches(ctx)
+        index = find_index(part.indexes(conn), options.index_id)
         space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
-        cache = ctx.code_cache(conn, index, current=True) if cached and index is not None else None
+        cache = part.code_cache(conn, index, current=True) if options.cached and index is not None else None
         vectors, codes = query_vectors(ctx, conn, queries, space, index, cache)
         source: CandidateSource
         if index is None:
             source = FloatScan(conn, space)
         else:
             hamming: HammingSource = cache if cache is not None else SqlSource(conn, index)
-            source = HammingCandidates(index, hamming, exact=exact, probe_radius=probe_radius)
+            source = HammingCandidates(index, hamming, exact=options.exact, probe_radius=options.probe_radius)
         # Re-rank is on by default for every kind of index (benchmarks/results/deep.md and
         # hashing.md: it raises P@10 without lowering mAP, since the codes chose the candidates).
-        do_rerank = index is not None and (True if rerank is None else rerank)
-        want = max(k, rerank_depth or RERANK_DEPTH_PER_K * k) if do_rerank else k
+        do_rerank = index is not None and options.rerank is not False
+        want = max(k, options.rerank_depth or RERANK_DEPTH_PER_K * k) if do_rerank else k
         out: list[list[SearchResult]] = []
         for vec, code in zip(vectors, codes):
             ask = want
@@ -619,7 +369,7 @@ def _search_many(reading: Any, ctx: StoreContext, queries: list[Any], k: int, ex
                     ids, sims = cosine_rerank(conn, space, vec, found.image_ids, cache)
                     dist_of = dict(zip(found.image_ids.tolist(), found.distances.tolist())) if found.distances is not None else {}
                     ranked = Found(ids, np.array([dist_of[i] for i in ids.tolist()], dtype=np.int64), sims)
-                hits = _visible(conn, ranked, k, include_stale)
+                hits = _visible(conn, ranked, k, options.include_stale)
                 exhausted = len(found.image_ids) < ask  # the source had no more to give
                 if len(hits) >= k or exhausted or attempt == STALE_RETRIES:
                     break
@@ -640,10 +390,11 @@ def _visible(conn: Connection, ranked: Found, k: int, include_stale: bool) -> li
     pos = 0
     while len(out) < k and pos < len(ids):
         part = [int(i) for i in ids[pos : pos + max(2 * (k - len(out)), 16)]]
-        rows = _path_rows(conn, part)
+        rows = path_rows(conn, part)
         for n, image_id in enumerate(part, start=pos):
-            current, any_path = rows.get(image_id, ([], False))
-            if any_path and not current and not include_stale:
+            seen = rows.get(image_id, [])
+            current = [r.path for r in seen if r.is_current]
+            if seen and not current and not include_stale:
                 continue
             out.append(SearchResult(
                 image_id=image_id, paths=current,
@@ -656,32 +407,10 @@ def _visible(conn: Connection, ranked: Found, k: int, include_stale: bool) -> li
     return out
 
 
-def _path_rows(conn: Connection, image_ids: list[int]) -> dict[int, tuple[list[str], bool]]:
-    """Per image: its current paths (sorted) and whether it has any path row at all."""
-    out: dict[int, tuple[list[str], bool]] = {}
-    for part in chunks(sorted(set(image_ids)), IN_CHUNK):
-        if conn.dialect.name == "postgresql":  # one array parameter (see vectors.iter_features)
-            rows = driver_rows(conn, "SELECT image_id, path, is_current FROM image_paths "
-                                     "WHERE image_id = ANY(%s::bigint[]) ORDER BY path", (list(part),))
-        else:
-            marks = ",".join("?" * len(part))
-            rows = driver_rows(conn, f"SELECT image_id, path, is_current FROM image_paths WHERE image_id IN ({marks}) "
-                                     "ORDER BY path", tuple(part))
-        for image_id, path, is_current in rows:
-            current, _ = out.setdefault(int(image_id), ([], True))
-            if is_current:
-                current.append(from_stored(path))
-    return out
-
-
 def as_queries(queries: Any) -> list[Any]:
     """A list of queries from what ``search_many`` was given: any iterable of queries, or one
     query on its own (a path, bytes, a file-like object, an image, a feature vector, an id)
     rather than its characters, bytes or pixel rows."""
-    import io
-
-    from PIL import Image
-
     single = (str, bytes, bytearray, memoryview, os.PathLike, io.IOBase, Image.Image, int, np.integer)
     if isinstance(queries, single) or (isinstance(queries, np.ndarray) and queries.ndim != 2) or (
         isinstance(queries, np.ndarray) and queries.dtype == np.uint8
@@ -697,9 +426,6 @@ def query_vectors(
     """Float vectors and codes (None without an index) of each query: a stored image id (its
     vector from ``cache`` when attached there, else read), a feature vector, or an image
     (path, bytes, PIL) embedded by the space's extractor."""
-    from .catalog import names_an_id
-    from .decode import as_source, load_image
-
     vectors: list[npt.NDArray[np.float32] | None] = [None] * len(queries)
     stored: dict[int, npt.NDArray[np.uint8]] = {}
     to_embed: list[tuple[int, Any]] = []
@@ -738,8 +464,14 @@ def query_vectors(
     codes: list[npt.NDArray[np.uint8] | None] = [stored.get(i) for i in range(len(queries))]
     todo = [i for i in range(len(queries)) if i not in stored]
     if index is not None and todo:
-        for i, code in zip(todo, ctx.hasher(conn, index).encode(np.stack([vectors[i] for i in todo]))):  # type: ignore[misc]
+        for i, code in zip(todo, ctx.hasher(conn, index).encode(np.stack([_known(vectors[i]) for i in todo]))):
             codes[i] = code
     return vectors, codes
 
 
+
+
+def _known(vector: npt.NDArray[np.float32] | None) -> npt.NDArray[np.float32]:
+    if vector is None:  # every query was embedded, read or given above
+        raise AssertionError("a query without a vector")
+    return vector

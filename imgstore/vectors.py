@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -14,23 +13,9 @@ from sqlalchemy import Connection, Table, func, select
 from .errors import NotFoundError
 from .models import Feature, FeatureSpace
 from .sqlhelpers import IN_CHUNK, chunks, insert_ignore
+from .types import SpaceInfo
 
 features_table: Table = Feature.__table__  # type: ignore[assignment]
-
-
-@dataclass(frozen=True)
-class SpaceInfo:
-    """A feature space: one extractor and preprocessing version, and how many vectors it holds."""
-
-    id: int
-    extractor: str
-    dim: int
-    preprocess_version: str
-    created_at: datetime
-    n_features: int | None  # None where it was not counted (get_space)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 def vector_to_bytes(vector: npt.ArrayLike) -> bytes:

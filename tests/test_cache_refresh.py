@@ -10,7 +10,8 @@ import pytest
 
 from imgstore import ImageStore
 from imgstore.indexing import create_index
-from imgstore.search import CodeCache, hamming_search
+from imgstore.codecache import CodeCache, caches
+from imgstore.search import hamming_search
 
 from .helpers import populate
 from .test_kernels import make_cache
@@ -42,7 +43,7 @@ def test_a_growing_index_is_appended_and_a_removal_reloads(db_url: str) -> None:
         store.transaction(lambda conn: create_index(conn, populate(conn, vectors[:600]), method="lsh", n_bits=32, n_bands=2))
         queries = list(vectors[:5])
         store.search_many(queries, k=5, rerank=False)
-        assert store.ctx.cache_refreshes == {"loads": 1, "appends": 0}
+        assert store.cache_refreshes == {"loads": 1, "appends": 0}
 
         def more(conn):  # type: ignore[no-untyped-def]
             from sqlalchemy import text
@@ -61,13 +62,13 @@ def test_a_growing_index_is_appended_and_a_removal_reloads(db_url: str) -> None:
 
         store.transaction(more)
         grown = store.search_many(queries, k=5, rerank=False)
-        assert store.ctx.cache_refreshes == {"loads": 1, "appends": 1}
+        assert store.cache_refreshes == {"loads": 1, "appends": 1}
         with ImageStore(db_url) as fresh:
             assert [[r.image_id for r in res] for res in fresh.search_many(queries, k=5, rerank=False, cached=True)] == \
                 [[r.image_id for r in res] for res in grown]
         store.remove([int(grown[0][1].image_id)])
         after = store.search_many(queries, k=5, rerank=False)
-        assert store.ctx.cache_refreshes["loads"] == 2
+        assert store.cache_refreshes["loads"] == 2
         assert grown[0][1].image_id not in [r.image_id for r in after[0]]
 
 
@@ -99,19 +100,19 @@ def test_a_background_refresher_keeps_searches_from_waiting(sqlite_url: str) -> 
     writer.transaction(lambda conn: create_index(conn, populate(conn, vectors[:300]), method="lsh", n_bits=32, n_bands=2))
     with ImageStore(sqlite_url, cache_codes=True) as server:
         server.search(vectors[0], k=3, rerank=False)  # the first load happens in the request
-        server.ctx.start_refresher(interval_s=3600)  # a refresher that will not run during this part
+        server.start_refresher(interval_s=3600)  # a refresher that will not run during this part
         (new,) = add_images(writer, vectors[300:301], "one")
         hits = server.search(vectors[300], k=1, rerank=False)
         assert hits[0].image_id != new  # answered from the cache as it was, without waiting
-        assert server.ctx.cache_refreshes == {"loads": 1, "appends": 0}
-        server.ctx.stop_refresher()
-        server.ctx.start_refresher(interval_s=0.05)
+        assert server.cache_refreshes == {"loads": 1, "appends": 0}
+        server.stop_refresher()
+        server.start_refresher(interval_s=0.05)
         more = add_images(writer, vectors[301:340], "two")
         deadline = time.time() + 20
         while time.time() < deadline and server.search(vectors[339], k=1, rerank=False)[0].image_id != more[-1]:
             time.sleep(0.05)
         assert server.search(vectors[339], k=1, rerank=False)[0].image_id == more[-1]
-        assert server.ctx.cache_refreshes["loads"] == 1 and server.ctx.cache_refreshes["appends"] >= 1
+        assert server.cache_refreshes["loads"] == 1 and server.cache_refreshes["appends"] >= 1
     writer.close()
 
 
@@ -129,18 +130,18 @@ def test_vectors_held_beside_the_codes_give_the_answers_read_from_the_database(d
         held.transaction(lambda conn: create_index(conn, populate(conn, vectors[:500]), method="lsh", n_bits=32, n_bands=2))
         queries: list[object] = [*vectors[:4], 1, 7, 250]  # vectors and stored ids, all re-ranked by cosine
         first = held.search_many(queries, k=8)
-        (cache,) = held.ctx._code_caches.values()
+        (cache,) = [c for _, c in caches(held.ctx).held()]
         assert cache.vectors is not None and cache.vectors.shape == (500, 24)
-        assert [c["vectors"] for c in held.ctx.cache_state()] == [True]
+        assert [c.vectors for c in held.cache_state()] == [True]
         assert _answers(first) == _answers(read.search_many(queries, k=8))
-        assert all(c.vectors is None for c in read.ctx._code_caches.values())
+        assert all(c.vectors is None for c in [c for _, c in caches(read.ctx).held()])
         assert first[4][0].image_id == 1 and first[4][0].distance == 0 and first[4][0].cosine == pytest.approx(1.0)
 
         new = add_images(held, vectors[500:], "late")  # an ingest appends: the vectors come along
         queries += [new[3], vectors[650]]
         grown = held.search_many(queries, k=8)
-        (cache,) = held.ctx._code_caches.values()
-        assert held.ctx.cache_refreshes["appends"] == 1 and cache.vectors is not None and len(cache.vectors) == 700
+        (cache,) = [c for _, c in caches(held.ctx).held()]
+        assert held.cache_refreshes["appends"] == 1 and cache.vectors is not None and len(cache.vectors) == 700
         np.testing.assert_array_equal(cache.vectors[-200:], vectors[500:])
         assert _answers(grown) == _answers(read.search_many(queries, k=8))
         assert grown[-2][0].image_id == new[3]
@@ -148,15 +149,15 @@ def test_vectors_held_beside_the_codes_give_the_answers_read_from_the_database(d
         held.remove([new[3], 7])  # a removal reloads the codes; the vectors are read again with them
         queries = [q for q in queries if not isinstance(q, int) or q not in (new[3], 7)]
         after = held.search_many(queries, k=8)
-        assert held.ctx.cache_refreshes["loads"] == 2
-        (cache,) = held.ctx._code_caches.values()
+        assert held.cache_refreshes["loads"] == 2
+        (cache,) = [c for _, c in caches(held.ctx).held()]
         assert cache.vectors is not None and len(cache.vectors) == 698
         assert _answers(after) == _answers(read.search_many(queries, k=8))
         assert all(h.image_id not in (new[3], 7) for hits in after for h in hits)
 
     with ImageStore(db_url, cache_codes=True, vector_cache_mb=0) as small:
         small.search(1, k=3)
-        assert [c["vectors"] for c in small.ctx.cache_state()] == [False]
+        assert [c.vectors for c in small.cache_state()] == [False]
     with pytest.raises(Exception, match="vector_cache_mb"):
         ImageStore(db_url, vector_cache_mb=-1)
 
@@ -186,12 +187,12 @@ def test_a_cached_search_survives_its_connections_being_killed(pg_url: str) -> N
     vectors = rng.standard_normal((300, 16)).astype(np.float32)
     with ImageStore(pg_url, cache_codes=True) as store:
         store.transaction(lambda conn: create_index(conn, populate(conn, vectors), method="lsh", n_bits=32, n_bands=2))
-        store.ctx.start_refresher(interval_s=0.05)
+        store.start_refresher(interval_s=0.05)
         deadline = time.time() + 30
-        while time.time() < deadline and not store.ctx.answers_from_memory():
+        while time.time() < deadline and not store.answers_from_memory():
             store.search(1, k=3)
             time.sleep(0.05)
-        assert store.ctx.answers_from_memory()
+        assert store.answers_from_memory()
         before = _answers(store.search_many([1, 2, 3], k=5))
         admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -200,4 +201,4 @@ def test_a_cached_search_survives_its_connections_being_killed(pg_url: str) -> N
         admin.dispose()
         assert ended >= 1
         assert _answers(store.search_many([1, 2, 3], k=5)) == before
-        store.ctx.stop_refresher()
+        store.stop_refresher()

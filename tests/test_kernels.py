@@ -12,7 +12,8 @@ import pytest
 
 from imgstore.hashing.bits import as_words, band_values, band_word_masks
 from imgstore.indexing import IndexInfo
-from imgstore.search import CodeCache, hamming_search
+from imgstore.codecache import CodeCache
+from imgstore.search import hamming_search
 
 LAYOUTS = [  # (n_bits, n_bands, band_width)
     (32, 4, 8),

@@ -13,7 +13,8 @@ from sqlalchemy import Connection
 from imgstore import ImageStore
 from imgstore.bandindex import SqlProbe, scan_codes
 from imgstore.indexing import create_index, list_indexes
-from imgstore.search import CodeCache, SqlSource, hamming_search
+from imgstore.codecache import CodeCache
+from imgstore.search import SqlSource, hamming_search
 
 from .helpers import assert_buckets_match_codes, brute_force, photo, populate, write_variants
 

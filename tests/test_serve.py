@@ -359,10 +359,10 @@ def test_search_by_id_route_reads_its_arguments_and_answers_from_memory(served: 
     cat = store.image(str(sorted((root / "cat").iterdir())[0])).id
     with client(store, tmp_path) as api:  # with: the lifespan runs (refresher, warm-up)
         deadline = time.time() + 30
-        while time.time() < deadline and not store.ctx.answers_from_memory():
+        while time.time() < deadline and not store.answers_from_memory():
             time.sleep(0.05)
         assert [c["vectors"] for c in api.get("/api/info").json()["cache"]] == [True]
-        assert store.ctx.answers_from_memory()
+        assert store.answers_from_memory()
         got = api.get("/api/search", params={"id": cat, "k": 5, "exact": "yes", "probe_radius": 0, "rerank": "true"})
         want = store.search(cat, 5, exact=True, probe_radius=0)
         assert got.status_code == 200 and got.json() == [h.as_dict() for h in want]
