@@ -1,12 +1,12 @@
 # The two commands of the README:
 #   make demo  - set up, then run the main job on the embedded SQLite default
-#   make test  - set up, then run the whole test suite (SQLite and PostgreSQL)
+#   make test  - set up, lint and type-check, then run the whole test suite (SQLite and PostgreSQL)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ browser:
 	  || echo "could not install chromium; the browser tests will say so"; \
 	else echo "chromium and chromedriver are missing (Debian: apt-get install chromium chromium-driver); the browser tests will skip"; fi
 
-test: $(STAMP) browser
+# Lint and type-check the package (configuration in pyproject.toml); `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check imgstore
+	$(BIN)/mypy
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
 
 clean:

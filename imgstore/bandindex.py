@@ -111,7 +111,8 @@ def _insert_new_codes(conn: Connection, hasher_id: int, ids: npt.NDArray[np.int6
 
 
 def write_new_buckets(
-    conn: Connection, hasher_id: int, deferred: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]], n_bands: int, band_width: int
+    conn: Connection, hasher_id: int, deferred: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+    n_bands: int, band_width: int,
 ) -> None:
     """The buckets of a new index (whose buckets nobody else writes) from the codes that
     :func:`write_codes` collected in ``deferred``: every bucket row written once."""
@@ -123,7 +124,8 @@ def write_new_buckets(
 
 
 def append_deferred(
-    conn: Connection, hasher_id: int, deferred: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]], n_bands: int, band_width: int
+    conn: Connection, hasher_id: int, deferred: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]],
+    n_bands: int, band_width: int,
 ) -> None:
     """Append the codes :func:`write_codes` collected in ``deferred`` to an existing index's
     buckets (rows locked in (band, value) order)."""
@@ -135,7 +137,9 @@ def append_deferred(
         _append_to_buckets(conn, hasher_id, ids, codes, n_bands, band_width, new_index=False)
 
 
-def _bucket_groups(ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> Iterator[tuple[int, int, npt.NDArray[np.intp]]]:
+def _bucket_groups(
+    ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], n_bands: int, band_width: int
+) -> Iterator[tuple[int, int, npt.NDArray[np.intp]]]:
     """(band, value, rows with that band value, in id order) for every band value present."""
     bands = band_values(codes, n_bands, band_width)
     for j in range(n_bands):
@@ -262,7 +266,9 @@ def remove_codes(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     return sorted(changed)
 
 
-def _remove_from_buckets(conn: Connection, hasher_id: int, keys: list[tuple[int, int]], gone: npt.NDArray[np.int64], n_bytes: int) -> None:
+def _remove_from_buckets(
+    conn: Connection, hasher_id: int, keys: list[tuple[int, int]], gone: npt.NDArray[np.int64], n_bytes: int
+) -> None:
     t = buckets_table.c
     updates: list[dict[str, Any]] = []
     deletes: list[dict[str, Any]] = []
@@ -280,7 +286,9 @@ def _remove_from_buckets(conn: Connection, hasher_id: int, keys: list[tuple[int,
     where = and_(t.hasher_id == bindparam("h"), t.band == bindparam("b"), t.value == bindparam("v"), t.chunk == bindparam("c"))
     if updates:
         conn.execute(
-            update(buckets_table).where(where).values(n=bindparam("new_n"), image_ids=bindparam("new_ids"), codes=bindparam("new_codes")),
+            update(buckets_table)
+            .where(where)
+            .values(n=bindparam("new_n"), image_ids=bindparam("new_ids"), codes=bindparam("new_codes")),
             updates,
         )
     if deletes:
@@ -295,8 +303,8 @@ class SqlProbe:
 
     Each branch is a primary-key look-up per probed value, and each row it returns holds a
     whole bucket (ids and codes packed), so a query reads one row per probed value (m bands x
-    the values within the radius) instead of one row per candidate. The statement runs on the driver's cursor, without SQLAlchemy's
-    result rows. PostgreSQL gets one array literal per band (``value = ANY(%s::bigint[])``;
+    the values within the radius) instead of one row per candidate. The statement runs on the
+    driver's cursor, without SQLAlchemy's result rows. PostgreSQL gets one array literal per band (``value = ANY(%s::bigint[])``;
     psycopg's dumping of Python lists cost more than formatting the literal),
     so the SQL text is constant and psycopg prepares it once; SQLite gets ``IN (?, ?, ...)``
     text cached per list length.
@@ -347,7 +355,9 @@ class SqlProbe:
             # analysed (right after a bulk load) gets a sequential scan per band
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
 
-    def rank(self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    def rank(
+        self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
         """Top-k (ids, distances) of the codes the probes find, and how many distinct ones."""
         from . import kernels
 
@@ -376,7 +386,9 @@ def scan_codes(conn: Connection, index: IndexInfo) -> tuple[npt.NDArray[np.int64
     """Every code of an index, by image id (on the driver's cursor: SQLAlchemy's result rows
     cost more than the read when an exact search scans a store of 10,000-100,000 codes)."""
     ph = "%s" if conn.dialect.name == "postgresql" else "?"
-    rows = driver_rows(conn, f"SELECT image_id, code FROM codes WHERE hasher_id = {ph} ORDER BY image_id", (index.id,), binary=True)
+    rows = driver_rows(
+        conn, f"SELECT image_id, code FROM codes WHERE hasher_id = {ph} ORDER BY image_id", (index.id,), binary=True
+    )
     n_bytes = index.n_bits // 8
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros((0, n_bytes), dtype=np.uint8)
@@ -421,7 +433,7 @@ def _occupancy(sizes: npt.NDArray[np.float64], band_width: int) -> BandOccupancy
     p = sizes / n
     entropy = float(-(p * np.log2(p)).sum())
     ceiling = np.log2(min(2.0**band_width, n)) if n > 1 else 1.0
-    return BandOccupancy(int(len(sizes)), int(sizes.max()), round(n / len(sizes), 2),
+    return BandOccupancy(len(sizes), int(sizes.max()), round(n / len(sizes), 2),
                          round(entropy / ceiling, 3) if ceiling > 0 else 1.0)
 
 

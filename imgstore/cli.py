@@ -881,7 +881,7 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
 
     with obj.store() as store:  # opened here first: a wrong path or an old schema is one line, before any worker starts
         store.cache_codes = True
-        store.ctx.vector_cache_bytes = vector_cache_mb << 20
+        store.vector_cache_mb = vector_cache_mb
         shown = f"[{host}]" if ":" in host else host
         address = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}/" + (f"?token={token}" if token else "")
         processes = f", {workers} processes" if workers > 1 else ""

@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DecodeError
+from .errors import DecodeError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def read_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTE
     if st.st_size == 0:
         raise DecodeError(path, "empty file (0 bytes)")
     if st.st_size > max_bytes:
-        raise DecodeError(path, f"file too large ({st.st_size} bytes; the limit is {max_bytes})")
+        raise ImageTooLargeError(path, f"file too large ({st.st_size} bytes; the limit is {max_bytes})")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may have grown since stat
@@ -136,7 +136,7 @@ def read_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTE
     if not data:
         raise DecodeError(path, "empty file (0 bytes)")
     if len(data) > max_bytes:
-        raise DecodeError(path, f"file too large (over {max_bytes} bytes)")
+        raise ImageTooLargeError(path, f"file too large (over {max_bytes} bytes)")
     return data
 
 
@@ -162,7 +162,7 @@ def decode_bytes(
     except UnidentifiedImageError:
         raise DecodeError(path, "not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(path, f"image too large to decode safely ({_short(exc)})") from None
+        raise ImageTooLargeError(path, f"image too large to decode safely ({_short(exc)})") from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
     return _finish(img, path=path, max_pixels=max_pixels, draft_size=draft_size)
@@ -239,7 +239,7 @@ def _finish(
     if width <= 0 or height <= 0:
         raise DecodeError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
-        raise DecodeError(
+        raise ImageTooLargeError(
             path,
             f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
             "(raise max_pixels if this image is genuine)",
@@ -254,7 +254,7 @@ def _finish(
     except DecodeError as exc:
         raise DecodeError(path, exc.reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(path, f"image too large to decode safely ({_short(exc)})") from None
+        raise ImageTooLargeError(path, f"image too large to decode safely ({_short(exc)})") from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"truncated or corrupt image data ({_short(exc)})") from None
     except MemoryError:
@@ -270,7 +270,7 @@ def _read_exif(img: Image.Image) -> tuple[int, datetime | None]:
     """(orientation 1..8, capture time) from EXIF; (1, None) when absent or garbage. Never raises."""
     try:
         exif = img.getexif()
-    except Exception:  # noqa: BLE001 - garbage EXIF must never fail the decode
+    except Exception:  # garbage EXIF must never fail the decode (logged below)
         logger.debug("unreadable EXIF block", exc_info=True)
         return 1, None
     orientation = 1
@@ -279,18 +279,18 @@ def _read_exif(img: Image.Image) -> tuple[int, datetime | None]:
         value = int(value[0] if isinstance(value, (tuple, list)) else value)
         if 1 <= value <= 8:
             orientation = value
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a garbage orientation tag means "upright", never a failed decode
         orientation = 1
     captured_at = None
     try:
         sub = exif.get_ifd(_TAG_EXIF_IFD)
         captured_at = _parse_exif_datetime(sub.get(_TAG_DATETIME_ORIGINAL))
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a garbage EXIF sub-IFD just gives no capture time
         captured_at = None
     if captured_at is None:
         try:
             captured_at = _parse_exif_datetime(exif.get(_TAG_DATETIME))
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - a garbage date tag just gives no capture time
             captured_at = None
     return orientation, captured_at
 

@@ -172,8 +172,7 @@ def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os
             continue
         dst = destination(target, src, root)
         n += 1
-        entry: dict[str, Any] = {"op": "move", "id": n, "src": src, "dst": dst, "image_id": image_id, "keeper": keeper,
-                                 "tags": member_tags}
+        entry = {"op": "move", "id": n, "src": src, "dst": dst, "image_id": image_id, "keeper": keeper, "tags": member_tags}
         if keeper not in keeper_meta_saved:
             with ctx.read("read the keeper's metadata") as conn:
                 entry["keeper_meta_before"] = dict(conn.scalar(select(Image.meta).where(Image.id == keeper)) or {})
@@ -199,7 +198,9 @@ def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str,
             continue
         for member in group.members:
             rows = conn.execute(
-                select(ImagePath.path, ImagePath.root).where(ImagePath.image_id == member.image_id, ImagePath.is_current.is_(True))
+                select(ImagePath.path, ImagePath.root).where(
+                    ImagePath.image_id == member.image_id, ImagePath.is_current.is_(True)
+                )
             ).all()
             meta = conn.scalar(select(Image.meta).where(Image.id == member.image_id)) or {}
             tags = list(meta.get("tags", [])) if isinstance(meta, dict) and isinstance(meta.get("tags"), list) else []

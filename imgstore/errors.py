@@ -74,6 +74,11 @@ class DecodeError(ImgStoreError):
         super().__init__(f"{where}: {reason}")
 
 
+class ImageTooLargeError(DecodeError):
+    """An image over a size limit: more pixels than allowed (a decompression bomb), or a file
+    larger than allowed. Told apart from an unreadable file by type (HTTP 422, not 415)."""
+
+
 class ExtractorError(ImgStoreError):
     """A feature extractor is unknown or cannot run."""
 

@@ -49,7 +49,7 @@ def average_precision_from_ranking(
     precision_at_hit = np.where(relevant, hits / positions, 0.0).sum(axis=1)
     ap = np.divide(precision_at_hit, n_rel, out=np.zeros_like(precision_at_hit), where=n_rel > 0)
     p_at_k = relevant[:, :k].mean(axis=1)
-    return RetrievalScores(float(ap.mean()), float(p_at_k.mean()), int(len(q)))
+    return RetrievalScores(float(ap.mean()), float(p_at_k.mean()), len(q))
 
 
 def evaluate_distances(
@@ -68,11 +68,11 @@ def evaluate_distances(
         s = average_precision_from_ranking(rank_by_distance(part), q[start : start + batch], db_labels, k)
         total_ap += s.map_all * s.n_queries
         total_p += s.precision_at_10 * s.n_queries
-    return RetrievalScores(total_ap / len(q), total_p / len(q), int(len(q)))
+    return RetrievalScores(total_ap / len(q), total_p / len(q), len(q))
 
 
 def cosine_distances(queries: npt.NDArray[np.floating], database: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
     """1 - cosine similarity, (n_queries, n_db) float32."""
-    qn = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    dn = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True), 1e-12)
+    qn: npt.NDArray[np.floating] = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    dn: npt.NDArray[np.floating] = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True), 1e-12)
     return (1.0 - qn.astype(np.float32) @ dn.astype(np.float32).T).astype(np.float32)

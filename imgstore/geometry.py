@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -152,7 +152,7 @@ def edit_views(grey: npt.NDArray[np.uint8], side: int) -> EditViews:
     return EditViews(patches[0], patches, float(norms[0, 0]) / np.sqrt(patches.shape[1]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _edit_maps(side: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     """Where each pixel of the centre (the middle half of each axis) of each edited view comes
     from in the working image: (V, P) x and y, one row per edit, the unedited view first."""
@@ -307,7 +307,9 @@ def aligned_agreement(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], affine
     return float(np.median(corr)) if len(corr) >= MIN_BLOCKS else None
 
 
-def _block_correlations(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
+def _block_correlations(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], inside: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float32]:
     h, w = (x.shape[0] // BLOCK) * BLOCK, (x.shape[1] // BLOCK) * BLOCK
 
     def blocks(v: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -398,7 +400,10 @@ class PairVerifier:
                 return self._cache[key]
         if mirrored:
             plain = self._get(image_id, False)
-            found = None if plain is None or plain.local is None else local_features(np.ascontiguousarray(plain.local.grey[:, ::-1]))
+            found = (
+                None if plain is None or plain.local is None
+                else local_features(np.ascontiguousarray(plain.local.grey[:, ::-1]))
+            )
         else:
             found = self._features(image_id)
         self._put(key, found)
@@ -416,7 +421,7 @@ class PairVerifier:
     def _features(self, image_id: int) -> Views | None:
         try:
             img = self.load(image_id)
-        except Exception as exc:  # an unreadable file only costs this pair its verdict
+        except Exception as exc:  # noqa: BLE001 - an unreadable file only costs this pair its verdict
             logger.info("geometric check: image %d could not be read: %s", image_id, exc)
             img = None
         with self._lock:

@@ -12,7 +12,6 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -242,7 +241,9 @@ def labels_from(conn: Connection, spec: str) -> dict[int, Any]:
     """Image id -> label from ``folder`` (the parent folder of a current path) or ``tag:KEY``."""
     out: dict[int, Any] = {}
     if spec == "folder":
-        rows = conn.execute(select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.id))
+        rows = conn.execute(
+            select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.id)
+        )
         for image_id, path in rows:
             out.setdefault(int(image_id), os.path.basename(os.path.dirname(path)))
     elif spec.startswith("tag:") and len(spec) > 4:

@@ -7,6 +7,7 @@ it was after the last whole batch, and running the same command again finishes t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,8 +41,10 @@ log = logging.getLogger(__name__)
 #: File name extensions tried as images when walking folders (a file named on the command line
 #: is always tried). Anything else in a folder is ignored, not reported as an error.
 IMAGE_EXTENSIONS = frozenset(
-    ".jpg .jpeg .jpe .jfif .png .gif .webp .bmp .dib .tif .tiff .ppm .pgm .pbm .pnm .ico .tga "
-    ".jp2 .j2k .jpx .pcx .sgi .rgb .qoi .avif .heic .heif".split()
+    [
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+        ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".jpx", ".pcx", ".sgi", ".rgb", ".qoi", ".avif", ".heic", ".heif",
+    ]
 )
 
 ProgressFn = Callable[["IngestProgress"], None]
@@ -373,7 +376,7 @@ class Ingester:
                 kept.append(r)
             batch = kept
             pending_dups.extend(r.item for r in batch if r.features is None and r.error is None)
-            outcome = self.ctx.write(lambda conn, b=batch: self._write_batch(conn, b, pending_dups), doing="ingest")
+            outcome = self.ctx.write(functools.partial(self._write_batch, batch=batch, dups=pending_dups), doing="ingest")
             summary.added += outcome.added
             summary.duplicates += outcome.duplicates
             summary.failed += len(outcome.errors)
@@ -519,7 +522,10 @@ class Ingester:
         unresolved = [t for t in dups if t.data_sha256 not in ids]
         errors = [(r.item.path if r.item.path else "<in-memory image>", _reason(r.error)) for r in failed]
         if final:
-            errors += [(t.path if t.path else "<in-memory image>", "same content as another file that could not be decoded") for t in unresolved]
+            errors += [
+                (t.path if t.path else "<in-memory image>", "same content as another file that could not be decoded")
+                for t in unresolved
+            ]
             unresolved = []
         paths = [(r.item, ids[r.item.data_sha256]) for r in ok] + [(t, ids[t.data_sha256]) for t in resolved]
         for task, image_id in paths:
@@ -527,7 +533,9 @@ class Ingester:
         catalog.merge_meta(conn, [i for _, i in paths if i is not None], self.metadata)  # also for content already stored
         paths = [(t, i) for t, i in paths if t.path is not None]
         _record_paths(conn, paths, now)
-        recorded = [(e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"]
+        recorded = [
+            (e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"
+        ]
         if recorded:
             _record_errors(conn, [e for e, _ in recorded], None, [x for _, x in recorded])
         finish_encoding(conn, deferred)

@@ -21,7 +21,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import URL
 
-from .db import safe_url, migration_connection
+from .db import migration_connection, safe_url
 from .errors import ConfigError, SchemaAheadError, SchemaOutdatedError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -190,7 +190,7 @@ class CodeBucket(Base):
     """
 
     __tablename__ = "code_buckets"
-    __table_args__ = {"sqlite_with_rowid": False}
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - SQLAlchemy's declarative hook, read once, never mutated
 
     hasher_id: Mapped[int] = mapped_column(ForeignKey("hashers.id", ondelete="CASCADE"), primary_key=True)
     band: Mapped[int] = mapped_column(Integer, primary_key=True)

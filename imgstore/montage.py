@@ -74,7 +74,7 @@ def contact_sheet(tiles: Sequence[Tile], path: str | os.PathLike[str], *, column
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         except (ImgStoreError, OSError) as exc:
             draw.rectangle([x, y, x + THUMB, y + THUMB], fill=(200, 200, 200))
-            lines = lines[:2] + [f"unreadable: {exc}"]
+            lines = [*lines[:2], f"unreadable: {exc}"]
         if tile.highlight:
             draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=HIGHLIGHT, width=3)
         for i, line in enumerate(lines[:CAPTION_LINES]):

@@ -28,7 +28,9 @@ def codes_stream(hasher_id: int, image_ids: npt.NDArray[np.int64], codes: npt.ND
     :func:`framed`): fixed width, one structured array."""
     n, nb = codes.shape
     # image_id is an integer column (int4), as images.id
-    dt = np.dtype([("nf", ">i2"), ("l_h", ">i4"), ("h", ">i4"), ("l_i", ">i4"), ("i", ">i4"), ("l_c", ">i4"), ("c", np.uint8, (nb,))])
+    dt = np.dtype(
+        [("nf", ">i2"), ("l_h", ">i4"), ("h", ">i4"), ("l_i", ">i4"), ("i", ">i4"), ("l_c", ">i4"), ("c", np.uint8, (nb,))]
+    )
     rows = np.empty(n, dtype=dt)
     rows["nf"], rows["l_h"], rows["h"], rows["l_i"], rows["l_c"] = 3, 4, hasher_id, 4, nb
     rows["i"] = image_ids

@@ -444,7 +444,14 @@ class ImageStore:
 
     @property
     def vector_cache_mb(self) -> int:
+        """Memory the in-memory codes may spend on their images' float features (MB)."""
         return self.ctx.vector_cache_bytes >> 20
+
+    @vector_cache_mb.setter
+    def vector_cache_mb(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"vector_cache_mb must be a whole number, 0 or more, got {value!r}")
+        self.ctx.vector_cache_bytes = value << 20
 
     # -- duplicates -----------------------------------------------------------------------
 

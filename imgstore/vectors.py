@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -95,7 +93,8 @@ def iter_features(
                 # one array parameter: an IN list of 100 placeholders cost more to bind and plan
                 # than the look-up (every re-ranked search reads its candidates' vectors here)
                 rows = conn.exec_driver_sql(
-                    "SELECT image_id, vector FROM features WHERE space_id = %s AND image_id = ANY(%s::bigint[]) ORDER BY image_id",
+                    "SELECT image_id, vector FROM features"
+                    " WHERE space_id = %s AND image_id = ANY(%s::bigint[]) ORDER BY image_id",
                     (space_id, part),
                 ).all()
             else:  # driver level: SQLAlchemy's IN-list building cost more than SQLite's look-up

@@ -57,7 +57,7 @@ _FACTORIES: dict[str, Callable[..., Extractor]] = {
 
 def available_extractors() -> list[str]:
     """Names accepted by :func:`get_extractor`, the default first."""
-    return [DEFAULT_EXTRACTOR] + sorted(n for n in _FACTORIES if n != DEFAULT_EXTRACTOR)
+    return [DEFAULT_EXTRACTOR, *sorted(n for n in _FACTORIES if n != DEFAULT_EXTRACTOR)]
 
 
 def get_extractor(name: str = DEFAULT_EXTRACTOR, **options: Any) -> Extractor:

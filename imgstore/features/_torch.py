@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -86,7 +86,7 @@ def resolve_precision(precision: str | None) -> Precision:
         raise ConfigError(f"unknown precision {chosen!r}; choose one of {', '.join(PRECISIONS)}")
     if chosen == "auto":
         return "bf16" if native_bf16() else "fp32"
-    return chosen  # type: ignore[return-value]
+    return cast(Precision, chosen)  # one of PRECISIONS other than "auto"
 
 
 def nhwc_uint8_to_tensor(batch: npt.NDArray[np.generic]) -> torch.Tensor:
@@ -109,7 +109,9 @@ def resolve_device(device: str | None) -> str:
         raise ConfigError(f"unknown device {chosen!r}; choose one of {', '.join(DEVICES)}")
     has_cuda = torch.cuda.is_available()
     if chosen == "cuda" and not has_cuda:
-        raise ConfigError("--device cuda: torch sees no CUDA device on this machine; use --device auto (falls back to the CPU) or cpu")
+        raise ConfigError(
+            "--device cuda: torch sees no CUDA device on this machine; use --device auto (falls back to the CPU) or cpu"
+        )
     return "cuda" if chosen == "cuda" or (chosen == "auto" and has_cuda) else "cpu"
 
 
@@ -119,16 +121,18 @@ def run_model(module: torch.nn.Module, x: torch.Tensor, precision: Precision, de
     if device != "cpu":
         x = x.to(device, non_blocking=True)
     with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = module(x)
+        out: torch.Tensor = module(x)
     return out.float().cpu().numpy().astype(np.float32, copy=False)
 
 
 def fuse_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
     """Fold an eval-mode BatchNorm into the convolution before it, in place (the BN must then be skipped)."""
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None, "an eval-mode BatchNorm tracks running statistics"
     with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight / torch.sqrt(var + bn.eps)
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-        bias = bn.bias - bn.running_mean * scale
+        bias = bn.bias - mean * scale
         if conv.bias is None:
             conv.bias = torch.nn.Parameter(bias)
         else:

@@ -83,9 +83,9 @@ def resize_square(
     if mode == "squash":
         out = img.resize((size, size), resample) if (w, h) != (size, size) else img
     else:
-        short = size if mode == "crop" else int(round(size / 0.875))
+        short = size if mode == "crop" else round(size / 0.875)
         scale = short / min(w, h)
-        nw, nh = max(short, int(round(w * scale))), max(short, int(round(h * scale)))
+        nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
         left, top = (nw - size) / 2, (nh - size) / 2
         # resize straight into the crop box (one resampling pass, no intermediate image)
         box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)

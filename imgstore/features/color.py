@@ -39,7 +39,8 @@ def _hsv_hist(hsv: npt.NDArray[np.uint8], bins: tuple[int, int, int]) -> npt.NDA
 
 
 def _hellinger(block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return np.sqrt(block / max(float(block.sum()), _EPS))
+    out: npt.NDArray[np.float32] = np.sqrt(block / max(float(block.sum()), _EPS))
+    return out
 
 
 #: the 8 neighbours in circular order (unit steps; scaled by the radius)

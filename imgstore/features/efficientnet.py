@@ -16,9 +16,10 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -123,8 +124,8 @@ class MBConv(nn.Module):
         if self.has_expand:
             x = F.relu6(self._bn0(self._expand_conv(x)))
         x = F.relu6(self._bn1(self._depthwise_conv(x)))
-        x = self._bn2(self._project_conv(x))
-        return x + inputs if self.skip else x
+        out: torch.Tensor = self._bn2(self._project_conv(x))
+        return out + inputs if self.skip else out
 
     def fuse_batchnorm(self) -> None:
         pairs = [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
@@ -142,14 +143,15 @@ class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000, stages: Stages = STAGES) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, 2)
-        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        # the two BatchNorms become identities once fuse_batchnorm folds them into their convolutions
+        self._bn0: nn.Module = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks: list[nn.Module] = []
         for repeats, kernel, stride, expand, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(MBConv(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand))
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(stages[-1][5], 1280, 1)
-        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._bn1: nn.Module = nn.BatchNorm2d(1280, eps=BN_EPS)
         self._fc = nn.Linear(1280, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,16 +163,17 @@ class EfficientNetLite0(nn.Module):
         return x.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(self.features(x))
+        logits: torch.Tensor = self._fc(self.features(x))
+        return logits
 
     def fuse_batchnorm(self) -> None:
         """Fold every BatchNorm into its convolution (eval only; fewer kernels per image on the CPU)."""
-        _torch.fuse_conv_bn(self._conv_stem, self._bn0)
-        self._bn0 = nn.Identity()  # type: ignore[assignment]
-        _torch.fuse_conv_bn(self._conv_head, self._bn1)
-        self._bn1 = nn.Identity()  # type: ignore[assignment]
+        _torch.fuse_conv_bn(self._conv_stem, cast(nn.BatchNorm2d, self._bn0))
+        self._bn0 = nn.Identity()
+        _torch.fuse_conv_bn(self._conv_head, cast(nn.BatchNorm2d, self._bn1))
+        self._bn1 = nn.Identity()
         for block in self._blocks:
-            block.fuse_batchnorm()  # type: ignore[operator]
+            cast(MBConv, block).fuse_batchnorm()
 
 
 class _Scaled(nn.Module):
@@ -210,7 +213,7 @@ def load_network(weights: str | os.PathLike[str] | None = None, variant: str = "
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - pickle, zip and IO errors all mean "bad file"
+    except Exception as exc:  # pickle, zip and IO errors all mean "bad file"
         raise ExtractorError(f"cannot read {v.title} weights {path}: {exc}") from exc
     net = EfficientNetLite0(stages=v.stages)
     try:

@@ -35,22 +35,27 @@ def _load_state(weights: str | os.PathLike[str] | None) -> dict[str, torch.Tenso
         if not path.is_file():
             raise WeightsNotFoundError(f"ResNet-50 weights file {path} does not exist; {_how_to_provide()}")
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+            state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
             raise ExtractorError(f"cannot read ResNet-50 weights {path}: {exc}") from exc
+        return state
     from torchvision.models import ResNet50_Weights
 
     try:
         # torchvision's cache under TORCH_HOME, else a download
-        return ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch: all "no weights"
+        cached: dict[str, torch.Tensor] = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, OSError, hash mismatch: all "no weights"
         raise WeightsNotFoundError(
             f"ResNet-50 ImageNet weights are not cached and could not be downloaded ({exc}); "
             f"{_how_to_provide()}"
         ) from exc
+    return cached
 
 
 class _Normalised(nn.Module):
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
@@ -58,7 +63,8 @@ class _Normalised(nn.Module):
         self.register_buffer("std", torch.tensor(_STD).reshape(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        out: torch.Tensor = self.net((x - self.mean) / self.std)
+        return out
 
 
 class ResNet50Extractor(_torch.CnnExtractor):
@@ -93,6 +99,6 @@ class ResNet50Extractor(_torch.CnnExtractor):
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ExtractorError(f"the weights are not a torchvision resnet50 state dict: {exc}") from exc
-        net.fc = nn.Identity()  # type: ignore[assignment]
+        net.fc = nn.Identity()
         self._model = _Normalised(net).eval().to(memory_format=torch.channels_last)
         self._place(self._model)

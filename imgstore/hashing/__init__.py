@@ -10,6 +10,7 @@ Usage::
 
 from __future__ import annotations
 
+from imgstore.hashing import deep as _deep  # noqa: F401 - registers "deep" (torch only inside fit)
 from imgstore.hashing.base import (
     MAX_BITS,
     MIN_BITS,
@@ -20,7 +21,6 @@ from imgstore.hashing.base import (
     min_samples,
 )
 from imgstore.hashing.methods import ITQHasher, LSHHasher, PCAHasher
-from imgstore.hashing import deep as _deep  # noqa: F401,E402  registers "deep" (torch only inside fit)
 
 __all__ = [
     "MAX_BITS",

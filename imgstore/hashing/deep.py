@@ -44,6 +44,7 @@ holds out the same rows and reports their loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -87,10 +88,8 @@ def _label_indices(y: npt.ArrayLike, n_rows: int) -> tuple[npt.NDArray[np.int64]
         )
     values = [v.item() if isinstance(v, np.generic) else v for v in arr.tolist()]
     seen = list(dict.fromkeys(v for v in values if not _unlabelled(v)))
-    try:
+    with contextlib.suppress(TypeError):  # labels of mixed types keep their first-seen order
         seen = sorted(seen)
-    except TypeError:
-        pass
     index = {v: i for i, v in enumerate(seen)}
     return np.array([-1 if _unlabelled(v) else index[v] for v in values], dtype=np.int64), len(seen)
 
@@ -324,7 +323,7 @@ def _train(
     Z = (X - mean) / scale
 
     order = rng.permutation(n)
-    n_val = max(2, int(round(float(hasher.validation_fraction) * n)))
+    n_val = max(2, round(float(hasher.validation_fraction) * n))
     val_rows, train_rows = np.sort(order[:n_val]), np.sort(order[n_val:])
     if supervised and not use_neighbours:
         # Nothing stops on the held-out loss, so every labelled row trains (+~0.01 mAP); the

@@ -262,10 +262,9 @@ class CentreRegressionHasher(Hasher):
         y = np.asarray(y).reshape(-1)
         if y.shape[0] != X.shape[0]:
             raise DimensionMismatchError(f"y has {y.shape[0]} labels for {X.shape[0]} rows of X")
-        if max_samples := self.max_samples:
-            if X.shape[0] > max_samples:
-                rows = np.sort(rng.choice(X.shape[0], size=max_samples, replace=False))
-                X, y = X[rows], y[rows]
+        if (max_samples := self.max_samples) and X.shape[0] > max_samples:
+            rows = np.sort(rng.choice(X.shape[0], size=max_samples, replace=False))
+            X, y = X[rows], y[rows]
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
             raise NotEnoughDataError(f"the {self.method} hasher needs at least 2 classes in y")

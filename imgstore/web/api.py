@@ -1,0 +1,232 @@
+"""The JSON API of ``imgstore serve``: one router, one declaration per endpoint, every request
+body and response shape declared (:mod:`imgstore.web.schemas`), so ``/docs`` can try an
+upload and a client can be generated from ``/openapi.json``.
+
+The two search routes read their query parameters and body themselves, from the table in
+:mod:`imgstore.web.http` that also declares them to OpenAPI: FastAPI's per-route parameter
+models and thread hand-off cost as much as a search answered from memory
+(benchmarks/results/serve.md). A search whose codes and vectors are in memory runs at once on
+the event loop; one that would load them runs in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Body, Depends, Request
+from fastapi.responses import Response
+
+from ..errors import ConfigError, NotFoundError
+from ..types import SearchOptions, SearchResult
+from .http import ID_PARAM, SEARCH_PARAMS, error_response, json_response, openapi_parameters, read_param, read_upload, search_options
+from .schemas import (
+    ERRORS,
+    UPLOAD_ERRORS,
+    AddedOut,
+    ApplyOut,
+    ApplyRequest,
+    GroupOut,
+    ImageOut,
+    IndexOut,
+    IndexRequest,
+    InfoOut,
+    IngestErrorOut,
+    JobOut,
+    RemovalOut,
+    SearchHit,
+    UndoOut,
+    UndoRequest,
+    UploadQuery,
+    VectorQuery,
+)
+from .service import Service
+
+router = APIRouter(prefix="/api", responses=ERRORS)
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+Svc = Annotated[Service, Depends(get_service)]
+
+
+def _hits(results: list[SearchResult]) -> Response:
+    return json_response([h.as_dict() for h in results])
+
+
+@router.get("/info", response_model=InfoOut)
+def info(service: Svc) -> dict[str, Any]:
+    """The store's counts, spaces and indexes (as ``imgstore info --json``), and ``cache``:
+    what this server holds in memory per index (codes, attached vectors, bytes)."""
+    store = service.store
+    return store.info().as_dict() | {"cache": [c.as_dict() for c in store.cache_state()]}
+
+
+@router.get("/indexes", response_model=list[IndexOut])
+def indexes(service: Svc) -> list[dict[str, Any]]:
+    return [i.as_dict() for i in service.store.indexes()]
+
+
+@router.post("/indexes", status_code=202, response_model=JobOut)
+def create_index(service: Svc, body: IndexRequest) -> dict[str, Any]:
+    """Fit an index in the background; poll ``/api/jobs/{id}`` for its progress."""
+    job = service.start_index(body.method, body.n_bits, extractor=body.extractor, n_bands=body.n_bands,
+                              activate=body.activate)
+    return job.as_dict()
+
+
+@router.post("/indexes/{index_id}/activate", response_model=list[IndexOut])
+def activate(service: Svc, index_id: int) -> list[dict[str, Any]]:
+    service.check_writes()
+    service.store.activate_index(index_id)
+    return [i.as_dict() for i in service.store.indexes()]
+
+
+@router.get("/jobs", response_model=list[JobOut])
+def jobs(service: Svc) -> list[dict[str, Any]]:
+    return [j.as_dict() for j in service.jobs.all()]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut)
+def job(service: Svc, job_id: int) -> dict[str, Any]:
+    found = service.jobs.get(job_id)
+    if found is None:
+        raise NotFoundError(f"no job with id {job_id}")
+    return found.as_dict()
+
+
+@router.get("/errors", response_model=list[IngestErrorOut])
+def errors(service: Svc, limit: int = 100) -> list[dict[str, Any]]:
+    """Files that could not be ingested, newest first."""
+    return [e.as_dict() for e in service.store.errors(limit)]
+
+
+@router.get("/images/{image_id}", response_model=ImageOut)
+def image(service: Svc, image_id: int) -> dict[str, Any]:
+    return service.store.image(image_id).as_dict()
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "a JPEG thumbnail"}})
+def thumbnail(service: Svc, image_id: int, size: int = 256) -> Response:
+    """A JPEG thumbnail (128, 256 or 512 pixels on its longer side), made once and kept."""
+    return Response(service.thumbs.get(image_id, size), media_type="image/jpeg",
+                    headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.get("/images/{image_id}/neighbours", response_model=list[SearchHit])
+def neighbours(service: Svc, image_id: int, k: int = 10, exact: bool = False, include_stale: bool = False) -> Response:
+    """The k nearest other stored images of a stored image."""
+    hits = service.store.search(image_id, options=SearchOptions(k=k + 1, exact=exact, include_stale=include_stale))
+    return _hits([h for h in hits if h.image_id != image_id][:k])
+
+
+@router.get("/search", response_model=None, responses={200: {"model": list[SearchHit]}},
+            openapi_extra={"parameters": openapi_parameters((ID_PARAM, *SEARCH_PARAMS))})
+async def search_by_id(request: Request) -> Response:
+    """The k nearest stored images of stored image ``id``."""
+    service = get_service(request)
+    given = request.query_params
+    try:
+        image_id = read_param(given, ID_PARAM)
+        options = search_options(given)
+    except ValueError as exc:
+        return error_response(request, 422, f"bad argument: {exc}")
+    store = service.store
+    if store.answers_from_memory(options.index_id, rerank=options.rerank is not False):
+        return _hits(store.search(image_id, options=options))
+    return _hits(await anyio.to_thread.run_sync(lambda: store.search(image_id, options=options)))
+
+
+_SEARCH_BODY = {
+    "required": True,
+    "description": "an image file (multipart field ``image``), or a feature vector (JSON)",
+    "content": {
+        "multipart/form-data": {"schema": UploadQuery.model_json_schema()},
+        "application/json": {"schema": VectorQuery.model_json_schema()},
+    },
+}
+
+
+@router.post("/search", response_model=None, responses={200: {"model": list[SearchHit]}, **UPLOAD_ERRORS},
+             openapi_extra={"parameters": openapi_parameters(SEARCH_PARAMS), "requestBody": _SEARCH_BODY})
+async def search_by_upload(request: Request) -> Response:
+    """The nearest stored images of an uploaded image (multipart field ``image``), or of a
+    feature vector (JSON body ``{"vector": [...]}``)."""
+    service = get_service(request)
+    try:
+        options = search_options(request.query_params)
+    except ValueError as exc:
+        return error_response(request, 422, f"bad argument: {exc}")
+    store = service.store
+    if request.headers.get("content-type", "").startswith("application/json"):
+        query = _vector(await request.body())
+        hits = await anyio.to_thread.run_sync(lambda: store.search(query, options=options))
+    else:
+        data, _ = await read_upload(request, service)
+        hits = await anyio.to_thread.run_sync(lambda: service.search_upload(data, options))
+    return _hits(hits)
+
+
+def _vector(body: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The query vector of a JSON body: finite numbers, or a ConfigError saying what to send."""
+    try:
+        parsed = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError('the body is not JSON; send {"vector": [numbers]} or a multipart image') from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("vector"), list) or not parsed["vector"]:
+        raise ConfigError('send {"vector": [numbers]} or a multipart image')
+    values = parsed["vector"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ConfigError('"vector" must hold only numbers')
+    vector = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise ConfigError('"vector" must hold finite numbers (no NaN or infinity, none beyond float32)')
+    return vector
+
+
+@router.get("/duplicates", response_model=list[GroupOut])
+def duplicates(service: Svc, keep: str = "original", min_cosine: float | None = None) -> list[dict[str, Any]]:
+    """Groups of duplicate images, largest first, each with a suggested keeper."""
+    return [g.as_dict() | {"key": g.key} for g in service.store.find_duplicates(keep=keep, min_cosine=min_cosine)]
+
+
+@router.post("/duplicates/apply", response_model=ApplyOut)
+def apply_duplicates(service: Svc, body: Annotated[ApplyRequest, Body()]) -> dict[str, Any]:
+    """Move every copy but the keeper of the named groups into the server's ``--move-to``
+    folder: ``{"keep": "original", "groups": {"KEY": "path to keep" or null}}``, or
+    ``"groups": "all"`` for every group (never the default: a body without ``groups`` is
+    refused)."""
+    if body.groups is None:
+        raise ConfigError('name the groups to resolve: "groups": {"KEY": null, ...} (keys from /api/duplicates), or "all"')
+    return service.resolve(body.keep, None if body.groups == "all" else body.groups).as_dict()
+
+
+@router.post("/duplicates/undo", response_model=UndoOut)
+def undo_duplicates(service: Svc, body: UndoRequest) -> dict[str, Any]:
+    """Put back what one apply moved, named by its journal's file name."""
+    return service.undo(body.journal).as_dict()
+
+
+@router.post("/images", response_model=AddedOut, responses=UPLOAD_ERRORS,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": UploadQuery.model_json_schema()}}}})
+async def add_image(request: Request) -> dict[str, Any]:
+    """Add an uploaded image (multipart field ``image``) to the store (``--allow-writes``)."""
+    service = get_service(request)
+    service.check_writes()
+    data, _ = await read_upload(request, service)
+    return {"image_id": await anyio.to_thread.run_sync(service.add, data)}
+
+
+@router.delete("/images/{image_id}", response_model=RemovalOut)
+def remove_image(service: Svc, image_id: int) -> dict[str, Any]:
+    """Remove a stored image (its files on disk are never touched; ``--allow-writes``)."""
+    service.check_writes()
+    return service.store.remove([image_id]).as_dict()

@@ -1,0 +1,204 @@
+"""What the API and the pages share about HTTP: statuses by error type, error answers (JSON
+for the API, a page for a browser), the token and cross-site guard, uploads, the search's
+query parameters, and fast JSON."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.datastructures import FormData, UploadFile
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import ConfigError, DatabaseError, DecodeError, ImageTooLargeError, NotFoundError
+from ..types import SearchOptions
+from .render import error_page
+from .service import Forbidden, Overloaded, Service, TooLarge
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+TOKEN_COOKIE = "imgstore_token"
+
+#: Status by error type, most specific first (an ImageTooLargeError is a DecodeError too).
+STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (NotFoundError, 404),
+    (ImageTooLargeError, 422),  # a decompression bomb or an over-size file: the request cannot be served
+    (DecodeError, 415),  # not an image this server can read
+    (DatabaseError, 503),
+    (ConfigError, 422),  # a bad argument
+    (Forbidden, 403),
+    (TooLarge, 413),
+    (Overloaded, 503),
+)
+
+TITLES = {400: "That request did not work", 401: "This collection needs a token", 403: "Not allowed here",
+          404: "Not found", 413: "That file is too large", 415: "That is not an image this server can read",
+          422: "That request cannot be answered", 503: "Busy; try again in a moment"}
+
+
+def status_for(exc: Exception) -> int:
+    """The HTTP status that says what went wrong, chosen by the error's type."""
+    for kind, status in STATUSES:
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
+def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """JSON ``{"error": ...}`` for the API and for clients that are not browsers; an HTML page
+    for a page."""
+    if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return error_page(request, status, TITLES.get(status, "Something went wrong"), message, headers)
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """JSON serialized at once: results hold only numbers, strings and lists, and FastAPI's
+    generic encoder cost more than a search itself."""
+    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":")), status_code=status_code,
+                    media_type="application/json")
+
+
+async def read_upload(request: Request, service: Service) -> tuple[bytes, FormData]:
+    """The uploaded image of a multipart form (field ``image``), size-limited, and the form."""
+    limit = service.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + 65536:
+        raise TooLarge(f"upload too large: at most {limit:,} bytes")
+    form = await request.form()
+    item = form.get("image")
+    if not isinstance(item, UploadFile):
+        raise ConfigError("send the image as a multipart form field named 'image'")
+    data = await item.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"upload too large: at most {limit:,} bytes")
+    if not data:
+        raise ConfigError("the uploaded file is empty; choose an image")
+    return data, form
+
+
+# --- the search's query parameters: one table, read by the fast routes and declared in the spec
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # int or bool
+    default: int | bool | None
+    description: str
+    required: bool = False
+
+
+SEARCH_PARAMS = (
+    Param("k", int, 10, "how many results"),
+    Param("exact", bool, False, "results equal to a brute-force Hamming scan"),
+    Param("probe_radius", int, 1, "bits flipped per band in the first probe"),
+    Param("rerank", bool, True, "order the Hamming candidates by cosine of the stored features"),
+    Param("index", int, None, "the index to search (default: the active one)"),
+)
+ID_PARAM = Param("id", int, None, "the stored image to search from", required=True)
+
+_TRUE = frozenset({"1", "true", "on", "yes", "t", "y"})
+_FALSE = frozenset({"0", "false", "off", "no", "f", "n"})
+
+
+def openapi_parameters(params: tuple[Param, ...]) -> list[dict[str, Any]]:
+    """The OpenAPI declaration of query parameters that a route reads itself."""
+    out = []
+    for p in params:
+        schema: dict[str, Any] = {"type": "integer" if p.kind is int else "boolean"}
+        if p.default is not None:
+            schema["default"] = p.default
+        elif not p.required:
+            schema = {"anyOf": [schema, {"type": "null"}]}
+        out.append({"name": p.name, "in": "query", "required": p.required, "description": p.description, "schema": schema})
+    return out
+
+
+def read_param(given: Mapping[str, str], p: Param) -> Any:
+    """A query parameter as FastAPI would read it (ValueError naming it when it is not one)."""
+    raw = given.get(p.name)
+    if raw is None or (raw == "" and not p.required):
+        if p.required:
+            raise ValueError(f"{p.name}: required")
+        return p.default
+    if p.kind is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError(f"{p.name}: expected true or false, got {raw!r}")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{p.name}: expected a whole number, got {raw!r}") from None
+
+
+def search_options(given: Mapping[str, str]) -> SearchOptions:
+    """The search options of a request's query string (ValueError naming a bad one)."""
+    values = {p.name: read_param(given, p) for p in SEARCH_PARAMS}
+    return SearchOptions(k=values["k"], exact=values["exact"], probe_radius=values["probe_radius"],
+                         rerank=values["rerank"], index_id=values["index"])
+
+
+# --- the guard ------------------------------------------------------------------------------
+
+
+class Guard:
+    """The token on every request (header, the cookie a page visit sets, or ``?token=``), and
+    no state-changing request from another site's page. A plain ASGI middleware: Starlette's
+    ``@app.middleware("http")`` wraps each request in streams and a task group, which cost a
+    third of a search's time (benchmarks/results/serve.md, variant noguard)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.check(Request(scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, request: Request) -> Response | None:
+        """The answer that refuses (or redirects) this request, or None to let it through."""
+        token = self.token
+        if token is not None:
+            is_api = request.url.path.startswith(("/api", "/docs", "/openapi.json", "/redoc"))
+            from_query = request.query_params.get("token", "")
+            given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                     or request.cookies.get(TOKEN_COOKIE, "") or from_query)
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                message = "a token is needed: send 'Authorization: Bearer TOKEN', or open the address `imgstore serve` printed"
+                if is_api:
+                    return JSONResponse({"error": message}, status_code=401)
+                return error_page(request, 401, "This collection needs a token",
+                                  "Open the address that `imgstore serve` printed when it started (it ends in ?token=...).")
+            if from_query and not is_api and request.method == "GET":
+                # a page opened with ?token=: keep it in a cookie and take it out of the address bar
+                clean = request.url.remove_query_params("token")
+                response = RedirectResponse(str(clean), status_code=303)
+                response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict",
+                                    secure=request.url.scheme == "https")
+                return response
+        if request.method not in SAFE_METHODS and cross_site(request):
+            return JSONResponse({"error": "a request from another site's page was refused"}, status_code=403)
+        return None
+
+
+def cross_site(request: Request) -> bool:
+    """A browser sent this from another site's page (its Origin is not this server, or it says
+    so in Sec-Fetch-Site). Clients that are not browsers send neither header."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    host = request.headers.get("host", "")
+    return origin.rstrip("/") not in (f"http://{host}", f"https://{host}")

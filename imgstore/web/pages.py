@@ -1,0 +1,221 @@
+"""The web pages of ``imgstore serve``: search, an image, duplicates and the collection.
+
+Server-rendered (Jinja2) HTML that works without JavaScript (forms post and pages render the
+answer); one small script (``static/app.js``) adds dropping and pasting images, a live progress
+bar for background jobs and keyboard-free keeper picking. Everything the pages need ships in this
+package; nothing is loaded from another site. Every action goes through the server's
+:class:`~imgstore.web.service.Service`, the same one the JSON API uses, and reads the store only
+through ``ImageStore``'s methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from PIL import Image
+from starlette.datastructures import FormData
+
+from ..errors import ImgStoreError
+from ..hashing import available_methods
+from ..paths import printable
+from ..types import SearchOptions
+from .http import TooLarge, read_upload, status_for
+from .render import render
+from .service import Service
+
+router = APIRouter(include_in_schema=False)
+K_CHOICES = (10, 20, 50, 100)
+KEEP_RULES = ("original", "largest", "oldest", "newest", "smallest")
+GROUPS_PER_PAGE = 30
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _query_preview(data: bytes) -> str | None:
+    """The uploaded query as a small JPEG data URL, to show beside its results."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (256, 256))
+            img.thumbnail((256, 256))
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="JPEG", quality=80)
+    except Exception:  # noqa: BLE001 - the preview is a nicety; the search reports real errors
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _int_or_none(value: object) -> int | None:
+    text = str(value or "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _choices(value: object, allowed: tuple[int, ...], default: int) -> int:
+    try:
+        k = int(str(value))
+    except (TypeError, ValueError):
+        return default
+    return k if 1 <= k <= max(allowed) else default
+
+
+def search_context(service: Service, k: int, exact: bool, index: int | None) -> dict[str, Any]:
+    """What the search form shows: the index choices and how many images there are (one
+    count, not every table's: this renders with every search)."""
+    store = service.store
+    return {"k": k, "exact": exact, "index": index, "indexes": store.indexes(with_counts=False), "k_choices": K_CHOICES,
+            "n_images": store.image_count()}
+
+
+async def _form(request: Request) -> tuple[Service, FormData]:
+    """The posted form of a page, after its cross-site token was checked."""
+    service = _service(request)
+    form = await request.form()
+    service.check_form(str(form.get("csrf", "")))
+    return service, form
+
+
+def _redirect(path: str, service: Service, note: str, **more: str) -> RedirectResponse:
+    extra = "".join(f"&{key}={quote(value, safe='')}" for key, value in more.items())
+    sep = "&" if "?" in path else "?"
+    return RedirectResponse(f"{path}{sep}note={service.notes.add(note)}{extra}", status_code=303)
+
+
+@router.get("/", response_class=HTMLResponse)
+def search_page(request: Request, id: str | None = None, k: str | None = None, exact: str | None = None,
+                index: str | None = None) -> Response:
+    service = _service(request)
+    k_value, index_id = _choices(k, K_CHOICES, 20), _int_or_none(index)
+    context = search_context(service, k_value, bool(exact), index_id)
+    query_id = _int_or_none(id)
+    if id and query_id is None:
+        return render(request, "search.html", 422, error=f"{id!r} is not an image id", **context)
+    if query_id is None:
+        return render(request, "search.html", **context)
+    try:
+        record = service.store.image(query_id)
+        results = service.store.search(query_id, options=SearchOptions(k=k_value, exact=bool(exact), index_id=index_id))
+    except ImgStoreError as exc:
+        return render(request, "search.html", status_for(exc), error=str(exc), **context)
+    return render(request, "search.html", query=record, results=results, **context)
+
+
+@router.post("/", response_class=HTMLResponse)
+async def search_upload(request: Request) -> Response:
+    service = _service(request)
+    form = await request.form()
+    k_value, index_id = _choices(form.get("k"), K_CHOICES, 20), _int_or_none(form.get("index"))
+    exact = bool(form.get("exact"))
+    context = await anyio.to_thread.run_sync(search_context, service, k_value, exact, index_id)
+    try:
+        data, _ = await read_upload(request, service)
+    except (TooLarge, ImgStoreError) as exc:
+        return render(request, "search.html", status_for(exc), error=str(exc), **context)
+    item = form.get("image")
+    name = getattr(item, "filename", None) or "the uploaded image"
+    options = SearchOptions(k=k_value, exact=exact, index_id=index_id)
+    try:
+        results = await anyio.to_thread.run_sync(service.search_upload, data, options)
+    except ImgStoreError as exc:
+        return render(request, "search.html", status_for(exc), error=f"{name}: {exc}", **context)
+    return render(request, "search.html", results=results, upload_name=name, upload_preview=_query_preview(data), **context)
+
+
+@router.get("/images/{image_id}", response_class=HTMLResponse)
+def image_page(request: Request, image_id: int, note: str | None = None) -> Response:
+    service = _service(request)
+    record = service.store.image(image_id)
+    try:
+        neighbours = [h for h in service.store.search(image_id, 13) if h.image_id != image_id][:12]
+    except ImgStoreError:
+        neighbours = []
+    return render(request, "image.html", image=record, neighbours=neighbours, note=service.notes.get(note))
+
+
+@router.get("/images/{image_id}/file")
+def original(request: Request, image_id: int) -> Response:
+    data, media_type = _service(request).original(image_id)
+    return Response(data, media_type=media_type, headers={
+        "Content-Disposition": "inline", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'",
+    })
+
+
+@router.post("/images/{image_id}/remove")
+async def remove_image(request: Request, image_id: int) -> Response:
+    service, _ = await _form(request)
+    removal = await anyio.to_thread.run_sync(service.store.remove, [image_id])
+    note = f"Removed image {image_id} from the store ({len(removal.paths)} path(s)); the files are untouched."
+    context = await anyio.to_thread.run_sync(search_context, service, 20, False, None)
+    return render(request, "search.html", note=note, **context)
+
+
+@router.get("/duplicates", response_class=HTMLResponse)
+def duplicates_page(request: Request, keep: str = "original", page: int = 1, note: str | None = None,
+                    undo: str | None = None) -> Response:
+    service = _service(request)
+    store = service.store
+    keep = keep if keep in KEEP_RULES else "original"
+    groups = store.find_duplicates(keep=keep)
+    pages = max(1, -(-len(groups) // GROUPS_PER_PAGE))
+    page = min(max(1, page), pages)
+    shown = groups[(page - 1) * GROUPS_PER_PAGE: page * GROUPS_PER_PAGE]
+    spare = sum(g.n_files - 1 for g in groups)
+    details = store.image_files([m.image_id for g in shown for m in g.members])  # formats and file sizes
+    return render(request, "duplicates.html", groups=shown, n_groups=len(groups), spare=spare, keep=keep,
+                  keep_rules=KEEP_RULES, page=page, pages=pages, move_to=service.move_to,
+                  journals=service.recent_journals(), note=service.notes.get(note), undo=undo, details=details,
+                  ordered={g.key: sorted(g.members, key=lambda m, g=g: m.image_id != g.keeper) for g in shown})
+
+
+@router.post("/duplicates/resolve")
+async def resolve(request: Request) -> Response:
+    service, form = await _form(request)
+    keep = str(form.get("keep", "original"))
+    keep = keep if keep in KEEP_RULES else "original"
+    key, path = str(form.get("group", "")), form.get("keeper")
+    report = await anyio.to_thread.run_sync(service.resolve, keep, {key: str(path) if path else None})
+    note = f"Moved {len(report.moved)} file(s) to {printable(service.move_to or '')}"
+    if report.failed:
+        note += f"; {len(report.failed)} could not be moved ({report.failed[0][1]})"
+    return _redirect(f"/duplicates?keep={keep}", service, note, undo=os.path.basename(report.journal))
+
+
+@router.post("/duplicates/undo")
+async def undo(request: Request) -> Response:
+    service, form = await _form(request)
+    report = await anyio.to_thread.run_sync(service.undo, str(form.get("journal", "")))
+    note = f"Put back {len(report.restored)} file(s)"
+    if report.failed:
+        note += f"; {len(report.failed)} could not be put back ({report.failed[0][1]})"
+    return _redirect("/duplicates", service, note)
+
+
+@router.get("/collection", response_class=HTMLResponse)
+def collection_page(request: Request, note: str | None = None) -> Response:
+    service = _service(request)
+    return render(request, "collection.html", info=service.store.info(), errors=service.store.errors(50),
+                  jobs=list(reversed(service.jobs.all())), methods=available_methods(), note=service.notes.get(note))
+
+
+@router.post("/collection/indexes")
+async def create_index(request: Request) -> Response:
+    service, form = await _form(request)
+    bits = _int_or_none(form.get("n_bits")) or 64
+    job = service.start_index(str(form.get("method", "itq")), bits, extractor=str(form.get("extractor") or "") or None)
+    return _redirect("/collection", service, f"Started job {job.id}: {job.title}")
+
+
+@router.post("/collection/indexes/{index_id}/activate")
+async def activate(request: Request, index_id: int) -> Response:
+    service, _ = await _form(request)
+    await anyio.to_thread.run_sync(service.store.activate_index, index_id)
+    return _redirect("/collection", service, f"Index {index_id} is now active")

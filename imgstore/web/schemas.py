@@ -1,0 +1,211 @@
+"""The HTTP contract: the shapes of request bodies and responses, declared to OpenAPI.
+
+Responses are the typed results' ``as_dict()`` (the CLI's ``--json`` shapes). Routes off the hot
+path validate what they return against these models (``response_model``), so the spec cannot
+drift from the answers unnoticed; the two search routes serialize their hits directly (speed)
+and declare :class:`SearchHit` in the spec, and the tests check their answers against it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    """Fields added later reach clients too (an older model must not drop them)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorOut(Model):
+    error: str = Field(description="what went wrong, and what to do about it")
+
+
+class SearchHit(Model):
+    image_id: int
+    distance: int | None = Field(description="Hamming distance of the codes; null for an exact float search (no index)")
+    cosine: float | None = Field(description="cosine similarity of the float features, when they were used")
+    paths: list[str] = Field(description="the image's current files")
+
+
+class VectorQuery(BaseModel):
+    """A feature vector to search from (as many values as the index's feature space has)."""
+
+    vector: list[float] = Field(min_length=1)
+
+
+class UploadQuery(BaseModel):
+    """An image file to search from (any format the server decodes: JPEG, PNG, WebP, ...)."""
+
+    image: bytes = Field(json_schema_extra={"format": "binary"})
+
+
+class PathOut(Model):
+    path: str
+    is_current: bool
+    file_size: int
+    mtime_ns: int
+    last_seen_at: datetime
+    moved_to: str | None = None
+
+
+class ImageOut(Model):
+    id: int
+    sha256: str
+    width: int
+    height: int
+    format: str | None
+    byte_size: int
+    ingested_at: datetime
+    captured_at: datetime | None
+    meta: dict[str, Any]
+    paths: list[PathOut]
+    feature_spaces: list[int]
+    indexes: list[int]
+
+
+class IndexOut(Model):
+    id: int
+    uid: str
+    method: str
+    n_bits: int
+    n_bands: int
+    band_width: int
+    extractor: str
+    space_id: int
+    is_active: bool
+    n_codes: int
+    n_fitted: int
+    generation: int
+    created_at: datetime
+    config: dict[str, Any]
+
+
+class IndexRequest(BaseModel):
+    """Fit an index in the background."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = "itq"
+    n_bits: int = Field(64, ge=8, le=1024, multiple_of=8)
+    extractor: str | None = None
+    n_bands: int | None = Field(None, ge=1)
+    activate: bool = True
+
+
+class JobOut(Model):
+    id: int
+    kind: str
+    title: str
+    state: str
+    phase: str
+    done: int
+    total: int
+    fraction: float | None = Field(description="done / total, when the total is known")
+    result: Any = None
+    error: str | None = None
+    created_at: float
+    finished_at: float | None = None
+
+
+class IngestErrorOut(Model):
+    path: str
+    error_type: str
+    reason: str
+    occurred_at: datetime
+
+
+class CacheOut(Model):
+    index_id: int
+    codes: int
+    generation: int
+    vectors: bool
+    bytes: int
+
+
+class InfoOut(Model):
+    database: str
+    revision: str | None
+    images: int
+    paths: int
+    feature_spaces: list[dict[str, Any]]
+    indexes: list[dict[str, Any]]
+    cache: list[CacheOut] = Field(description="what this server holds in memory per index")
+
+
+class MemberOut(Model):
+    image_id: int
+    paths: list[str]
+    width: int
+    height: int
+    distance: int | None
+    cosine: float | None
+
+
+class GroupOut(Model):
+    kind: Literal["exact", "near"]
+    keeper: int
+    keeper_path: str | None
+    members: list[MemberOut]
+    key: str = Field(description="names the group in /api/duplicates/apply")
+
+
+class ApplyRequest(BaseModel):
+    """Which groups to resolve: ``{"KEY": "path to keep" or null}`` for some, or ``"all"``."""
+
+    model_config = ConfigDict(extra="forbid")
+    keep: str = "original"
+    groups: dict[str, str | None] | Literal["all"] | None = None
+
+
+class Move(Model):
+    from_: str = Field(alias="from")
+    to: str
+
+
+class Failure(Model):
+    path: str
+    reason: str
+
+
+class ApplyOut(Model):
+    journal: str
+    moved: list[Move]
+    failed: list[Failure]
+    resumed: int
+
+
+class UndoRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    journal: str = Field(description="the journal's file name, as /api/duplicates/apply returned it")
+
+
+class UndoOut(Model):
+    journal: str
+    restored: list[Move]
+    failed: list[Failure]
+
+
+class AddedOut(Model):
+    image_id: int
+
+
+class RemovalOut(Model):
+    paths: list[str]
+    images: list[int]
+    dry_run: bool
+
+
+#: The error answers every route may give (all ``{"error": ...}``).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": text} for status, text in (
+        (401, "a token is needed"), (403, "not allowed (read-only server, or from another site)"),
+        (404, "no such image, index or job"), (422, "a bad argument"), (503, "the database is unavailable, or busy"),
+    )
+}
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS, 413: {"model": ErrorOut, "description": "upload too large"},
+    415: {"model": ErrorOut, "description": "not an image this server can read"},
+}
