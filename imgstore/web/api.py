@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import Response
 
 from ..errors import ConfigError, NotFoundError
@@ -44,7 +45,13 @@ from .schemas import (
 )
 from .service import Service
 
-router = APIRouter(prefix="/api", responses=ERRORS)
+def _operation_id(route: APIRoute) -> str:
+    """Operation ids are the handlers' names (``search_by_upload``): what a generated client's
+    functions are called."""
+    return route.name
+
+
+router = APIRouter(prefix="/api", responses=ERRORS, generate_unique_id_function=_operation_id)
 
 
 def get_service(request: Request) -> Service:
