@@ -13,9 +13,8 @@ from sqlalchemy import Connection, case, delete, func, select, update
 from .bandindex import mark_changed, remove_codes
 from .errors import NotFoundError
 from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
-from .sqlhelpers import IN_CHUNK, chunks
 from .paths import from_stored, names_an_id, printable, to_stored
-from .sqlhelpers import driver_rows
+from .sqlhelpers import IN_CHUNK, chunks, driver_rows
 from .types import ImageFiles, ThumbnailSource
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,10 +103,11 @@ def counts(conn: Connection) -> Counts:
 
 
 def errors(conn: Connection, limit: int | None = None) -> list[IngestErrorRecord]:
-    stmt = select(IngestError.path, IngestError.error_type, IngestError.reason, IngestError.occurred_at).order_by(IngestError.path)
+    columns = (IngestError.path, IngestError.error_type, IngestError.reason, IngestError.occurred_at)
+    stmt = select(*columns).order_by(IngestError.path)
     if limit:
         stmt = stmt.limit(limit)
-    return [IngestErrorRecord(from_stored(path), *rest) for path, *rest in conn.execute(stmt)]
+    return [IngestErrorRecord(from_stored(path), str(kind), str(reason), when) for path, kind, reason, when in conn.execute(stmt)]
 
 
 def resolve(conn: Connection, ref: int | str) -> int:
@@ -117,7 +117,7 @@ def resolve(conn: Connection, ref: int | str) -> int:
         if conn.scalar(select(Image.id).where(Image.id == image_id)) is None:
             raise NotFoundError(f"no image with id {image_id}")
         return image_id
-    path = os.path.abspath(os.path.expanduser(os.fspath(ref)))
+    path = os.path.abspath(os.path.expanduser(str(ref)))
     found = conn.scalar(select(ImagePath.image_id).where(ImagePath.path == to_stored(path)).order_by(ImagePath.is_current.desc()))
     if found is None:
         raise NotFoundError(f"no stored image was seen at {printable(path)}")
@@ -138,7 +138,8 @@ def image(conn: Connection, ref: int | str) -> ImageRecord:
         id=row["id"], sha256=row["sha256"], width=row["width"], height=row["height"], format=row["format"],
         byte_size=row["byte_size"], ingested_at=row["ingested_at"], captured_at=row["captured_at"],
         meta=dict(row["meta"] or {}), paths=paths,
-        feature_spaces=list(conn.scalars(select(Feature.space_id).where(Feature.image_id == image_id).order_by(Feature.space_id))),
+        feature_spaces=list(conn.scalars(
+            select(Feature.space_id).where(Feature.image_id == image_id).order_by(Feature.space_id))),
         indexes=list(conn.scalars(select(Code.hasher_id).where(Code.image_id == image_id).order_by(Code.hasher_id))),
     )
 
@@ -176,7 +177,7 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
                 image_ids.add(resolve(conn, ref))
             else:
                 resolve(conn, ref)  # NotFoundError for a path never seen
-                stored.add(to_stored(os.path.abspath(os.path.expanduser(os.fspath(ref)))))
+                stored.add(to_stored(os.path.abspath(os.path.expanduser(str(ref)))))
         touched = {int(i) for i in conn.scalars(select(ImagePath.image_id).where(ImagePath.path.in_(sorted(stored))))}
         left = {int(i) for i in conn.scalars(
             select(ImagePath.image_id).where(ImagePath.image_id.in_(sorted(touched)), ImagePath.is_current.is_(True),
@@ -227,12 +228,14 @@ def mark_gone(ctx: StoreContext, *, roots: Sequence[str] | None = None, seen: se
                 stored = to_stored(root)
                 lo = stored.rstrip(os.sep) + os.sep
                 hi = lo[:-1] + chr(ord(os.sep) + 1)
-                candidates += conn.scalars(stmt.where(((ImagePath.path >= lo) & (ImagePath.path < hi)) | (ImagePath.path == stored)))
+                under = (ImagePath.path >= lo) & (ImagePath.path < hi)
+                candidates += conn.scalars(stmt.where(under | (ImagePath.path == stored)))
     gone = sorted({p for p in candidates if p not in seen and _gone(from_stored(p))})
     if gone and not dry_run:
         def work(conn: Connection) -> None:
             for part in chunks(gone, IN_CHUNK):
-                conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
+                conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True))
+                             .values(is_current=False))
 
         ctx.write(work, doing="mark vanished paths")
     return [from_stored(p) for p in gone]

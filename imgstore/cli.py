@@ -6,6 +6,7 @@ modules (torch) are imported inside the commands that need them, so ``--help`` s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -351,7 +352,8 @@ def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("--neighbours", default=0, type=click.IntRange(0, 100), help="Add the ids of this many nearest images.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="File to write [default: stdout].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="File to write [default: stdout].")
 @click.pass_obj
 @friendly_errors
 def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
@@ -361,23 +363,19 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
     """
     import csv
 
-    with obj.store() as store:
-        out = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-        try:
-            writer = None
-            for row in store.export_rows(neighbours=neighbours):
-                if fmt == "jsonl":
-                    out.write(json.dumps(row, default=str) + "\n")
-                    continue
-                flat = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
-                flat["paths"] = json.dumps([printable(p) for p in row["paths"]])
-                if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=list(flat))
-                    writer.writeheader()
-                writer.writerow(flat)
-        finally:
-            if output:
-                out.close()
+    with obj.store() as store, contextlib.ExitStack() as closing:
+        out = closing.enter_context(open(output, "w", newline="", encoding="utf-8")) if output else sys.stdout
+        writer = None
+        for row in store.export_rows(neighbours=neighbours):
+            if fmt == "jsonl":
+                out.write(json.dumps(row, default=str) + "\n")
+                continue
+            flat = {k: (json.dumps(v, default=str) if isinstance(v, (dict, list)) else v) for k, v in row.items()}
+            flat["paths"] = json.dumps([printable(p) for p in row["paths"]])
+            if writer is None:
+                writer = csv.DictWriter(out, fieldnames=list(flat))
+                writer.writeheader()
+            writer.writerow(flat)
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -387,9 +385,11 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
 @click.option("--extractor", default=None, metavar="NAME", help="Feature extractor [default: efficientnet-lite0].")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096), help="Images per model batch and per transaction.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="Images per model batch and per transaction.")
 @click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
-@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Add a tag to every image found (repeatable; joins its tags list).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Add a tag to every image found (repeatable; joins its tags list).")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
               help="Set a metadata field on every image found, stored before or not (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
@@ -519,7 +519,8 @@ def index() -> None:
 @index.command("create")
 @click.option("--method", default="itq", show_default=True, help="Hashing method (lsh, itq, pca, ...).")
 @click.option("--bits", "n_bits", default=64, show_default=True, type=int, help="Code length: a multiple of 8, 16..256.")
-@click.option("--bands", "n_bands", default=None, type=click.IntRange(1, 64), help="Bands the code is cut into [default: about bits / log2(images)].")
+@click.option("--bands", "n_bands", default=None, type=click.IntRange(1, 64),
+              help="Bands the code is cut into [default: about bits / log2(images)].")
 @click.option("--sample", default=None, type=click.IntRange(1), help="Fit on a random sample of this many images.")
 @click.option("--extractor", default=None, help="Feature space to index [default: the largest].")
 @click.option("--labels", default=None, help="Supervision: 'folder' or 'tag:KEY'.")
@@ -563,7 +564,8 @@ def index_list(obj: Context, as_json: bool) -> None:
         click.echo("no index yet: queries scan the float features exactly (`imgstore index create` builds one)")
     for i in infos:
         kind = "supervised" if i.config.get("supervised") else "unsupervised"
-        click.echo(f"{'*' if i.is_active else ' '} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {i.n_bands} x {i.band_width}-bit bands  "
+        mark = "*" if i.is_active else " "
+        click.echo(f"{mark} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {i.n_bands} x {i.band_width}-bit bands  "
                    f"{i.n_codes} images  {i.extractor}  {kind}, fitted on {i.n_fitted}")
 
 
@@ -607,8 +609,10 @@ def index_drop(obj: Context, index_id: int) -> None:
 @click.argument("images", nargs=-1, required=True)
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results per query.")
 @click.option("--exact", is_flag=True, help="Exact Hamming kNN (equal to a full scan).")
-@click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8), help="Bits flipped per band when probing.")
-@click.option("--rerank/--no-rerank", default=None, help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
+@click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8),
+              help="Bits flipped per band when probing.")
+@click.option("--rerank/--no-rerank", default=None,
+              help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
 @click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one].")
 @click.option("--include-stale", is_flag=True, help="Also show images whose files all changed or vanished.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -687,8 +691,10 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
 
 
 @cli.command()
-@click.option("--max-distance", type=click.IntRange(0, 256), default=None, help="Largest Hamming distance [default: a quarter of the bits].")
-@click.option("--min-cosine", type=click.FloatRange(0, 1), default=None, help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
+@click.option("--max-distance", type=click.IntRange(0, 256), default=None,
+              help="Largest Hamming distance [default: a quarter of the bits].")
+@click.option("--min-cosine", type=click.FloatRange(0, 1), default=None,
+              help="Smallest float-feature cosine [default: 0.90; 0 = codes only].")
 @click.option("--min-signature", type=click.FloatRange(0, 1), default=None,
               help="Smallest pixel-layout signature similarity that also makes a duplicate [default: 0.95; 0 = off].")
 @click.option("--geometry/--no-geometry", default=True, show_default=True,
@@ -730,7 +736,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         if as_json or fmt == "json":
             emit_json(undone.as_dict())
         else:
-            for src, dst in undone.restored:
+            for _src, dst in undone.restored:
                 click.echo(f"restored {printable(dst)}")
             for path, reason in undone.failed:
                 click.echo(f"not restored: {printable(path)}: {reason}", err=True)
@@ -830,10 +836,12 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--allow-writes", is_flag=True, help="Let clients add, remove and resolve: uploads, removals, new indexes, duplicate moves.")
+@click.option("--allow-writes", is_flag=True,
+              help="Let clients add, remove and resolve: uploads, removals, new indexes, duplicate moves.")
 @click.option("--move-to", type=click.Path(file_okay=False), default=None,
               help="Folder the duplicates page moves copies into when resolving (needs --allow-writes).")
-@click.option("--token", default=None, envvar="IMGSTORE_TOKEN", help="Require this token on every page and API call [env IMGSTORE_TOKEN].")
+@click.option("--token", default=None, envvar="IMGSTORE_TOKEN",
+              help="Require this token on every page and API call [env IMGSTORE_TOKEN].")
 @click.option("--insecure", is_flag=True, help="Listen beyond this machine without a token (not recommended).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes, each with its own copy of the codes in memory: more searches at once "
@@ -923,4 +931,4 @@ def main() -> None:  # pragma: no cover - console entry point alternative
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

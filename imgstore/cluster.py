@@ -33,12 +33,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from .decode import DecodedImage
 from .context import StoreContext, is_disconnect, open_context
+from .decode import DecodedImage
 from .errors import ClusterError, ConfigError, DatabaseError, DecodeError, ImgStoreError
 from .features import get_extractor
 from .features.pipeline import StreamResult, extract_stream
-from .ingest import IngestProgress, IngestSummary, Ingester, Plan, Task
+from .ingest import Ingester, IngestProgress, IngestSummary, Plan, Task
 from .models import Feature, ImagePath
 from .paths import to_stored
 
@@ -143,7 +143,8 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
         result.extracted = []
         for batch in extract_stream(tasks, job.load, ex, batch_size, threads):
             for r in batch:
-                facts = None if r.decoded is None else (r.decoded.width, r.decoded.height, r.decoded.format, r.decoded.captured_at)
+                d = r.decoded
+                facts = None if d is None else (d.width, d.height, d.format, d.captured_at)
                 reason = None if r.error is None else getattr(r.error, "reason", None) or str(r.error)
                 result.extracted.append((r.item, facts, r.features, reason))
     result.seconds = time.perf_counter() - started
@@ -200,17 +201,17 @@ def connect(cluster: Any) -> tuple[Any, Callable[[], None], int | None]:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n = int(spec.partition(":")[2] or cores)
         threads = max(1, cores // n)
-        local = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                             env={"IMGSTORE_NUM_THREADS": str(threads)})
-        client = Client(local)
+        local = LocalCluster(  # type: ignore[no-untyped-call]  # distributed's API is not annotated
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, env={"IMGSTORE_NUM_THREADS": str(threads)})
+        client = Client(local)  # type: ignore[no-untyped-call]  # distributed's API is not annotated
 
         def close() -> None:
-            client.close()
+            client.close()  # type: ignore[no-untyped-call]  # distributed's API is not annotated
             local.close()
 
         return client, close, threads
     try:
-        client = Client(spec, timeout="20s")
+        client = Client(spec, timeout="20s")  # type: ignore[no-untyped-call]  # distributed's API is not annotated
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the Dask scheduler at {spec}: {exc}; is `dask scheduler` running there?") from None
     return client, client.close, None
@@ -227,7 +228,8 @@ def worker_url(client_url: Any, worker_db: str | None, local: bool) -> str:
     """The database URL the workers use: ``worker_db``, else the client's. A loopback host is
     refused for workers on other machines: there it would name each worker's own machine."""
     url = make_url(worker_db) if worker_db else client_url
-    if not local and url.get_backend_name() == "postgresql" and (url.host in (None, "", "localhost") or str(url.host).startswith("127.")):
+    loopback = url.host in (None, "", "localhost") or str(url.host).startswith("127.")
+    if not local and url.get_backend_name() == "postgresql" and loopback:
         raise ConfigError(
             f"the workers would connect to their own {url.host or 'local socket'}: give --worker-db with a host "
             "they can reach (e.g. postgresql://user@dbhost/db)"
@@ -301,7 +303,7 @@ class ClusterIngest:
             ]
             log.info("ingest: %d files in %d tasks on %s", len(plan.tasks), len(parts), client)
             done = 0
-            for future in _completed(as_completed(futures), client, self.cluster):
+            for future in _completed(as_completed(futures), client, self.cluster):  # type: ignore[no-untyped-call]  # distributed's API is not annotated
                 part: PartitionResult = future.result()
                 future.release()
                 done += part.added + part.duplicates + part.unchanged + len(part.errors)

@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +29,7 @@ from .errors import NotFoundError
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours
 from .indexing import find_index, list_indexes
 from .models import Code, HashIndex
-from .types import CacheState, IndexInfo
+from .types import CacheState, IndexInfo, Ranking, RoundRanking
 from .vectors import iter_features, load_features
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -223,7 +223,7 @@ class CodeCache:
     def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
         return float(self.count(query_code, s))
 
-    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
         return self.rank_probes(query_code, k, s_lo, s_hi)
 
     def __len__(self) -> int:
@@ -236,7 +236,7 @@ class CodeCache:
             got = self._flips[(s_lo, s_hi)] = probe_values(0, self.index.band_width, s_lo, s_hi)
         return got
 
-    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
         """Top-k (ids, distances) of the codes first found at band radius ``s_lo..s_hi``, and
         how many such codes there were (each code once; none found at a radius below ``s_lo``)."""
         from . import kernels
@@ -277,7 +277,7 @@ class CodeCache:
             return np.zeros(0, dtype=np.intp)
         return np.unique(np.concatenate(found)).astype(np.intp)
 
-    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
         from . import kernels
 
         if len(self) == 0:

@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .db import WRITE_OPTION, make_engine, resolve_url, safe_url
 from .errors import DatabaseError, NotFoundError, SchemaError
-from .features import DEFAULT_EXTRACTOR, get_extractor
+from .features import DEFAULT_EXTRACTOR, Extractor, get_extractor
 from .hashing import Hasher, hasher_from_bytes
 from .migrate import ensure_current
 from .models import HashIndex
@@ -72,7 +72,7 @@ class StoreContext:
         self.extractor_options = dict(extractor_options or {})
         self.engine: Engine = make_engine(self.url, echo=echo)
         self._quick_engine: Engine | None = None  # see quick_read
-        self._extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
+        self._extractors: dict[tuple[str, tuple[tuple[str, Any], ...]], Extractor] = {}
         self._hashers: dict[str, Hasher] = {}  # by index uid
         self._hasher_uids: dict[int, str] = {}  # index id -> uid of the hasher held for it
         #: write transactions rerun after a lock conflict, deadlock or serialization failure
@@ -105,7 +105,7 @@ class StoreContext:
                 found = self._parts.get(kind)
                 if found is None:
                     found = self._parts[kind] = kind(self)
-        return found  # type: ignore[no-any-return]  # the registry holds kind's instance under kind
+        return found
 
     def forget_index(self, index_id: int) -> None:
         """The index changed in this process (created, rebuilt, activated, dropped): every part
@@ -193,7 +193,7 @@ class StoreContext:
 
     # -- caches -----------------------------------------------------------------------------
 
-    def extractor(self, name: str | None = None, **options: Any) -> Any:
+    def extractor(self, name: str | None = None, **options: Any) -> Extractor:
         """The extractor ``name`` (default EfficientNet-Lite0), built once per store and options."""
         name = name or DEFAULT_EXTRACTOR
         options = {**self.extractor_options.get(name, {}), **options}
@@ -242,7 +242,8 @@ def is_disconnect(exc: BaseException) -> bool:
         cause = cause.orig
     # psycopg's OperationalError and its kinds (AdminShutdown, "the connection is lost"); not
     # SQLite's, which also names a missing table or a full disk
-    return type(cause).__module__.startswith("psycopg") and any(kind.__name__ == "OperationalError" for kind in type(cause).__mro__)
+    kinds = type(cause).__mro__
+    return type(cause).__module__.startswith("psycopg") and any(kind.__name__ == "OperationalError" for kind in kinds)
 
 
 def is_retryable(exc: DBAPIError) -> bool:

@@ -38,13 +38,13 @@ from sqlalchemy import Connection, func, select
 
 from .catalog import keeper_path, path_rows, stale_among
 from .codecache import CodeCache, caches
-from .errors import ConfigError, ImgStoreError
 from .decode import load_image
+from .errors import ConfigError, ImgStoreError
 from .geometry import COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
 from .hashing import make_hasher, min_samples
 from .hashing.bits import band_values, default_n_bands, flip_neighbours, pack_bits
-from .keeper import RULES, Candidate, choose
 from .indexing import find_index, list_indexes
+from .keeper import RULES, Candidate, choose
 from .models import Image, ImagePath
 from .paths import printable
 from .signature import DIM, KEEP, from_bytes
@@ -213,7 +213,7 @@ class UnionFind:
 
 
 def default_max_distance(n_bits: int) -> int:
-    return int(round(DEFAULT_MAX_DISTANCE_FRACTION * n_bits))
+    return round(DEFAULT_MAX_DISTANCE_FRACTION * n_bits)
 
 
 def _flip_signs() -> npt.NDArray[np.float32]:
@@ -227,7 +227,7 @@ def _flip_signs() -> npt.NDArray[np.float32]:
 def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Row-wise similarity of unit signatures (n, 63), the better of as-is and mirrored."""
     flip = _flip_signs()
-    return np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)).astype(np.float32)
+    return np.asarray(np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)), dtype=np.float32)
 
 
 def _by_pairs(fn: Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], npt.NDArray[np.float32]],
@@ -242,11 +242,11 @@ def _by_pairs(fn: Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], n
 
 
 def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return np.einsum("ij,ij->i", a, b)
+    return np.asarray(np.einsum("ij,ij->i", a, b), dtype=np.float32)
 
 
 def _unit(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    return np.asarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
 VectorLoader = Callable[[list[int]], dict[int, npt.NDArray[np.float32]]]
@@ -311,13 +311,15 @@ class IndexPairs:
         return [Edge(int(x), int(y), int(d), float(c)) for x, y, d, c in zip(ids_a[ok], ids_b[ok], dist[ok], cos[ok])]
 
 
-def _signature_matrix(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+def _signature_matrix(by_id: dict[int, npt.NDArray[np.float32]],
+                      ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """(n, 63) signatures in the order of ``ids`` (zeros where missing), and which are known."""
     known = np.array([int(i) in by_id for i in ids.tolist()], dtype=bool)
     return _stack(by_id, ids, len(_flip_signs())), known
 
 
-def _stack(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64], dim: int | None = None) -> npt.NDArray[np.float32]:
+def _stack(by_id: dict[int, npt.NDArray[np.float32]], ids: npt.NDArray[np.int64],
+           dim: int | None = None) -> npt.NDArray[np.float32]:
     """Rows of ``by_id`` in the order of ``ids`` (zeros where missing)."""
     if dim is None:
         dim = len(next(iter(by_id.values()))) if by_id else 1
@@ -366,7 +368,8 @@ class AllPairs:
             else:
                 wanted = (cos >= self.check.min_cosine) & large[start:stop, None] & large[None, start:]
                 rows, cols = np.nonzero((ok | wanted) & upper)
-                keep = self.check.refine(self.image_ids[start + rows], self.image_ids[start + cols], cos[rows, cols], ok[rows, cols])
+                ids_a, ids_b = self.image_ids[start + rows], self.image_ids[start + cols]
+                keep = self.check.refine(ids_a, ids_b, cos[rows, cols], ok[rows, cols])
                 rows, cols = rows[keep], cols[keep]
             for r, c in zip(rows.tolist(), cols.tolist()):
                 edges.append(Edge(int(self.image_ids[start + r]), int(self.image_ids[start + c]), None, float(cos[r, c])))
@@ -402,7 +405,7 @@ class GeometricCheck:
         if not len(self.large_ids):
             return np.zeros(len(ids), dtype=bool)
         pos = np.minimum(np.searchsorted(self.large_ids, ids), len(self.large_ids) - 1)
-        return self.large_ids[pos] == ids
+        return np.asarray(self.large_ids[pos] == ids, dtype=np.bool_)
 
     def refine(self, ids_a: npt.NDArray[np.int64], ids_b: npt.NDArray[np.int64], cos: npt.NDArray[np.float32],
                ok: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -510,10 +513,10 @@ def _signature_codes(conn: Connection) -> tuple[npt.NDArray[np.int64], npt.NDArr
             break
         last = int(rows[-1][0])
         sigs = [(int(i), from_bytes(b)) for i, b in rows]
-        sigs = [(i, v) for i, v in sigs if v is not None and v.any()]
-        if sigs:
-            ids_out.append(np.array([i for i, _ in sigs], dtype=np.int64))
-            codes_out.append(signature_codes(np.stack([v for _, v in sigs])))
+        held = [(i, v) for i, v in sigs if v is not None and v.any()]
+        if held:
+            ids_out.append(np.array([i for i, _ in held], dtype=np.int64))
+            codes_out.append(signature_codes(np.stack([v for _, v in held])))
     if not ids_out:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.uint8)
     return np.concatenate(ids_out), np.concatenate(codes_out)
@@ -585,10 +588,10 @@ def find_duplicates(
             edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check)
             ids = cache.image_ids.tolist()
         else:
-            spaces = [s for s in list_spaces(conn) if s.n_features > 1]
+            spaces = [s for s in list_spaces(conn) if (s.n_features or 0) > 1]
             if spaces:
                 space = largest_space(spaces)
-                if space.n_features <= ALL_PAIRS_MAX:
+                if (space.n_features or 0) <= ALL_PAIRS_MAX:
                     got, vectors = load_features(conn, space.id, space.dim)
                     sigs, known = _signature_matrix(_signatures(conn, got.tolist()), got)
                     edges = AllPairs(got, vectors, sigs, known, check).edges(rule)
@@ -600,13 +603,14 @@ def find_duplicates(
                     ids = cache.image_ids.tolist()
         if check is not None and check.verifier.stats.pairs:
             st = check.verifier.stats
-            logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), %d images read (%d unreadable), %.1f s",
+            logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
+                        "%d images read (%d unreadable), %.1f s",
                         st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds)
         stale = stale_among(conn, sorted({i for e in edges for i in (e.a, e.b)}))
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        return _groups(conn, multi, near, edges, keep)
+        return _groups(conn, list(multi), near, edges, keep)
 
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
@@ -636,11 +640,11 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
                                    sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep)
         members = []
         for i in g:
-            e = pair.get((min(i, keeper), max(i, keeper)))
+            edge = pair.get((min(i, keeper), max(i, keeper)))
             members.append(DuplicateMember(
                 i, paths[i], sizes[i].width, sizes[i].height,
-                0 if i == keeper else (e.distance if e else None),
-                1.0 if i == keeper else (e.cosine if e else None),
+                0 if i == keeper else (edge.distance if edge else None),
+                1.0 if i == keeper else (edge.cosine if edge else None),
             ))
         groups.append(DuplicateGroup("near", keeper, members, first_paths.get(keeper)))
     groups.sort(key=lambda g: (-g.n_files, g.keeper))

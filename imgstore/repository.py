@@ -8,8 +8,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
 from . import catalog, dedup, dedup_apply, export, indexing, maintenance, migrate, search
@@ -18,16 +19,18 @@ from .cluster import ClusterIngest
 from .codecache import caches
 from .context import open_context
 from .db import sqlite_file
+from .decode import as_source
 from .dedup import DuplicateGroup
 from .dedup_apply import ApplyReport, UndoReport
-from .decode import as_source
 from .errors import ConfigError, DecodeError, NotFoundError
 from .features.base import Extractor
 from .ingest import Ingester, IngestSummary
-from .paths import printable
 from .maintenance import StoreInfo, VerifyReport
+from .paths import printable
 from .types import CacheState, ImageFiles, IndexInfo, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
 from .vectors import get_or_create_space, list_spaces, pick_space
+
+T = TypeVar("T")
 
 __all__ = ["ImageStore", "SchemaStatus", "SearchOptions", "SearchResult"]
 
@@ -82,7 +85,7 @@ class ImageStore:
         return self.ctx.url
 
     @property
-    def engine(self) -> Any:
+    def engine(self) -> Engine:
         return self.ctx.engine
 
     @property
@@ -106,7 +109,7 @@ class ImageStore:
     def __repr__(self) -> str:
         return f"ImageStore({self.display_url!r})"
 
-    def transaction(self, work: Callable[[Any], Any], *, what: str = "write") -> Any:
+    def transaction(self, work: Callable[[Connection], T], *, what: str = "write") -> T:
         """Run ``work(conn)`` in one write transaction, retrying lock and serialization conflicts
         (the whole body is rerun on retry); driver errors become :class:`DatabaseError`."""
         return self.ctx.write(work, doing=what)
@@ -146,12 +149,21 @@ class ImageStore:
         with self.ctx.read("read an image") as conn:
             return catalog.image(conn, ref)
 
-    def remove(self, refs: Sequence[int | str], *, dry_run: bool = False) -> Removal:
-        """Remove images and paths. An ``int`` (or digits naming no existing file) is an image
-        id: the image goes with its features, codes and paths. A path removes that path, and its
-        image only when no other current path is left. Returns what was (or, with ``dry_run``,
-        would be) removed; unknown references raise :class:`NotFoundError` and remove nothing."""
-        return catalog.remove(self.ctx, refs, dry_run=dry_run)
+    def remove(self, refs: int | str | os.PathLike[str] | Iterable[int | str | os.PathLike[str]], *,
+               dry_run: bool = False) -> Removal:
+        """Remove images and paths: one reference or several. An ``int`` (or digits naming no
+        existing file) is an image id: the image goes with its features, codes and paths. A path
+        removes that path, and its image only when no other current path is left. Returns what
+        was (or, with ``dry_run``, would be) removed; unknown references raise
+        :class:`NotFoundError` and remove nothing. A string is one reference, never its
+        characters (``remove("12")`` is image 12 or the file ``12``)."""
+        listed: Iterable[object] = [refs] if isinstance(refs, (int, str, os.PathLike)) else refs
+        refs_in: list[int | str] = []
+        for ref in listed:
+            if isinstance(ref, bool) or not isinstance(ref, (int, str, os.PathLike)):
+                raise ConfigError(f"remove takes image ids and paths, got {ref!r}")
+            refs_in.append(ref if isinstance(ref, (int, str)) else os.fspath(ref))
+        return catalog.remove(self.ctx, refs_in, dry_run=dry_run)
 
     def apply_duplicates(self, groups: Sequence[DuplicateGroup], move_to: str | os.PathLike[str]) -> ApplyReport:
         """Move every file of ``groups`` but each group's ``keeper_path`` into ``move_to``, under
@@ -205,7 +217,8 @@ class ImageStore:
     @property
     def sqlite_file(self) -> str | None:
         """The SQLite database file, or None for a server database."""
-        return sqlite_file(self.url)
+        found = sqlite_file(self.url)
+        return None if found is None else str(found)
 
     def feature_spaces(self) -> list[SpaceInfo]:
         with self.ctx.read("list feature spaces") as conn:
@@ -410,7 +423,7 @@ class ImageStore:
                                     cached=cached, index_id=index_id, include_stale=include_stale)
         if options.cached is None:
             options = replace(options, cached=self.cache_codes)
-        return search.search_many(self.ctx, queries, options)
+        return search.search_many(self.ctx, search.as_queries(queries), options)
 
     # -- the in-memory code cache (a long-running process: ``imgstore serve``) -------------
 

@@ -38,13 +38,13 @@ from .bandindex import SqlProbe, scan_codes
 from .catalog import path_rows
 from .codecache import CodeCache, caches, probe_values
 from .context import is_disconnect
+from .decode import as_source, load_image
 from .errors import ConfigError, DatabaseError, NotFoundError
 from .hashing.bits import as_words, band_values, hamming_distances, topk_smallest
 from .indexing import find_index
 from .models import Code
-from .decode import as_source, load_image
 from .paths import names_an_id
-from .types import IndexInfo, SearchOptions, SearchResult, SpaceInfo
+from .types import IndexInfo, Ranking, RoundRanking, SearchOptions, SearchResult, SpaceInfo
 from .vectors import iter_features, load_features, pick_space
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,7 +74,7 @@ class Ranked:
     scanned: bool
 
 
-def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def rank(image_ids: npt.NDArray[np.int64], codes: npt.NDArray[np.uint8], query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
     """Top-k of candidates by (Hamming distance, image id). ``image_ids`` must be ascending."""
     if len(image_ids) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -101,11 +101,11 @@ class HammingSource(Protocol):
         """Index entries that probing every band at radius exactly ``s`` would visit."""
         ...
 
-    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
         """Top-k (ids, distances) of codes found at band radius ``s_lo..s_hi``, and how many."""
         ...
 
-    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
         """Top-k (ids, distances) over every code."""
         ...
 
@@ -128,19 +128,20 @@ class SqlSource:
         """Codes in the index: counted on first need (an approximate query that finds k
         results in its first round never needs it; counting reads the whole primary key)."""
         if self._total < 0:
-            self._total = int(self.conn.scalar(select(func.count()).select_from(Code).where(Code.hasher_id == self.index.id)) or 0)
+            counted = select(func.count()).select_from(Code).where(Code.hasher_id == self.index.id)
+            self._total = int(self.conn.scalar(counted) or 0)
         return self._total
 
     def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
         w = self.index.band_width
         return self.index.n_bands * math.comb(w, s) * self.total / 2.0**w
 
-    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
         bands = band_values(query_code.reshape(1, -1), self.index.n_bands, self.index.band_width)[0]
         probes = list(probe_values(bands, self.index.band_width, s_lo, s_hi))
         return self.probe.rank(self.conn, probes, query_code, k)
 
-    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
         all_ids, all_codes = scan_codes(self.conn, self.index)
         return rank(all_ids, all_codes, query_code, k)
 
@@ -149,7 +150,7 @@ class SqlSource:
 
 
 def _merge(ids: npt.NDArray[np.int64], dist: npt.NDArray[np.int64], new_ids: npt.NDArray[np.int64],
-           new_dist: npt.NDArray[np.int64], k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+           new_dist: npt.NDArray[np.int64], k: int) -> Ranking:
     """Top-k by (distance, id) of two best-first lists; an id in both counts once."""
     if len(ids) == 0:
         return new_ids, new_dist
@@ -219,7 +220,7 @@ def cosine_similarities(query: npt.NDArray[np.floating], vectors: npt.NDArray[np
     qn = np.asarray(query, dtype=np.float32).reshape(-1)
     qn = qn / max(float(np.linalg.norm(qn)), 1e-12)
     norms = np.maximum(np.linalg.norm(vectors, axis=1), 1e-12)
-    return ((vectors @ qn) / norms).astype(np.float32)
+    return np.asarray((vectors @ qn) / norms, dtype=np.float32)
 
 
 def cosine_rerank(

@@ -8,6 +8,15 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
+#: Image ids, and a best-first ranking: (image ids, Hamming distances), with the number of
+#: candidates examined where a probe round reports it.
+IdArray = npt.NDArray[np.int64]
+Ranking = tuple[IdArray, IdArray]
+RoundRanking = tuple[IdArray, IdArray, int]
+
 
 def plain(value: float | None, digits: int = 6) -> float | None:
     """A similarity as a person reads it: float32 noise rounded away (1.0, not 1.0000001192)."""

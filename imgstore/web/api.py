@@ -17,12 +17,21 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.routing import APIRoute
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 
 from ..errors import ConfigError, NotFoundError
 from ..types import SearchOptions, SearchResult
-from .http import ID_PARAM, SEARCH_PARAMS, error_response, json_response, openapi_parameters, read_param, read_upload, search_options
+from .http import (
+    ID_PARAM,
+    SEARCH_PARAMS,
+    error_response,
+    json_response,
+    openapi_parameters,
+    read_param,
+    read_upload,
+    search_options,
+)
 from .schemas import (
     ERRORS,
     UPLOAD_ERRORS,
@@ -44,6 +53,7 @@ from .schemas import (
     VectorQuery,
 )
 from .service import Service
+
 
 def _operation_id(route: APIRoute) -> str:
     """Operation ids are the handlers' names (``search_by_upload``): what a generated client's

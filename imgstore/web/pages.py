@@ -22,13 +22,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from PIL import Image
 from starlette.datastructures import FormData
 
+from ..dedup import DuplicateGroup, DuplicateMember
 from ..errors import ImgStoreError
 from ..hashing import available_methods
 from ..paths import printable
 from ..types import SearchOptions
-from .http import TooLarge, read_upload, status_for
+from .http import read_upload, status_for
 from .render import render
-from .service import Service
+from .service import Service, TooLarge
 
 router = APIRouter(include_in_schema=False)
 K_CHOICES = (10, 20, 50, 100)
@@ -173,7 +174,11 @@ def duplicates_page(request: Request, keep: str = "original", page: int = 1, not
     return render(request, "duplicates.html", groups=shown, n_groups=len(groups), spare=spare, keep=keep,
                   keep_rules=KEEP_RULES, page=page, pages=pages, move_to=service.move_to,
                   journals=service.recent_journals(), note=service.notes.get(note), undo=undo, details=details,
-                  ordered={g.key: sorted(g.members, key=lambda m, g=g: m.image_id != g.keeper) for g in shown})
+                  ordered={g.key: _keeper_first(g) for g in shown})
+
+
+def _keeper_first(group: DuplicateGroup) -> list[DuplicateMember]:
+    return sorted(group.members, key=lambda m: m.image_id != group.keeper)
 
 
 @router.post("/duplicates/resolve")

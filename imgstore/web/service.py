@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -55,7 +55,8 @@ class Batcher:
     while a lone upload on an idle server waits for nobody. A queue longer than ``max_queue``
     refuses new images at once (:class:`Overloaded`)."""
 
-    def __init__(self, extract: Callable[[list[PILImage.Image]], Sequence[npt.NDArray[np.float32]]], *, max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 64) -> None:
+    def __init__(self, extract: Callable[[list[PILImage.Image]], npt.NDArray[np.float32]], *, max_batch: int = 16,
+                 max_wait_s: float = 0.005, max_queue: int = 64) -> None:
         self.extract = extract
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.queue: queue.Queue[tuple[PILImage.Image, Future[npt.NDArray[np.float32]]] | None] = queue.Queue()
@@ -181,7 +182,7 @@ class Service:
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
         self.thumbs = thumbnails or Thumbnails(store)
-        self.batch_options = {"max_batch": batch_max, "max_wait_s": batch_wait_s, "max_queue": queue_max}
+        self.batch_max, self.batch_wait_s, self.queue_max = batch_max, batch_wait_s, queue_max
         self.batchers: dict[str, Batcher] = {}
         self.model_lock = threading.Lock()  # one forward pass at a time on a shared extractor
         self._batchers_lock = threading.Lock()
@@ -221,11 +222,12 @@ class Service:
                               f"this imgstore makes {extractor.preprocess_version}; re-ingest, or search by stored id")
         with self._batchers_lock:
             if space.extractor not in self.batchers:
-                def extract(images: list[PILImage.Image], ex: Extractor = extractor) -> Sequence[npt.NDArray[np.float32]]:
+                def extract(images: list[PILImage.Image], ex: Extractor = extractor) -> npt.NDArray[np.float32]:
                     with self.model_lock:
                         return ex.extract(images)
 
-                self.batchers[space.extractor] = Batcher(extract, **self.batch_options)
+                self.batchers[space.extractor] = Batcher(extract, max_batch=self.batch_max, max_wait_s=self.batch_wait_s,
+                                                         max_queue=self.queue_max)
         return self.batchers[space.extractor], extractor
 
     def check_pixels(self, data: bytes) -> None:
