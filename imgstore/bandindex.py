@@ -27,8 +27,8 @@ from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, copy_binary, driver_rows,
 if TYPE_CHECKING:  # pragma: no cover
     from .types import IndexInfo
 
-codes_table: Table = Code.__table__  # type: ignore[assignment]
-buckets_table: Table = CodeBucket.__table__  # type: ignore[assignment]
+codes_table: Table = Code.__table__
+buckets_table: Table = CodeBucket.__table__
 
 #: Entries per ``code_buckets`` row. A probe reads all chunks of its bucket; a write appends to
 #: the last chunk, so a crowded bucket (many near-identical images) costs one bounded row

@@ -8,12 +8,13 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, QueuePool
 
 from .errors import ConfigError
 
@@ -68,7 +69,7 @@ def safe_url_text(text: str) -> str:
         return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", text)  # mask a password by hand
 
 
-def _sqlite_on_connect(dbapi_connection, _record, read_only: bool = False) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry, read_only: bool = False) -> None:
     cursor = dbapi_connection.cursor()
     try:
         if not read_only:
@@ -133,7 +134,7 @@ def make_engine(url: URL, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_begin(conn: Connection) -> None:
     # A write transaction takes the write lock up front (BEGIN IMMEDIATE), so it waits on
     # busy_timeout instead of failing at once with "database is locked" when a read
     # transaction tries to upgrade to a write while another writer holds the lock.
@@ -141,7 +142,7 @@ def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _disable_pysqlite_autobegin(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _disable_pysqlite_autobegin(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
     dbapi_connection.isolation_level = None
 
 
@@ -158,9 +159,9 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
     """
     with engine.connect() as conn:
         sqlite = engine.dialect.name == "sqlite"
-        raw = conn.connection.dbapi_connection
-        if sqlite:
-            raw.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        raw = cast(sqlite3.Connection, conn.connection.dbapi_connection) if sqlite else None  # pysqlite's
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")
         try:
             with conn.begin():
                 yield conn
@@ -169,5 +170,5 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
                     if broken:
                         raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
         finally:
-            if sqlite:
-                raw.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")

@@ -41,11 +41,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
+
+if TYPE_CHECKING:
+    from cv2.typing import MatLike
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +151,8 @@ def edit_views(grey: npt.NDArray[np.uint8], side: int) -> EditViews:
     patches = cv2.remap(small, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     patches -= patches.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(patches, axis=1, keepdims=True)
-    patches = np.where(norms > 1e-6, patches / np.maximum(norms, 1e-6), 0).astype(np.float32)
-    return EditViews(patches[0], patches, float(norms[0, 0]) / np.sqrt(patches.shape[1]))
+    unit = np.where(norms > 1e-6, patches / np.maximum(norms, 1e-6), 0).astype(np.float32)
+    return EditViews(unit[0], unit, float(norms[0, 0]) / np.sqrt(unit.shape[1]))
 
 
 @cache
@@ -229,10 +232,11 @@ def working_image(img: Image.Image) -> npt.NDArray[np.uint8]:
 def local_features(grey: npt.NDArray[np.uint8]) -> LocalFeatures:
     import cv2
 
-    keypoints, descriptors = cv2.ORB_create(nfeatures=N_KEYPOINTS).detectAndCompute(grey, None)
+    keypoints, descriptors = cv2.ORB.create(nfeatures=N_KEYPOINTS).detectAndCompute(grey, None)
     if descriptors is None or len(keypoints) < 2:
         return LocalFeatures(grey, np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8), 0)
     xy = np.array([k.pt for k in keypoints], dtype=np.float32)
+    descriptors = cast("npt.NDArray[np.uint8]", descriptors)  # ORB's: (n, 32) uint8
     # nearest other keypoint of the same image: k=2 gives the keypoint itself, then its twin
     own = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(descriptors, descriptors, k=2)
     n_distinct = sum(1 for m in own if len(m) == 2 and m[1].distance >= DISTINCT_BITS)
@@ -253,8 +257,9 @@ def compare(a: LocalFeatures, b: LocalFeatures) -> Match:
         return Match(DIFFERENT, len(good))
     src = a.xy[[g.queryIdx for g in good]]
     dst = b.xy[[g.trainIdx for g in good]]
-    affine, inliers = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS,
-                                           maxIters=2000, confidence=0.995)
+    fit, inliers = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=RANSAC_PIXELS,
+                                        maxIters=2000, confidence=0.995)
+    affine = cast("npt.NDArray[np.float64] | None", fit)  # a 2x3 float64 matrix, None when no fit
     n_in = int(inliers.sum()) if inliers is not None else 0
     if affine is None or n_in < MIN_INLIERS or not _plausible(affine):
         return Match(DIFFERENT, n_in)
@@ -290,19 +295,22 @@ def aligned_agreement(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8], affine
     import cv2
 
     scale = float(np.sqrt(abs(np.linalg.det(affine[:, :2]))))  # b pixels per a pixel
+    # the two images in one frame, and where the warped one covers it (255)
+    xa: MatLike
+    yb: MatLike
     if scale < 1:  # a is the larger: bring it into b's frame
-        x = cv2.warpAffine(cv2.GaussianBlur(a, (0, 0), 0.5 / scale), affine, (b.shape[1], b.shape[0]), flags=cv2.INTER_AREA)
-        inside = cv2.warpAffine(np.full(a.shape, 255, np.uint8), affine, (b.shape[1], b.shape[0]), flags=cv2.INTER_NEAREST)
-        y = b
+        xa = cv2.warpAffine(cv2.GaussianBlur(a, (0, 0), 0.5 / scale), affine, (b.shape[1], b.shape[0]), flags=cv2.INTER_AREA)
+        covered = cv2.warpAffine(np.full(a.shape, 255, np.uint8), affine, (b.shape[1], b.shape[0]), flags=cv2.INTER_NEAREST)
+        yb = b
     else:
         flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        y = cv2.warpAffine(cv2.GaussianBlur(b, (0, 0), 0.5 * scale), affine, (a.shape[1], a.shape[0]), flags=flags)
-        inside = cv2.warpAffine(np.full(b.shape, 255, np.uint8), affine, (a.shape[1], a.shape[0]),
-                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
-        x = a
-    inside = cv2.erode(inside, np.ones((5, 5), np.uint8)) > 0
-    x = cv2.GaussianBlur(x, (0, 0), 1.0).astype(np.float32)
-    y = cv2.GaussianBlur(y, (0, 0), 1.0).astype(np.float32)
+        yb = cv2.warpAffine(cv2.GaussianBlur(b, (0, 0), 0.5 * scale), affine, (a.shape[1], a.shape[0]), flags=flags)
+        covered = cv2.warpAffine(np.full(b.shape, 255, np.uint8), affine, (a.shape[1], a.shape[0]),
+                                 flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+        xa = a
+    inside = cv2.erode(covered, np.ones((5, 5), np.uint8)) > 0
+    x = cv2.GaussianBlur(xa, (0, 0), 1.0).astype(np.float32)
+    y = cv2.GaussianBlur(yb, (0, 0), 1.0).astype(np.float32)
     corr = _block_correlations(x, y, inside)
     return float(np.median(corr)) if len(corr) >= MIN_BLOCKS else None
 
@@ -312,17 +320,18 @@ def _block_correlations(
 ) -> npt.NDArray[np.float32]:
     h, w = (x.shape[0] // BLOCK) * BLOCK, (x.shape[1] // BLOCK) * BLOCK
 
-    def blocks(v: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def blocks(v: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
         return v[:h, :w].reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(-1, BLOCK * BLOCK)
 
     bx, by, bin_ = blocks(x), blocks(y), blocks(inside).all(axis=1)
     bx, by = bx - bx.mean(axis=1, keepdims=True), by - by.mean(axis=1, keepdims=True)
     sx, sy = bx.std(axis=1), by.std(axis=1)
     keep = bin_ & (sx >= MIN_BLOCK_STD) & (sy >= MIN_BLOCK_STD)
-    return ((bx[keep] * by[keep]).mean(axis=1) / (sx[keep] * sy[keep])).astype(np.float32)
+    corr: npt.NDArray[np.float32] = ((bx[keep] * by[keep]).mean(axis=1) / (sx[keep] * sy[keep])).astype(np.float32)
+    return corr
 
 
-def _nbytes(found: Any) -> int:
+def _nbytes(found: Views | LocalFeatures | None) -> int:
     if isinstance(found, Views):
         return (found.local.nbytes if found.local is not None else 0) + sum(e.variants.nbytes for e in found.edits.values()) + 200
     return found.nbytes if isinstance(found, LocalFeatures) else 100
@@ -354,7 +363,9 @@ class PairVerifier:
     part_images: int = 512
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 2))
     stats: VerifyStats = field(default_factory=VerifyStats)
-    _cache: OrderedDict[tuple[int, bool], Any] = field(default_factory=OrderedDict)
+    #: (image_id, False): its Views; (image_id, True): the mirrored image's LocalFeatures; None
+    #: when unreadable (or, mirrored, without keypoints)
+    _cache: OrderedDict[tuple[int, bool], Views | LocalFeatures | None] = field(default_factory=OrderedDict)
     _bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -367,7 +378,8 @@ class PairVerifier:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             start = 0
             while start < len(order):
-                part, seen = [], set()
+                part: list[int] = []
+                seen: set[int] = set()
                 while start < len(order) and (len(seen) < step or {*pairs[order[start]]} <= seen):
                     seen.update(pairs[order[start]])
                     part.append(order[start])
@@ -388,9 +400,19 @@ class PairVerifier:
         va, vb = self._get(a, False), self._get(b, False)
         if va is None or vb is None:
             return Match(UNKNOWN)
-        return compare_views(va, vb, lambda: self._get(b, True) or vb.local)
 
-    def _get(self, image_id: int, mirrored: bool) -> Any:
+        def b_mirrored() -> LocalFeatures:
+            found = self._get(b, True) or vb.local
+            assert found is not None, "compare_views asks for the mirror only when b has keypoints"
+            return found
+
+        return compare_views(va, vb, b_mirrored)
+
+    @overload
+    def _get(self, image_id: int, mirrored: Literal[False]) -> Views | None: ...
+    @overload
+    def _get(self, image_id: int, mirrored: Literal[True]) -> LocalFeatures | None: ...
+    def _get(self, image_id: int, mirrored: bool) -> Views | LocalFeatures | None:
         """(image_id, False): its Views (None: unreadable); (image_id, True): the mirrored image's
         LocalFeatures (computed when first asked for)."""
         key = (image_id, mirrored)
@@ -398,6 +420,7 @@ class PairVerifier:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
+        found: Views | LocalFeatures | None
         if mirrored:
             plain = self._get(image_id, False)
             found = (
@@ -409,7 +432,7 @@ class PairVerifier:
         self._put(key, found)
         return found
 
-    def _put(self, key: tuple[int, bool], feats: Any) -> None:
+    def _put(self, key: tuple[int, bool], feats: Views | LocalFeatures | None) -> None:
         with self._lock:
             if key in self._cache:
                 return

@@ -502,8 +502,8 @@ class Ingester:
         added = 0
         deferred: dict[int, Any] = {}
         if ok:
-            new_ids = np.array([ids[r.item.data_sha256] for r in ok], dtype=np.int64)
-            vectors = np.stack([r.features for r in ok]).astype(np.float32)
+            new_ids = np.array([ids[_digest(r.item)] for r in ok], dtype=np.int64)
+            vectors = np.stack([r.features for r in ok if r.features is not None]).astype(np.float32)  # all of ok
             have = set(
                 conn.scalars(
                     select(Feature.image_id).where(Feature.space_id == self.space_id, Feature.image_id.in_(new_ids.tolist()))
@@ -527,12 +527,11 @@ class Ingester:
                 for t in unresolved
             ]
             unresolved = []
-        paths = [(r.item, ids[r.item.data_sha256]) for r in ok] + [(t, ids[t.data_sha256]) for t in resolved]
+        paths = [(r.item, ids[_digest(r.item)]) for r in ok] + [(t, ids[_digest(t)]) for t in resolved]
         for task, image_id in paths:
             task.image_id = image_id
         catalog.merge_meta(conn, [i for _, i in paths if i is not None], self.metadata)  # also for content already stored
-        paths = [(t, i) for t, i in paths if t.path is not None]
-        _record_paths(conn, paths, now)
+        _record_paths(conn, [(t.path, t, i) for t, i in paths if t.path is not None], now)
         recorded = [
             (e, x) for e, x in zip(errors, [r.error for r in failed] + [None] * len(errors)) if e[0] != "<in-memory image>"
         ]
@@ -553,6 +552,12 @@ def _joined(batches: Iterable[list[StreamResult[Task]]], size: int) -> Iterator[
             held = []
     if held:
         yield held
+
+
+def _digest(task: Task) -> str:
+    """The content hash of a task a worker read (every task with features or a duplicate has one)."""
+    assert task.data_sha256 is not None, "a task reaches the writer only once a worker hashed it"
+    return task.data_sha256
 
 
 def _reason(error: BaseException | None) -> str:
@@ -583,12 +588,13 @@ def _ids_by_sha(conn: Connection, shas: set[str | None]) -> dict[str, int]:
     return out
 
 
-def _record_paths(conn: Connection, paths: list[tuple[Task, int]], now: datetime) -> None:
-    """Upsert the path rows; a path that now holds other content has its old row made not current."""
+def _record_paths(conn: Connection, paths: list[tuple[str, Task, int]], now: datetime) -> None:
+    """Upsert the rows of (path, its task, its image id); a path that now holds other content has
+    its old row made not current."""
     if not paths:
         return
-    paths = sorted(paths, key=lambda p: to_stored(p[0].path))
-    shown = [to_stored(t.path) for t, _ in paths]
+    paths = sorted(paths, key=lambda p: to_stored(p[0]))
+    shown = [to_stored(path) for path, _, _ in paths]
     for part in chunks(shown, IN_CHUNK):
         conn.execute(update(ImagePath).where(ImagePath.path.in_(part), ImagePath.is_current.is_(True)).values(is_current=False))
         conn.execute(delete(IngestError).where(IngestError.path.in_(part)))
@@ -608,7 +614,7 @@ def _record_paths(conn: Connection, paths: list[tuple[Task, int]], now: datetime
         {"path": p, "image_id": image_id, "file_size": t.size, "mtime_ns": t.mtime_ns,
          "first_seen_at": now, "last_seen_at": now, "is_current": True,
          "root": to_stored(t.root) if t.root else None, "moved_to": None}
-        for p, (t, image_id) in zip(shown, paths)
+        for p, (_, t, image_id) in zip(shown, paths)
     ]
     for start in range(0, len(rows), 1000):
         conn.execute(stmt, rows[start : start + 1000])
@@ -620,7 +626,7 @@ def _record_errors(
     now = utcnow()
     kinds = [type(e).__name__ if e is not None else None for e in (excs or [])]
     kinds += [None] * (len(errors) - len(kinds))
-    rows = sorted((  # in path order, as every writer locks rows
+    rows: list[dict[str, Any]] = sorted((  # in path order, as every writer locks rows
         {"path": to_stored(path), "reason": printable(reason)[:2000], "occurred_at": now,
          "error_type": error_type or kind or "DecodeError"}
         for (path, reason), kind in zip(errors, kinds)  # paths as given; stored escaped (imgstore.paths)

@@ -31,28 +31,44 @@ are sorted by ``distance * n + row``; rows are in image-id order, so ties break 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
 import numba as nb
 import numpy as np
+import numpy.typing as npt
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.base import BaseContext
+from numba.core.typing.templates import Signature
 from numba.extending import intrinsic
+
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
 
 
 @intrinsic
-def _popcount(typingctx, x):  # type: ignore[no-untyped-def]
+def _ctpop(typingctx: object, x: types.Type) -> tuple[Signature, Callable[..., Any]]:
     """The CPU's popcount (LLVM ``ctpop``) on a uint64."""
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+    def codegen(context: BaseContext, builder: Any, signature: Signature, args: Sequence[Any]) -> Any:  # llvmlite's IR
         fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        # numba's cgutils is unannotated
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")  # type: ignore[no-untyped-call]
         return builder.call(fn, args)
 
     return types.uint64(types.uint64), codegen
 
 
+#: :func:`_ctpop` as compiled code calls it: a uint64 in, its count of set bits out (numba's stub
+#: types an intrinsic's call with the typing function's parameters, typing context included, and
+#: no result)
+_popcount = cast("Callable[[np.uint64], int]", _ctpop)
+
+
 @nb.njit(cache=True, nogil=True)
-def _query_band(qbytes, j, w):  # type: ignore[no-untyped-def]
+def _query_band(qbytes: npt.NDArray[np.uint8], j: int, w: int) -> np.int64:
     """Band ``j`` of a packed code (bits ``[j * w, (j + 1) * w)``, the first one most significant)."""
     v = np.int64(0)
     for b in range(j * w, (j + 1) * w):
@@ -61,7 +77,10 @@ def _query_band(qbytes, j, w):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+def _ranges(
+    seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, n: int, qbytes: npt.NDArray[np.uint8],
+    m: int, w: int, flips: I64,
+) -> tuple[I64, I64]:
     """Start and end (exclusive) in ``seg_keys`` of every probe, band by band: the directory
     gives the run of keys sharing the probe's top bits (exactly its bucket when ``shift`` is 0),
     a binary search inside that run the rest."""
@@ -88,14 +107,17 @@ def _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips):  # type: ignore[n
 
 
 @nb.njit(cache=True, nogil=True)
-def probe_count(seg_keys, seg_dir, shift, n, qbytes, m, w, flips):  # type: ignore[no-untyped-def]
+def probe_count(
+    seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, n: int, qbytes: npt.NDArray[np.uint8],
+    m: int, w: int, flips: I64,
+) -> int:
     """Index entries the probes would visit (codes found by several bands count each time)."""
     los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips)
     return int((his - los).sum())
 
 
 @nb.njit(cache=True, nogil=True)
-def _threshold(hist, k):  # type: ignore[no-untyped-def]
+def _threshold(hist: I64, k: int) -> tuple[int, int]:
     """The smallest distance ``t`` with at least ``k`` entries at ``<= t`` (or the largest), and
     how many entries are at ``<= t``."""
     acc = 0
@@ -107,7 +129,7 @@ def _threshold(hist, k):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def _select(keys, hist, c, n, k):  # type: ignore[no-untyped-def]
+def _select(keys: I64, hist: I64, c: int, n: int, k: int) -> tuple[I64, I64]:
     """The ``k`` smallest of ``keys[:c]`` (``distance * n + row``), ascending, via the histogram."""
     threshold, acc = _threshold(hist, k)
     sel = np.empty(min(acc, c), np.int64)
@@ -122,7 +144,11 @@ def _select(keys, hist, c, n, k):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def probe_rank(seg_keys, seg_dir, shift, seg_rows, seg_words, n, qbytes, qwords, band_masks, w, flips, s_lo, s_hi, k):  # type: ignore[no-untyped-def]
+def probe_rank(
+    seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, seg_rows: npt.NDArray[np.int32],
+    seg_words: U64, n: int, qbytes: npt.NDArray[np.uint8], qwords: U64, band_masks: U64, w: int, flips: I64,
+    s_lo: int, s_hi: int, k: int,
+) -> tuple[I64, I64, int]:
     """Top-k rows among codes with some band within ``s_lo..s_hi`` bits of the query's.
 
     ``flips``: the XOR masks of that radius range (``probe_values(0, w, s_lo, s_hi)``); codes
@@ -163,7 +189,7 @@ def probe_rank(seg_keys, seg_dir, shift, seg_rows, seg_words, n, qbytes, qwords,
 
 
 @nb.njit(cache=True, nogil=True)
-def scan_rank(words, qwords, k):  # type: ignore[no-untyped-def]
+def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
     """Top-k rows of all ``words`` by Hamming distance to ``qwords``, ordered by (distance, row)."""
     n = words.shape[0]
     nw = qwords.shape[0]
@@ -187,7 +213,7 @@ def scan_rank(words, qwords, k):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(cache=True, nogil=True)
-def rank_candidates(ids, words, qwords, k):  # type: ignore[no-untyped-def]
+def rank_candidates(ids: I64, words: U64, qwords: U64, k: int) -> tuple[I64, I64, int]:
     """Top-k (ids, distances) by (distance, id) of candidates that may repeat (a code found
     through several bands), and how many distinct ids there were. For the SQL path, whose
     buckets arrive as one flat array per query."""

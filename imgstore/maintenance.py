@@ -10,10 +10,11 @@ from sqlalchemy import Connection, and_, exists, func, select
 
 from . import bandindex, migrate
 from .catalog import Counts, counts
-from .indexing import IndexInfo, list_indexes
+from .indexing import list_indexes
 from .models import Code, Feature, HashIndex, Image, ImagePath
 from .paths import from_stored
-from .vectors import SpaceInfo, list_spaces
+from .types import IndexInfo, SpaceInfo
+from .vectors import list_spaces
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StoreContext

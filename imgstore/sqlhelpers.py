@@ -6,11 +6,15 @@ takes an open ``Connection`` and leaves the transaction to the caller.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, Table
 from sqlalchemy.dialects import postgresql, sqlite
+
+if TYPE_CHECKING:
+    import psycopg
 
 #: Rows per executemany chunk: large enough to amortise round trips, small enough that SQLite's
 #: bound-parameter limit and PostgreSQL's message size stay far away.
@@ -19,10 +23,11 @@ WRITE_CHUNK = 2000
 IN_CHUNK = 900
 
 
-def insert_stmt(conn: Connection, table: Table) -> Any:
+def insert_stmt(conn: Connection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """The dialect's INSERT (which has ``on_conflict_do_nothing`` / ``_do_update``)."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def insert_ignore(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -43,7 +48,7 @@ def chunks(items: Sequence[Any], size: int = WRITE_CHUNK) -> Iterator[Sequence[A
         yield items[start : start + size]
 
 
-def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bool = False) -> list[Any]:
+def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bool = False) -> list[tuple[Any, ...]]:
     """Rows of one statement run on the driver's own cursor, in the connection's transaction:
     for the few statements on every search, where SQLAlchemy's result machinery cost more than
     the look-up. ``sql`` uses the driver's placeholders (``%s`` for psycopg, ``?`` for
@@ -51,14 +56,18 @@ def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bo
     bytea as bytes."""
     raw = conn.connection.dbapi_connection
     assert raw is not None
-    pg = conn.dialect.name == "postgresql"
-    cursor = raw.cursor(binary=binary) if pg else raw.cursor()  # type: ignore[call-arg]
+    if conn.dialect.name == "postgresql":
+        pg_cursor = cast("psycopg.Connection[tuple[Any, ...]]", raw).cursor(binary=binary)
+        try:
+            pg_cursor.execute(sql, params, prepare=True)
+            return pg_cursor.fetchall()
+        finally:
+            pg_cursor.close()
+    cursor = cast(sqlite3.Connection, raw).cursor()
     try:
-        if pg:
-            cursor.execute(sql, params, prepare=True)
-        else:
-            cursor.execute(sql, params)
-        return cursor.fetchall()
+        cursor.execute(sql, params)
+        rows: list[tuple[Any, ...]] = cursor.fetchall()
+        return rows
     finally:
         cursor.close()
 
@@ -66,9 +75,9 @@ def driver_rows(conn: Connection, sql: str, params: Sequence[Any], *, binary: bo
 def copy_binary(conn: Connection, sql: str, parts: Iterable[bytes]) -> None:
     """Run a PostgreSQL ``COPY ... FROM STDIN (FORMAT BINARY)`` in the connection's transaction,
     sending ``parts`` (a whole binary stream: :func:`imgstore.pgcopy.framed`) as they come."""
-    raw = conn.connection.dbapi_connection
+    raw = cast("psycopg.Connection[tuple[Any, ...]] | None", conn.connection.dbapi_connection)
     assert raw is not None
-    with raw.cursor() as cursor, cursor.copy(sql) as copy:  # type: ignore[attr-defined]
+    with raw.cursor() as cursor, cursor.copy(sql) as copy:
         for part in parts:
             if part:
                 copy.write(part)

@@ -13,7 +13,7 @@ from .models import Feature, FeatureSpace
 from .sqlhelpers import IN_CHUNK, chunks, insert_ignore
 from .types import SpaceInfo
 
-features_table: Table = Feature.__table__  # type: ignore[assignment]
+features_table: Table = Feature.__table__
 
 
 def vector_to_bytes(vector: npt.ArrayLike) -> bytes:
@@ -32,14 +32,14 @@ def vectors_from_bytes(blobs: Sequence[bytes], dim: int) -> npt.NDArray[np.float
 def get_or_create_space(conn: Connection, extractor: str, dim: int, version: str) -> int:
     """The id of the feature space (extractor, preprocessing version), created if new; safe when
     two processes create it at once."""
-    table: Table = FeatureSpace.__table__  # type: ignore[assignment]
+    table: Table = FeatureSpace.__table__
     insert_ignore(conn, table, [{"extractor": extractor, "dim": dim, "preprocess_version": version}])
     return int(
-        conn.scalar(
+        conn.execute(
             select(FeatureSpace.id).where(
                 FeatureSpace.extractor == extractor, FeatureSpace.preprocess_version == version
             )
-        )
+        ).scalar_one()
     )
 
 
@@ -68,7 +68,7 @@ def pick_space(conn: Connection, extractor: str | None) -> SpaceInfo:
         spaces = [s for s in spaces if s.extractor == extractor]
         if not spaces:
             raise NotFoundError(f"no images with {extractor} features; ingest with --extractor {extractor} first")
-    if not spaces or max(s.n_features for s in spaces) == 0:
+    if not spaces or max(s.n_features or 0 for s in spaces) == 0:  # list_spaces counts every space
         raise NotFoundError("the store has no images yet; run `imgstore ingest FOLDER` first")
     return largest_space(spaces)
 

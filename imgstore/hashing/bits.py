@@ -140,9 +140,12 @@ def hamming_distances(query_words: npt.ArrayLike, db_words: npt.ArrayLike) -> np
     db = np.asarray(db_words, dtype=np.uint64)
     if db.ndim != 2 or db.shape[1] != q.shape[0]:
         raise HasherError(f"db_words must be (n, {q.shape[0]}) uint64 words, got shape {db.shape}")
+    dist: npt.NDArray[np.uint16]
     if q.shape[0] == 1:
-        return np.bitwise_count(db[:, 0] ^ q[0]).astype(np.uint16)
-    return np.bitwise_count(db ^ q).sum(axis=1, dtype=np.uint16)
+        dist = np.bitwise_count(db[:, 0] ^ q[0]).astype(np.uint16)
+    else:
+        dist = np.bitwise_count(db ^ q).sum(axis=1, dtype=np.uint16)
+    return dist
 
 
 def hamming_distances_batch(
@@ -270,7 +273,7 @@ def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDAr
     padded[:, :n_bytes] = arr
     gather = first_byte[:, None] + np.arange(5)[None, :]  # (n_bands, 5)
     byte_shift = np.array([32, 24, 16, 8, 0], dtype=np.uint64)
-    window = np.bitwise_or.reduce(padded[:, gather] << byte_shift, axis=2)  # (n, n_bands) 40 bits
+    window: npt.NDArray[np.uint64] = np.bitwise_or.reduce(padded[:, gather] << byte_shift, axis=2)  # (n, n_bands) 40 bits
     right_shift = (40 - (starts % 8) - band_width).astype(np.uint64)
     mask = np.uint64((1 << band_width) - 1)
     return ((window >> right_shift) & mask).astype(np.int64)

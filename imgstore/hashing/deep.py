@@ -49,7 +49,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -113,16 +113,17 @@ def _knn(
 
 
 def _l2_normalise(X: F64) -> npt.NDArray[np.float32]:
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    norms: F64 = np.linalg.norm(X, axis=1, keepdims=True)
     return (X / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _check_positive(name: str, value: object, *, integer: bool, allow_zero: bool = False) -> None:
-    kinds: tuple[type, ...] = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-    ok = not isinstance(value, bool) and isinstance(value, kinds)
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+    v: float | None = None  # the value when it is a number of the right kind (never a bool)
+    if (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
+        not integer and isinstance(value, (float, np.floating))
+    ):
+        v = float(value)
+    ok = v is not None and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if not ok:
         what = "int" if integer else "number"
         raise HasherError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {what}, got {value!r}")
@@ -363,8 +364,9 @@ def _train(
         # Supervised: no input dropout (see the module docstring).
         drop_input = torch.nn.Dropout(0.0 if supervised else dropout_p)
         with torch.no_grad():  # the residual starts at zero: the first codes are the linear path's
-            mlp[3].weight.mul_(0.0 if lin0 is not None else 1.0)
-            mlp[3].bias.zero_()
+            residual_out = cast(torch.nn.Linear, mlp[3])
+            residual_out.weight.mul_(0.0 if lin0 is not None else 1.0)
+            residual_out.bias.zero_()
         params = list(lin.parameters()) + list(mlp.parameters())
         opt = torch.optim.AdamW(params, lr=float(hasher.learning_rate), weight_decay=float(hasher.weight_decay))
 
@@ -378,7 +380,8 @@ def _train(
 
         def forward(rows: torch.Tensor) -> torch.Tensor:
             x = drop_input(Zt[rows])
-            return lin(x) + mlp(x)
+            z: torch.Tensor = lin(x) + mlp(x)
+            return z
 
         def loss_of(rows: np.ndarray, positives: np.ndarray | None) -> torch.Tensor:
             rows_t = torch.from_numpy(rows)
@@ -445,7 +448,7 @@ def _train(
                     pos = train_rows[knn_train[idx, pick]]
                 loss = loss_of(train_rows[idx], pos)
                 opt.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 opt.step()
                 if scheduler is not None:
                     scheduler.step()

@@ -203,8 +203,8 @@ def _class_centres(n_classes: int, n_bits: int, rng: np.random.Generator) -> F64
         # The all-ones row (and its negation) come last: as a target it asks every bit to
         # put that class on the same side, which the other rows never do.
         order = np.concatenate([np.arange(1, n_bits), np.arange(n_bits + 1, 2 * n_bits), [0, n_bits]])
-        chosen = rows[order[:n_classes]]
-        return chosen[:, rng.permutation(n_bits)]
+        chosen: F64 = rows[order[:n_classes]][:, rng.permutation(n_bits)]
+        return chosen
     return np.where(rng.random((n_classes, n_bits)) < 0.5, -1.0, 1.0)
 
 
