@@ -60,6 +60,10 @@ def friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ImgStoreError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:  # `imgstore info | head -1`: the reader has what it wanted
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+            raise SystemExit(141) from None  # as a process killed by SIGPIPE: what `set -o pipefail` expects
         except OSError as exc:  # an output file or folder that cannot be written, a full device
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
@@ -866,8 +870,12 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
     """
     import socket
 
-    from .serve import WORKER_SETTINGS_ENV, create_app, is_loopback, worker_settings
+    from .serve import WORKER_SETTINGS_ENV, check_token, create_app, is_loopback, worker_settings
 
+    try:
+        check_token(token)  # before anything listens: an empty --token "$UNSET" would open the store to all
+    except ImgStoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="--token") from None
     if not is_loopback(host) and token is None:
         if not insecure:
             raise click.UsageError(f"--host {host} is reachable from other machines: give --token TOKEN (or --insecure)")

@@ -27,7 +27,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DecodeError, ImageTooLargeError
+from .errors import ConfigError, DecodeError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ def read_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTE
         raise DecodeError(path, "permission denied") from None
     except OSError as exc:
         raise DecodeError(path, f"cannot access file ({exc.strerror or exc})") from None
+    except ValueError:  # a NUL character: no file can have this name
+        raise DecodeError(path, "not a valid file name (it holds a NUL character)") from None
     if stat.S_ISDIR(st.st_mode):
         raise DecodeError(path, "is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
@@ -209,8 +211,8 @@ def load_image(
     if isinstance(source, (str, os.PathLike)):
         data = read_file(source, max_bytes=max_bytes)
         return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size)
-    raise TypeError(f"an image is a path, bytes, a file-like object, a PIL image or a uint8 array, "
-                    f"not {type(source).__name__}")
+    raise ConfigError(f"an image is a path, bytes, a file-like object, a PIL image or a uint8 array, "
+                      f"not {type(source).__name__}")
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .errors import ConfigError, NotEnoughDataError, NotFoundError
 from .hashing import available_methods, make_hasher, min_samples
 from .hashing.bits import band_layout, default_n_bands
 from .models import Code, CodeBucket, Feature, FeatureSpace, HashIndex, Image, ImagePath
+from .paths import is_storable_id
 from .types import IndexInfo
 from .vectors import iter_features, load_features
 
@@ -179,7 +180,7 @@ def finish_encoding(conn: Connection, deferred: dict[int, tuple[IndexInfo, list[
 
 def activate_index(conn: Connection, hasher_id: int) -> None:
     """Make one index the one queries use (one active index per store)."""
-    if conn.scalar(select(HashIndex.id).where(HashIndex.id == hasher_id)) is None:
+    if not is_storable_id(hasher_id) or conn.scalar(select(HashIndex.id).where(HashIndex.id == hasher_id)) is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
     conn.execute(update(HashIndex).where(HashIndex.id != hasher_id, HashIndex.is_active.is_(True)).values(is_active=False))
     conn.execute(update(HashIndex).where(HashIndex.id == hasher_id).values(is_active=True))
@@ -189,7 +190,9 @@ def drop_index(conn: Connection, hasher_id: int) -> int | None:
     """Delete an index with its codes and buckets. When it was the active one, the newest
     remaining index of the same feature space becomes active; returns that id (None: queries
     now scan the float features, or the dropped index was not active)."""
-    row = conn.execute(select(HashIndex.space_id, HashIndex.is_active).where(HashIndex.id == hasher_id)).first()
+    row = None
+    if is_storable_id(hasher_id):
+        row = conn.execute(select(HashIndex.space_id, HashIndex.is_active).where(HashIndex.id == hasher_id)).first()
     if row is None:
         raise NotFoundError(f"no index with id {hasher_id}; `imgstore index list` shows them")
     # codes and buckets first: SQLite only cascades when foreign keys are on, and we do not rely on that here

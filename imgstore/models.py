@@ -36,7 +36,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -49,6 +51,21 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A point in time stored in UTC and read back as an aware ``datetime`` on every database:
+    PostgreSQL's driver gives one already, SQLite's a naive one (the column keeps no offset),
+    which the library, its JSON and the HTTP API's ``date-time`` fields would otherwise show
+    without its zone. The column type is ``DateTime(timezone=True)`` as before: no migration."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -68,8 +85,8 @@ class Image(Base):
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str | None] = mapped_column(String(16))
     byte_size: Mapped[int] = mapped_column(BigInteger)
-    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ingested_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    captured_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: pixel-layout signature for copy detection (``imgstore.signature``), 63 float32 LE values
     signature: Mapped[bytes | None] = mapped_column(LargeBinary)
@@ -93,8 +110,8 @@ class ImagePath(Base):
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     file_size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
-    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    first_seen_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
     #: the folder given to ingest when the path was found (``imgstore.paths`` text; NULL before 0006)
     root: Mapped[str | None] = mapped_column(Text)
@@ -113,7 +130,7 @@ class IngestError(Base):
     path: Mapped[str] = mapped_column(Text, unique=True)
     error_type: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text)
-    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class FeatureSpace(Base):
@@ -126,7 +143,7 @@ class FeatureSpace(Base):
     extractor: Mapped[str] = mapped_column(String(64))
     dim: Mapped[int] = mapped_column(Integer)
     preprocess_version: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Feature(Base):
@@ -165,7 +182,7 @@ class HashIndex(Base):
     n_fitted: Mapped[int] = mapped_column(Integer, default=0)
     #: bumped on every change to the index's codes, so process-local caches know to reload
     generation: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Code(Base):

@@ -45,11 +45,17 @@ def from_stored(text: str) -> str:
     return _ESCAPED.sub(lambda m: _unescape(int(m.group(1), 16)), text)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def printable(path: str) -> str:
-    """A path as text for a terminal or a UTF-8 file: undecodable bytes as ``\\xNN``."""
-    if not _has_surrogates(path):
-        return path
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as text for a terminal or a UTF-8 file, on one line: undecodable bytes and
+    control characters (a newline, an escape sequence in a file name) as ``\\xNN``."""
+    if _has_surrogates(path):
+        path = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if _CONTROL.search(path):
+        path = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
+    return path
 
 
 def _unescape(byte: int) -> str:
@@ -66,6 +72,15 @@ def _has_surrogates(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+#: The largest image id a database stores (a signed 64-bit integer): a larger number names no image.
+MAX_ID = (1 << 63) - 1
+
+
+def is_storable_id(value: int) -> bool:
+    """An id that may exist: 1 to :data:`MAX_ID` (SQLite raises OverflowError past it)."""
+    return 1 <= value <= MAX_ID
 
 
 def names_an_id(ref: object) -> bool:

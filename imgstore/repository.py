@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -157,7 +157,13 @@ class ImageStore:
         was (or, with ``dry_run``, would be) removed; unknown references raise
         :class:`NotFoundError` and remove nothing. A string is one reference, never its
         characters (``remove("12")`` is image 12 or the file ``12``)."""
-        listed: Iterable[object] = [refs] if isinstance(refs, (int, str, os.PathLike)) else refs
+        listed: Iterable[object]
+        if isinstance(refs, (int, str, os.PathLike)) and not isinstance(refs, bool):
+            listed = [refs]
+        elif isinstance(refs, (bytes, bytearray, memoryview, dict)) or not isinstance(refs, Iterable):
+            raise ConfigError(f"remove takes an image id, a path, or a list of them; got {type(refs).__name__}")
+        else:
+            listed = refs
         refs_in: list[int | str] = []
         for ref in listed:
             if isinstance(ref, bool) or not isinstance(ref, (int, str, os.PathLike)):
@@ -421,9 +427,8 @@ class ImageStore:
         if options is None:
             options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
                                     cached=cached, index_id=index_id, include_stale=include_stale)
-        if options.cached is None:
-            options = replace(options, cached=self.cache_codes)
-        return search.search_many(self.ctx, search.as_queries(queries), options)
+        cached = self.cache_codes if options.cached is None else options.cached
+        return search.search_many(self.ctx, search.as_queries(queries), options, cached=cached)
 
     # -- the in-memory code cache (a long-running process: ``imgstore serve``) -------------
 

@@ -43,7 +43,7 @@ from .errors import ConfigError, DatabaseError, NotFoundError
 from .hashing.bits import as_words, band_values, hamming_distances, topk_smallest
 from .indexing import find_index
 from .models import Code
-from .paths import names_an_id
+from .paths import is_storable_id, names_an_id, printable
 from .types import IndexInfo, Ranking, RoundRanking, SearchOptions, SearchResult, SpaceInfo
 from .vectors import iter_features, load_features, pick_space
 
@@ -59,6 +59,8 @@ MAX_PROBES_PER_BAND = 4096
 #: long; in memory a scan is one popcount pass, far cheaper per code than gathering probed
 #: candidates, so the cache switches early.
 SCAN_FRACTION = 0.25
+#: Results one search may ask for.
+MAX_K = 1_000_000
 #: Float re-rank looks at this many Hamming candidates per result wanted.
 RERANK_DEPTH_PER_K = 10
 
@@ -316,39 +318,42 @@ def check_options(options: SearchOptions) -> None:
         value = getattr(options, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
             raise ConfigError(f"{name} must be a whole number or None, got {value!r}")
-    if options.k < 1:
-        raise ConfigError(f"k must be at least 1, got {options.k}")
+    if not 1 <= options.k <= MAX_K:
+        raise ConfigError(f"k must be 1 to {MAX_K:,}, got {options.k} (imgstore export lists every image)")
     if options.probe_radius < 0:
         raise ConfigError(f"probe radius must be 0 or more, got {options.probe_radius}")
     if options.rerank_depth is not None and options.rerank_depth < 1:
         raise ConfigError(f"rerank depth must be at least 1, got {options.rerank_depth}")
 
 
-def search_many(ctx: StoreContext, queries: Sequence[Any], options: SearchOptions) -> list[list[SearchResult]]:
+def search_many(ctx: StoreContext, queries: Sequence[Any], options: SearchOptions, *,
+                cached: bool | None = None) -> list[list[SearchResult]]:
     """The ``options.k`` nearest stored images of each query, best first (see
-    ``ImageStore.search``). ``options.cached`` None counts as False here."""
+    ``ImageStore.search``). ``cached``: answer from the in-memory codes (default
+    ``options.cached``, None counting as False)."""
     check_options(options)
     listed = as_queries(queries)
-    if not (options.cached and caches(ctx).answers_from_memory(options.index_id, rerank=options.rerank is not False)):
-        return _search_many(ctx.read("search"), ctx, listed, options)
+    use_cache = bool(options.cached if cached is None else cached)
+    if not (use_cache and caches(ctx).answers_from_memory(options.index_id, rerank=options.rerank is not False)):
+        return _search_many(ctx.read("search"), ctx, listed, options, use_cache)
     # codes and vectors in memory: one statement (the paths), no transaction needed
     try:
-        return _search_many(ctx.quick_read("search"), ctx, listed, options)
+        return _search_many(ctx.quick_read("search"), ctx, listed, options, use_cache)
     except DatabaseError as exc:
         if not is_disconnect(exc):
             raise
         ctx.drop_quick_connections()
-        return _search_many(ctx.quick_read("search"), ctx, listed, options)  # a pooled connection had died: once more
+        return _search_many(ctx.quick_read("search"), ctx, listed, options, use_cache)  # a pooled connection had died
 
 
 def _search_many(reading: AbstractContextManager[Connection], ctx: StoreContext, queries: list[Any],
-                 options: SearchOptions) -> list[list[SearchResult]]:
+                 options: SearchOptions, cached: bool) -> list[list[SearchResult]]:
     k = options.k
     with reading as conn:
         part = caches(ctx)
         index = find_index(part.indexes(conn), options.index_id)
         space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
-        cache = part.code_cache(conn, index, current=True) if options.cached and index is not None else None
+        cache = part.code_cache(conn, index, current=True) if cached and index is not None else None
         vectors, codes = query_vectors(ctx, conn, queries, space, index, cache)
         source: CandidateSource
         if index is None:
@@ -439,7 +444,7 @@ def query_vectors(
                 vectors[i] = cache.vectors[rows[0]]
                 stored[i] = cache.codes[rows[0]]  # its stored code: no need to encode it again
                 continue
-            ids, vecs = load_features(conn, space.id, space.dim, [int(q)])
+            ids, vecs = load_features(conn, space.id, space.dim, [int(q)] if is_storable_id(int(q)) else [])
             if len(ids) == 0:
                 raise NotFoundError(f"no image with id {int(q)} and {space.extractor} features")
             vectors[i] = vecs[0]
@@ -449,7 +454,11 @@ def query_vectors(
                 raise ConfigError(f"query vector has {vec.shape[0]} values; {space.extractor} features have {space.dim}")
             vectors[i] = vec
         else:
-            to_embed.append((i, as_source(q)))
+            source = as_source(q)
+            if isinstance(source, str) and not os.path.lexists(source):
+                raise NotFoundError(f"no such file: {printable(source)} (a query is a file, a stored image id, "
+                                    "an image or a feature vector)")
+            to_embed.append((i, source))
     if to_embed:
         ex = ctx.extractor(space.extractor)
         if ex.preprocess_version != space.preprocess_version:

@@ -11,9 +11,22 @@ The code lives in :mod:`imgstore.web`; this module is the name the command and e
 
 from __future__ import annotations
 
-from .web.app import WORKER_SETTINGS_ENV, create_app, is_loopback, worker_app, worker_settings
+from .web.app import MIN_TOKEN_LENGTH, WORKER_SETTINGS_ENV, check_token, create_app, is_loopback, worker_app, worker_settings
 from .web.http import Guard
 from .web.service import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, Batcher, Service, Thumbnails
 
-__all__ = ["MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "WORKER_SETTINGS_ENV", "Batcher", "Guard", "Service", "Thumbnails",
-           "create_app", "is_loopback", "worker_app", "worker_settings"]
+__all__ = [
+           "MAX_UPLOAD_BYTES",
+           "MAX_UPLOAD_PIXELS",
+           "MIN_TOKEN_LENGTH",
+           "WORKER_SETTINGS_ENV",
+           "Batcher",
+           "Guard",
+           "Service",
+           "Thumbnails",
+           "check_token",
+           "create_app",
+           "is_loopback",
+           "worker_app",
+           "worker_settings",
+]

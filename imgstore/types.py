@@ -75,7 +75,7 @@ class SearchResult:
         return {"image_id": self.image_id, "distance": self.distance, "cosine": plain(self.cosine), "paths": self.paths}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SearchOptions:
     """How a search runs (see ``ImageStore.search``): one value instead of nine loose
     arguments travelling through every layer.

@@ -98,7 +98,7 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
 
 
 def test_no_import_cycles_inside_the_package() -> None:
-    assert "imgstore.search" in GRAPH and GRAPH["imgstore.search"], "the import graph was not read"
+    assert GRAPH.get("imgstore.search"), "the import graph was not read"
     cycles = _cycles(GRAPH)
     assert cycles == [], "import cycles (a concept in the wrong module): " + "; ".join(" <-> ".join(c) for c in cycles)
 

@@ -213,3 +213,17 @@ def test_one_json_convention(small_store: str) -> None:
     assert run("--db", small_store, "dedup", "--json").output == run("--db", small_store, "dedup", "--format", "json").output
     shown = json.loads(run("--db", small_store, "show", "1", "--json").output)
     assert shown["id"] == 1 and "signature" not in shown
+
+
+@pytest.mark.parametrize("command", [["info"], ["export", "--format", "jsonl"], ["index", "list"]])
+def test_a_reader_that_stops_reading_is_no_error(small_store: str, command: list[str]) -> None:
+    """`imgstore info | head -1` printed "Error: Broken pipe" and exited 1: the reader had what
+    it wanted. The read end is closed before the command writes (deterministic): it exits as a
+    process killed by SIGPIPE does (141, what `set -o pipefail` reports), silently."""
+    exe = str(Path(sys.executable).with_name("imgstore"))
+    proc = subprocess.Popen([exe, "--db", small_store, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == "", err

@@ -15,7 +15,7 @@ from PIL import Image, ImageFile
 
 import imgstore.decode as decode_module
 from imgstore.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, load_image, read_file
-from imgstore.errors import DecodeError, ImgStoreError
+from imgstore.errors import ConfigError, DecodeError, ImgStoreError
 
 
 def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -173,7 +173,7 @@ def test_sources_bytes_path_and_str() -> None:
     data = encode(Image.new("RGB", (3, 2)), "PNG")
     assert load_image(data).image.size == (3, 2)
     assert load_image(bytearray(data)).image.size == (3, 2)
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError):
         load_image(12345)  # type: ignore[arg-type]
 
 

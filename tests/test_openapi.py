@@ -5,6 +5,7 @@ would generate one) searches a real uvicorn server by upload, by vector and by i
 from __future__ import annotations
 
 import importlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from openapi_spec_validator import validate
-
 from imgstore import ImageStore
 from imgstore.serve import Thumbnails, create_app
+from openapi_spec_validator import validate
 
 from .helpers import photo, write_variants
 from .test_serve import png, running
@@ -98,7 +98,7 @@ def test_a_generated_client_searches_a_real_server(small_store: ImageStore, tmp_
             client = client_mod.Client(base_url=base, timeout=httpx.Timeout(60.0))
 
             body = models.SearchByUploadFilesUploadQuery(
-                image=types.File(payload=__import__("io").BytesIO(png(photo("rocket"))), file_name="q.png", mime_type="image/png"))
+                image=types.File(payload=io.BytesIO(png(photo("rocket"))), file_name="q.png", mime_type="image/png"))
             hits = upload_mod.sync(client=client, body=body, k=4)
             assert isinstance(hits, list) and len(hits) == 4
             assert all(isinstance(h, models.SearchHit) for h in hits)
@@ -108,7 +108,8 @@ def test_a_generated_client_searches_a_real_server(small_store: ImageStore, tmp_
             assert isinstance(record, models.ImageOut) and record.sha256
 
             vector = small_store.extractor("color").extract([photo("rocket")])[0]
-            by_vector = upload_mod.sync(client=client, body=models.SearchByUploadJsonVectorQuery(vector=[float(v) for v in vector]), k=4)
+            as_json = models.SearchByUploadJsonVectorQuery(vector=[float(v) for v in vector])
+            by_vector = upload_mod.sync(client=client, body=as_json, k=4)
             assert [h.image_id for h in by_vector] == [h.image_id for h in hits]
 
             by_id = by_id_mod.sync(client=client, id=hits[0].image_id, k=3)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from imgstore import ImageStore
+from imgstore.errors import ConfigError
 from imgstore.cli import cli
 from imgstore.serve import Thumbnails, create_app
 
@@ -110,10 +111,10 @@ def test_writes_need_allow_writes_and_the_token_is_checked(served: tuple[ImageSt
     readonly = client(store, tmp_path)
     assert readonly.post("/api/images", files={"image": ("h.png", png(photo("horse")), "image/png")}).status_code == 403
     assert readonly.delete("/api/images/1").status_code == 403
-    api = client(store, tmp_path, allow_writes=True, token="s3cret")
+    api = client(store, tmp_path, allow_writes=True, token="s3cret-token-0123456789")
     assert api.get("/api/info").status_code == 401
     assert api.get("/api/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    auth = {"Authorization": "Bearer s3cret"}
+    auth = {"Authorization": "Bearer s3cret-token-0123456789"}
     added = api.post("/api/images", headers=auth, files={"image": ("h.png", png(photo("horse").convert("RGB")), "image/png")})
     assert added.status_code == 200
     new_id = added.json()["image_id"]
@@ -165,6 +166,21 @@ def test_serve_refuses_other_hosts_without_a_token(db_url: str) -> None:
     assert out.exit_code == 0
     refused = CliRunner().invoke(cli, ["--db", db_url, "serve", "--host", "0.0.0.0"])
     assert refused.exit_code == 2 and "--token" in refused.output
+
+
+@pytest.mark.parametrize("token", ["", " ", "x", "short-token", " s3cret-token-0123456789 "])
+def test_an_empty_or_short_token_is_refused(db_url: str, token: str) -> None:
+    """`--token "$UNSET"` once served every interface with no authentication at all: every
+    token that would not protect anything is refused before anything listens, by the command
+    and by create_app (and the environment variable's empty value the same way)."""
+    assert CliRunner().invoke(cli, ["--db", db_url, "db", "upgrade"]).exit_code == 0
+    for host in ("0.0.0.0", "127.0.0.1"):
+        refused = CliRunner().invoke(cli, ["--db", db_url, "serve", "--host", host, "--port", "0", "--token", token])
+        assert refused.exit_code == 2, refused.output
+        assert "--token" in refused.output and "16 characters" in refused.output
+        assert "Traceback" not in refused.output
+    with ImageStore(db_url) as store, pytest.raises(ConfigError, match="16 characters"):
+        create_app(store, token=token)
 
 
 def test_concurrent_uploads_share_model_calls_and_overload_is_503(served: tuple[ImageStore, Path], tmp_path: Path) -> None:
@@ -305,10 +321,10 @@ def test_serve_with_worker_processes(served: tuple[ImageStore, Path]) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "imgstore.cli", "--db", store.url.render_as_string(hide_password=False),
-                             "serve", "--port", str(port), "--workers", "2", "--token", "s3cret"],
+                             "serve", "--port", str(port), "--workers", "2", "--token", "s3cret-token-0123456789"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        headers = {"Authorization": "Bearer s3cret"}
+        headers = {"Authorization": "Bearer s3cret-token-0123456789"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             deadline = time.time() + 120
             while True:

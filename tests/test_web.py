@@ -183,15 +183,15 @@ def test_collection_page_creates_an_index_in_the_background(store: ImageStore, t
 
 
 def test_token_cookie_for_pages(store: ImageStore, tmp_path: Path) -> None:
-    web = pages(store, tmp_path, token="s3cret")
+    web = pages(store, tmp_path, token="s3cret-token-0123456789")
     refused = web.get("/", headers=HTML)
     assert refused.status_code == 401 and "token" in refused.text and "<html" in refused.text
     assert web.get("/static/style.css").status_code == 401
     assert web.get("/docs").status_code == 401
-    opened = web.get("/?token=s3cret", follow_redirects=False)
+    opened = web.get("/?token=s3cret-token-0123456789", follow_redirects=False)
     assert opened.status_code == 303 and "token" not in opened.headers["location"]
     assert "httponly" in opened.headers["set-cookie"].lower() and "samesite=strict" in opened.headers["set-cookie"].lower()
-    web.cookies.set("imgstore_token", "s3cret")
+    web.cookies.set("imgstore_token", "s3cret-token-0123456789")
     assert web.get("/").status_code == 200 and web.get("/api/info").status_code == 200
     assert web.get("/api/images/1/thumbnail").status_code == 200
     web.cookies.set("imgstore_token", "wrong")

@@ -12,18 +12,23 @@ the event loop; one that would load them runs in a thread.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from starlette.routing import request_response
 
 from ..errors import ConfigError, NotFoundError
+from ..paths import MAX_ID
 from ..types import SearchOptions, SearchResult
 from .http import (
     ID_PARAM,
+    MAX_K_HTTP,
     SEARCH_PARAMS,
     error_response,
     json_response,
@@ -61,7 +66,26 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
+class LeanRoute(APIRoute):
+    """A route declared to OpenAPI like any other (parameters, body, responses) whose endpoint
+    takes the ``Request`` and reads what it needs itself, served by Starlette's plain
+    request/response wrapper: FastAPI's request handler (parameter models, dependency solving,
+    exit stacks) and a nested router's matching cost a fifth of a by-id search's rate
+    (benchmarks/results/shape.md). The application puts these routes first in its own table
+    (:func:`imgstore.web.app.create_app`)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+        self.app = request_response(endpoint)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
+        return endpoint  # included through a router: FastAPI wraps it, still without its handler
+
+
 router = APIRouter(prefix="/api", responses=ERRORS, generate_unique_id_function=_operation_id)
+#: The search routes, matched first: they answer most requests of a busy server.
+search_router = APIRouter(prefix="/api", responses=ERRORS, generate_unique_id_function=_operation_id, route_class=LeanRoute)
 
 
 def get_service(request: Request) -> Service:
@@ -70,6 +94,8 @@ def get_service(request: Request) -> Service:
 
 
 Svc = Annotated[Service, Depends(get_service)]
+ImageId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a stored image's id")]
+KeepRule = Literal["original", "largest", "oldest", "newest", "smallest"]
 
 
 def _hits(results: list[SearchResult]) -> Response:
@@ -98,7 +124,7 @@ def create_index(service: Svc, body: IndexRequest) -> dict[str, Any]:
 
 
 @router.post("/indexes/{index_id}/activate", response_model=list[IndexOut])
-def activate(service: Svc, index_id: int) -> list[dict[str, Any]]:
+def activate(service: Svc, index_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> list[dict[str, Any]]:
     service.check_writes()
     service.store.activate_index(index_id)
     return [i.as_dict() for i in service.store.indexes()]
@@ -110,7 +136,7 @@ def jobs(service: Svc) -> list[dict[str, Any]]:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def job(service: Svc, job_id: int) -> dict[str, Any]:
+def job(service: Svc, job_id: Annotated[int, PathParam(ge=1)]) -> dict[str, Any]:
     found = service.jobs.get(job_id)
     if found is None:
         raise NotFoundError(f"no job with id {job_id}")
@@ -118,33 +144,34 @@ def job(service: Svc, job_id: int) -> dict[str, Any]:
 
 
 @router.get("/errors", response_model=list[IngestErrorOut])
-def errors(service: Svc, limit: int = 100) -> list[dict[str, Any]]:
-    """Files that could not be ingested, newest first."""
+def errors(service: Svc, limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> list[dict[str, Any]]:
+    """Files that could not be ingested, by path (the first ``limit``)."""
     return [e.as_dict() for e in service.store.errors(limit)]
 
 
 @router.get("/images/{image_id}", response_model=ImageOut)
-def image(service: Svc, image_id: int) -> dict[str, Any]:
+def image(service: Svc, image_id: ImageId) -> dict[str, Any]:
     return service.store.image(image_id).as_dict()
 
 
 @router.get("/images/{image_id}/thumbnail", response_class=Response,
             responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "a JPEG thumbnail"}})
-def thumbnail(service: Svc, image_id: int, size: int = 256) -> Response:
+def thumbnail(service: Svc, image_id: ImageId, size: Literal[128, 256, 512] = 256) -> Response:
     """A JPEG thumbnail (128, 256 or 512 pixels on its longer side), made once and kept."""
     return Response(service.thumbs.get(image_id, size), media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=86400"})
 
 
 @router.get("/images/{image_id}/neighbours", response_model=list[SearchHit])
-def neighbours(service: Svc, image_id: int, k: int = 10, exact: bool = False, include_stale: bool = False) -> Response:
+def neighbours(service: Svc, image_id: ImageId, k: Annotated[int, Query(ge=1, le=MAX_K_HTTP)] = 10, exact: bool = False,
+               include_stale: bool = False) -> Response:
     """The k nearest other stored images of a stored image."""
     hits = service.store.search(image_id, options=SearchOptions(k=k + 1, exact=exact, include_stale=include_stale))
     return _hits([h for h in hits if h.image_id != image_id][:k])
 
 
-@router.get("/search", response_model=None, responses={200: {"model": list[SearchHit]}},
+@search_router.get("/search", response_model=None, responses={200: {"model": list[SearchHit]}},
             openapi_extra={"parameters": openapi_parameters((ID_PARAM, *SEARCH_PARAMS))})
 async def search_by_id(request: Request) -> Response:
     """The k nearest stored images of stored image ``id``."""
@@ -171,7 +198,7 @@ _SEARCH_BODY = {
 }
 
 
-@router.post("/search", response_model=None, responses={200: {"model": list[SearchHit]}, **UPLOAD_ERRORS},
+@search_router.post("/search", response_model=None, responses={200: {"model": list[SearchHit]}, **UPLOAD_ERRORS},
              openapi_extra={"parameters": openapi_parameters(SEARCH_PARAMS), "requestBody": _SEARCH_BODY})
 async def search_by_upload(request: Request) -> Response:
     """The nearest stored images of an uploaded image (multipart field ``image``), or of a
@@ -202,14 +229,16 @@ def _vector(body: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
     values = parsed["vector"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise ConfigError('"vector" must hold only numbers')
-    vector = np.asarray(values, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused just below
+        vector = np.asarray(values, dtype=np.float32)
     if not np.isfinite(vector).all():
         raise ConfigError('"vector" must hold finite numbers (no NaN or infinity, none beyond float32)')
     return vector
 
 
 @router.get("/duplicates", response_model=list[GroupOut])
-def duplicates(service: Svc, keep: str = "original", min_cosine: float | None = None) -> list[dict[str, Any]]:
+def duplicates(service: Svc, keep: KeepRule = "original",
+               min_cosine: Annotated[float | None, Query(ge=0, le=1)] = None) -> list[dict[str, Any]]:
     """Groups of duplicate images, largest first, each with a suggested keeper."""
     return [g.as_dict() | {"key": g.key} for g in service.store.find_duplicates(keep=keep, min_cosine=min_cosine)]
 
@@ -243,7 +272,7 @@ async def add_image(request: Request) -> dict[str, Any]:
 
 
 @router.delete("/images/{image_id}", response_model=RemovalOut)
-def remove_image(service: Svc, image_id: int) -> dict[str, Any]:
+def remove_image(service: Svc, image_id: ImageId) -> dict[str, Any]:
     """Remove a stored image (its files on disk are never touched; ``--allow-writes``)."""
     service.check_writes()
     return service.store.remove([image_id]).as_dict()

@@ -21,9 +21,10 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImgStoreError
+from ..errors import ConfigError, ImgStoreError
 from ..repository import ImageStore
 from .api import router as api_router
+from .api import search_router
 from .http import Guard, error_response, status_for
 from .pages import router as page_router
 from .render import HERE
@@ -31,6 +32,9 @@ from .service import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, Forbidden, Overloaded,
 
 #: The settings of one ``imgstore serve --workers N`` process, as JSON, set by the command.
 WORKER_SETTINGS_ENV = "IMGSTORE_SERVE_WORKER"
+#: A token shorter than this is refused: an empty one (an unset shell variable) would let anyone
+#: in, a short one can be guessed. ``openssl rand -hex 16`` gives 32 characters.
+MIN_TOKEN_LENGTH = 16
 NOT_FOUND = "no such page or API path; the pages are /, /duplicates and /collection, the API is at /docs"
 
 
@@ -41,7 +45,9 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
                owns_store: bool = False) -> FastAPI:
     """A FastAPI application answering for ``store`` (kept open by the caller, or closed when
     the app shuts down with ``owns_store``): the JSON API under ``/api``, its docs at
-    ``/docs``, and (``pages``) the web pages."""
+    ``/docs``, and (``pages``) the web pages. ``token``: None (no token; then only a loopback
+    address should be served), or at least :data:`MIN_TOKEN_LENGTH` characters."""
+    check_token(token)
     service = Service(store, allow_writes=allow_writes, token=token, move_to=move_to, max_upload_bytes=max_upload_bytes,
                       max_pixels=max_pixels, thumbnails=thumbnails, batch_max=batch_max, batch_wait_s=batch_wait_s,
                       queue_max=queue_max)
@@ -68,11 +74,22 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
         app.add_exception_handler(kind, _library_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _bad_argument)
+    app.router.routes[0:0] = search_router.routes  # first, and matched directly: most requests are searches
     app.include_router(api_router)
     if pages:
         app.include_router(page_router)
         app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     return app
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a token that would not protect anything: empty, short, or with white space at its
+    ends (a header value loses it)."""
+    if token is None:
+        return
+    if token != token.strip() or len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(f"a token must be at least {MIN_TOKEN_LENGTH} characters without spaces at its ends "
+                          f"(got {len(token)}); make one with: openssl rand -hex 16")
 
 
 async def _library_error(request: Request, exc: Exception) -> Response:

@@ -16,6 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ConfigError, DatabaseError, DecodeError, ImageTooLargeError, NotFoundError
+from ..paths import MAX_ID
 from ..types import SearchOptions
 from .render import error_page
 from .service import Forbidden, Overloaded, Service, TooLarge
@@ -91,16 +92,20 @@ class Param:
     default: int | bool | None
     description: str
     required: bool = False
+    minimum: int | None = None  # integers: the range a value must be in (declared and checked)
+    maximum: int | None = None
 
 
+#: Results one HTTP search may ask for (the library allows more: a bulk job uses export).
+MAX_K_HTTP = 10_000
 SEARCH_PARAMS = (
-    Param("k", int, 10, "how many results"),
+    Param("k", int, 10, "how many results", minimum=1, maximum=MAX_K_HTTP),
     Param("exact", bool, False, "results equal to a brute-force Hamming scan"),
-    Param("probe_radius", int, 1, "bits flipped per band in the first probe"),
+    Param("probe_radius", int, 1, "bits flipped per band in the first probe", minimum=0, maximum=32),
     Param("rerank", bool, True, "order the Hamming candidates by cosine of the stored features"),
-    Param("index", int, None, "the index to search (default: the active one)"),
+    Param("index", int, None, "the index to search (default: the active one)", minimum=1, maximum=MAX_ID),
 )
-ID_PARAM = Param("id", int, None, "the stored image to search from", required=True)
+ID_PARAM = Param("id", int, None, "the stored image to search from", required=True, minimum=1, maximum=MAX_ID)
 
 _TRUE = frozenset({"1", "true", "on", "yes", "t", "y"})
 _FALSE = frozenset({"0", "false", "off", "no", "f", "n"})
@@ -111,6 +116,10 @@ def openapi_parameters(params: tuple[Param, ...]) -> list[dict[str, Any]]:
     out = []
     for p in params:
         schema: dict[str, Any] = {"type": "integer" if p.kind is int else "boolean"}
+        if p.minimum is not None:
+            schema["minimum"] = p.minimum
+        if p.maximum is not None:
+            schema["maximum"] = p.maximum
         if p.default is not None:
             schema["default"] = p.default
         elif not p.required:
@@ -133,9 +142,12 @@ def read_param(given: Mapping[str, str], p: Param) -> Any:
             return False
         raise ValueError(f"{p.name}: expected true or false, got {raw!r}")
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise ValueError(f"{p.name}: expected a whole number, got {raw!r}") from None
+    if (p.minimum is not None and value < p.minimum) or (p.maximum is not None and value > p.maximum):
+        raise ValueError(f"{p.name}: expected {p.minimum} to {p.maximum}, got {value}")
+    return value
 
 
 def search_options(given: Mapping[str, str]) -> SearchOptions:

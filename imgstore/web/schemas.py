@@ -156,7 +156,7 @@ class ApplyRequest(BaseModel):
     """Which groups to resolve: ``{"KEY": "path to keep" or null}`` for some, or ``"all"``."""
 
     model_config = ConfigDict(extra="forbid")
-    keep: str = "original"
+    keep: Literal["original", "largest", "oldest", "newest", "smallest"] = "original"
     groups: dict[str, str | None] | Literal["all"] | None = None
 
 
