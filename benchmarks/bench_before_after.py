@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     _git("worktree", "add", "--detach", str(base_tree), base_rev)
     sides = {"base": base_tree, "new": ROOT}
     figures: dict[str, dict[str, list[float]]] = {"base": {}, "new": {}}
+    # bench_search also rewrites its stage profiles of the largest size: keep this tree's as they are
+    kept = {p: p.read_bytes() for p in RESULTS.glob("search_profile_*.txt")}
     started = time.time()
     try:
         for round_no in range(1, args.rounds + 1):
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         (tree / "benchmarks" / "results" / f"{name}{suffix}").unlink(missing_ok=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+        for path, data in kept.items():
+            path.write_bytes(data)
     rows = []
     for key in figures["new"]:
         if key in figures["base"]:
