@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from .db import ENV_VAR, resolve_url, sqlite_file
-from .errors import ImgStoreError
+from .errors import ImgStoreError, NotFoundError
 from .paths import printable
 from .repository import ImageStore
 
@@ -67,8 +67,14 @@ def friendly_errors(func: F) -> F:
         except OSError as exc:  # an output file or folder that cannot be written, a full device
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(f"{where}{exc.strerror or exc}") from exc
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: every finished batch is kept; run the same command again to resume", err=True)
+        except KeyboardInterrupt as exc:
+            journal = getattr(exc, "journal", None)  # dedup --apply: where its moves so far are written
+            if journal:
+                click.echo(f"\ninterrupted: the files moved so far are recorded in {printable(journal)}; run the same "
+                           f"command again to finish into that journal, or `imgstore dedup --undo {printable(journal)}` "
+                           "to put them back", err=True)
+            else:
+                click.echo("\ninterrupted: every finished batch is kept; run the same command again to resume", err=True)
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -431,6 +437,9 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         raise click.UsageError("--worker-db is the URL for --cluster's workers: add --cluster")
     if weights:
         obj.extractor_options["resnet50"] = {"weights": weights}
+    missing = [p for p in paths if not os.path.lexists(os.path.expanduser(p))]
+    if missing:  # said before the store is opened: a typo in both must not leave an empty database behind
+        raise NotFoundError(f"no such file or folder: {', '.join(printable(p) for p in missing)}")
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show and not dry_run else None
     with obj.store(create=not dry_run) as store:
@@ -539,7 +548,7 @@ def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sa
 
     Example: imgstore index create --method itq --bits 64 --bands 4
     """
-    with obj.store(create=True) as store:
+    with obj.store() as store:  # a store that does not exist has no features to index: never created here
         index_id = store.create_index(method, n_bits, n_bands=n_bands, sample=sample, extractor=extractor,
                                       activate=activate, random_state=seed, labels=labels)
         info = next(i for i in store.indexes() if i.id == index_id)

@@ -7,8 +7,10 @@ unknown), never over an existing file (``name (1).jpg`` then), across devices by
 link + unlink. Before each move it appends a journal entry (``move_to/.imgstore/journal-*.jsonl``,
 flushed to disk); after the move it marks the path moved in the store (the row stays, not
 current, with ``moved_to``) and merges the member's tags into the keeper; then it appends
-``done``. A run that was interrupted is finished by the next ``apply`` into the same folder
-(entries without ``done`` are completed first). ``undo`` walks a journal backwards, moves every
+``done``; a run that completes ends its journal with ``end``. A run that was interrupted
+(Ctrl-C, a crash: a journal without ``end``) is continued by the next ``apply`` into the same
+folder, in the same journal: its announced moves are completed first and the new ones appended
+there, so one ``undo`` of that journal puts back everything the two runs moved. ``undo`` walks a journal backwards, moves every
 file back (again never overwriting) and restores the rows and the keepers' metadata.
 ``catalog.prune_moved`` later forgets moved rows a user no longer wants to undo.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +40,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dedup import DuplicateGroup
 
 JOURNAL_DIR = ".imgstore"
+#: Journals written since ``end`` entries exist; older ones (no version) are never continued.
+JOURNAL_VERSION = 2
+
+
+class ApplyInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an apply: carries the journal, so the message can name it."""
+
+    def __init__(self, journal: str) -> None:
+        super().__init__(journal)
+        self.journal = journal
 
 
 @dataclass
@@ -131,6 +144,23 @@ class Journal:
                         break  # a line cut by a crash: everything before it stands
         return out
 
+    def is_journal(self) -> bool:
+        """A file this module wrote: its first entry begins an apply."""
+        try:
+            entries = self.entries()
+        except (OSError, UnicodeDecodeError):
+            return False
+        return bool(entries) and isinstance(entries[0], dict) and entries[0].get("op") == "begin"
+
+    def interrupted(self) -> bool:
+        """Written by a run that did not finish (a versioned journal without ``end``)."""
+        entries = self.entries()
+        return (bool(entries) and entries[0].get("version") == JOURNAL_VERSION
+                and not any(e.get("op") == "end" for e in entries))
+
+    def last_id(self) -> int:
+        return max((int(e["id"]) for e in self.entries() if e.get("op") == "move"), default=0)
+
     def open_moves(self) -> list[dict[str, Any]]:
         """``move`` entries with no ``done`` or ``undone`` after them."""
         entries = self.entries()
@@ -155,15 +185,33 @@ def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os
         raise ConfigError(f"--move-to {printable(target)} is a file; give a folder")
     os.makedirs(os.path.join(target, JOURNAL_DIR), exist_ok=True)
     resumed = 0
+    continued: Journal | None = None
     for old in journals(target):
         for entry in old.open_moves():
             _finish(ctx, old, entry)
             resumed += 1
-    journal = Journal(os.path.join(target, JOURNAL_DIR, f"journal-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"))
-    journal.append({"op": "begin", "database": ctx.display_url, "move_to": target, "at": time.time()})
+        if old.interrupted():
+            continued = old  # the newest interrupted run's journal takes this run's moves too
+    if continued is not None:
+        journal = continued
+        journal.append({"op": "resume", "at": time.time(), "pid": os.getpid()})
+    else:
+        name = f"journal-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.jsonl"  # unique within a second
+        journal = Journal(os.path.join(target, JOURNAL_DIR, name))
+        journal.append({"op": "begin", "version": JOURNAL_VERSION, "database": ctx.display_url, "move_to": target,
+                        "at": time.time()})
     report = ApplyReport(journal.path, resumed=resumed)
+    try:
+        _move_all(ctx, journal, groups, target, report)
+    except KeyboardInterrupt:
+        raise ApplyInterrupted(journal.path) from None
+    journal.append({"op": "end", "at": time.time()})
+    return report
+
+
+def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGroup], target: str, report: ApplyReport) -> None:
     keeper_meta_saved: set[int] = set()
-    n = 0
+    n = journal.last_id()
     with ctx.read("plan the moves") as conn:
         plan = _plan(conn, groups)
     for src, root, image_id, keeper, member_tags in plan:
@@ -187,7 +235,6 @@ def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os
         _record_move(ctx, entry)
         journal.append({"op": "done", "id": n})
         report.moved.append((src, dst))
-    return report
 
 
 def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str, str | None, int, int, list[str]]]:
@@ -244,6 +291,9 @@ def undo(ctx: StoreContext, journal_path: str | os.PathLike[str]) -> UndoReport:
     if not os.path.isfile(path):
         raise NotFoundError(f"no journal at {printable(path)}; `dedup --apply` printed where it wrote one")
     journal = Journal(path)
+    if not journal.is_journal():
+        raise ConfigError(f"{printable(path)} is not a journal of `imgstore dedup --apply` "
+                          f"(those are MOVE_TO/{JOURNAL_DIR}/journal-*.jsonl)")
     entries = journal.entries()
     undone = {e["id"] for e in entries if e.get("op") == "undone"}
     moves = [e for e in entries if e.get("op") == "move" and e["id"] not in undone]

@@ -89,6 +89,11 @@ def test_read_commands_never_create_a_database(tmp_path: Path, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     one_line_error(run("info", env={"IMGSTORE_DB": ""}), "no database at", "imgstore.db")
     assert not (tmp_path / "imgstore.db").exists()
+    # a command that fails before any work leaves nothing behind either
+    one_line_error(run("--db", str(missing), "ingest", str(tmp_path / "no-such-folder")), "no such file or folder")
+    assert not missing.exists()
+    one_line_error(run("--db", str(missing), "index", "create"), "no database at", str(missing))
+    assert not missing.exists()
     # commands that write create it, and so does the Python API
     assert run("--db", str(missing), "db", "upgrade").exit_code == 0 and missing.exists()
     with ImageStore(tmp_path / "api.db"):

@@ -91,8 +91,10 @@ def test_an_interrupted_apply_is_finished_by_the_next(db_url: str, tmp_path: Pat
             raise KeyboardInterrupt  # killed after the file moved, before the store knew
 
         monkeypatch.setattr(dedup_apply, "_record_move", crash)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(dedup_apply.ApplyInterrupted) as interrupted:  # a KeyboardInterrupt naming its journal
             store.apply_duplicates(store.find_duplicates(), bin_)
+        first_journal = interrupted.value.journal
+        assert isinstance(interrupted.value, KeyboardInterrupt) and Path(first_journal).is_file()
         monkeypatch.setattr(dedup_apply, "_record_move", real)
         moved_first = [p for p in (files["half"], files["copy"]) if not p.exists()]
         assert len(moved_first) == 1 and state(store, moved_first[0])[0] is True  # moved, not yet recorded
@@ -101,6 +103,26 @@ def test_an_interrupted_apply_is_finished_by_the_next(db_url: str, tmp_path: Pat
         assert state(store, files["half"])[0] is False and state(store, files["copy"])[0] is False
         assert not files["half"].exists() and not files["copy"].exists() and files["original"].exists()
         assert store.verify().vanished_files == []
+        # the rerun continued the interrupted run's journal: one undo puts back what both moved
+        assert report.journal == first_journal
+        assert [j.path for j in dedup_apply.journals(str(bin_))] == [first_journal]
+        undone = store.undo_duplicates(first_journal)
+        assert len(undone.restored) == 2 and undone.failed == []
+        assert files["half"].exists() and files["copy"].exists()
+        # a run that completed ends its journal: the next apply starts a new one
+        again = store.apply_duplicates(store.find_duplicates(), bin_)
+        assert again.journal != first_journal and len(again.moved) == 2
+
+
+def test_undo_refuses_a_file_that_is_no_journal(db_url: str, tmp_path: Path) -> None:
+    """`dedup --undo` of any other file exited 0 having done nothing: it says what it wants."""
+    collection(tmp_path / "photos")
+    assert CliRunner().invoke(cli, ["--db", db_url, "ingest", str(tmp_path / "photos"), "--extractor", "color"]).exit_code == 0
+    for content in ("", "not json at all\n", '{"op": "move", "id": 1}\n'):
+        other = tmp_path / "notes.jsonl"
+        other.write_text(content)
+        out = CliRunner().invoke(cli, ["--db", db_url, "dedup", "--undo", str(other)])
+        assert out.exit_code == 1 and "is not a journal" in out.output and "Traceback" not in out.output, out.output
 
 
 def test_moves_across_devices_copy_then_unlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,3 +179,21 @@ def test_apply_needs_a_folder(db_url: str, tmp_path: Path) -> None:
     assert out.exit_code in (1, 2)
     missing = runner.invoke(cli, ["--db", db_url, "dedup", "--undo", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code in (1, 2) and "Traceback" not in missing.output
+
+
+def test_an_interrupted_apply_names_its_journal(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during `dedup --apply` said only "every finished batch is kept": it names the
+    journal that holds the moves so far, and how to finish or undo them."""
+    collection(tmp_path / "photos")
+    bin_ = tmp_path / "dups"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--db", db_url, "ingest", str(tmp_path / "photos"), "--extractor", "color"]).exit_code == 0
+
+    def interrupt(ctx, entry):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # as Ctrl-C between the move and its record
+
+    monkeypatch.setattr(dedup_apply, "_record_move", interrupt)
+    out = runner.invoke(cli, ["--db", db_url, "dedup", "--apply", "--move-to", str(bin_)])
+    (journal,) = dedup_apply.journals(str(bin_))
+    assert out.exit_code == 130, out.output
+    assert journal.path in out.output and "--undo" in out.output
