@@ -854,7 +854,7 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
 @click.option("--move-to", type=click.Path(file_okay=False), default=None,
               help="Folder the duplicates page moves copies into when resolving (needs --allow-writes).")
 @click.option("--token", default=None, envvar="IMGSTORE_TOKEN",
-              help="Require this token on every page and API call [env IMGSTORE_TOKEN].")
+              help="Require this token (16+ characters) on every page and API call [env IMGSTORE_TOKEN].")
 @click.option("--insecure", is_flag=True, help="Listen beyond this machine without a token (not recommended).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Server processes, each with its own copy of the codes in memory: more searches at once "

@@ -27,6 +27,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 SQLITE_MMAP_BYTES = 1 << 30
 #: Execution option that marks a connection's transactions as writes (see ``_sqlite_begin``).
 WRITE_OPTION = "imgstore_write"
+#: PostgreSQL advisory lock key held by a migration's transaction (any constant; "imgstore" in hex)
+MIGRATION_LOCK = 0x696D6773746F7265
 
 
 def resolve_url(db: str | os.PathLike[str] | URL | None = None) -> URL:
@@ -162,8 +164,13 @@ def migration_connection(engine: Engine) -> Iterator[Connection]:
         raw = cast(sqlite3.Connection, conn.connection.dbapi_connection) if sqlite else None  # pysqlite's
         if raw is not None:
             raw.execute("PRAGMA foreign_keys=OFF")
+        # one migration at a time: SQLite's write lock taken up front (a second process waits on
+        # the busy timeout instead of failing to upgrade its read lock), PostgreSQL's advisory lock
+        conn = conn.execution_options(**{WRITE_OPTION: True})
         try:
             with conn.begin():
+                if not sqlite:
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 yield conn
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()

@@ -136,7 +136,10 @@ def ensure_current(engine: Engine, url: URL, *, auto_create: bool = True) -> Non
     if current == head:
         return
     if current is None and auto_create and is_empty_database(engine):
-        upgrade(engine)
+        with migration_connection(engine) as conn:  # one process at a time creates it
+            if MigrationContext.configure(conn).get_current_revision() == head:
+                return  # another process created it while this one waited
+            command.upgrade(alembic_config(connection=conn), "head")
         return
     script = ScriptDirectory.from_config(alembic_config())
     if current is not None:

@@ -161,3 +161,28 @@ def test_metadata_from_the_cli(db_url: str, tmp_path: Path) -> None:
 
         with store.engine.connect() as conn:
             assert labels_from(conn, "tag:species") == {store.image(str(files["rocket"])).id: "rocket"}
+
+
+def test_two_ingests_started_at_once_into_a_new_store(db_url: str, tmp_path: Path) -> None:
+    """Two `imgstore ingest` processes started together on a store that does not exist yet: on
+    SQLite one failed with "database is locked", on PostgreSQL the second printed a raw
+    duplicate-key error (both created the tables). Both succeed, and the store is consistent,
+    whichever reaches the schema first."""
+    import subprocess
+    import sys
+
+    from .helpers import photo, write_variants
+
+    for name in ("one", "two"):
+        write_variants(photo("chelsea" if name == "one" else "rocket"), tmp_path / name, name, 6)
+    exe = str(Path(sys.executable).with_name("imgstore"))
+    procs = [subprocess.Popen([exe, "--db", db_url, "ingest", str(tmp_path / name), "--extractor", "color", "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("one", "two")]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+    with ImageStore(db_url) as store:
+        assert store.counts().images == 12
+        report = store.verify(check_files=False)
+        assert report.ok, report.as_dict()
