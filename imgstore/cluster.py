@@ -237,14 +237,16 @@ def worker_url(client_url: Any, worker_db: str | None, local: bool) -> str:
     return url.render_as_string(hide_password=False)
 
 
-def _completed(futures: Any, client: Any, cluster: Any) -> Iterator[Any]:
-    """The futures as they finish, each one's result fetched; a lost scheduler (its connection
-    closed, the futures cancelled with it) becomes one :class:`ClusterError` that says to rerun."""
+def _completed(futures: Any, client: Any, cluster: Any) -> Iterator[tuple[Any, Any]]:
+    """(future, its result) as they finish, the result fetched once, here; a lost scheduler (its
+    connection closed, the futures cancelled with it) becomes one :class:`ClusterError` that says
+    to rerun. Fetching the result a second time outside would talk to the scheduler again, and a
+    scheduler lost just then raised a bare connection error (seen in CI under load)."""
     where = cluster if isinstance(cluster, str) else getattr(client, "scheduler", None) and client.scheduler.address
     try:
         for future in futures:
-            future.result()  # here, so that a lost connection surfaces inside this try
-            yield future
+            result = future.result()  # here, so that a lost connection surfaces inside this try
+            yield future, result
     except ImgStoreError:
         raise
     except (Exception, asyncio.CancelledError) as exc:
@@ -303,8 +305,7 @@ class ClusterIngest:
             ]
             log.info("ingest: %d files in %d tasks on %s", len(plan.tasks), len(parts), client)
             done = 0
-            for future in _completed(as_completed(futures), client, self.cluster):  # type: ignore[no-untyped-call]  # distributed's API is not annotated
-                part: PartitionResult = future.result()
+            for future, part in _completed(as_completed(futures), client, self.cluster):  # type: ignore[no-untyped-call]  # distributed's API is not annotated
                 future.release()
                 done += part.added + part.duplicates + part.unchanged + len(part.errors)
                 if part.extracted is not None:
@@ -324,6 +325,8 @@ class ClusterIngest:
         finally:
             try:
                 close()
+            except (OSError, TimeoutError) as exc:  # a scheduler already gone: nothing left to close
+                log.info("closing the Dask client: %s", exc)
             finally:
                 quiet.setLevel(level)
         return job.finish(plan, summary, started)

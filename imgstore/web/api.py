@@ -57,7 +57,7 @@ from .schemas import (
     UploadQuery,
     VectorQuery,
 )
-from .service import Service
+from .service import THUMB_SIZES, Service
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -157,7 +157,8 @@ def image(service: Svc, image_id: ImageId) -> dict[str, Any]:
 @router.get("/images/{image_id}/thumbnail", response_class=Response,
             responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
                              "description": "a JPEG thumbnail"}})
-def thumbnail(service: Svc, image_id: ImageId, size: Literal[128, 256, 512] = 256) -> Response:
+def thumbnail(service: Svc, image_id: ImageId,
+              size: Annotated[int, Query(json_schema_extra={"enum": list(THUMB_SIZES)})] = 256) -> Response:
     """A JPEG thumbnail (128, 256 or 512 pixels on its longer side), made once and kept."""
     return Response(service.thumbs.get(image_id, size), media_type="image/jpeg",
                     headers={"Cache-Control": "private, max-age=86400"})
