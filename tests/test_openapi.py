@@ -105,7 +105,7 @@ def test_a_generated_client_searches_a_real_server(small_store: ImageStore, tmp_
             assert all("rocket" in h.paths[0] for h in hits)
 
             record = image_mod.sync(client=client, image_id=hits[0].image_id)
-            assert isinstance(record, models.ImageOut) and record.sha256
+            assert isinstance(record, models.ImageRecord) and record.sha256
 
             vector = small_store.extractor("color").extract([photo("rocket")])[0]
             as_json = models.SearchByUploadJsonVectorQuery(vector=[float(v) for v in vector])

@@ -23,9 +23,10 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.routing import request_response
 
+from ..catalog import ImageRecord, IngestErrorRecord
 from ..errors import ConfigError, NotFoundError
 from ..paths import MAX_ID
-from ..types import SearchOptions, SearchResult
+from ..types import IndexInfo, SearchOptions, SearchResult
 from .http import (
     ID_PARAM,
     MAX_K_HTTP,
@@ -44,11 +45,8 @@ from .schemas import (
     ApplyOut,
     ApplyRequest,
     GroupOut,
-    ImageOut,
-    IndexOut,
     IndexRequest,
     InfoOut,
-    IngestErrorOut,
     JobOut,
     RemovalOut,
     SearchHit,
@@ -110,7 +108,7 @@ def info(service: Svc) -> dict[str, Any]:
     return store.info().as_dict() | {"cache": [c.as_dict() for c in store.cache_state()]}
 
 
-@router.get("/indexes", response_model=list[IndexOut])
+@router.get("/indexes", response_model=list[IndexInfo])
 def indexes(service: Svc) -> list[dict[str, Any]]:
     return [i.as_dict() for i in service.store.indexes()]
 
@@ -123,7 +121,7 @@ def create_index(service: Svc, body: IndexRequest) -> dict[str, Any]:
     return job.as_dict()
 
 
-@router.post("/indexes/{index_id}/activate", response_model=list[IndexOut])
+@router.post("/indexes/{index_id}/activate", response_model=list[IndexInfo])
 def activate(service: Svc, index_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> list[dict[str, Any]]:
     service.check_writes()
     service.store.activate_index(index_id)
@@ -143,13 +141,13 @@ def job(service: Svc, job_id: Annotated[int, PathParam(ge=1)]) -> dict[str, Any]
     return found.as_dict()
 
 
-@router.get("/errors", response_model=list[IngestErrorOut])
+@router.get("/errors", response_model=list[IngestErrorRecord])
 def errors(service: Svc, limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -> list[dict[str, Any]]:
     """Files that could not be ingested, by path (the first ``limit``)."""
     return [e.as_dict() for e in service.store.errors(limit)]
 
 
-@router.get("/images/{image_id}", response_model=ImageOut)
+@router.get("/images/{image_id}", response_model=ImageRecord)
 def image(service: Svc, image_id: ImageId) -> dict[str, Any]:
     return service.store.image(image_id).as_dict()
 

@@ -1,6 +1,8 @@
 """The HTTP contract: the shapes of request bodies and responses, declared to OpenAPI.
 
-Responses are the typed results' ``as_dict()`` (the CLI's ``--json`` shapes). Routes off the hot
+Responses are the typed results' ``as_dict()`` (the CLI's ``--json`` shapes). Where a result's
+``as_dict()`` is its fields as they are (``IndexInfo``, ``ImageRecord``, ``IngestErrorRecord``,
+``CacheState``), the dataclass itself is the response model: one declaration of the shape. Routes off the hot
 path validate what they return against these models (``response_model``), so the spec cannot
 drift from the answers unnoticed; the two search routes serialize their hits directly (speed)
 and declare :class:`SearchHit` in the spec, and the tests check their answers against it.
@@ -8,10 +10,11 @@ and declare :class:`SearchHit` in the spec, and the tests check their answers ag
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..types import CacheState
 
 
 class Model(BaseModel):
@@ -43,47 +46,6 @@ class UploadQuery(BaseModel):
     image: bytes = Field(json_schema_extra={"format": "binary"})
 
 
-class PathOut(Model):
-    path: str
-    is_current: bool
-    file_size: int
-    mtime_ns: int
-    last_seen_at: datetime
-    moved_to: str | None = None
-
-
-class ImageOut(Model):
-    id: int
-    sha256: str
-    width: int
-    height: int
-    format: str | None
-    byte_size: int
-    ingested_at: datetime
-    captured_at: datetime | None
-    meta: dict[str, Any]
-    paths: list[PathOut]
-    feature_spaces: list[int]
-    indexes: list[int]
-
-
-class IndexOut(Model):
-    id: int
-    uid: str
-    method: str
-    n_bits: int
-    n_bands: int
-    band_width: int
-    extractor: str
-    space_id: int
-    is_active: bool
-    n_codes: int
-    n_fitted: int
-    generation: int
-    created_at: datetime
-    config: dict[str, Any]
-
-
 class IndexRequest(BaseModel):
     """Fit an index in the background."""
 
@@ -110,21 +72,6 @@ class JobOut(Model):
     finished_at: float | None = None
 
 
-class IngestErrorOut(Model):
-    path: str
-    error_type: str
-    reason: str
-    occurred_at: datetime
-
-
-class CacheOut(Model):
-    index_id: int
-    codes: int
-    generation: int
-    vectors: bool
-    bytes: int
-
-
 class InfoOut(Model):
     database: str
     revision: str | None
@@ -132,7 +79,7 @@ class InfoOut(Model):
     paths: int
     feature_spaces: list[dict[str, Any]]
     indexes: list[dict[str, Any]]
-    cache: list[CacheOut] = Field(description="what this server holds in memory per index")
+    cache: list[CacheState] = Field(description="what this server holds in memory per index")
 
 
 class MemberOut(Model):
