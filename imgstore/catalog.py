@@ -349,12 +349,6 @@ def path_rows(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[Path
     return out
 
 
-def current_paths(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[str]]:
-    """Each image's current paths, sorted (an image without one maps to an empty list)."""
-    rows = path_rows(conn, image_ids)
-    return {int(i): [r.path for r in rows.get(int(i), []) if r.is_current] for i in image_ids}
-
-
 def keeper_path(rows: Sequence[PathRow]) -> str | None:
     """The path to keep among one image's current paths: first seen, then shortest, then by name."""
     current = [(r.first_seen_at, len(r.path), r.path) for r in rows if r.is_current]

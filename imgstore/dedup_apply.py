@@ -152,20 +152,18 @@ class Journal:
             return False
         return bool(entries) and isinstance(entries[0], dict) and entries[0].get("op") == "begin"
 
-    def interrupted(self) -> bool:
-        """Written by a run that did not finish (a versioned journal without ``end``)."""
-        entries = self.entries()
-        return (bool(entries) and entries[0].get("version") == JOURNAL_VERSION
-                and not any(e.get("op") == "end" for e in entries))
 
-    def last_id(self) -> int:
-        return max((int(e["id"]) for e in self.entries() if e.get("op") == "move"), default=0)
 
-    def open_moves(self) -> list[dict[str, Any]]:
-        """``move`` entries with no ``done`` or ``undone`` after them."""
-        entries = self.entries()
-        closed = {e["id"] for e in entries if e.get("op") in ("done", "undone")}
-        return [e for e in entries if e.get("op") == "move" and e["id"] not in closed]
+def _interrupted(entries: list[dict[str, Any]]) -> bool:
+    """A journal's entries were written by a run that did not finish (versioned, no ``end``)."""
+    return (bool(entries) and entries[0].get("version") == JOURNAL_VERSION
+            and not any(e.get("op") == "end" for e in entries))
+
+
+def _open_moves(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``move`` entries with no ``done`` or ``undone`` after them."""
+    closed = {e["id"] for e in entries if e.get("op") in ("done", "undone")}
+    return [e for e in entries if e.get("op") == "move" and e["id"] not in closed]
 
 
 def journals(move_to: str) -> Iterator[Journal]:
@@ -186,12 +184,15 @@ def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os
     os.makedirs(os.path.join(target, JOURNAL_DIR), exist_ok=True)
     resumed = 0
     continued: Journal | None = None
+    last_id = 0
     for old in journals(target):
-        for entry in old.open_moves():
+        entries = old.entries()  # read once: a long journal is thousands of lines
+        for entry in _open_moves(entries):
             _finish(ctx, old, entry)
             resumed += 1
-        if old.interrupted():
+        if _interrupted(entries):
             continued = old  # the newest interrupted run's journal takes this run's moves too
+            last_id = max((int(e["id"]) for e in entries if e.get("op") == "move"), default=0)
     if continued is not None:
         journal = continued
         journal.append({"op": "resume", "at": time.time(), "pid": os.getpid()})
@@ -202,16 +203,17 @@ def apply(ctx: StoreContext, groups: Sequence[DuplicateGroup], move_to: str | os
                         "at": time.time()})
     report = ApplyReport(journal.path, resumed=resumed)
     try:
-        _move_all(ctx, journal, groups, target, report)
+        _move_all(ctx, journal, groups, target, report, last_id)
     except KeyboardInterrupt:
         raise ApplyInterrupted(journal.path) from None
     journal.append({"op": "end", "at": time.time()})
     return report
 
 
-def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGroup], target: str, report: ApplyReport) -> None:
+def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGroup], target: str, report: ApplyReport,
+              n: int) -> None:
+    """Announce, move and record each planned file; ``n``: the journal's last move id so far."""
     keeper_meta_saved: set[int] = set()
-    n = journal.last_id()
     with ctx.read("plan the moves") as conn:
         plan = _plan(conn, groups)
     for src, root, image_id, keeper, member_tags in plan:

@@ -404,10 +404,8 @@ class ImageStore:
         ``include_stale``; images added without a path are never stale. ``options``: all of
         these as one :class:`~imgstore.types.SearchOptions` (then the keywords are ignored).
         """
-        if options is None:
-            options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
-                                    cached=cached, index_id=index_id, include_stale=include_stale)
-        return self.search_many([query], options=options)[0]
+        return self.search_many([query], k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
+                                cached=cached, index_id=index_id, include_stale=include_stale, options=options)[0]
 
     def search_many(
         self,
@@ -428,7 +426,7 @@ class ImageStore:
             options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
                                     cached=cached, index_id=index_id, include_stale=include_stale)
         cached = self.cache_codes if options.cached is None else options.cached
-        return search.search_many(self.ctx, search.as_queries(queries), options, cached=cached)
+        return search.search_many(self.ctx, queries, options, cached=cached)
 
     # -- the in-memory code cache (a long-running process: ``imgstore serve``) -------------
 

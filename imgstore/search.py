@@ -24,7 +24,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -326,7 +326,7 @@ def check_options(options: SearchOptions) -> None:
         raise ConfigError(f"rerank depth must be at least 1, got {options.rerank_depth}")
 
 
-def search_many(ctx: StoreContext, queries: Sequence[Any], options: SearchOptions, *,
+def search_many(ctx: StoreContext, queries: Iterable[Any], options: SearchOptions, *,
                 cached: bool | None = None) -> list[list[SearchResult]]:
     """The ``options.k`` nearest stored images of each query, best first (see
     ``ImageStore.search``). ``cached``: answer from the in-memory codes (default
