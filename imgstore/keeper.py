@@ -16,10 +16,15 @@ Other rules (``--keep``): ``largest`` (most pixels, then the largest file: the r
 this one), ``oldest`` / ``newest`` (capture time, else first seen), ``smallest`` (fewest bytes).
 
 The border is measured on the file, decoded small, only for members of near-copy groups whose
-canvas is larger than another member's: rows are scanned from both sides for pixels of the
-colour all four corners share. Only a rotation's corner triangles count: a border with whole
-rows or columns of one colour (padding, or a picture's own plain background) is not told apart
-on one image, so a padded copy is not recognised as such.
+canvas is larger than another member's. It counts only when it has a rotation's shape: the four
+corners share one colour and each corner's fill is a right triangle with a straight hypotenuse,
+adjacent hypotenuses at right angles (the rotated picture's edges) and opposite triangles
+congruent (a rotation about the centre). A picture's own plain, starry or round-on-black
+background is thereby not taken for a border, even where its area happens to match a crop's in
+the group (the demo's ``logo`` and ``hubble_deep_field`` once kept a rotated JPEG over the PNG
+original). A corner lost in a dark part of the picture is taken from its opposite. Padding
+(whole rows or columns of one colour) is not told apart from a plain background on one image,
+so a padded copy is not recognised as such.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import ConfigError
 
@@ -44,6 +50,11 @@ BORDER_TOLERANCE = 10
 EDGE = 3
 #: A border under this share of the picture is noise (JPEG ringing at a dark corner).
 MIN_BORDER = 0.01
+#: How far (pixels at BORDER_SIDE, mean) a corner triangle's edge may stray from a straight line,
+#: and how far from a right angle (as a ratio of tangents) two adjacent triangles' edges may be.
+TRIANGLE_STRAIGHT = 1.5
+TRIANGLE_STRAIGHT_SHARE = 0.02
+TRIANGLE_RIGHT_ANGLE = 1.6
 #: Picture areas within this ratio count as equal.
 AREA_STEP = 0.02
 #: How closely a border must account for a canvas's extra area to count as added.
@@ -63,7 +74,10 @@ class Candidate:
 
 
 def border_fraction(path: str | None) -> float:
-    """Share of the image that is a uniform border (0 when the corners disagree, or unreadable)."""
+    """Share of the image that is a rotation's border: four corner triangles of one uniform
+    colour whose long edges are straight and at right angles to each other (the rotated
+    picture's edges). 0 when the corners disagree, when a corner's fill is not such a triangle
+    (a picture's own plain or starry background, a round picture on black), or unreadable."""
     if path is None:
         return 0.0
     from .decode import load_image
@@ -74,7 +88,11 @@ def border_fraction(path: str | None) -> float:
         log.debug("border of %s: %s", path, exc)
         return 0.0
     img.thumbnail((BORDER_SIDE, BORDER_SIDE))
-    a = np.asarray(img.convert("L"), dtype=np.int16)
+    return rotation_border(np.asarray(img.convert("L"), dtype=np.int16))
+
+
+def rotation_border(a: npt.NDArray[np.int16]) -> float:
+    """:func:`border_fraction` of a greyscale image (h, w)."""
     h, w = a.shape
     if h < 4 * EDGE or w < 4 * EDGE:
         return 0.0
@@ -87,10 +105,65 @@ def border_fraction(path: str | None) -> float:
         # a whole row or column of it: a plain background (a logo on white, a night sky) or
         # padding, which no measure on one image tells apart; only rotation borders count
         return 0.0
-    lead = np.argmin(fill, axis=1)  # first picture pixel from the left, per row
-    trail = np.argmin(fill[:, ::-1], axis=1)
-    frac = float(np.minimum(lead + trail, w).sum()) / (h * w)
-    return frac if frac >= MIN_BORDER else 0.0
+    found = [_triangle(fill[::dy, ::dx]) for dy, dx in ((1, 1), (1, -1), (-1, -1), (-1, 1))]  # TL, TR, BR, BL
+    # a rotation about the centre leaves opposite corners congruent triangles: a corner lost in
+    # a part of the picture of the border's colour is taken from its opposite (each opposite
+    # pair needs one), and where both were found they must agree
+    tris = [t if t is not None else found[(i + 2) % 4] for i, t in enumerate(found)]
+    legs = [t for t in tris if t is not None]
+    if len(legs) < 4:
+        return 0.0
+    for t, u in zip(legs[:2], legs[2:]):
+        if not (_close(t.across, u.across) and _close(t.down, u.down)):
+            return 0.0
+    # around the corners the hypotenuses follow the picture's edges in turn, at right angles:
+    # a rotation by t gives slopes (vertical over horizontal leg) tan t, cot t, tan t, cot t
+    for t, u in zip(legs, legs[1:] + legs[:1]):
+        if abs(np.log(t.slope * u.slope)) > np.log(TRIANGLE_RIGHT_ANGLE):
+            return 0.0
+    frac = sum(t.area for t in legs) / (h * w)
+    return float(frac) if frac >= MIN_BORDER else 0.0
+
+
+@dataclass(frozen=True)
+class _Triangle:
+    across: float  # horizontal leg, pixels
+    down: float  # vertical leg
+    area: float  # pixels of fill inside it
+
+    @property
+    def slope(self) -> float:
+        return self.down / self.across
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= max(2.0, 0.2 * max(a, b))
+
+
+def _triangle(fill: npt.NDArray[np.bool_]) -> _Triangle | None:
+    """The fill triangle at the top-left corner of ``fill``, or None when the fill there is no
+    right triangle with a straight hypotenuse."""
+    h, w = fill.shape
+    across = np.where(fill.all(axis=1), w, np.argmin(fill, axis=1))  # fill run from the left, per row
+    down = np.where(fill.all(axis=0), h, np.argmin(fill, axis=0))  # fill run from the top, per column
+    # legs from the runs just inside the corner (JPEG and anti-aliasing blur the outermost pixels)
+    x, y = float(np.median(across[:EDGE])), float(np.median(down[:EDGE]))
+    if x < 1 or y < 1 or (x >= w / 2 and y >= h / 2):
+        return None
+    # the runs along the longer leg must fall on the straight line between the legs' ends
+    long, short, runs = (y, x, across) if y >= x else (x, y, down)
+    n = int(long)
+    ideal = short * (1 - np.arange(n) / long)
+    if n < 2:
+        return None
+    # the picture's own pixels of the border's colour may lengthen runs past the edge, never
+    # shorten them: a run well short of the line (a star, a curve bulging into the corner) is no
+    # straight edge, and most runs must lie on the line
+    off = runs[:n] - ideal
+    tolerance = TRIANGLE_STRAIGHT + TRIANGLE_STRAIGHT_SHARE * long
+    if (off < -tolerance).mean() > 0.1 or (np.abs(off) <= tolerance).mean() < 0.5:
+        return None
+    return _Triangle(x, y, float(runs[:n].sum()))
 
 
 def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:

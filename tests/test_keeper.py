@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -144,3 +145,46 @@ def test_a_crop_in_the_group_does_not_hide_a_rotation_border(tmp_path: Path) -> 
                                     path.stat().st_size, None, None, str(path)))
     assert choose(candidates) == 1
     assert choose(candidates, "largest") == 2
+
+
+@pytest.mark.parametrize("name", ["logo", "hubble_deep_field", "retina", "chelsea"])
+def test_the_png_original_beside_rotated_and_cropped_copies(name: str, tmp_path: Path) -> None:
+    """The demo collection's group of one photo: the lossless original, JPEG copies rotated 5
+    degrees on the same canvas (black corners) and crops. A picture's own plain or starry
+    background (logo on white, the Hubble deep field, a round retina on black) once measured as a
+    border matching the crop's smaller area, and the rotated JPEG was kept over the PNG."""
+    from imgstore.keeper import Candidate, choose
+
+    img = photo(name).convert("RGB")
+    w, h = img.size
+    copies = {"original.png": img,
+              "rotate_5.jpg": img.rotate(5, resample=Image.Resampling.BICUBIC),
+              "rotate_-5.jpg": img.rotate(-5, resample=Image.Resampling.BICUBIC),
+              "crop_90.jpg": img.crop((w // 20, h // 20, w - w // 20, h - h // 20)),
+              "crop_80.jpg": img.crop((w // 10, h // 10, w - w // 10, h - h // 10))}
+    candidates = []
+    for image_id, (file, picture) in enumerate(copies.items(), 1):
+        path = tmp_path / file
+        picture.save(path, quality=90) if path.suffix == ".jpg" else picture.save(path)
+        candidates.append(Candidate(image_id, picture.width, picture.height, "JPEG" if path.suffix == ".jpg" else "PNG",
+                                    path.stat().st_size, None, None, str(path)))
+    assert choose(candidates) == 1
+    assert border_fraction(str(tmp_path / "original.png")) == 0.0
+
+
+def test_only_a_rotation_shaped_border_counts(tmp_path: Path) -> None:
+    """A border is four straight corner triangles at right angles (the rotated picture's
+    edges), whatever the angle; a disk on black and a starry sky are not."""
+    img = photo("astronaut").resize((256, 256))
+    for angle in (4, 5, -5, 10, 20, -30, 45):
+        img.rotate(angle, resample=Image.Resampling.BICUBIC).save(tmp_path / f"rot{angle}.png")
+        assert border_fraction(str(tmp_path / f"rot{angle}.png")) > 0.01, angle
+    y, x = np.mgrid[:256, :256]
+    disk = np.where(((x - 128) ** 2 + (y - 128) ** 2 < 120 ** 2)[..., None], np.asarray(img), 0).astype(np.uint8)
+    Image.fromarray(disk).save(tmp_path / "disk.png")
+    rng = np.random.default_rng(0)
+    sky = np.zeros((256, 256, 3), dtype=np.uint8)
+    sky[rng.integers(0, 256, 60), rng.integers(0, 256, 60)] = 255
+    Image.fromarray(sky).save(tmp_path / "sky.png")
+    for name in ("disk.png", "sky.png"):
+        assert border_fraction(str(tmp_path / name)) == 0.0, name
