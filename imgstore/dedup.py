@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -296,19 +297,28 @@ class IndexPairs:
         ids_a, ids_b = cache.image_ids[a], cache.image_ids[b]
         if rule.min_cosine is None:
             return [Edge(int(x), int(y), int(d), None) for x, y, d in zip(ids_a, ids_b, dist)]
-        wanted = np.unique(np.concatenate([ids_a, ids_b]))
-        ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
-        matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
-        cos = _by_pairs(_row_dots, matrix, ra, rb)
-        layout = None
-        if load_signatures is not None:
-            sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
-            flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
-            layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
-        ok = rule.accept(cos, layout)
-        if self.check is not None:
-            ok = self.check.refine(ids_a, ids_b, cos, ok)
+        ok, cos = judge_pairs(ids_a, ids_b, rule, load_vectors, load_signatures, self.check)
         return [Edge(int(x), int(y), int(d), float(c)) for x, y, d, c in zip(ids_a[ok], ids_b[ok], dist[ok], cos[ok])]
+
+
+def judge_pairs(ids_a: npt.NDArray[np.int64], ids_b: npt.NDArray[np.int64], rule: Rule, load_vectors: VectorLoader,
+                load_signatures: VectorLoader | None,
+                check: GeometricCheck | None) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+    """Which pairs (ids_a[i], ids_b[i]) are duplicates under ``rule`` (then the geometric check
+    where it can tell), and their cosines. ``rule.min_cosine`` must be set."""
+    wanted = np.unique(np.concatenate([ids_a, ids_b]))
+    ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
+    matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
+    cos = _by_pairs(_row_dots, matrix, ra, rb)
+    layout = None
+    if load_signatures is not None:
+        sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
+        flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
+        layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
+    ok = rule.accept(cos, layout)
+    if check is not None:
+        ok = check.refine(ids_a, ids_b, cos, ok)
+    return ok, cos
 
 
 def _signature_matrix(by_id: dict[int, npt.NDArray[np.float32]],
@@ -537,13 +547,17 @@ def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
     return [replace(e, distance=int(d)) for e, d, ok in zip(edges, dist, inside) if ok]
 
 
-def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
-               probe_radius: int = 1, check: GeometricCheck | None = None) -> list[Edge]:
-    """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
+def _vector_loader(conn: Connection, space: SpaceInfo) -> VectorLoader:
     def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
         got_ids, vecs = load_features(conn, space.id, space.dim, ids)
         return dict(zip(got_ids.tolist(), vecs))
+    return vectors
 
+
+def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
+               probe_radius: int = 1, check: GeometricCheck | None = None) -> list[Edge]:
+    """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
+    vectors = _vector_loader(conn, space)
     signatures = (lambda ids: _signatures(conn, ids)) if rule.min_cosine is not None else None
     edges = IndexPairs(cache, max_distance, probe_radius, check).edges(rule, vectors, signatures)
     if rule.min_cosine is not None and rule.min_signature is not None:
@@ -581,11 +595,13 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
+        space: SpaceInfo | None = None
         check = GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known) if geometry and rule.min_cosine is not None else None
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
-            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check)
+            space = get_space(conn, index.space_id)
+            edges = near_edges(conn, cache, space, rule, max_d, probe_radius, check)
             ids = cache.image_ids.tolist()
         else:
             spaces = [s for s in list_spaces(conn) if (s.n_features or 0) > 1]
@@ -610,13 +626,29 @@ def find_duplicates(
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        return _groups(conn, list(multi), near, edges, keep)
+        judge: Judge | None = None
+        if space is not None and rule.min_cosine is not None:
+            judge = partial(judge_pairs, rule=rule, load_vectors=_vector_loader(conn, space),
+                            load_signatures=partial(_signatures, conn), check=check)
+
+        return _groups(conn, list(multi), near, edges, keep, judge)
+
+
+#: Judges pairs (ids_a, ids_b) as :func:`judge_pairs` does: accepted, cosines.
+Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]]
 
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
-            keep: str = "original") -> list[DuplicateGroup]:
+            keep: str = "original", judge: Judge | None = None) -> list[DuplicateGroup]:
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
-    distances to the keeper."""
+    distances to the keeper.
+
+    With ``judge``, a near group is consistent as a whole: every member is itself a duplicate of
+    the group's keeper. Accepted pairs are joined into connected components, so one wrong
+    edge (two different pictures whose flat skies or shared caption the features call alike,
+    the geometric check unable to tell) would join two groups, and chains of such edges
+    dozens: members not accepted beside the keeper are split off, and form groups of their own
+    by the edges among them, each checked the same way."""
     info_ids = sorted(set(multi) | {i for g in near for i in g})
     sizes: dict[int, Any] = {}
     for part in chunks(info_ids, IN_CHUNK):
@@ -635,9 +667,29 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
         r = sizes[image_id]
         groups.append(DuplicateGroup("exact", image_id, [
             DuplicateMember(image_id, paths[image_id], r.width, r.height, 0, 1.0)], first_paths.get(image_id)))
-    for g in near:
-        keeper = choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
-                                   sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep)
+
+    def keeper_of(g: list[int]) -> int:
+        return choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
+                                 sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep)
+
+    final: list[tuple[list[int], int]] = []  # members, keeper
+    todo = list(near)
+    while todo:
+        g = todo.pop()
+        keeper = keeper_of(g)
+        if judge is not None and len(g) > 2:  # a pair's one edge was judged this way already
+            others = np.array([i for i in g if i != keeper], dtype=np.int64)
+            ok, cos = judge(np.full(len(others), keeper, dtype=np.int64), others)
+            for i, c in zip(others[ok].tolist(), cos[ok].tolist()):
+                pair.setdefault((min(i, keeper), max(i, keeper)), Edge(min(i, keeper), max(i, keeper), None, float(c)))
+            if not ok.all():
+                split = set(others[~ok].tolist())
+                todo += components(sorted(split), [e for e in edges if e.a in split and e.b in split])
+                g = sorted(set(g) - split)
+                if len(g) < 2:
+                    continue
+        final.append((g, keeper))
+    for g, keeper in final:
         members = []
         for i in g:
             edge = pair.get((min(i, keeper), max(i, keeper)))
