@@ -30,7 +30,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -423,7 +422,19 @@ class GeometricCheck:
         wanted = ok | ((cos >= self.min_cosine) & self.large(ids_a) & self.large(ids_b))
         if not wanted.any():
             return ok
-        a, b = ids_a[wanted], ids_b[wanted]
+        verdict = self.verdicts(ids_a[wanted], ids_b[wanted])
+        decided = ok[wanted]
+        decided[verdict == COPY] = True
+        decided[verdict == DIFFERENT] = False
+        out = ok.copy()
+        out[wanted] = decided
+        return out
+
+    def verdicts(self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.int8]:
+        """COPY, DIFFERENT or UNKNOWN per pair (a[i], b[i]): known verdicts by content, the
+        others checked on the files."""
+        if not len(a):
+            return np.zeros(0, dtype=np.int8)
         need = sorted({int(i) for i in np.concatenate([a, b]).tolist()} - self._sha.keys())
         for part in chunks(need, IN_CHUNK):
             self._sha.update((int(i), h) for i, h in self.conn.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))))
@@ -437,12 +448,7 @@ class GeometricCheck:
             if len(self.known) > KNOWN_VERDICTS_MAX:
                 self.known.clear()
             self.known.update((keys[k], int(verdict[k])) for k in todo.tolist() if verdict[k] != UNKNOWN)
-        decided = ok[wanted]
-        decided[verdict == COPY] = True
-        decided[verdict == DIFFERENT] = False
-        out = ok.copy()
-        out[wanted] = decided
-        return out
+        return verdict
 
     def _load(self, image_id: int) -> PILImage.Image | None:
         for path in self._paths.get(image_id, []):
@@ -626,16 +632,11 @@ def find_duplicates(
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        judge: Judge | None = None
-        if space is not None and rule.min_cosine is not None:
-            judge = partial(judge_pairs, rule=rule, load_vectors=_vector_loader(conn, space),
-                            load_signatures=partial(_signatures, conn), check=check)
-
-        return _groups(conn, list(multi), near, edges, keep, judge)
+        return _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None)
 
 
-#: Judges pairs (ids_a, ids_b) as :func:`judge_pairs` does: accepted, cosines.
-Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]]
+#: The geometric check's verdicts on pairs (ids_a[i], ids_b[i]): COPY, DIFFERENT or UNKNOWN.
+Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], npt.NDArray[np.int8]]
 
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
@@ -643,12 +644,14 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
     distances to the keeper.
 
-    With ``judge``, a near group is consistent as a whole: every member is itself a duplicate of
-    the group's keeper. Accepted pairs are joined into connected components, so one wrong
-    edge (two different pictures whose flat skies or shared caption the features call alike,
-    the geometric check unable to tell) would join two groups, and chains of such edges
-    dozens: members not accepted beside the keeper are split off, and form groups of their own
-    by the edges among them, each checked the same way."""
+    With ``judge`` (the geometric check), a near group is consistent as a whole: no member is
+    a different picture from the group's hub (its member with the most accepted pairs). Accepted
+    pairs are joined into connected components, so one wrong edge would join two groups, and a
+    chain of them dozens (different low-texture pictures whose features agree): members the
+    check calls different from the hub are split off and form groups of their own by the edges
+    among them, each checked the same way. A member the check cannot tell from the hub stays:
+    a copy of a copy (rotated further, cropped harder) may be linked to its original only
+    through another copy."""
     info_ids = sorted(set(multi) | {i for g in near for i in g})
     sizes: dict[int, Any] = {}
     for part in chunks(info_ids, IN_CHUNK):
@@ -678,16 +681,25 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
         g = todo.pop()
         keeper = keeper_of(g)
         if judge is not None and len(g) > 2:  # a pair's one edge was judged this way already
-            others = np.array([i for i in g if i != keeper], dtype=np.int64)
-            ok, cos = judge(np.full(len(others), keeper, dtype=np.int64), others)
-            for i, c in zip(others[ok].tolist(), cos[ok].tolist()):
-                pair.setdefault((min(i, keeper), max(i, keeper)), Edge(min(i, keeper), max(i, keeper), None, float(c)))
+            # each member against the group's hub (the member with the most accepted pairs in
+            # it: the original, which every copy was made from); the keeper may be a copy (an
+            # upscaled or stretched one has the most pixels) that another copy is no copy of
+            inside = set(g)
+            degree = dict.fromkeys(g, 0)
+            for e in edges:
+                if e.a in inside and e.b in inside:
+                    degree[e.a] += 1
+                    degree[e.b] += 1
+            hub = max(g, key=lambda i: (degree[i], i == keeper, -i))
+            others = np.array([i for i in g if i != hub], dtype=np.int64)
+            ok = judge(np.full(len(others), hub, dtype=np.int64), others) != DIFFERENT
             if not ok.all():
                 split = set(others[~ok].tolist())
                 todo += components(sorted(split), [e for e in edges if e.a in split and e.b in split])
                 g = sorted(set(g) - split)
                 if len(g) < 2:
                     continue
+                keeper = keeper_of(g)
         final.append((g, keeper))
     for g, keeper in final:
         members = []

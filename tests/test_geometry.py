@@ -155,3 +155,29 @@ def test_dedup_groups_rotated_and_cropped_copies_but_not_a_stereo_pair(db_url: s
     with ImageStore(db_url) as store:
         # a new process cannot read the moved file: the rule alone judges its pairs, no error
         assert sorted(len(g.members) for g in store.find_duplicates()) == [3, 4]
+
+
+def _ramp(top: tuple[int, int, int], bottom: tuple[int, int, int], size: tuple[int, int] = (320, 240)) -> Image.Image:
+    t = np.linspace(0, 1, size[1])[:, None, None]
+    rgb = np.array(top) * (1 - t) + np.array(bottom) * t
+    return Image.fromarray((rgb * np.ones((size[1], size[0], 1))).astype(np.uint8))
+
+
+def test_a_ramp_is_no_content_and_colour_tells_flat_pictures_apart() -> None:
+    """Two different skies (smooth ramps of other colours) are not copies of each other: a
+    ramp correlates with any ramp, so the edit search removes it, and pictures with no detail
+    left are compared by colour. A flat copy (JPEG, brighter, rotated 10 degrees) stays a copy;
+    a greyscale one is never called different (it has no colour to compare)."""
+    from PIL import ImageEnhance
+
+    sky = _ramp((90, 140, 220), (230, 150, 120))
+    other = _ramp((200, 120, 90), (80, 170, 160))
+    assert _verdict(sky, other)[0] == DIFFERENT
+    assert _verdict(_rotate(sky, 10), _rotate(other, 10))[0] == DIFFERENT  # the same black corners
+    assert _verdict(_caption(sky), _caption(other))[0] == DIFFERENT  # the same caption band
+    for copy in (_jpeg(sky), ImageEnhance.Brightness(sky).enhance(1.2), _jpeg(_rotate(sky, 10))):
+        assert _verdict(sky, copy)[0] == COPY
+    assert _verdict(sky, ImageOps.grayscale(sky).convert("RGB"))[0] != DIFFERENT
+    # and a textured centre still decides by its detail, not by its colour
+    cat = photo("chelsea").convert("RGB")
+    assert _verdict(cat, ImageEnhance.Color(cat).enhance(0.3))[0] == COPY
