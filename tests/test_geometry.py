@@ -181,3 +181,18 @@ def test_a_ramp_is_no_content_and_colour_tells_flat_pictures_apart() -> None:
     # and a textured centre still decides by its detail, not by its colour
     cat = photo("chelsea").convert("RGB")
     assert _verdict(cat, ImageEnhance.Color(cat).enhance(0.3))[0] == COPY
+
+
+@pytest.mark.parametrize("blur", [0, 10])
+def test_a_shared_border_or_caption_is_no_shared_content(blur: int) -> None:
+    """Different pictures rotated by the same angle (the same black corners), or carrying the
+    same caption band, are no copies of each other, even when blurred to low texture."""
+    from PIL import ImageFilter
+
+    pictures = [photo(n).convert("RGB").resize((400, 300)).filter(ImageFilter.GaussianBlur(blur))
+                for n in ("moon", "camera", "coffee", "rocket")]
+    for edit in (lambda im: _jpeg(_rotate(im, 10)), lambda im: _jpeg(_rotate(im, 20, expand=True)), lambda im: _jpeg(_caption(im))):
+        edited = [edit(p) for p in pictures]
+        for i in range(len(edited)):
+            for j in range(i + 1, len(edited)):
+                assert _verdict(edited[i], edited[j])[0] != COPY, (i, j)
