@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,19 +76,37 @@ def safe_url_text(text: str) -> str:
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry, read_only: bool = False) -> None:
     cursor = dbapi_connection.cursor()
     try:
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")  # first: the pragmas below may wait for a lock
         if not read_only:
             # WAL lets readers run while one writer writes; NORMAL sync is durable at each
             # checkpoint and consistent after a crash, which is what WAL is designed for.
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _journal_mode_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # Read pages through a memory map instead of read() calls into SQLite's small (2 MB)
         # page cache: a radius-1 probe is a few dozen random B-tree seeks (the SQLite figures
         # in benchmarks/results/search.md are taken with it).
         cursor.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
     finally:
         cursor.close()
+
+
+def _journal_mode_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch the database to WAL (a no-op once it is). Two connections switching a new file at
+    once can each hold what the other waits for; SQLite then answers "database is locked" at
+    once rather than call the busy handler (waiting could deadlock), so the statement, having
+    released its lock, is run again until the busy timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (1 + random.random()))
+        delay = min(2 * delay, 0.05)
 
 
 def sqlite_file(url: URL) -> Path | None:

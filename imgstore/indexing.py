@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy import Connection, Row, delete, func, select, update
 
 from .bandindex import append_deferred, mark_changed, write_codes, write_new_buckets
 from .errors import ConfigError, NotEnoughDataError, NotFoundError
@@ -69,9 +69,7 @@ def create_index(
     called as the work goes (phases ``fit``, ``encode``, ``buckets``). Returns the new index's id.
     """
     report = progress or (lambda _phase, _done, _total: None)
-    space = conn.execute(select(FeatureSpace).where(FeatureSpace.id == space_id)).first()
-    if space is None:
-        raise NotFoundError(f"no feature space with id {space_id}")
+    space = lock_space(conn, space_id, for_index=True)
     n_total = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
     method = _method_for(method, n_bits, n_total, space.extractor, fallback)
     if sample is not None and sample < max(n_bits, min_samples(method, n_bits)):
@@ -104,6 +102,19 @@ def create_index(
         activate_index(conn, hasher_id)
     log.info("index %d: %s %d bits, %d bands of %d bits, %d images", hasher_id, method, n_bits, n_bands, band_width, n_total)
     return hasher_id
+
+
+def lock_space(conn: Connection, space_id: int, *, for_index: bool) -> Row[Any]:
+    """Lock the feature space's row until the transaction ends: exclusively to build an index of
+    it (``for_index``), shared to write codes into its indexes. On PostgreSQL (READ COMMITTED)
+    an index that read the space's vectors while a batch beside it listed the indexes before the
+    index existed left that batch's images without a code; with the lock, each sees the other's
+    work whole. SQLite's write transactions take the database's lock up front: nothing to add."""
+    stmt = select(FeatureSpace).where(FeatureSpace.id == space_id)
+    space = conn.execute(stmt.with_for_update(read=not for_index)).first()
+    if space is None:
+        raise NotFoundError(f"no feature space with id {space_id}")
+    return space
 
 
 def _method_for(method: str, n_bits: int, n_total: int, extractor: str, fallback: bool) -> str:
@@ -159,6 +170,7 @@ def encode_images(ctx: StoreContext, conn: Connection, space_id: int, image_ids:
     concurrent writers neither queue behind each other for a whole batch nor deadlock."""
     if len(vectors) == 0:
         return []
+    lock_space(conn, space_id, for_index=False)  # no index of the space is being built meanwhile
     indexes = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
     for index in indexes:
         hasher = ctx.hasher(conn, index)
@@ -261,18 +273,47 @@ def labels_from(conn: Connection, spec: str) -> dict[int, Any]:
 
 def maybe_auto_index(ctx: StoreContext, space_id: int) -> int | None:
     """Build the default index once a space has enough images; rebuild an automatic one that
-    was fitted on far fewer images than the space now holds. Returns the new index's id."""
+    was fitted on far fewer images than the space now holds. Returns the new index's id.
+
+    Decided again in the write transaction, with the space locked: two ingests that finish
+    together both find no index in their first look, and each built one."""
     with ctx.read("check the default index") as conn:
-        n = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
-        existing = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
+        if _auto_index_options(conn, space_id) is None:
+            return None  # the usual case, decided without the write lock
+
+    def work(conn: Connection) -> tuple[int, int | None] | None:
+        lock_space(conn, space_id, for_index=True)
+        options = _auto_index_options(conn, space_id)
+        if options is None:
+            return None  # another process built it meanwhile
+        replaces = options.pop("replaces", None)
+        made = create_index(conn, space_id, fallback=True, auto=True, **options)
+        if replaces is not None:
+            drop_index(conn, replaces)
+        return made, replaces
+
+    done = ctx.write(work, doing="build the default index")
+    if done is None:
+        return None
+    made, replaces = done
+    if replaces is not None:
+        ctx.forget_index(replaces)
+    ctx.forget_index(made)
+    return made
+
+
+def _auto_index_options(conn: Connection, space_id: int) -> dict[str, Any] | None:
+    """The default index the policy wants now, as :func:`create_index` options plus the id of an
+    automatic index it ``replaces`` (refitted); None when it wants nothing."""
+    n = int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id)) or 0)
     if n < AUTO_INDEX_MIN_IMAGES:
         return None
+    existing = [i for i in list_indexes(conn, with_counts=False) if i.space_id == space_id]
     if not existing:
-        return build_index(ctx, space_id, "build the default index", method="itq", n_bits=64, fallback=True, auto=True)
+        return {"method": "itq", "n_bits": 64}
     for old in existing:
         if old.config.get("auto") and n >= AUTO_INDEX_REFIT_GROWTH * max(old.n_fitted, 1):
-            return build_index(ctx, space_id, "rebuild the default index", method=old.method, n_bits=old.n_bits,
-                               activate=old.is_active, fallback=True, auto=True, replaces=old.id)
+            return {"method": old.method, "n_bits": old.n_bits, "activate": old.is_active, "replaces": old.id}
     return None
 
 
