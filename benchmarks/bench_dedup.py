@@ -213,6 +213,8 @@ def score(groups: list[Any], truth: dict[str, tuple[str, str]]) -> dict[str, Any
     """Scores over the whole set, and per size class (``by_size``): a pair is in a class when its
     first image is (copies are in their original's class; pairs across classes are false)."""
     out: dict[str, Any] = _score(groups, truth)
+    # a group holding copies of two different originals (or a distractor beside an original)
+    out["mixed_groups"] = sum(1 for g in groups if len({truth[p][0] for m in g.members for p in m.paths if p in truth}) > 1)
     out["by_size"] = {}
     for cls in ("photos", "thumbnails"):
         part = {p: t for p, t in truth.items() if size_class(t[0]) == cls}
@@ -404,6 +406,8 @@ def main() -> None:
             lines.append(f"| {label} | {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['pairs_found']} |{cells}")
         cells = "".join(f" {by[c]['all']['precision']:.3f} | |" if c in by else " | |" for c in ("photos", "thumbnails"))
         lines.append(f"| {label} | all pairs | {run['all']['precision']:.3f} | | {run['all']['pairs_found']} |{cells}")
+    lines += ["", "Groups that mix two originals (or a distractor and an original), per run: "
+              + ", ".join(f"{label} {run['mixed_groups']}" for label, run in runs.items() if "mixed_groups" in run) + "."]
     lines += ["", "Time and geometric check per run (pairs checked, images read from disk, seconds of the check):", ""]
     for label, run in runs.items():
         st = run.get("geometric_check")

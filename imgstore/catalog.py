@@ -108,7 +108,7 @@ def errors(conn: Connection, limit: int | None = None) -> list[IngestErrorRecord
         raise ConfigError(f"limit must be a whole number, 0 or more, got {limit!r}")
     columns = (IngestError.path, IngestError.error_type, IngestError.reason, IngestError.occurred_at)
     stmt = select(*columns).order_by(IngestError.path)
-    if limit:
+    if limit is not None:  # 0 lists none, as "the first 0" says
         stmt = stmt.limit(min(limit, MAX_ID))
     return [IngestErrorRecord(from_stored(path), str(kind), str(reason), when) for path, kind, reason, when in conn.execute(stmt)]
 
@@ -380,3 +380,11 @@ def thumbnail_source(conn: Connection, image_id: int) -> ThumbnailSource:
 def count_images(conn: Connection) -> int:
     """Stored images (one count, not every table's: a page shows it with every search)."""
     return int(conn.scalar(select(func.count()).select_from(Image)) or 0)
+
+
+def existing_ids(conn: Connection, image_ids: Sequence[int]) -> set[int]:
+    """Those of ``image_ids`` that are stored images (not removed)."""
+    out: set[int] = set()
+    for part in chunks(sorted({int(i) for i in image_ids if is_storable_id(int(i))}), IN_CHUNK):
+        out.update(int(i) for i in conn.scalars(select(Image.id).where(Image.id.in_(part))))
+    return out

@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 import click
 
 from .db import ENV_VAR, resolve_url, sqlite_file
+from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_size_warnings
 from .errors import ImgStoreError, NotFoundError
+from .ingest import IngestSummary
 from .paths import printable
 from .repository import ImageStore
 
@@ -26,8 +28,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Context:
-    def __init__(self, db: str | None) -> None:
+    def __init__(self, db: str | None, max_pixels: int | None = None) -> None:
         self.db = db
+        self.max_pixels = max_pixels  # None: the library's default ($IMGSTORE_MAX_PIXELS, else 200 MP)
         self.extractor_options: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -40,7 +43,8 @@ class Context:
             raise ImgStoreError(
                 f"no database at {path}: check --db or ${ENV_VAR} (`imgstore ingest FOLDER` creates one)"
             )
-        with ImageStore(url, check_schema=check_schema, extractor_options=self.extractor_options) as store:
+        with ImageStore(url, check_schema=check_schema, extractor_options=self.extractor_options,
+                        max_pixels=self.max_pixels) as store:
             yield store
 
 
@@ -91,9 +95,17 @@ def emit_json(data: Any) -> None:
     metavar="URL",
     help=f"SQLite file path or postgresql:// URL [env {ENV_VAR}; default ./imgstore.db].",
 )
+@click.option(
+    "--max-pixels",
+    envvar=MAX_PIXELS_ENV,
+    metavar="N",
+    callback=lambda _ctx, _param, value: _pixel_count(value),
+    help="Largest image read (ingest, queries, the server's uploads), in pixels or megapixels (250M); a larger "
+         f"one is refused before it is decoded [env {MAX_PIXELS_ENV}; default {DEFAULT_MAX_PIXELS // 10**6}M].",
+)
 @click.version_option(package_name="imgstore")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None) -> None:
+def cli(ctx: click.Context, db: str | None, max_pixels: int | None) -> None:
     """imgstore: a database-backed image search store.
 
     \b
@@ -101,7 +113,20 @@ def cli(ctx: click.Context, db: str | None) -> None:
       imgstore db upgrade
       imgstore --db postgresql://user@host/photos info
     """
-    ctx.obj = Context(db)
+    # every image this process reads is decoded by imgstore.decode, whose own limit decides:
+    # Pillow's warning above its 89 MP default is noise here (see decode._open)
+    quiet_pillow_size_warnings()
+    ctx.obj = Context(db, max_pixels)
+
+
+def _pixel_count(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_pixels(value)
+    except ImgStoreError:
+        raise click.BadParameter(f"{value!r} is not a pixel count: give pixels (250000000) or megapixels (250M)",
+                                 param_hint=f"--max-pixels / ${MAX_PIXELS_ENV}") from None
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -210,13 +235,13 @@ def info(obj: Context, as_json: bool) -> None:
     click.echo(f"{'size':<15} {data.database_bytes / 1e6:.1f} MB")
     for space in data.feature_spaces:
         click.echo(f"feature space {space.id}: {space.extractor} ({space.dim}-d, preprocessing "
-                   f"{space.preprocess_version}), {space.n_features} images")
+                   f"{space.preprocess_version}), {_plural(space.n_features or 0, 'image')}")
     for summary in data.indexes:
         ix = summary.index
         click.echo(f"index {ix.id}{' (active)' if ix.is_active else ''}: {ix.method} {ix.n_bits} bits, "
-                   f"{ix.n_codes} codes, {ix.n_bands} bands of {ix.band_width} bits")
+                   f"{_plural(ix.n_codes, 'code')}, {_plural(ix.n_bands, 'band')} of {ix.band_width} bits")
         for j, band in enumerate(summary.bands):
-            click.echo(f"  band {j}: {band.buckets} buckets, largest {band.largest}, "
+            click.echo(f"  band {j}: {_plural(band.buckets, 'bucket')}, largest {band.largest}, "
                        f"mean {band.mean}, evenness {band.evenness}")
 
 
@@ -245,7 +270,13 @@ def rm(obj: Context, refs: tuple[str, ...], dry_run: bool, as_json: bool) -> Non
     verb = "would remove" if dry_run else "removed"
     for path in removal.paths:
         click.echo(f"{verb} path {printable(path)}")
-    click.echo(f"{verb} {len(removal.images)} image(s){': ' if removal.images else ''}{', '.join(map(str, removal.images))}")
+    click.echo(f"{verb} {_plural(len(removal.images), 'image')}{': ' if removal.images else ''}"
+               f"{', '.join(map(str, removal.images))}")
+
+
+def _plural(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``: a count and its noun, in every line the CLI prints."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -284,6 +315,8 @@ def meta(obj: Context, ref: str, pairs: tuple[str, ...], unset: tuple[str, ...],
     if as_json:
         emit_json(current)
         return
+    if not current:
+        click.echo("no metadata")
     for key, value in sorted(current.items()):
         click.echo(f"{key}={', '.join(map(str, value)) if isinstance(value, list) else value}")
 
@@ -310,22 +343,28 @@ def prune(obj: Context, dry_run: bool, moved: bool, as_json: bool) -> None:
         if as_json:
             emit_json(removal.as_dict())
             return
-        click.echo(f"{'would forget' if dry_run else 'forgot'} {len(removal.paths)} moved path(s) and "
-                   f"{len(removal.images)} image(s) left without a path")
+        click.echo(f"{'would forget' if dry_run else 'forgot'} {_plural(len(removal.paths), 'moved path')} and "
+                   f"{_plural(len(removal.images), 'image')} left without a path")
         return
     with obj.store() as store:
         gone = store.prune(dry_run=dry_run)
     if as_json:
         emit_json({"paths": gone, "dry_run": dry_run})
         return
+    _echo_marked(gone, dry_run)
+
+
+def _echo_marked(gone: list[str], dry_run: bool = False) -> None:
+    """What a prune marked not current: each path, then the count (prune, verify --prune)."""
     for path in gone:
         click.echo(f"{'would mark' if dry_run else 'marked'} gone: {printable(path)}")
-    click.echo(f"{len(gone)} path(s){' would be' if dry_run else ''} marked not current")
+    click.echo(f"{_plural(len(gone), 'path')}{' would be' if dry_run else ''} marked not current")
 
 
 @cli.command()
 @click.option("--no-files", is_flag=True, help="Do not check the files on disk.")
-@click.option("--prune", "do_prune", is_flag=True, help="Then mark vanished files' paths not current (as `imgstore prune`).")
+@click.option("--prune", "do_prune", is_flag=True,
+              help="Then mark vanished files' paths not current and list them (as `imgstore prune`; JSON: \"pruned\").")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
@@ -336,47 +375,72 @@ def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
 
     Example: imgstore verify --prune
     """
+    if do_prune and no_files:
+        raise click.UsageError("--prune marks the vanished files that the file check finds: drop --no-files")
+    pruned: list[str] = []
     with obj.store() as store:
         report = store.verify(check_files=not no_files)
         if do_prune and report.vanished_files:
-            store.prune()
+            pruned = store.prune()
     if as_json:
-        emit_json(report.as_dict())
+        emit_json({**report.as_dict(), **({"pruned": pruned} if do_prune else {})})
     else:
         click.echo(f"images without features: {len(report.images_without_features)}")
         for hasher_id, ids in report.missing_codes.items():
-            click.echo(f"index {hasher_id}: {len(ids)} images without a code")
+            click.echo(f"index {hasher_id}: {_plural(len(ids), 'image')} without a code")
         for hasher_id, b in report.bucket_mismatch.items():
             click.echo(f"index {hasher_id}: band buckets hold {b.found} entries, {b.expected} expected")
         click.echo(f"dangling rows: {report.dangling_rows}")
         click.echo(f"vanished files: {len(report.vanished_files)}, changed files: {len(report.changed_files)}")
         for path in report.vanished_files[:20]:
             click.echo(f"  vanished: {printable(path)}")
+        if len(report.vanished_files) > 20:
+            click.echo(f"  ... and {len(report.vanished_files) - 20} more vanished: --json lists them all")
         for path in report.changed_files[:20]:
             click.echo(f"  changed:  {printable(path)}")
+        if len(report.changed_files) > 20:
+            click.echo(f"  ... and {len(report.changed_files) - 20} more changed: --json lists them all")
+        if do_prune:
+            _echo_marked(pruned)
         click.echo("ok" if report.ok else "INCONSISTENT")
     if not report.ok:
         raise SystemExit(1)
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), default="jsonl", show_default=True,
+              help="jsonl: one JSON object per line; json: one JSON array (the same as --json); csv: a header, then a row "
+                   "per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array (the same as --format json).")
 @click.option("--neighbours", default=0, type=click.IntRange(0, 100), help="Add the ids of this many nearest images.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="File to write [default: stdout].")
 @click.pass_obj
 @friendly_errors
-def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
-    """Export image metadata (and optionally nearest neighbours) as JSON lines or CSV.
+def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str | None) -> None:
+    """Export image metadata (and optionally nearest neighbours) as JSON lines, a JSON array or CSV.
 
-    Example: imgstore export --format csv --neighbours 5 -o images.csv
+    \b
+    Example:
+      imgstore export --format csv --neighbours 5 -o images.csv
+      imgstore export --json > images.json
     """
     import csv
 
+    if as_json:
+        fmt = "json"
     with obj.store() as store, contextlib.ExitStack() as closing:
         out = closing.enter_context(open(output, "w", newline="", encoding="utf-8")) if output else sys.stdout
         writer = None
+        n_rows = 0
+        if fmt == "json":  # written row by row, laid out as emit_json lays out a list
+            out.write("[")
         for row in store.export_rows(neighbours=neighbours):
+            n_rows += 1
+            if fmt == "json":
+                item = json.dumps(row, indent=2, default=str).replace("\n", "\n  ")
+                out.write(f"{',' if n_rows > 1 else ''}\n  {item}")
+                continue
             if fmt == "jsonl":
                 out.write(json.dumps(row, default=str) + "\n")
                 continue
@@ -386,6 +450,8 @@ def export(obj: Context, fmt: str, neighbours: int, output: str | None) -> None:
                 writer = csv.DictWriter(out, fieldnames=list(flat))
                 writer.writeheader()
             writer.writerow(flat)
+        if fmt == "json":
+            out.write("\n]\n" if n_rows else "]\n")
 
 
 # --- ingest -----------------------------------------------------------------------------------
@@ -456,14 +522,31 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         return
     verb = "would add at most" if dry_run else "added"
     click.echo(
-        f"{summary.files_seen} files: {verb} {summary.added}, unchanged {summary.unchanged}, "
-        f"duplicates {summary.duplicates}, failed {summary.failed} "
-        f"({summary.elapsed_s:.1f} s, {summary.images_per_s:.1f} images/s)"
+        f"{_plural(summary.files_seen, 'file')}: {verb} {summary.added}, unchanged {summary.unchanged}, "
+        f"duplicates {summary.duplicates}, failed {summary.failed}, {'would mark gone' if dry_run else 'gone'} "
+        f"{summary.gone} ({summary.elapsed_s:.1f} s, {summary.images_per_s:.1f} images/s)"
     )
+    if not summary.files_seen:
+        click.echo(_nothing_found(paths, summary))
     for path, reason in summary.errors[:10]:
         click.echo(f"  failed: {printable(path)}: {reason}", err=True)
     if len(summary.errors) > 10:
         click.echo(f"  ... and {len(summary.errors) - 10} more: see `imgstore errors`", err=True)
+
+
+def _nothing_found(paths: tuple[str, ...], summary: IngestSummary) -> str:
+    """Why an ingest found no image file, in one line: what the walk passed over, and the option
+    that would have taken it."""
+    why = []
+    if summary.skipped_symlinks:
+        why.append(f"{_plural(summary.skipped_symlinks, 'symbolic link')} skipped: add --follow-symlinks to follow them")
+    if summary.skipped_folders:
+        why.append(f"{_plural(summary.skipped_folders, 'sub-folder')} not searched: drop --no-recursive")
+    if summary.skipped_non_images:
+        why.append(f"{_plural(summary.skipped_non_images, 'file')} without an image extension such as .jpg ignored")
+    if not why and not summary.failed:
+        why.append("the folder is empty" if len(paths) == 1 else "the folders are empty")
+    return f"no image files found in {', '.join(printable(p) for p in paths)}" + (f" ({'; '.join(why)})" if why else "")
 
 
 class _ProgressBar:
@@ -495,7 +578,7 @@ class _ProgressBar:
 
 
 @cli.command()
-@click.option("--limit", type=int, default=None, help="Show at most this many.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
 @friendly_errors
@@ -555,8 +638,8 @@ def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sa
     if as_json:
         emit_json(info.as_dict())
         return
-    click.echo(f"index {info.id}: {info.method}, {info.n_bits} bits, {info.n_bands} bands of {info.band_width} bits, "
-               f"{info.n_codes} images{' (active)' if info.is_active else ''}")
+    click.echo(f"index {info.id}: {info.method}, {info.n_bits} bits, {_plural(info.n_bands, 'band')} of {info.band_width} "
+               f"bits, {_plural(info.n_codes, 'image')}{' (active)' if info.is_active else ''}")
 
 
 @index.command("list")
@@ -578,8 +661,8 @@ def index_list(obj: Context, as_json: bool) -> None:
     for i in infos:
         kind = "supervised" if i.config.get("supervised") else "unsupervised"
         mark = "*" if i.is_active else " "
-        click.echo(f"{mark} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {i.n_bands} x {i.band_width}-bit bands  "
-                   f"{i.n_codes} images  {i.extractor}  {kind}, fitted on {i.n_fitted}")
+        click.echo(f"{mark} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {_plural(i.n_bands, 'band')} of {i.band_width} bits  "
+                   f"{_plural(i.n_codes, 'image')}  {i.extractor}  {kind}, fitted on {i.n_fitted}")
 
 
 @index.command("activate")
@@ -662,7 +745,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
             for n, (ref, q, res) in enumerate(zip(images, queries, results)):
                 target = montage if n == 0 else _numbered(montage, n + 1)
                 source = q if isinstance(q, str) else next(iter(store.image(q).current_paths), None)
-                _result_sheet(ref, source, res, target)
+                _result_sheet(ref, source, res, target, store.max_pixels)
                 click.echo(f"wrote {target}", err=True)
     if as_json:
         emit_json([{"query": q, "results": [r.as_dict() for r in res]} for q, res in zip(images, results)])
@@ -688,7 +771,7 @@ def _short_name(path: str) -> str:
     return printable(os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path)))
 
 
-def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> None:
+def _result_sheet(ref: str, source: Any, results: list[Any], target: str, max_pixels: int) -> None:
     from .montage import Tile, contact_sheet
 
     tiles = [Tile(source, ["query", os.path.basename(ref)], highlight=True)]
@@ -700,7 +783,7 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
             score.append(f"cos {r.cosine:.3f}")
         path = r.paths[0] if r.paths else None
         tiles.append(Tile(path, [f"#{n}  id {r.image_id}", "  ".join(score), _short_name(path) if path else "(no file)"]))
-    contact_sheet(tiles, target, columns=min(6, len(tiles)), title=f"query: {ref}")
+    contact_sheet(tiles, target, columns=min(6, len(tiles)), title=f"query: {ref}", max_pixels=max_pixels)
 
 
 @cli.command()
@@ -714,7 +797,8 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str) -> Non
               help="Check candidate pairs on their pixels, re-reading their files (photos: keypoints, one affine map, "
                    "aligned pixels; thumbnails: an edit search): finds rotated, cropped and captioned copies, rejects "
                    "second shots of a scene and look-alikes.")
-@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "csv", "json"]), default="text", show_default=True,
+              help="text: a table per group; csv: a row per file; json: one JSON array.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON (the same as --format json).")
 @click.option("--montage", "montage_dir", type=click.Path(file_okay=False), default=None,
               help="Write one contact sheet per group into this folder (created if missing).")
@@ -753,7 +837,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                 click.echo(f"restored {printable(dst)}")
             for path, reason in undone.failed:
                 click.echo(f"not restored: {printable(path)}: {reason}", err=True)
-            click.echo(f"{len(undone.restored)} file(s) put back, {len(undone.failed)} not")
+            click.echo(f"{_plural(len(undone.restored), 'file')} put back, {len(undone.failed)} not")
         if undone.failed:
             raise SystemExit(1)
         return
@@ -772,11 +856,11 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                     click.echo(f"moved {printable(src)} -> {printable(dst)}")
                 for path, reason in done.failed:
                     click.echo(f"not moved: {printable(path)}: {reason}", err=True)
-                click.echo(f"{len(done.moved)} file(s) moved from {len(groups)} group(s); undo with "
+                click.echo(f"{_plural(len(done.moved), 'file')} moved from {_plural(len(groups), 'group')}; undo with "
                            f"`imgstore dedup --undo {printable(done.journal)}`")
             return
     if montage_dir:
-        _dedup_sheets(groups, montage_dir)
+        _dedup_sheets(groups, montage_dir, obj.max_pixels)
     if fmt == "json" or as_json:
         emit_json([g.as_dict() for g in groups])
     elif fmt == "csv":
@@ -790,17 +874,19 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                                      printable(path)])
     else:
         for g, group in enumerate(groups, 1):
-            click.echo(f"group {g} ({group.kind}, {sum(len(m.paths) for m in group.members)} files):")
+            click.echo(f"group {g} ({group.kind}, {_plural(sum(len(m.paths) for m in group.members), 'file')}):")
+            click.echo(f"  {'keep':<4}  {'id':>6}  {'hamming':>7}  {'cosine':>6}  path")  # the columns of `query`
             for m in group.members:
-                cos = "" if m.cosine is None else f" cos {m.cosine:.3f}"
-                dist = "" if m.distance is None else f" d {m.distance}"
+                # None: not measured (no index, or no direct pair with the keeper)
+                dist = "-" if m.distance is None else str(m.distance)
+                cos = "-" if m.cosine is None else f"{m.cosine:.3f}"
                 for path in m.paths or ["(no file)"]:
-                    mark = "keep" if path == group.keeper_path else "    "
-                    click.echo(f"  {mark} {m.image_id:>6}{dist}{cos}  {printable(path)}")
-        click.echo(f"{len(groups)} groups")
+                    mark = "keep" if path == group.keeper_path else ""
+                    click.echo(f"  {mark:<4}  {m.image_id:>6}  {dist:>7}  {cos:>6}  {printable(path)}")
+        click.echo(_plural(len(groups), "group"))
 
 
-def _dedup_sheets(groups: list[Any], folder: str) -> None:
+def _dedup_sheets(groups: list[Any], folder: str, max_pixels: int | None) -> None:
     from .montage import Tile, contact_sheet
 
     os.makedirs(folder, exist_ok=True)
@@ -814,8 +900,9 @@ def _dedup_sheets(groups: list[Any], folder: str) -> None:
                     score = "joined via other copies"  # no direct pair with the keeper
                 tiles.append(Tile(path, [f"{'KEEP ' if keeper else ''}id {m.image_id}", score.strip(),
                                          _short_name(path) if path else "(no file)"], highlight=keeper))
-        contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group.kind} duplicates")
-    click.echo(f"wrote {len(groups)} contact sheets to {folder}", err=True)
+        contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group.kind} duplicates",
+                      max_pixels=max_pixels)
+    click.echo(f"wrote {_plural(len(groups), 'contact sheet')} to {printable(folder)}", err=True)
 
 
 @cli.command()
@@ -843,7 +930,8 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
         click.echo(f"  {'current' if p.is_current else 'moved  ' if p.moved_to else 'gone   '}  {printable(p.path)}{moved}")
     if not record.paths:
         click.echo("  (added without a path)")
-    click.echo(f"feature spaces {record.feature_spaces or '-'}, indexes {record.indexes or '-'}")
+    click.echo(f"feature spaces {', '.join(map(str, record.feature_spaces)) or '-'}, "
+               f"indexes {', '.join(map(str, record.indexes)) or '-'}")
 
 
 @cli.command()

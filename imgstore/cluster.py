@@ -104,9 +104,10 @@ DISCONNECT_ATTEMPTS = 5
 
 
 def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, options: dict[str, Any], tasks: list[Task],
-                     metadata: dict[str, Any], batch_size: int, threads: int | None) -> PartitionResult:
+                     metadata: dict[str, Any], batch_size: int, threads: int | None, max_pixels: int) -> PartitionResult:
     """A worker's task: read, hash, decode and extract ``tasks``; with ``store`` (PostgreSQL)
-    write them there, else return what the client needs to write them."""
+    write them there, else return what the client needs to write them. ``max_pixels``: the
+    client's store's limit (a worker's own environment may say otherwise)."""
     started = time.perf_counter()
     ex = _worker_extractor(extractor, options)
     result = PartitionResult(worker=f"{os.uname().nodename}:{os.getpid()}")
@@ -119,7 +120,8 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
                 if attempt == 1:
                     result.unchanged = unchanged
                 job = Ingester(db, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata,
-                               preload_known=False, write_size=len(todo))  # one transaction: a rerun redoes it anyway
+                               preload_known=False, write_size=len(todo),  # one transaction: a rerun redoes it anyway
+                               max_pixels=max_pixels)
                 job.process(todo, summary, started)
             except DatabaseError as exc:
                 # the server ended the connections (a restart): what was committed stays, and the
@@ -139,7 +141,8 @@ def ingest_partition(store: StoreSpec | None, space_id: int, extractor: str, opt
             if attempt == 0:
                 break
     else:
-        job = Ingester(None, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata)  # type: ignore[arg-type]
+        job = Ingester(None, ex, space_id, batch_size=batch_size, workers=threads, metadata=metadata,  # type: ignore[arg-type]
+                       max_pixels=max_pixels)
         result.extracted = []
         for batch in extract_stream(tasks, job.load, ex, batch_size, threads):
             for r in batch:
@@ -300,7 +303,8 @@ class ClusterIngest:
             parts = [plan.tasks[i : i + self.partition] for i in range(0, len(plan.tasks), self.partition)]
             futures = [
                 client.submit(ingest_partition, spec, job.space_id, self.extractor, self.options, part, job.metadata,
-                              job.batch_size, threads, key=f"imgstore-ingest-{i}-{os.getpid()}-{int(started * 1000)}", pure=False)
+                              job.batch_size, threads, job.max_pixels,
+                              key=f"imgstore-ingest-{i}-{os.getpid()}-{int(started * 1000)}", pure=False)
                 for i, part in enumerate(parts)
             ]
             log.info("ingest: %d files in %d tasks on %s", len(plan.tasks), len(parts), client)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .db import WRITE_OPTION, make_engine, resolve_url, safe_url
+from .decode import resolve_max_pixels
 from .errors import DatabaseError, NotFoundError, SchemaError
 from .features import DEFAULT_EXTRACTOR, Extractor, get_extractor
 from .hashing import Hasher, hasher_from_bytes
@@ -65,7 +66,9 @@ class StoreContext:
     """The engine of one database and what this process has computed from it."""
 
     def __init__(self, db: Any = None, *, echo: bool = False,
-                 extractor_options: dict[str, dict[str, Any]] | None = None) -> None:
+                 extractor_options: dict[str, dict[str, Any]] | None = None, max_pixels: int | None = None) -> None:
+        #: largest image (pixels) this store decodes, on every path: ingest, queries, thumbnails
+        self.max_pixels = resolve_max_pixels(max_pixels)
         self.url: URL = resolve_url(db)
         self.display_url = safe_url(self.url)
         #: per extractor name, options used whenever this store builds it (e.g. a weights file)
@@ -215,11 +218,12 @@ class StoreContext:
 
 
 def open_context(db: Any = None, *, check_schema: bool = True, echo: bool = False,
-                 extractor_options: dict[str, dict[str, Any]] | None = None) -> StoreContext:
+                 extractor_options: dict[str, dict[str, Any]] | None = None,
+                 max_pixels: int | None = None) -> StoreContext:
     """A store's context, its schema checked (a brand-new database gets it created; one behind
     the code's migrations raises :class:`SchemaOutdatedError` naming the command that fixes
     it): what ``ImageStore`` opens, and what a cluster worker opens to write its batches."""
-    ctx = StoreContext(db, echo=echo, extractor_options=extractor_options)
+    ctx = StoreContext(db, echo=echo, extractor_options=extractor_options, max_pixels=max_pixels)
     if check_schema:
         try:
             ensure_current(ctx.engine, ctx.url)

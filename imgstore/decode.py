@@ -1,10 +1,22 @@
 """Opening image files safely: size limits, EXIF orientation, every Pillow mode to RGB, typed errors.
 
 Every image imgstore looks at goes through :func:`load_image` (or :func:`read_file` +
-:func:`decode_bytes`), so ingest, search-by-example and the benchmarks see the same pixels.
-Nothing here touches global Pillow state: ``Image.MAX_IMAGE_PIXELS`` and
-``ImageFile.LOAD_TRUNCATED_IMAGES`` keep whatever values the application chose, and the pixel
-limit is checked by this module from the header, before any pixel data is decoded.
+:func:`decode_bytes`), so ingest, search-by-example, the server and the benchmarks see the same
+pixels and obey the same limit.
+
+One pixel limit for every path: :data:`DEFAULT_MAX_PIXELS`, or ``$IMGSTORE_MAX_PIXELS`` for the
+whole process, or ``ImageStore(max_pixels=...)`` (``imgstore --max-pixels``) for one store. It
+is checked here from the header, before any pixel data is decoded, and it is the limit that
+decides: images are opened without Pillow's own decompression-bomb check (see :func:`_open`),
+so a 150 MP photo is neither warned about nor refused by Pillow. Nothing here touches global
+Pillow state: ``Image.MAX_IMAGE_PIXELS`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` keep whatever
+values the application chose.
+
+Memory stays bounded for large photos: with ``draft_size`` a JPEG decodes at a reduced DCT
+scale, and an image still above :data:`REDUCE_FROM_PIXELS` is then reduced (a box average by a
+whole factor) to the smallest size that still covers ``draft_size`` before its mode is
+converted, so a 144 MP PNG takes one
+full-size buffer for the time of its decode, and what is kept is a few hundred pixels a side.
 
 Any failure a file can cause is raised as :class:`~imgstore.errors.DecodeError` carrying the path
 and a short human reason (``"truncated or corrupt image data"``, ``"not a recognised image
@@ -18,25 +30,33 @@ import logging
 import os
 import stat
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Union
+from typing import IO, Any, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 from .errors import ConfigError, DecodeError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
-#: Largest image (width x height, in pixels) decoded by default: 200 megapixels, above the
-#: biggest phone sensors (200 MP) and medium-format cameras (150 MP). A 200 MP RGB image takes
-#: 600 MB once decoded, so this also bounds the memory one decode worker can take. Pillow's own
-#: decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``, 89 MP by default; error above twice that)
-#: still applies on top of this limit; we catch its error and report it as a ``DecodeError``.
+#: Largest image (width x height, in pixels) decoded by default: 200 megapixels, the biggest
+#: phone sensors (200 MP) and above medium-format cameras (150 MP). A 200 MP image takes 800 MB
+#: while it is decoded (Pillow keeps RGB as 4 bytes a pixel), so this also bounds the memory one
+#: decode worker can take. ``$IMGSTORE_MAX_PIXELS`` changes it for a process,
+#: ``ImageStore(max_pixels=...)`` (``imgstore --max-pixels``) for one store.
 DEFAULT_MAX_PIXELS = 200_000_000
+
+#: The environment variable that sets the pixel limit of a process: a whole number of pixels
+#: (``250000000``) or of megapixels (``250M``). Read when a store opens or a decode is given no limit.
+MAX_PIXELS_ENV = "IMGSTORE_MAX_PIXELS"
+
+#: How a too-large image's error says to raise the limit, on every path.
+RAISE_LIMIT_HINT = f"imgstore --max-pixels N, ${MAX_PIXELS_ENV}=N or ImageStore(max_pixels=N)"
 
 #: Largest file read by default (bytes). Compressed images are far smaller than their pixels; a
 #: file above this is most likely not a photo (or a hostile one).
@@ -100,6 +120,40 @@ class DecodedImage:
     captured_at: datetime | None
 
 
+def parse_pixels(text: str, *, source: str = "the pixel limit") -> int:
+    """A pixel count from text: a whole number (``250000000``, ``250_000_000``) or megapixels
+    (``250M``, ``250MP``, ``1.5M``). Raises ConfigError, naming ``source``, for anything else."""
+    cleaned = text.strip().upper().replace("_", "").replace(" ", "")
+    scale = 1
+    for suffix in ("MP", "M"):
+        if cleaned.endswith(suffix):
+            cleaned, scale = cleaned[: -len(suffix)], 1_000_000
+            break
+    try:
+        value = float(cleaned) * scale if scale > 1 else int(cleaned)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:  # NaN fails this too
+        raise ConfigError(f"{source} must be a number of pixels (250000000) or megapixels (250M), got {text!r}")
+    return int(value)
+
+
+def default_max_pixels() -> int:
+    """The pixel limit of this process: ``$IMGSTORE_MAX_PIXELS`` when set, else
+    :data:`DEFAULT_MAX_PIXELS`. Read at each call, so a value set after import counts."""
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    return parse_pixels(text, source=f"${MAX_PIXELS_ENV}") if text else DEFAULT_MAX_PIXELS
+
+
+def resolve_max_pixels(max_pixels: int | None) -> int:
+    """``max_pixels`` checked (a whole number, at least 1), or :func:`default_max_pixels` for None."""
+    if max_pixels is None:
+        return default_max_pixels()
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a whole number of pixels, at least 1, got {max_pixels!r}")
+    return int(max_pixels)
+
+
 def read_file(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Read a whole file, refusing what cannot be an image file.
 
@@ -146,28 +200,39 @@ def decode_bytes(
     data: bytes | bytearray | memoryview,
     *,
     path: str | os.PathLike[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode an encoded image (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to an RGB :class:`DecodedImage`.
 
-    The pixel count is checked against ``max_pixels`` from the header, before decoding. Only the
-    first frame of an animation is decoded. ``draft_size`` (width, height) lets a JPEG decode at
-    a reduced DCT scale (1/2, 1/4 or 1/8) that still covers that size, which makes full-size
-    photos several times faster to decode when the caller only needs a thumbnail.
-    ``path`` is used only in error messages.
+    The pixel count is checked against ``max_pixels`` (None: :func:`default_max_pixels`) from
+    the header, before decoding; above it, :class:`ImageTooLargeError`. Only the first frame of
+    an animation is decoded. ``draft_size`` (width, height) is the smallest size the caller
+    needs: a JPEG decodes at a reduced DCT scale (1/2, 1/4 or 1/8) that still covers it, several
+    times faster, and any image is then reduced by a whole factor (a box average) to the
+    smallest size that still covers it, so that a large photo's full-size pixels are freed at
+    once. ``path`` is used only in error messages.
     """
-    if len(data) == 0:
-        raise DecodeError(path, "empty file (0 bytes)")
+    limit = resolve_max_pixels(max_pixels)
+    return _finish(_open(data, path), path=path, max_pixels=limit, draft_size=draft_size, owned=True)
+
+
+def check_size(
+    data: bytes | bytearray | memoryview,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    max_pixels: int | None = None,
+) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header, without decoding any pixel;
+    :class:`ImageTooLargeError` above ``max_pixels`` (None: :func:`default_max_pixels`), as
+    :func:`decode_bytes` would raise, and DecodeError for what is not an image."""
+    limit = resolve_max_pixels(max_pixels)
+    img = _open(data, path)
     try:
-        img = Image.open(io.BytesIO(data), formats=_allowed_formats())
-    except UnidentifiedImageError:
-        raise DecodeError(path, "not a recognised image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"image too large to decode safely ({_short(exc)})") from None
-    except _DECODE_FAILURES as exc:
-        raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
-    return _finish(img, path=path, max_pixels=max_pixels, draft_size=draft_size)
+        _check_pixels(img, path, limit)
+        return img.size
+    finally:
+        img.close()
 
 
 def as_source(source: Any) -> Any:
@@ -194,18 +259,21 @@ def as_source(source: Any) -> Any:
 def load_image(
     source: ImageSource,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> DecodedImage:
     """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
 
-    A PIL image is taken as it is (its EXIF orientation applied, its mode converted); it is not
-    modified in place. File-like objects and numpy arrays are accepted as :func:`as_source` says.
+    ``max_pixels`` and ``draft_size`` as :func:`decode_bytes` says (None: the process's limit,
+    :func:`default_max_pixels`; a store passes its own). A PIL image is taken as it is (its
+    EXIF orientation applied, its mode converted, reduced as a decoded file would be, so that
+    it gives the features its PNG would); it is not modified in place.
+    File-like objects and numpy arrays are accepted as :func:`as_source` says.
     """
     source = as_source(source)
     if isinstance(source, Image.Image):
-        return _finish(source, path=None, max_pixels=max_pixels, draft_size=None)
+        return _finish(source, path=None, max_pixels=resolve_max_pixels(max_pixels), draft_size=draft_size, owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size)
     if isinstance(source, (str, os.PathLike)):
@@ -229,34 +297,133 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _finish(
-    img: Image.Image,
-    *,
-    path: str | os.PathLike[str] | None,
-    max_pixels: int,
-    draft_size: tuple[int, int] | None,
-) -> DecodedImage:
-    """Check the size, read EXIF, decode, orient and convert to RGB. ``img`` is header-only or loaded."""
+def _open(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | None) -> ImageFile.ImageFile:
+    """Identify an encoded image and read its header, as ``Image.open(fp, formats=...)`` does,
+    but without Pillow's decompression-bomb check, so that our limit is the one that decides.
+
+    ``Image.open`` warns (``DecompressionBombWarning``, which Python prints on the terminal)
+    above ``Image.MAX_IMAGE_PIXELS`` (89 MP by default) and raises above twice that (178 MP),
+    before we can read the size and apply our own, configurable limit: a 150 MP camera photo
+    printed a raw warning, a 190 MP phone photo was refused under a 200 MP limit. Every way to
+    silence that check per call changes process-wide state that other threads and the
+    application share: ``Image.MAX_IMAGE_PIXELS`` is the application's; a warnings filter is
+    global (``warnings.catch_warnings`` swaps the one filter list of the process and restores it
+    on exit, so on Python < 3.14 two threads in it, which ingest's decode workers would be, can
+    leave each other's filters behind or drop them; a filter added once at import hides the
+    warning from the application's own Pillow calls too, and its ``module=`` cannot tell our
+    calls from theirs, since the warning is raised inside ``PIL.Image``). Calling the format
+    plugins that ``Image.open`` calls (Pillow's registry, ``Image.OPEN``, in the same order,
+    skipping the same errors) touches nothing shared. The size is then checked against our
+    limit by :func:`_check_pixels` before any pixel is decoded.
+
+    What stays Pillow's: a few plugins check again while loading (a TIFF's strips, a WebP
+    canvas, a GIF frame larger than its screen); there Pillow's own limit can still warn or
+    refuse (reported as :class:`ImageTooLargeError`). The CLI, which owns its process, quiets
+    that warning with :func:`quiet_pillow_size_warnings`.
+    """
+    if len(data) == 0:
+        raise DecodeError(path, "empty file (0 bytes)")
+    fp: IO[bytes] = io.BytesIO(data)
+    prefix = fp.read(16)
+    try:
+        for fmt in _allowed_formats():
+            factory, accept = Image.OPEN[fmt]
+            verdict = accept(prefix) if accept is not None else True
+            if not verdict or isinstance(verdict, str):  # a str: why it is not this format
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # as Image.open: try the next format
+                continue
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(path, _pillow_refused(exc)) from None
+    except _DECODE_FAILURES as exc:
+        raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
+    raise DecodeError(path, "not a recognised image format")
+
+
+def _pillow_refused(exc: BaseException) -> str:
+    return (f"image too large for Pillow's own limit in this format ({_short(exc)}); convert it to PNG or "
+            "JPEG, or raise PIL.Image.MAX_IMAGE_PIXELS in your program")
+
+
+def _check_pixels(img: Image.Image, path: str | os.PathLike[str] | None, max_pixels: int) -> None:
     width, height = img.size
     if width <= 0 or height <= 0:
         raise DecodeError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageTooLargeError(
             path,
-            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(raise max_pixels if this image is genuine)",
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} pixels; "
+            f"if it is genuine, raise the limit ({RAISE_LIMIT_HINT})",
         )
+
+
+def quiet_pillow_size_warnings() -> None:
+    """Ignore Pillow's ``DecompressionBombWarning`` in this whole process: for an application
+    (the ``imgstore`` command and its server processes call it first thing) whose every decode
+    goes through this module, where our own limit has already decided. The library never calls
+    it: a warnings filter is process-wide, and an embedding program may want Pillow's warning
+    for its own images. Pillow's error above twice its limit is not affected."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+#: Images above this many pixels (as decoded: after a JPEG draft) are reduced to about their
+#: ``draft_size`` right after decoding. Reducing shifts features a little (efficientnet-lite0:
+#: cosine 0.9987 at worst, colour 0.986, on scikit-image's photos upscaled 4x as PNG), so
+#: ordinary photos are left as they always were and only the ones that cost memory (a 100 MP
+#: PNG is 300 MB decoded, 1.2 GB in float) are reduced.
+REDUCE_FROM_PIXELS = 40_000_000
+
+#: Modes :meth:`PIL.Image.Image.reduce` averages correctly. Not "P"/"PA" (it would average
+#: palette indices), not "1" and "I;16*" (refused).
+_REDUCIBLE_MODES = frozenset({"L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"})
+
+
+def _reduce(img: Image.Image, draft_size: tuple[int, int]) -> Image.Image:
+    """``img`` box-averaged by the largest whole factor that keeps it at least ``draft_size``
+    (``img`` itself when that factor is 1): what a JPEG draft does in the decoder, for every
+    format. Pillow's own ``thumbnail`` reduces the same way before it resizes. The mode is
+    converted after reducing where the reduce can average it, so no full-size copy is made."""
+    factor = min(img.width // max(1, int(draft_size[0])), img.height // max(1, int(draft_size[1])))
+    if factor < 2:
+        return img
+    if img.mode.startswith("I;16"):
+        img = img.convert("I")  # same values, a mode the reduce takes; _to_rgb scales I as 16-bit
+    elif img.mode not in _REDUCIBLE_MODES:
+        img = _to_rgb(img)  # palette and 1-bit images: colours first (rarely large)
+    return img.reduce(factor)
+
+
+def _finish(
+    img: Image.Image,
+    *,
+    path: str | os.PathLike[str] | None,
+    max_pixels: int,
+    draft_size: tuple[int, int] | None,
+    owned: bool,
+) -> DecodedImage:
+    """Check the size, read EXIF, decode, reduce, orient and convert to RGB. ``img`` is
+    header-only or loaded; ``owned``: we opened it, so its full-size pixels may be freed here."""
+    _check_pixels(img, path, max_pixels)
+    width, height = img.size
     fmt = img.format
     orientation, captured_at = _read_exif(img)
     try:
-        if draft_size is not None and fmt in ("JPEG", "MPO"):
+        if owned and draft_size is not None and fmt in ("JPEG", "MPO"):  # never a caller's image: in place
             img.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))
         img.load()
-        rgb = _to_rgb(img)
+        # only large images are reduced: below REDUCE_FROM_PIXELS the pixels an extractor sees stay
+        # what they always were (a stored feature and a query's agree exactly)
+        small = _reduce(img, draft_size) if draft_size is not None and img.width * img.height > REDUCE_FROM_PIXELS else img
+        if owned and small is not img:
+            img.close()  # frees the full-size pixels now, not when the caller's frame lets go
+        rgb = _to_rgb(small)
     except DecodeError as exc:
         raise DecodeError(path, exc.reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"image too large to decode safely ({_short(exc)})") from None
+        raise ImageTooLargeError(path, _pillow_refused(exc)) from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"truncated or corrupt image data ({_short(exc)})") from None
     except MemoryError:

@@ -396,6 +396,7 @@ class GeometricCheck:
     min_cosine: float = GEOMETRY_MIN_COSINE
     #: verdicts by pair of contents, kept between runs (the store's :class:`PairVerdicts`)
     known: dict[tuple[str, str], int] = field(default_factory=dict)
+    max_pixels: int | None = None  # the store's decode limit (None: the process's)
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
     verifier: PairVerifier = field(init=False)
@@ -404,11 +405,12 @@ class GeometricCheck:
         self.verifier = PairVerifier(self._load)
 
     @classmethod
-    def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None) -> GeometricCheck:
+    def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None,
+                  max_pixels: int | None = None) -> GeometricCheck:
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
-        return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {})
+        return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {}, max_pixels=max_pixels)
 
     def large(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         if not len(self.large_ids):
@@ -453,7 +455,7 @@ class GeometricCheck:
     def _load(self, image_id: int) -> PILImage.Image | None:
         for path in self._paths.get(image_id, []):
             try:
-                return load_image(path, draft_size=(WORK_SIDE, WORK_SIDE)).image
+                return load_image(path, max_pixels=self.max_pixels, draft_size=(WORK_SIDE, WORK_SIDE)).image
             except (ImgStoreError, OSError) as exc:
                 logger.info("geometric check: %s: %s", printable(path), exc)
         return None
@@ -602,7 +604,8 @@ def find_duplicates(
         edges: list[Edge] = []
         ids: list[int] = []
         space: SpaceInfo | None = None
-        check = GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known) if geometry and rule.min_cosine is not None else None
+        check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels)
+                 if geometry and rule.min_cosine is not None else None)
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
@@ -632,7 +635,7 @@ def find_duplicates(
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        return _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None)
+        return _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels)
 
 
 #: The geometric check's verdicts on pairs (ids_a[i], ids_b[i]): COPY, DIFFERENT or UNKNOWN.
@@ -640,7 +643,7 @@ Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], npt.NDArray[np.
 
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
-            keep: str = "original", judge: Judge | None = None) -> list[DuplicateGroup]:
+            keep: str = "original", judge: Judge | None = None, max_pixels: int | None = None) -> list[DuplicateGroup]:
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
     distances to the keeper.
 
@@ -673,7 +676,7 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
 
     def keeper_of(g: list[int]) -> int:
         return choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
-                                 sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep)
+                                 sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep, max_pixels)
 
     final: list[tuple[list[int], int]] = []  # members, keeper
     todo = list(near)

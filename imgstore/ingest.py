@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy import Connection, delete, select, update
@@ -49,6 +49,10 @@ IMAGE_EXTENSIONS = frozenset(
 
 ProgressFn = Callable[["IngestProgress"], None]
 
+#: What a folder walk passes over without trying it: a symbolic link (not followed), a file
+#: whose extension is not an image's, a sub-folder (not descended: ``recursive=False``).
+SkipKind = Literal["symlink", "non-image", "folder"]
+
 
 @dataclass
 class IngestProgress:
@@ -70,6 +74,10 @@ class IngestSummary:
     duplicates: int = 0
     failed: int = 0
     gone: int = 0  # stored paths under the roots whose file no longer exists (now not current)
+    # what the walk passed over, so that an ingest that found nothing can say why
+    skipped_symlinks: int = 0  # symbolic links (followed only with follow_symlinks)
+    skipped_non_images: int = 0  # files whose extension is not in IMAGE_EXTENSIONS
+    skipped_folders: int = 0  # sub-folders not descended (recursive=False)
     retries: int = 0  # write transactions rerun after a conflict with another writer
     elapsed_s: float = 0.0
     dry_run: bool = False
@@ -87,6 +95,9 @@ class IngestSummary:
             "duplicates": self.duplicates,
             "failed": self.failed,
             "gone": self.gone,
+            "skipped_symlinks": self.skipped_symlinks,
+            "skipped_non_images": self.skipped_non_images,
+            "skipped_folders": self.skipped_folders,
             "retries": self.retries,
             "elapsed_s": round(self.elapsed_s, 3),
             "images_per_s": round(self.images_per_s, 2),
@@ -142,13 +153,16 @@ def walk_files(
     recursive: bool = True,
     follow_symlinks: bool = False,
     on_error: Callable[[str, str], None],
+    on_skip: Callable[[str, SkipKind], None] | None = None,
 ) -> Iterator[tuple[str, os.stat_result]]:
     """Image files under ``roots`` in sorted order, with their ``stat``.
 
     Symbolic links are skipped unless ``follow_symlinks`` (then directory loops are detected by
     device and inode). Unreadable directories and missing roots are reported to ``on_error``
-    and the walk goes on.
+    and the walk goes on; entries passed over on purpose (links, other files, sub-folders when
+    not ``recursive``) to ``on_skip``, so that a walk that found nothing can say why.
     """
+    skip = on_skip or (lambda _path, _kind: None)
     for root in roots:
         root = os.path.abspath(os.fspath(root))
         try:
@@ -161,9 +175,11 @@ def walk_files(
             yield root, os.stat(root)
             continue
         if not stat.S_ISDIR(st.st_mode):
-            on_error(root, "not a regular file or directory")
+            linked_folder = stat.S_ISLNK(st.st_mode) and os.path.isdir(root)
+            on_error(root, "a symbolic link to a folder, not followed (ingest --follow-symlinks follows it)"
+                     if linked_folder else "not a regular file or directory")
             continue
-        yield from _walk_dir(root, recursive, follow_symlinks, on_error, {(st.st_dev, st.st_ino)})
+        yield from _walk_dir(root, recursive, follow_symlinks, on_error, skip, {(st.st_dev, st.st_ino)})
 
 
 def _walk_dir(
@@ -171,6 +187,7 @@ def _walk_dir(
     recursive: bool,
     follow: bool,
     on_error: Callable[[str, str], None],
+    on_skip: Callable[[str, SkipKind], None],
     visited: set[tuple[int, int]],
 ) -> Iterator[tuple[str, os.stat_result]]:
     try:
@@ -182,6 +199,7 @@ def _walk_dir(
     for entry in entries:
         try:
             if entry.is_symlink() and not follow:
+                on_skip(entry.path, "symlink")
                 continue
             if entry.is_dir(follow_symlinks=follow):
                 subdirs.append(entry)
@@ -189,11 +207,14 @@ def _walk_dir(
             if not entry.is_file(follow_symlinks=follow):
                 continue
             if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                on_skip(entry.path, "non-image")
                 continue
             yield entry.path, entry.stat(follow_symlinks=follow)
         except OSError as exc:
             on_error(entry.path, f"cannot access ({exc.strerror or exc})")
     if not recursive:
+        for entry in subdirs:
+            on_skip(entry.path, "folder")
         return
     for entry in subdirs:
         try:
@@ -205,7 +226,7 @@ def _walk_dir(
         if key in visited:
             on_error(entry.path, "directory loop (a symbolic link back into the tree); skipped")
             continue
-        yield from _walk_dir(entry.path, recursive, follow, on_error, visited | {key})
+        yield from _walk_dir(entry.path, recursive, follow, on_error, on_skip, visited | {key})
 
 
 # --- the ingest job -------------------------------------------------------------------------------
@@ -226,13 +247,16 @@ class Ingester:
         progress: ProgressFn | None = None,
         preload_known: bool = True,
         write_size: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         """``preload_known``: read every stored content hash of the space once, up front (one
         process ingesting a whole folder); False asks the database per file instead (a cluster
         worker handling a few hundred files of a large store). ``write_size``: images per write
         transaction (default ``batch_size``: a killed ingest loses at most one batch; a cluster
         worker writes its whole partition at once, which its rerun redoes anyway, and fewer,
-        larger transactions rewrite each shared bucket row less often)."""
+        larger transactions rewrite each shared bucket row less often). ``max_pixels``: the
+        largest image decoded (default: the store's, ``ctx.max_pixels``; a cluster worker is
+        given its client's)."""
         self.ctx = ctx
         self.extractor = extractor
         self.space_id = space_id
@@ -245,6 +269,7 @@ class Ingester:
         self._claimed: set[str] = set()
         self._known: set[str] = set()
         self.preload_known = preload_known
+        self.max_pixels = ctx.max_pixels if max_pixels is None else max_pixels
 
     # The heavy lifting -----------------------------------------------------------------------
 
@@ -276,16 +301,23 @@ class Ingester:
         stored yet (the rest count as unchanged). Walk errors are recorded (unless ``dry_run``)."""
         summary = IngestSummary(dry_run=dry_run)
         walk_errors: list[tuple[str, str]] = []
+        skipped = {"symlink": 0, "non-image": 0, "folder": 0}
+
+        def count_skip(_path: str, kind: SkipKind) -> None:
+            skipped[kind] += 1
+
         files: list[tuple[str, os.stat_result]] = []
         root_of: dict[str, str] = {}
         for root in roots:
             top = os.path.abspath(os.fspath(root))
             folder = top if os.path.isdir(top) else os.path.dirname(top)
             for path, st in walk_files([top], recursive=recursive, follow_symlinks=follow_symlinks,
-                                       on_error=lambda p, r: walk_errors.append((p, r))):
+                                       on_error=lambda p, r: walk_errors.append((p, r)), on_skip=count_skip):
                 files.append((path, st))
                 root_of.setdefault(path, folder)
         summary.files_seen = len(files)
+        summary.skipped_symlinks, summary.skipped_non_images = skipped["symlink"], skipped["non-image"]
+        summary.skipped_folders = skipped["folder"]
         known_paths = self._known_paths([os.path.abspath(os.fspath(r)) for r in roots])
         tasks: list[Task] = []
         unchanged: list[str] = []
@@ -305,8 +337,11 @@ class Ingester:
             self.ctx.write(lambda conn: _record_errors(conn, walk_errors, "WalkError"), doing="record ingest errors")
             summary.failed += len(walk_errors)
             summary.errors.extend(walk_errors)
-        return Plan([os.path.abspath(os.fspath(r)) for r in roots], tasks, unchanged,
+        plan = Plan([os.path.abspath(os.fspath(r)) for r in roots], tasks, unchanged,
                     {to_stored(path) for path, _ in files}, summary)
+        if dry_run:  # what finish would mark not current, counted but left as it is
+            summary.gone = len(catalog.mark_gone(self.ctx, roots=plan.roots, seen=plan.seen, dry_run=True))
+        return plan
 
     def finish(self, plan: Plan, summary: IngestSummary, started: float) -> IngestSummary:
         """After every task is written: metadata for the unchanged files, and stored paths under
@@ -397,7 +432,7 @@ class Ingester:
     def load(self, task: Task) -> DecodedImage | None:
         """Worker thread: read, hash, skip known content, decode."""
         if task.path is None and not isinstance(task.source, (bytes, bytearray, memoryview)):
-            decoded = load_image(task.source)  # a PIL image
+            decoded = load_image(task.source, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size)  # a PIL image
             task.data_sha256 = digest = image_sha256(task.source)
             task.byte_size = 0
             if self._claim(digest):
@@ -413,7 +448,7 @@ class Ingester:
             return None
         try:
             shown = printable(task.path) if task.path is not None else None
-            decoded = decode_bytes(data, path=shown, draft_size=self.extractor.draft_size)
+            decoded = decode_bytes(data, path=shown, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size)
             task.signature = signature_bytes(thumb_signature(decoded.image))
             return decoded
         except ImgStoreError:

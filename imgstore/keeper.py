@@ -73,7 +73,7 @@ class Candidate:
     path: str | None  # a current path to measure the border on (None: unknown, no border)
 
 
-def border_fraction(path: str | None) -> float:
+def border_fraction(path: str | None, max_pixels: int | None = None) -> float:
     """Share of the image that is a rotation's border: four corner triangles of one uniform
     colour whose long edges are straight and at right angles to each other (the rotated
     picture's edges). 0 when the corners disagree, when a corner's fill is not such a triangle
@@ -83,7 +83,7 @@ def border_fraction(path: str | None) -> float:
     from .decode import load_image
 
     try:
-        img = load_image(path, draft_size=(BORDER_SIDE, BORDER_SIDE)).image
+        img = load_image(path, max_pixels=max_pixels, draft_size=(BORDER_SIDE, BORDER_SIDE)).image
     except Exception as exc:  # noqa: BLE001 - a file that moved or broke just gets no border
         log.debug("border of %s: %s", path, exc)
         return 0.0
@@ -166,8 +166,9 @@ def _triangle(fill: npt.NDArray[np.bool_]) -> _Triangle | None:
     return _Triangle(x, y, float(runs[:n].sum()))
 
 
-def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
-    """The image id to keep among ``candidates`` under ``rule``."""
+def choose(candidates: Sequence[Candidate], rule: str = "original", max_pixels: int | None = None) -> int:
+    """The image id to keep among ``candidates`` under ``rule``; files are decoded (to measure
+    borders) up to ``max_pixels`` (None: the process's limit)."""
     if rule not in RULES:
         raise ConfigError(f"unknown keeper rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "largest":
@@ -182,7 +183,7 @@ def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
             return (sign * t.timestamp() if t is not None else float("inf"), c.image_id)
 
         return min(candidates, key=when).image_id
-    added = _added_borders(candidates)
+    added = _added_borders(candidates, max_pixels)
 
     def key(c: Candidate) -> tuple[object, ...]:
         picture = c.width * c.height * (1.0 - added[c.image_id])
@@ -193,7 +194,7 @@ def choose(candidates: Sequence[Candidate], rule: str = "original") -> int:
     return max(candidates, key=key).image_id
 
 
-def _added_borders(candidates: Sequence[Candidate]) -> dict[int, float]:
+def _added_borders(candidates: Sequence[Candidate], max_pixels: int | None = None) -> dict[int, float]:
     """Per candidate, the share of its canvas that is a border added around the picture: only a
     canvas larger than another member's can hide one, and only a uniform border that accounts
     for the extra canvas over some smaller member (rotating a picture onto a bigger canvas keeps
@@ -206,7 +207,7 @@ def _added_borders(candidates: Sequence[Candidate]) -> dict[int, float]:
         out[c.image_id] = 0.0
         smaller = [other for other in areas if area > other * (1 + AREA_STEP)]
         if smaller:
-            border = border_fraction(c.path)
+            border = border_fraction(c.path, max_pixels)
             match = min(smaller, key=lambda other: abs(border - (1.0 - other / area)))
             if border > 0 and abs(border - (1.0 - match / area)) <= BORDER_MATCH:
                 # the picture inside is that member's picture (a rotation keeps the area); the

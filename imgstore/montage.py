@@ -43,10 +43,12 @@ def _fit(text: str, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont | Image
     return "…" + text
 
 
-def contact_sheet(tiles: Sequence[Tile], path: str | os.PathLike[str], *, columns: int = 6, title: str | None = None) -> Path:
+def contact_sheet(tiles: Sequence[Tile], path: str | os.PathLike[str], *, columns: int = 6, title: str | None = None,
+                  max_pixels: int | None = None) -> Path:
     """Write a PNG grid of thumbnails, each with up to three caption lines; returns the path.
 
-    Unreadable images become grey tiles (their caption says so) rather than failing the sheet.
+    Unreadable images become grey tiles (their caption says so) rather than failing the sheet;
+    so does an image over ``max_pixels`` (None: the process's limit; the CLI passes the store's).
     Writes only ``path``; its folder must exist.
     """
     out = Path(path)
@@ -69,7 +71,7 @@ def contact_sheet(tiles: Sequence[Tile], path: str | os.PathLike[str], *, column
         try:
             if tile.source is None:
                 raise ImgStoreError("no file")
-            thumb = load_image(tile.source, draft_size=(THUMB, THUMB)).image
+            thumb = load_image(tile.source, max_pixels=max_pixels, draft_size=(THUMB, THUMB)).image
             thumb.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         except (ImgStoreError, OSError) as exc:

@@ -58,6 +58,11 @@ class ImageStore:
     ``cache_codes`` keeps each index's codes in this process's memory between queries
     (reloaded when the database says the index changed), with the float features of the same
     images beside them for the re-rank while they fit in ``vector_cache_mb`` (0: never).
+    ``max_pixels``: the largest image (width x height) this store decodes, on every path
+    (ingest, :meth:`add`, queries by example, the server's uploads and thumbnails); above it an
+    image is refused with :class:`~imgstore.errors.ImageTooLargeError` before any pixel is
+    decoded. None: ``$IMGSTORE_MAX_PIXELS``, else :data:`~imgstore.decode.DEFAULT_MAX_PIXELS`
+    (200 MP).
 
     Use it as a context manager, or call :meth:`close`.
     """
@@ -71,10 +76,12 @@ class ImageStore:
         cache_codes: bool = False,
         vector_cache_mb: int = 1024,
         extractor_options: dict[str, dict[str, Any]] | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         if vector_cache_mb < 0:
             raise ConfigError(f"vector_cache_mb must be 0 or more, got {vector_cache_mb}")
-        self.ctx = open_context(db, check_schema=check_schema, echo=echo, extractor_options=extractor_options)
+        self.ctx = open_context(db, check_schema=check_schema, echo=echo, extractor_options=extractor_options,
+                                max_pixels=max_pixels)
         self.ctx.vector_cache_bytes = vector_cache_mb << 20
         self.cache_codes = cache_codes
 
@@ -96,6 +103,11 @@ class ImageStore:
     @property
     def extractor_options(self) -> dict[str, dict[str, Any]]:
         return self.ctx.extractor_options
+
+    @property
+    def max_pixels(self) -> int:
+        """The largest image (pixels) this store decodes (see the class's ``max_pixels``)."""
+        return self.ctx.max_pixels
 
     def close(self) -> None:
         self.ctx.close()
@@ -296,7 +308,14 @@ class ImageStore:
         return summary
 
     def add(self, source: Any, metadata: dict[str, Any] | None = None, *, extractor: str | None = None) -> int:
-        """Add one image (a path, encoded bytes or a PIL image); returns its image id.
+        """Add one image; returns its image id.
+
+        ``source`` is one of: a file path (``str`` or ``os.PathLike``; ``~`` is expanded; the
+        path is recorded, as an ingest records it); encoded image bytes (``bytes``,
+        ``bytearray`` or ``memoryview`` of a JPEG, PNG, ... file); a binary file-like object
+        (``io.BytesIO``, a file opened ``"rb"``), read to its end; a PIL image; or a numpy
+        ``uint8`` array of pixels, ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA.
+        Only a path gets a path row; the others are stored by content alone.
 
         Raises :class:`DecodeError` when it cannot be decoded. The same content added twice
         returns the same id.
@@ -311,7 +330,8 @@ class ImageStore:
         self, sources: Iterable[Any], metadata: dict[str, Any] | None = None, *, extractor: str | None = None,
         batch_size: int = 64, auto_index: bool = True,
     ) -> tuple[IngestSummary, list[int | None]]:
-        """Add many images; returns (summary, image id or None per source, in order)."""
+        """Add many images, each of a kind :meth:`add` takes; returns (summary, image id or None
+        per source, in order)."""
         ex = self.ctx.extractor(extractor)
         space_id = self._space_id(ex)
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, metadata=metadata)
@@ -394,8 +414,19 @@ class ImageStore:
     ) -> list[SearchResult]:
         """The k images most similar to ``query``, best first.
 
-        ``query``: a path, encoded bytes, a PIL image, a stored image id (``int``) or a feature
-        vector. With an index: band prefilter then Hamming re-rank (``exact=True`` equals a
+        ``query`` is one of:
+
+        - a stored image id: an ``int`` (or numpy integer), or a ``str`` of digits that names no
+          existing file (a file of that name wins);
+        - a file path (``str`` or ``os.PathLike``; ``~`` is expanded);
+        - encoded image bytes (``bytes``, ``bytearray`` or ``memoryview`` of a JPEG, PNG, ... file);
+        - a binary file-like object (``io.BytesIO``, a file opened ``"rb"``), read to its end;
+        - a PIL image;
+        - a numpy ``uint8`` array of pixels: ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA;
+        - a feature vector: a 1-D numpy float array of the searched feature space's length.
+
+        An image (anything but an id or a vector) is embedded by the feature space's extractor.
+        With an index: band prefilter then Hamming re-rank (``exact=True`` equals a
         brute-force Hamming scan); ``rerank`` orders the best ``rerank_depth`` (default 10k)
         Hamming candidates by cosine similarity of the stored features (default: on). Without
         any index: exact cosine search over the stored features. ``cached`` keeps the index's
@@ -421,7 +452,12 @@ class ImageStore:
         include_stale: bool = False,
         options: SearchOptions | None = None,
     ) -> list[list[SearchResult]]:
-        """:meth:`search` for many queries, with one connection and one cache check."""
+        """:meth:`search` for many queries, with one connection and one cache check.
+
+        ``queries``: any iterable of the queries :meth:`search` takes, or one of them on its own
+        (a ``str``, bytes, a file-like object, a PIL image or a ``uint8`` array is one query,
+        never its characters, bytes or pixel rows). A 2-D float array is one feature vector per
+        row. Returns one result list per query, in order."""
         if options is None:
             options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
                                     cached=cached, index_id=index_id, include_stale=include_stale)

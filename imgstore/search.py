@@ -35,7 +35,7 @@ from PIL import Image
 from sqlalchemy import Connection, func, select
 
 from .bandindex import SqlProbe, scan_codes
-from .catalog import path_rows
+from .catalog import existing_ids, path_rows
 from .codecache import CodeCache, caches, probe_values
 from .context import is_disconnect
 from .decode import as_source, load_image
@@ -390,17 +390,21 @@ STALE_RETRIES = 4
 
 def _visible(conn: Connection, ranked: Found, k: int, include_stale: bool) -> list[SearchResult]:
     """The first k of ``ranked`` with their current paths, leaving out stale images (seen at
-    paths, none current) unless asked: one query for the usual case of none stale."""
+    paths, none current) unless asked, and images removed since the candidates were found (a
+    code cache that has not caught up with a removal yet): one query for the usual case of
+    every image with a path."""
     out: list[SearchResult] = []
     ids = ranked.image_ids.tolist()
     pos = 0
     while len(out) < k and pos < len(ids):
         part = [int(i) for i in ids[pos : pos + max(2 * (k - len(out)), 16)]]
         rows = path_rows(conn, part)
+        pathless = [i for i in part if i not in rows]
+        removed = set(pathless) - existing_ids(conn, pathless) if pathless else set()
         for n, image_id in enumerate(part, start=pos):
             seen = rows.get(image_id, [])
             current = [r.path for r in seen if r.is_current]
-            if seen and not current and not include_stale:
+            if (seen and not current and not include_stale) or image_id in removed:
                 continue
             out.append(SearchResult(
                 image_id=image_id, paths=current,
@@ -468,7 +472,7 @@ def query_vectors(
                 f"re-ingest the folders (imgstore ingest FOLDER --extractor {space.extractor}) and index the new "
                 f"features (imgstore index create --extractor {space.extractor}), or query by stored image id"
             )
-        images = [load_image(q, draft_size=ex.draft_size).image for _, q in to_embed]
+        images = [load_image(q, max_pixels=ctx.max_pixels, draft_size=ex.draft_size).image for _, q in to_embed]
         for (i, _), f in zip(to_embed, ex.extract(images)):
             vectors[i] = f
     codes: list[npt.NDArray[np.uint8] | None] = [stored.get(i) for i in range(len(queries))]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from .web.app import MIN_TOKEN_LENGTH, WORKER_SETTINGS_ENV, check_token, create_app, is_loopback, worker_app, worker_settings
 from .web.http import Guard
-from .web.service import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, Batcher, Service, Thumbnails
+from .web.service import MAX_UPLOAD_BYTES, Batcher, Service, Thumbnails
 
 __all__ = [
            "MAX_UPLOAD_BYTES",
-           "MAX_UPLOAD_PIXELS",
            "MIN_TOKEN_LENGTH",
            "WORKER_SETTINGS_ENV",
            "Batcher",

@@ -87,3 +87,48 @@ def test_digits_that_name_a_file_are_a_path(db_url: str, tmp_path: Path, monkeyp
         assert store.search("2", k=1)[0].image_id == horse  # digits naming no file: an id
     out = CliRunner().invoke(cli, ["--db", db_url, "query", "1", "-k", "1", "--json"])
     assert out.exit_code == 0 and f'"image_id": {horse}' in out.output
+
+
+def test_every_documented_query_kind(db_url: str, home_photos: Path) -> None:
+    """Each kind of query ``ImageStore.search`` documents finds the cat it shows or names."""
+    from PIL import Image
+
+    cat_file = home_photos / "chelsea.png"
+    with ImageStore(db_url) as store:
+        store.ingest([home_photos], extractor="color")
+        cat = store.image(str(cat_file)).id
+        data = cat_file.read_bytes()
+        pixels = np.asarray(Image.open(cat_file).convert("RGB"))
+        vector = store.extractor("color").extract([Image.open(cat_file).convert("RGB")])[0]
+        with open(cat_file, "rb") as opened:
+            kinds = {
+                "int id": cat, "numpy id": np.int64(cat), "digits": str(cat), "str path": str(cat_file),
+                "PathLike": cat_file, "~ path": "~/Pictures/chelsea.png", "bytes": data, "bytearray": bytearray(data),
+                "memoryview": memoryview(data), "BytesIO": io.BytesIO(data), "file opened rb": opened,
+                "PIL image": Image.open(cat_file), "uint8 RGB": pixels,
+                "uint8 RGBA": np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)]),
+                "float vector": np.asarray(vector, dtype=np.float64),
+            }
+            for kind, query in kinds.items():
+                assert store.search(query, k=1)[0].image_id == cat, kind
+        grey = np.asarray(Image.open(cat_file).convert("L"))
+        assert grey.shape == pixels.shape[:2] and len(store.search(grey, k=1)) == 1
+        # search_many: one query of any kind on its own, or an iterable; a 2-D float array is one vector per row
+        assert [r[0].image_id for r in store.search_many(np.stack([vector, vector]), k=1)] == [cat, cat]
+        assert len(store.search_many(pixels, k=1)) == 1 and len(store.search_many(data, k=1)) == 1
+
+
+def test_add_takes_what_it_documents(db_url: str, home_photos: Path) -> None:
+    from PIL import Image
+
+    data = (home_photos / "rocket.png").read_bytes()
+    with ImageStore(db_url) as store:
+        by_bytes = store.add(data, extractor="color")
+        assert store.add(memoryview(data), extractor="color") == store.add(bytearray(data), extractor="color") == by_bytes
+        with open(home_photos / "rocket.png", "rb") as opened:
+            assert store.add(opened, extractor="color") == by_bytes
+        assert isinstance(store.add(Image.open(home_photos / "coffee.png"), extractor="color"), int)
+        grey = np.asarray(Image.open(home_photos / "coffee.png").convert("L"))
+        assert isinstance(store.add(grey, extractor="color"), int)
+        assert store.add(home_photos / "rocket.png", extractor="color") == by_bytes  # a PathLike, its path recorded
+        assert [p.path for p in store.image(by_bytes).paths] == [str(home_photos / "rocket.png")]

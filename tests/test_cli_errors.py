@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from PIL import Image
 from sqlalchemy import text
 
 from imgstore import ImageStore
 from imgstore.cli import cli
 
-from .helpers import make_collection, photo, write_variants
+from .helpers import make_collection, photo, png_with_header, write_variants
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -232,3 +233,50 @@ def test_a_reader_that_stops_reading_is_no_error(small_store: str, command: list
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == "", err
+
+
+def test_large_photos_ingest_quietly_and_one_over_the_limit_is_one_line(sqlite_url: str, tmp_path: Path) -> None:
+    """95 MP photos (over Pillow's 89 MP warning, under our 200 MP limit) ingest with nothing on
+    stderr, PNG and TIFF alike; a 210 MP one fails alone, in one line that names the fix. A real
+    process: a warning printed by Python is what the user saw."""
+    root = tmp_path / "large"
+    root.mkdir()
+    Image.new("L", (10_000, 9_500), 77).save(root / "big.png")  # flat grey: 100 KB, quick to decode
+    Image.new("L", (10_000, 9_500), 150).save(root / "big.tif", compression="tiff_deflate")
+    (root / "huge.png").write_bytes(png_with_header(15_000, 14_000))
+    out = subprocess.run([sys.executable, "-m", "imgstore.cli", "--db", sqlite_url, "ingest", str(root),
+                          "--extractor", "color", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "added 2" in out.stdout and "failed 1" in out.stdout, out.stdout
+    assert "Warning" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "huge.png: image is 15000x14000 = 210000000 pixels, over the limit of 200000000 " \
+        "pixels" in lines[0] and "--max-pixels" in lines[0], out.stderr
+    errors = json.loads(run("--db", sqlite_url, "errors", "--json").output)
+    assert [(Path(e["path"]).name, e["error_type"]) for e in errors] == [("huge.png", "ImageTooLargeError")]
+
+
+def test_max_pixels_option_and_environment(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (1000, 1000), (10, 120, 30)).save(root / "one.png")  # 1 MP
+    Image.new("RGB", (1200, 1000), (200, 20, 30)).save(root / "more.png")  # 1.2 MP
+
+    def ingest(db: str, *options: str, env: dict[str, str] | None = None) -> list[str]:
+        result = run("--db", str(tmp_path / db), *options, "ingest", str(root), "--extractor", "color", "--no-progress",
+                     env=env)
+        assert result.exit_code == 0, result.output
+        return [e["reason"] for e in json.loads(run("--db", str(tmp_path / db), "errors", "--json").output)]
+
+    assert ingest("a.db", "--max-pixels", "1.1M") == [
+        "image is 1200x1000 = 1200000 pixels, over the limit of 1100000 pixels; if it is genuine, raise the limit "
+        "(imgstore --max-pixels N, $IMGSTORE_MAX_PIXELS=N or ImageStore(max_pixels=N))"]
+    assert [r[:40] for r in ingest("b.db", env={"IMGSTORE_MAX_PIXELS": "1000000"})] == [
+        "image is 1200x1000 = 1200000 pixels, ove"]
+    assert ingest("c.db", "--max-pixels", "2M", env={"IMGSTORE_MAX_PIXELS": "1000000"}) == []  # the option wins
+    Image.new("RGB", (1200, 1000), (20, 20, 200)).save(tmp_path / "query.png")  # not stored: decoded to be searched
+    query = run("--db", str(tmp_path / "c.db"), "--max-pixels", "1M", "query", str(tmp_path / "query.png"))
+    one_line_error(query, "query.png: image is 1200x1000 = 1200000 pixels, over the limit of 1000000 pixels")
+    for options, env in ((["--max-pixels", "lots"], None), ([], {"IMGSTORE_MAX_PIXELS": "0"})):
+        bad = run("--db", str(tmp_path / "c.db"), *options, "info", env=env)
+        assert bad.exit_code == 2 and "is not a pixel count" in bad.output, bad.output

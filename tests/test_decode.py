@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from datetime import datetime
 from pathlib import Path
@@ -14,8 +15,19 @@ import pytest
 from PIL import Image, ImageFile
 
 import imgstore.decode as decode_module
-from imgstore.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_bytes, load_image, read_file
-from imgstore.errors import ConfigError, DecodeError, ImgStoreError
+from imgstore import ImageStore
+from imgstore.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    check_size,
+    decode_bytes,
+    load_image,
+    parse_pixels,
+    read_file,
+)
+from imgstore.errors import ConfigError, DecodeError, ImageTooLargeError, ImgStoreError
+
+from .helpers import png_with_header
 
 
 def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -204,6 +216,118 @@ def test_decompression_bomb_header(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match="over the limit"):  # our limit, when Pillow's is not hit
         ihdr = struct.pack(">IIBBBBB", 9000, 9000, 8, 2, 0, 0, 0)
         decode_bytes(data[:8] + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat), max_pixels=10**6)
+
+
+@pytest.fixture(scope="module")
+def png_95mp() -> bytes:
+    """A real 10000 x 9500 PNG: 95 MP, over Pillow's 89 MP warning and under our 200 MP limit.
+    One flat grey, so the file is about 100 KB and decodes in a second into 95 MB."""
+    return encode(Image.new("L", (10_000, 9_500), 77), "PNG")
+
+
+def test_a_large_photo_under_the_limit_decodes_without_warning(png_95mp: bytes) -> None:
+    filters = list(warnings.filters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning (or any other) fails the test
+        d = decode_bytes(png_95mp, draft_size=(448, 448))
+    assert (d.width, d.height, d.format) == (10_000, 9_500, "PNG")  # the file's size...
+    assert d.image.size == (477, 453) and d.image.mode == "RGB"  # ...reduced 21x: still covers 448 x 448
+    assert pixel(d, 100, 100) == (77, 77, 77)
+    assert warnings.filters == filters  # the library never touches the process's warning filters
+
+
+def test_between_pillows_refusal_and_our_limit_ours_decides() -> None:
+    """Pillow refuses above twice its 89 MP warning size; a 190 MP photo is under our 200 MP."""
+    data = png_with_header(14_000, 13_600)  # 190.4 MP; the header only, no pixel data
+    assert check_size(data) == (14_000, 13_600)
+    with pytest.raises(DecodeError, match="truncated") as info:  # decoded (and found empty), not refused
+        decode_bytes(data, draft_size=(448, 448))
+    assert not isinstance(info.value, ImageTooLargeError)
+    for refuse in (lambda: decode_bytes(data, max_pixels=190_000_000), lambda: check_size(data, max_pixels=190_000_000)):
+        with pytest.raises(ImageTooLargeError, match="= 190400000 pixels, over the limit of 190000000 pixels"):
+            refuse()
+
+
+def test_over_the_limit_the_error_names_the_fix() -> None:
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_bytes(png_with_header(15_000, 14_000))
+    message = str(info.value)
+    assert "15000x14000 = 210000000 pixels, over the limit of 200000000 pixels" in message
+    assert "--max-pixels" in message and "IMGSTORE_MAX_PIXELS" in message and "ImageStore(max_pixels=" in message
+    assert "\n" not in message and "Pillow" not in message
+
+
+def test_limit_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    data = encode(Image.new("RGB", (20, 20)), "PNG")
+    monkeypatch.setenv("IMGSTORE_MAX_PIXELS", "399")
+    with pytest.raises(ImageTooLargeError, match="over the limit of 399 pixels"):
+        decode_bytes(data)
+    assert decode_bytes(data, max_pixels=400).width == 20  # given outright, a limit wins
+    with ImageStore(tmp_path / "a.db") as store:
+        assert store.max_pixels == 399
+    with ImageStore(tmp_path / "a.db", max_pixels=10**9) as store:
+        assert store.max_pixels == 10**9
+    monkeypatch.setenv("IMGSTORE_MAX_PIXELS", "0.0004M")
+    assert decode_bytes(data).width == 20
+    monkeypatch.setenv("IMGSTORE_MAX_PIXELS", "lots")
+    with pytest.raises(ConfigError, match=r"\$IMGSTORE_MAX_PIXELS must be a number of pixels"):
+        decode_bytes(data)
+    monkeypatch.delenv("IMGSTORE_MAX_PIXELS")
+    assert ImageStore(tmp_path / "b.db").max_pixels == DEFAULT_MAX_PIXELS
+    for bad in (0, -1, True, 1.5, "1M"):
+        with pytest.raises(ConfigError, match="max_pixels must be a whole number"):
+            ImageStore(tmp_path / "c.db", max_pixels=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "pixels"), [("250000000", 250_000_000), ("250_000_000", 250_000_000),
+                                              ("250M", 250_000_000), (" 250 mp ", 250_000_000), ("1.5M", 1_500_000)])
+def test_parse_pixels(text: str, pixels: int) -> None:
+    assert parse_pixels(text) == pixels
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "1.5", "lots", "nanM", "infM", "1e30M"])
+def test_parse_pixels_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="must be a number of pixels"):
+        parse_pixels(text)
+
+
+@pytest.mark.parametrize(("mode", "fmt", "fill", "expected"), [
+    ("RGB", "PNG", (10, 200, 30), (10, 200, 30)),
+    ("RGB", "TIFF", (10, 200, 30), (10, 200, 30)),
+    ("RGBA", "PNG", (255, 0, 0, 0), (255, 255, 255)),  # transparent: white
+    ("LA", "PNG", (0, 128), (127, 127, 127)),  # half-transparent black on white
+    ("P", "GIF", (200, 40, 40), (200, 40, 40)),
+    ("1", "PNG", 1, (255, 255, 255)),
+    ("I;16", "PNG", 65535, (255, 255, 255)),
+])
+def test_every_mode_is_reduced_to_the_draft_size_with_its_colours(mode: str, fmt: str, fill: object,
+                                                                   expected: tuple[int, ...],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Formats without a JPEG draft are reduced after decoding, palette and 16-bit images too
+    (from REDUCE_FROM_PIXELS up: lowered here, so that a small image shows it; below it an
+    image is never reduced, so that features stay what they were)."""
+    size = (2000, 1500)
+    img = Image.new("RGB", size, fill).quantize(4) if mode == "P" else Image.new(mode, size, fill)  # type: ignore[arg-type]
+    assert decode_bytes(encode(img, fmt), draft_size=(200, 200)).image.size == size
+    monkeypatch.setattr(decode_module, "REDUCE_FROM_PIXELS", 1_000_000)
+    d = decode_bytes(encode(img, fmt), draft_size=(200, 200))
+    assert (d.width, d.height) == size
+    assert d.image.size == (286, 215) and d.image.mode == "RGB"  # 7x: the largest factor still covering 200 x 200
+    assert close(pixel(d, 100, 100), expected, tol=2)
+    assert decode_bytes(encode(img, fmt)).image.size == size  # no draft size: every pixel
+    # a PIL image is reduced as its file is: the same pixels, so the same features
+    assert np.array_equal(np.asarray(load_image(img, draft_size=(200, 200)).image), np.asarray(d.image))
+    assert img.size == size and img.mode == ("P" if mode == "P" else mode)  # the caller's image is left as it was
+
+
+def test_a_large_jpeg_is_drafted_then_reduced(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode(Image.new("RGB", (8000, 6000), (30, 60, 90)), "JPEG", quality=80)
+    assert decode_bytes(data, draft_size=(224, 224)).image.size == (1000, 750)  # the draft alone below the threshold
+    monkeypatch.setattr(decode_module, "REDUCE_FROM_PIXELS", 500_000)
+    d = decode_bytes(data, draft_size=(224, 224))
+    assert (d.width, d.height) == (8000, 6000)
+    assert d.image.size == (334, 250)  # 1/8 in the decoder (1000 x 750), then 3x (rounded up)
+    assert close(pixel(d, 10, 10), (30, 60, 90))
 
 
 def test_read_file_size_cap(tmp_path: Path) -> None:

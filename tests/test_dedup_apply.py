@@ -77,7 +77,7 @@ def test_apply_moves_copies_and_undo_puts_them_back(db_url: str, tmp_path: Path)
         assert len(store.find_duplicates()) == 1
         assert store.verify().vanished_files == [] and store.verify().changed_files == []
     again = runner.invoke(cli, ["--db", db_url, "dedup", "--undo", report["journal"]])
-    assert again.exit_code == 0 and "0 file(s) put back, 0 not" in again.output
+    assert again.exit_code == 0 and "0 files put back, 0 not" in again.output
 
 
 def test_an_interrupted_apply_is_finished_by_the_next(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,7 +160,7 @@ def test_prune_moved_forgets_moved_copies(db_url: str, tmp_path: Path) -> None:
         n_images = store.counts().images
         store.apply_duplicates(store.find_duplicates(), bin_)
     out = runner.invoke(cli, ["--db", db_url, "prune", "--moved"])
-    assert out.exit_code == 0 and "forgot 2 moved path(s) and 1 image(s)" in out.output, out.output
+    assert out.exit_code == 0 and "forgot 2 moved paths and 1 image left" in out.output, out.output
     with ImageStore(db_url) as store:
         assert store.counts().images == n_images - 1  # the half-size copy; the exact copy was the keeper's bytes
         with pytest.raises(Exception):

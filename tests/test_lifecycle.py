@@ -97,7 +97,7 @@ def test_rm_path_keeps_the_image_while_another_path_holds_it(db_url: str, tmp_pa
     dry = runner.invoke(cli, ["--db", db_url, "rm", str(files["copy"]), "--dry-run", "--json"])
     assert json.loads(dry.output) == {"paths": [str(files["copy"])], "images": [], "dry_run": True}
     out = runner.invoke(cli, ["--db", db_url, "rm", str(files["copy"])])
-    assert out.exit_code == 0 and "removed 0 image(s)" in out.output
+    assert out.exit_code == 0 and "removed 0 images" in out.output
     with ImageStore(db_url) as store:
         assert store.counts().images == n_images
         assert [p.path for p in store.image(cat).paths] == [str(files["chelsea"])]

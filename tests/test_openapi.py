@@ -15,6 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from imgstore import ImageStore
+from imgstore.decode import load_image
 from imgstore.serve import Thumbnails, create_app
 from openapi_spec_validator import validate
 
@@ -107,7 +108,9 @@ def test_a_generated_client_searches_a_real_server(small_store: ImageStore, tmp_
             record = image_mod.sync(client=client, image_id=hits[0].image_id)
             assert isinstance(record, models.ImageRecord) and record.sha256
 
-            vector = small_store.extractor("color").extract([photo("rocket")])[0]
+            extractor = small_store.extractor("color")
+            # the picture as every decode sees it (reduced to the extractor's working size), as the upload was
+            vector = extractor.extract([load_image(photo("rocket"), draft_size=extractor.draft_size).image])[0]
             as_json = models.SearchByUploadJsonVectorQuery(vector=[float(v) for v in vector])
             by_vector = upload_mod.sync(client=client, body=as_json, k=4)
             assert [h.image_id for h in by_vector] == [h.image_id for h in hits]

@@ -5,6 +5,7 @@ choosing is ever read; writes only when allowed; the token when set."""
 from __future__ import annotations
 
 import io
+import json
 import socket
 import threading
 import time
@@ -17,9 +18,10 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from imgstore import ImageStore
+from imgstore.decode import DEFAULT_MAX_PIXELS
 from imgstore.errors import ConfigError
 from imgstore.cli import cli
-from imgstore.serve import Thumbnails, create_app
+from imgstore.serve import Thumbnails, create_app, worker_settings
 
 from .helpers import photo, png_with_header, write_variants
 
@@ -364,6 +366,35 @@ def test_upload_pixel_limit(served: tuple[ImageStore, Path], tmp_path: Path) -> 
     for url in ("/api/search", "/api/images"):
         big = api.post(url, files={"image": ("b.png", png(photo("chelsea").resize((200, 200))), "image/png")})
         assert big.status_code == 422 and "40000 pixels, over the limit of 10000" in big.json()["error"]
+    assert store.counts().images == 8
+
+
+def test_server_and_cli_refuse_the_same_image_at_the_same_limit(served: tuple[ImageStore, Path], db_url: str,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pixel limit: the server's is its store's (it had a 64 MP one of its own), the one the
+    CLI's ingest obeys, set once for the process ($IMGSTORE_MAX_PIXELS, or --max-pixels)."""
+    store, _ = served
+    assert store.max_pixels == DEFAULT_MAX_PIXELS
+    api = client(store, tmp_path, allow_writes=True)
+    for url in ("/api/search", "/api/images"):  # 95 MP: decoded (and found to hold no pixel data), not refused
+        answer = api.post(url, files={"image": ("p.png", png_with_header(10_000, 9_500), "image/png")})
+        assert answer.status_code == 415 and "truncated" in answer.json()["error"], answer.json()
+    monkeypatch.setenv("IMGSTORE_MAX_PIXELS", "30000")
+    big = tmp_path / "big.png"
+    photo("chelsea").resize((200, 200)).save(big)
+    ingest = CliRunner().invoke(cli, ["--db", db_url, "ingest", str(big), "--extractor", "color", "--no-progress"])
+    assert ingest.exit_code == 0 and "failed 1" in ingest.output, ingest.output
+    [error] = json.loads(CliRunner().invoke(cli, ["--db", db_url, "errors", "--json"]).output)
+    assert error["reason"].startswith("image is 200x200 = 40000 pixels, over the limit of 30000 pixels; ")
+    with ImageStore(db_url, cache_codes=True) as limited:  # as `imgstore serve` opens it, in that environment
+        assert limited.max_pixels == 30_000
+        assert json.loads(worker_settings(limited, None))["max_pixels"] == 30_000  # and `serve --workers N`'s
+        api = client(limited, tmp_path, allow_writes=True)
+        for url in ("/api/search", "/api/images"):
+            answer = api.post(url, files={"image": ("big.png", big.read_bytes(), "image/png")})
+            assert answer.status_code == 422 and answer.json()["error"] == f"<in-memory image>: {error['reason']}"
+        small = api.post("/api/search", files={"image": ("s.png", png(photo("chelsea").resize((150, 150))), "image/png")})
+        assert small.status_code == 200
     assert store.counts().images == 8
 
 

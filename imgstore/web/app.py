@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode import quiet_pillow_size_warnings
 from ..errors import ConfigError, ImgStoreError
 from ..repository import ImageStore
 from .api import router as api_router
@@ -28,7 +29,7 @@ from .api import search_router
 from .http import Guard, error_response, status_for
 from .pages import router as page_router
 from .render import HERE
-from .service import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, Forbidden, Overloaded, Service, Thumbnails, TooLarge
+from .service import MAX_UPLOAD_BYTES, Forbidden, Overloaded, Service, Thumbnails, TooLarge
 
 #: The settings of one ``imgstore serve --workers N`` process, as JSON, set by the command.
 WORKER_SETTINGS_ENV = "IMGSTORE_SERVE_WORKER"
@@ -40,13 +41,15 @@ NOT_FOUND = "no such page or API path; the pages are /, /duplicates and /collect
 
 def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
                move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_UPLOAD_PIXELS, thumbnails: Thumbnails | None = None,
+               max_pixels: int | None = None, thumbnails: Thumbnails | None = None,
                batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64, pages: bool = True,
                owns_store: bool = False) -> FastAPI:
     """A FastAPI application answering for ``store`` (kept open by the caller, or closed when
     the app shuts down with ``owns_store``): the JSON API under ``/api``, its docs at
     ``/docs``, and (``pages``) the web pages. ``token``: None (no token; then only a loopback
-    address should be served), or at least :data:`MIN_TOKEN_LENGTH` characters."""
+    address should be served), or at least :data:`MIN_TOKEN_LENGTH` characters. Uploads are
+    limited to ``max_upload_bytes`` and to ``max_pixels`` (None: the store's own limit,
+    ``ImageStore(max_pixels=...)``, the one every decode of that store obeys)."""
     check_token(token)
     service = Service(store, allow_writes=allow_writes, token=token, move_to=move_to, max_upload_bytes=max_upload_bytes,
                       max_pixels=max_pixels, thumbnails=thumbnails, batch_max=batch_max, batch_wait_s=batch_wait_s,
@@ -115,7 +118,8 @@ def worker_settings(store: ImageStore, token: str | None) -> str:
     (the URL with its password: the environment of one's own processes is not shown to other
     users), for :func:`worker_app`."""
     return json.dumps({"db": store.url.render_as_string(hide_password=False), "token": token,
-                       "vector_cache_mb": store.vector_cache_mb, "extractor_options": store.extractor_options})
+                       "vector_cache_mb": store.vector_cache_mb, "extractor_options": store.extractor_options,
+                       "max_pixels": store.max_pixels})
 
 
 def worker_app() -> FastAPI:
@@ -123,9 +127,10 @@ def worker_app() -> FastAPI:
     and code cache, read-only. Several processes answer more searches at once than one, whose
     search work holds Python's lock; writes are not offered there, since page notes, background
     jobs and the undo list live in one process."""
+    quiet_pillow_size_warnings()  # this process is the command's, as the command's own is (see cli)
     settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
     store = ImageStore(settings["db"], cache_codes=True, vector_cache_mb=int(settings["vector_cache_mb"]),
-                       extractor_options=settings["extractor_options"])
+                       extractor_options=settings["extractor_options"], max_pixels=int(settings["max_pixels"]))
     return create_app(store, token=settings["token"], owns_store=True)
 
 

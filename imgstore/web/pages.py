@@ -19,9 +19,9 @@ from urllib.parse import quote
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from PIL import Image
 from starlette.datastructures import FormData
 
+from ..decode import load_image
 from ..dedup import DuplicateGroup, DuplicateMember
 from ..errors import ImgStoreError
 from ..hashing import available_methods
@@ -42,14 +42,14 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _query_preview(data: bytes) -> str | None:
-    """The uploaded query as a small JPEG data URL, to show beside its results."""
+def _query_preview(data: bytes, max_pixels: int) -> str | None:
+    """The uploaded query as a small JPEG data URL, to show beside its results (decoded as every
+    upload is: the server's pixel limit, formats that need no external program, a draft)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (256, 256))
-            img.thumbnail((256, 256))
-            buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="JPEG", quality=80)
+        img = load_image(data, max_pixels=max_pixels, draft_size=(256, 256)).image
+        img.thumbnail((256, 256))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=80)
     except Exception:  # noqa: BLE001 - the preview is a nicety; the search reports real errors
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -127,7 +127,8 @@ async def search_upload(request: Request) -> Response:
         results = await anyio.to_thread.run_sync(service.search_upload, data, options)
     except ImgStoreError as exc:
         return render(request, "search.html", status_for(exc), error=f"{name}: {exc}", **context)
-    return render(request, "search.html", results=results, upload_name=name, upload_preview=_query_preview(data), **context)
+    preview = await anyio.to_thread.run_sync(_query_preview, data, service.max_pixels)
+    return render(request, "search.html", results=results, upload_name=name, upload_preview=preview, **context)
 
 
 @router.get("/images/{image_id}", response_class=HTMLResponse)

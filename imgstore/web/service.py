@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
 
-from ..decode import load_image, read_file
+from ..decode import check_size, load_image, read_file, resolve_max_pixels
 from ..dedup_apply import ApplyReport, UndoReport, journals
 from ..errors import ConfigError, DecodeError, NotFoundError
 from ..features.base import Extractor
@@ -36,10 +36,9 @@ from ..jobs import Job, Jobs
 from ..repository import ImageStore
 from ..types import SearchOptions, SearchResult
 
-#: Largest upload accepted (bytes); the decoder's pixel limit guards against bombs as well.
+#: Largest upload accepted (bytes). The picture it holds is limited by the store's pixel limit
+#: (``ImageStore.max_pixels``, read from the header before decoding), as on every other path.
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-#: Largest picture an upload may hold (pixels, read from its header before decoding): 8K x 8K.
-MAX_UPLOAD_PIXELS = 64_000_000
 THUMB_SIZES = (128, 256, 512)
 
 
@@ -151,7 +150,7 @@ class Thumbnails:
             return path.read_bytes()
         if found.path is None:
             raise NotFoundError(f"image {image_id} has no current file to make a thumbnail from")
-        img = load_image(found.path, draft_size=(size, size)).image
+        img = load_image(found.path, max_pixels=self.store.max_pixels, draft_size=(size, size)).image
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -169,18 +168,19 @@ class Thumbnails:
 class Service:
     """What one server process holds: the open store, thumbnails, the batchers that share model
     calls, background jobs, and the options the server was started with. The API (this module)
-    and the pages (:mod:`imgstore.web`) both act through it."""
+    and the pages (:mod:`imgstore.web`) both act through it. ``max_pixels``: the largest
+    uploaded picture decoded (None: the store's limit, as for every other decode)."""
 
     def __init__(self, store: ImageStore, *, allow_writes: bool = False, token: str | None = None,
                  move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 max_pixels: int = MAX_UPLOAD_PIXELS, thumbnails: Thumbnails | None = None,
+                 max_pixels: int | None = None, thumbnails: Thumbnails | None = None,
                  batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64) -> None:
         self.store = store
         self.allow_writes = allow_writes
         self.token = token
         self.move_to = os.path.abspath(os.path.expanduser(os.fspath(move_to))) if move_to else None
         self.max_upload_bytes = max_upload_bytes
-        self.max_pixels = max_pixels
+        self.max_pixels = store.max_pixels if max_pixels is None else resolve_max_pixels(max_pixels)
         self.thumbs = thumbnails or Thumbnails(store)
         self.batch_max, self.batch_wait_s, self.queue_max = batch_max, batch_wait_s, queue_max
         self.batchers: dict[str, Batcher] = {}
@@ -231,8 +231,9 @@ class Service:
         return self.batchers[space.extractor], extractor
 
     def check_pixels(self, data: bytes) -> None:
-        """Refuse an upload whose header promises more than ``max_pixels`` (before decoding)."""
-        load_image(data, max_pixels=self.max_pixels, draft_size=(64, 64))
+        """Refuse an upload whose header promises more than ``max_pixels``, from the header
+        alone (:class:`~imgstore.errors.ImageTooLargeError`, answered 422)."""
+        check_size(data, max_pixels=self.max_pixels)
 
     def embed(self, data: bytes, index_id: int | None) -> npt.NDArray[np.float32]:
         """The feature vector of an uploaded image (decoded here, embedded in a shared batch)."""
