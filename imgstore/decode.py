@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from .errors import ConfigError, DecodeError, ImageTooLargeError
+from .rawphoto import is_raw_name, raw_size, read_raw
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,71 @@ def decode_bytes(
     once. ``path`` is used only in error messages.
     """
     limit = resolve_max_pixels(max_pixels)
-    return _finish(_open(data, path), path=path, max_pixels=limit, draft_size=draft_size, owned=True)
+    if is_raw_name(path):
+        return _decode_raw(data, path, limit, draft_size)
+    try:
+        img = _open(data, path)
+    except DecodeError as exc:
+        if exc.reason != _UNRECOGNISED or not _looks_raw(data):
+            raise
+        return _decode_raw(data, path, limit, draft_size)  # a RAW file without its name (an upload)
+    return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True)
+
+
+def _looks_raw(data: bytes | bytearray | memoryview) -> bool:
+    """Whether LibRaw reads these bytes (tried only on what Pillow does not recognise)."""
+    try:
+        raw_size(data)
+    except DecodeError:
+        return False
+    return True
+
+
+def _decode_raw(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | None, limit: int,
+                draft_size: tuple[int, int] | None) -> DecodedImage:
+    """A camera RAW file (:mod:`imgstore.rawphoto`): its JPEG preview or its half-size
+    demosaic, upright by the RAW's own orientation, with the capture time of its EXIF."""
+    pic = read_raw(data, path=path, draft_size=draft_size, header_size=lambda b: _open(b, path).size,
+                   check_size=lambda w, h: _check_dimensions(w, h, path, limit))
+    if isinstance(pic.image, bytes):
+        decoded = _finish(_open(pic.image, path), path=path, max_pixels=limit, draft_size=draft_size, owned=True,
+                          orientation=pic.orientation)
+    else:
+        decoded = _finish(pic.image, path=path, max_pixels=limit, draft_size=draft_size, owned=True,
+                          orientation=pic.orientation)
+    captured_at = decoded.captured_at or _tiff_capture_time(data)
+    width, height = (pic.height, pic.width) if pic.orientation in (5, 6, 7, 8) else (pic.width, pic.height)
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").upper() if path is not None else "RAW"
+    return DecodedImage(image=decoded.image, width=width, height=height, format=fmt or "RAW", captured_at=captured_at)
+
+
+def _tiff_capture_time(data: bytes | bytearray | memoryview) -> datetime | None:
+    """The capture time in a TIFF-based RAW's own tags (DNG, NEF, CR2, ARW: their first IFD
+    and its EXIF IFD, read as TIFF directories, since Pillow opens no RAW as an image), else None."""
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+
+    head = bytes(data[:8])
+    if head[:4] not in (b"II*\0", b"MM\0*"):
+        return None
+    fp = io.BytesIO(data)
+    try:
+        first = ImageFileDirectory_v2(head)
+        fp.seek(first.next)
+        first.load(fp)
+        found = {_TAG_DATETIME: first.get(_TAG_DATETIME)}
+        if _TAG_EXIF_IFD in first:
+            exif = ImageFileDirectory_v2(head)
+            fp.seek(int(first[_TAG_EXIF_IFD]))
+            exif.load(fp)
+            found[_TAG_DATETIME_ORIGINAL] = exif.get(_TAG_DATETIME_ORIGINAL)
+    except Exception:  # garbage tags mean no time, never a failed decode
+        logger.debug("unreadable RAW tags", exc_info=True)
+        return None
+    for tag in (_TAG_DATETIME_ORIGINAL, _TAG_DATETIME):
+        when = _parse_exif_datetime(found.get(tag))
+        if when is not None:
+            return when
+    return None
 
 
 def check_size(
@@ -227,12 +292,21 @@ def check_size(
     :class:`ImageTooLargeError` above ``max_pixels`` (None: :func:`default_max_pixels`), as
     :func:`decode_bytes` would raise, and DecodeError for what is not an image."""
     limit = resolve_max_pixels(max_pixels)
-    img = _open(data, path)
-    try:
-        _check_pixels(img, path, limit)
-        return img.size
-    finally:
-        img.close()
+    if is_raw_name(path):
+        width, height = raw_size(data, path=path)
+    else:
+        try:
+            img = _open(data, path)
+        except DecodeError as exc:
+            if exc.reason != _UNRECOGNISED or not _looks_raw(data):
+                raise
+            width, height = raw_size(data, path=path)
+        else:
+            with img:
+                _check_pixels(img, path, limit)
+                return img.size
+    _check_dimensions(width, height, path, limit)
+    return width, height
 
 
 def as_source(source: Any) -> Any:
@@ -289,7 +363,20 @@ def load_image(
 @lru_cache(maxsize=1)
 def _allowed_formats() -> tuple[str, ...]:
     Image.init()
+    _register_heif()
     return tuple(sorted(f for f in Image.OPEN if f not in _EXCLUDED_FORMATS))
+
+
+def _register_heif() -> None:
+    """HEIC/HEIF (what phones write) through ``pillow-heif``'s Pillow plugin: it adds the format
+    to Pillow's registry (as any plugin does), decodes with libheif and applies the file's own
+    rotation and mirroring, leaving EXIF orientation 1."""
+    try:
+        import pillow_heif
+    except ImportError:  # pragma: no cover - a core dependency; without it HEIC is unrecognised
+        logger.warning("pillow-heif is not installed: HEIC/HEIF files cannot be read")
+        return
+    pillow_heif.register_heif_opener()
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -340,7 +427,10 @@ def _open(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | N
         raise ImageTooLargeError(path, _pillow_refused(exc)) from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
-    raise DecodeError(path, "not a recognised image format")
+    raise DecodeError(path, _UNRECOGNISED)
+
+
+_UNRECOGNISED = "not a recognised image format"
 
 
 def _pillow_refused(exc: BaseException) -> str:
@@ -349,7 +439,10 @@ def _pillow_refused(exc: BaseException) -> str:
 
 
 def _check_pixels(img: Image.Image, path: str | os.PathLike[str] | None, max_pixels: int) -> None:
-    width, height = img.size
+    _check_dimensions(img.width, img.height, path, max_pixels)
+
+
+def _check_dimensions(width: int, height: int, path: str | os.PathLike[str] | None, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise DecodeError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
@@ -403,13 +496,16 @@ def _finish(
     max_pixels: int,
     draft_size: tuple[int, int] | None,
     owned: bool,
+    orientation: int | None = None,
 ) -> DecodedImage:
     """Check the size, read EXIF, decode, reduce, orient and convert to RGB. ``img`` is
-    header-only or loaded; ``owned``: we opened it, so its full-size pixels may be freed here."""
+    header-only or loaded; ``owned``: we opened it, so its full-size pixels may be freed here;
+    ``orientation``: the EXIF orientation to apply instead of the image's own (a RAW's)."""
     _check_pixels(img, path, max_pixels)
     width, height = img.size
     fmt = img.format
-    orientation, captured_at = _read_exif(img)
+    own_orientation, captured_at = _read_exif(img)
+    orientation = own_orientation if orientation is None else orientation
     try:
         if owned and draft_size is not None and fmt in ("JPEG", "MPO"):  # never a caller's image: in place
             img.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))

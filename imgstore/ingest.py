@@ -31,6 +31,7 @@ from .features.pipeline import StreamResult, extract_stream
 from .indexing import encode_images, finish_encoding
 from .models import Feature, Image, ImagePath, IngestError, utcnow
 from .paths import printable, to_stored
+from .rawphoto import RAW_EXTENSIONS
 from .signature import thumb_signature
 from .signature import to_bytes as signature_bytes
 from .sqlhelpers import IN_CHUNK, chunks, insert_ignore, insert_stmt
@@ -43,9 +44,9 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset(
     [
         ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-        ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".jpx", ".pcx", ".sgi", ".rgb", ".qoi", ".avif", ".heic", ".heif",
+        ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".jpx", ".pcx", ".sgi", ".rgb", ".qoi", ".avif", ".heic", ".heif", ".hif",
     ]
-)
+) | RAW_EXTENSIONS  # camera RAW files (imgstore.rawphoto); sidecars (.xmp, .aae) and videos are not images
 
 ProgressFn = Callable[["IngestProgress"], None]
 
