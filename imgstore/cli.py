@@ -21,7 +21,7 @@ from .db import ENV_VAR, resolve_url, sqlite_file
 from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_size_warnings
 from .errors import ImgStoreError, NotFoundError
 from .ingest import IngestSummary
-from .paths import printable
+from .paths import counted, printable
 from .repository import ImageStore
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -235,13 +235,13 @@ def info(obj: Context, as_json: bool) -> None:
     click.echo(f"{'size':<15} {data.database_bytes / 1e6:.1f} MB")
     for space in data.feature_spaces:
         click.echo(f"feature space {space.id}: {space.extractor} ({space.dim}-d, preprocessing "
-                   f"{space.preprocess_version}), {_plural(space.n_features or 0, 'image')}")
+                   f"{space.preprocess_version}), {counted(space.n_features or 0, 'image')}")
     for summary in data.indexes:
         ix = summary.index
         click.echo(f"index {ix.id}{' (active)' if ix.is_active else ''}: {ix.method} {ix.n_bits} bits, "
-                   f"{_plural(ix.n_codes, 'code')}, {_plural(ix.n_bands, 'band')} of {ix.band_width} bits")
+                   f"{counted(ix.n_codes, 'code')}, {counted(ix.n_bands, 'band')} of {ix.band_width} bits")
         for j, band in enumerate(summary.bands):
-            click.echo(f"  band {j}: {_plural(band.buckets, 'bucket')}, largest {band.largest}, "
+            click.echo(f"  band {j}: {counted(band.buckets, 'bucket')}, largest {band.largest}, "
                        f"mean {band.mean}, evenness {band.evenness}")
 
 
@@ -270,13 +270,8 @@ def rm(obj: Context, refs: tuple[str, ...], dry_run: bool, as_json: bool) -> Non
     verb = "would remove" if dry_run else "removed"
     for path in removal.paths:
         click.echo(f"{verb} path {printable(path)}")
-    click.echo(f"{verb} {_plural(len(removal.images), 'image')}{': ' if removal.images else ''}"
+    click.echo(f"{verb} {counted(len(removal.images), 'image')}{': ' if removal.images else ''}"
                f"{', '.join(map(str, removal.images))}")
-
-
-def _plural(n: int, noun: str) -> str:
-    """``1 file``, ``2 files``, ``0 files``: a count and its noun, in every line the CLI prints."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _pairs(values: tuple[str, ...]) -> dict[str, str]:
@@ -343,8 +338,8 @@ def prune(obj: Context, dry_run: bool, moved: bool, as_json: bool) -> None:
         if as_json:
             emit_json(removal.as_dict())
             return
-        click.echo(f"{'would forget' if dry_run else 'forgot'} {_plural(len(removal.paths), 'moved path')} and "
-                   f"{_plural(len(removal.images), 'image')} left without a path")
+        click.echo(f"{'would forget' if dry_run else 'forgot'} {counted(len(removal.paths), 'moved path')} and "
+                   f"{counted(len(removal.images), 'image')} left without a path")
         return
     with obj.store() as store:
         gone = store.prune(dry_run=dry_run)
@@ -358,7 +353,7 @@ def _echo_marked(gone: list[str], dry_run: bool = False) -> None:
     """What a prune marked not current: each path, then the count (prune, verify --prune)."""
     for path in gone:
         click.echo(f"{'would mark' if dry_run else 'marked'} gone: {printable(path)}")
-    click.echo(f"{_plural(len(gone), 'path')}{' would be' if dry_run else ''} marked not current")
+    click.echo(f"{counted(len(gone), 'path')}{' would be' if dry_run else ''} marked not current")
 
 
 @cli.command()
@@ -387,7 +382,7 @@ def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
     else:
         click.echo(f"images without features: {len(report.images_without_features)}")
         for hasher_id, ids in report.missing_codes.items():
-            click.echo(f"index {hasher_id}: {_plural(len(ids), 'image')} without a code")
+            click.echo(f"index {hasher_id}: {counted(len(ids), 'image')} without a code")
         for hasher_id, b in report.bucket_mismatch.items():
             click.echo(f"index {hasher_id}: band buckets hold {b.found} entries, {b.expected} expected")
         click.echo(f"dangling rows: {report.dangling_rows}")
@@ -522,7 +517,7 @@ def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str
         return
     verb = "would add at most" if dry_run else "added"
     click.echo(
-        f"{_plural(summary.files_seen, 'file')}: {verb} {summary.added}, unchanged {summary.unchanged}, "
+        f"{counted(summary.files_seen, 'file')}: {verb} {summary.added}, unchanged {summary.unchanged}, "
         f"duplicates {summary.duplicates}, failed {summary.failed}, {'would mark gone' if dry_run else 'gone'} "
         f"{summary.gone} ({summary.elapsed_s:.1f} s, {summary.images_per_s:.1f} images/s)"
     )
@@ -539,11 +534,11 @@ def _nothing_found(paths: tuple[str, ...], summary: IngestSummary) -> str:
     that would have taken it."""
     why = []
     if summary.skipped_symlinks:
-        why.append(f"{_plural(summary.skipped_symlinks, 'symbolic link')} skipped: add --follow-symlinks to follow them")
+        why.append(f"{counted(summary.skipped_symlinks, 'symbolic link')} skipped: add --follow-symlinks to follow them")
     if summary.skipped_folders:
-        why.append(f"{_plural(summary.skipped_folders, 'sub-folder')} not searched: drop --no-recursive")
+        why.append(f"{counted(summary.skipped_folders, 'sub-folder')} not searched: drop --no-recursive")
     if summary.skipped_non_images:
-        why.append(f"{_plural(summary.skipped_non_images, 'file')} without an image extension such as .jpg ignored")
+        why.append(f"{counted(summary.skipped_non_images, 'file')} without an image extension such as .jpg ignored")
     if not why and not summary.failed:
         why.append("the folder is empty" if len(paths) == 1 else "the folders are empty")
     return f"no image files found in {', '.join(printable(p) for p in paths)}" + (f" ({'; '.join(why)})" if why else "")
@@ -638,8 +633,8 @@ def index_create(obj: Context, method: str, n_bits: int, n_bands: int | None, sa
     if as_json:
         emit_json(info.as_dict())
         return
-    click.echo(f"index {info.id}: {info.method}, {info.n_bits} bits, {_plural(info.n_bands, 'band')} of {info.band_width} "
-               f"bits, {_plural(info.n_codes, 'image')}{' (active)' if info.is_active else ''}")
+    click.echo(f"index {info.id}: {info.method}, {info.n_bits} bits, {counted(info.n_bands, 'band')} of {info.band_width} "
+               f"bits, {counted(info.n_codes, 'image')}{' (active)' if info.is_active else ''}")
 
 
 @index.command("list")
@@ -661,8 +656,8 @@ def index_list(obj: Context, as_json: bool) -> None:
     for i in infos:
         kind = "supervised" if i.config.get("supervised") else "unsupervised"
         mark = "*" if i.is_active else " "
-        click.echo(f"{mark} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {_plural(i.n_bands, 'band')} of {i.band_width} bits  "
-                   f"{_plural(i.n_codes, 'image')}  {i.extractor}  {kind}, fitted on {i.n_fitted}")
+        click.echo(f"{mark} {i.id:>3}  {i.method:<7} {i.n_bits:>3} bits  {counted(i.n_bands, 'band')} of {i.band_width} bits  "
+                   f"{counted(i.n_codes, 'image')}  {i.extractor}  {kind}, fitted on {i.n_fitted}")
 
 
 @index.command("activate")
@@ -837,7 +832,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                 click.echo(f"restored {printable(dst)}")
             for path, reason in undone.failed:
                 click.echo(f"not restored: {printable(path)}: {reason}", err=True)
-            click.echo(f"{_plural(len(undone.restored), 'file')} put back, {len(undone.failed)} not")
+            click.echo(f"{counted(len(undone.restored), 'file')} put back, {len(undone.failed)} not")
         if undone.failed:
             raise SystemExit(1)
         return
@@ -856,7 +851,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                     click.echo(f"moved {printable(src)} -> {printable(dst)}")
                 for path, reason in done.failed:
                     click.echo(f"not moved: {printable(path)}: {reason}", err=True)
-                click.echo(f"{_plural(len(done.moved), 'file')} moved from {_plural(len(groups), 'group')}; undo with "
+                click.echo(f"{counted(len(done.moved), 'file')} moved from {counted(len(groups), 'group')}; undo with "
                            f"`imgstore dedup --undo {printable(done.journal)}`")
             return
     if montage_dir:
@@ -874,7 +869,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                                      printable(path)])
     else:
         for g, group in enumerate(groups, 1):
-            click.echo(f"group {g} ({group.kind}, {_plural(sum(len(m.paths) for m in group.members), 'file')}):")
+            click.echo(f"group {g} ({group.kind}, {counted(sum(len(m.paths) for m in group.members), 'file')}):")
             click.echo(f"  {'keep':<4}  {'id':>6}  {'hamming':>7}  {'cosine':>6}  path")  # the columns of `query`
             for m in group.members:
                 # None: not measured (no index, or no direct pair with the keeper)
@@ -883,7 +878,7 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
                 for path in m.paths or ["(no file)"]:
                     mark = "keep" if path == group.keeper_path else ""
                     click.echo(f"  {mark:<4}  {m.image_id:>6}  {dist:>7}  {cos:>6}  {printable(path)}")
-        click.echo(_plural(len(groups), "group"))
+        click.echo(counted(len(groups), "group"))
 
 
 def _dedup_sheets(groups: list[Any], folder: str, max_pixels: int | None) -> None:
@@ -902,7 +897,7 @@ def _dedup_sheets(groups: list[Any], folder: str, max_pixels: int | None) -> Non
                                          _short_name(path) if path else "(no file)"], highlight=keeper))
         contact_sheet(tiles, os.path.join(folder, f"group-{g:04d}.png"), title=f"group {g}: {group.kind} duplicates",
                       max_pixels=max_pixels)
-    click.echo(f"wrote {_plural(len(groups), 'contact sheet')} to {printable(folder)}", err=True)
+    click.echo(f"wrote {counted(len(groups), 'contact sheet')} to {printable(folder)}", err=True)
 
 
 @cli.command()

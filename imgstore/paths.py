@@ -48,6 +48,12 @@ def from_stored(text: str) -> str:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 file``, ``2 files``, ``0 files``: a count and its noun (regular plurals), as the CLI
+    and the pages say it."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def printable(path: str) -> str:
     """A path as text for a terminal or a UTF-8 file, on one line: undecodable bytes and
     control characters (a newline, an escape sequence in a file name) as ``\\xNN``."""

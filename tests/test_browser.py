@@ -171,13 +171,13 @@ def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageSt
     assert flipped.find_element(By.CSS_SELECTOR, "input[type=radio]").is_selected()
     chelsea.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     note = wait_for(browser, ".note")[0]
-    assert "Moved 5 file(s)" in note.text, note.text
+    assert "Moved 5 files" in note.text, note.text
     assert (photos / "copies" / "flip" / "chelsea.jpg").exists() and not (photos / "originals" / "chelsea.png").exists()
     assert not any("chelsea" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "form.group"))
     shot(browser, "5-resolved")
     browser.find_element(By.CSS_SELECTOR, ".note form.undo button").click()
     note = wait_for(browser, ".note")[0]
-    assert "Put back 5 file(s)" in note.text
+    assert "Put back 5 files" in note.text
     assert (photos / "originals" / "chelsea.png").exists()
     assert any("chelsea" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "form.group"))
 

@@ -125,13 +125,13 @@ def test_duplicates_resolved_from_the_page_and_undone(store: ImageStore, tmp_pat
                           data={"csrf": token, "group": cat_group.key, "keeper": other, "keep": "original"})
     assert cross_site.status_code == 403 and Path(other).exists()
     done = web.post("/duplicates/resolve", data={"csrf": token, "group": cat_group.key, "keeper": other, "keep": "original"})
-    assert done.status_code == 200 and "Moved 3 file(s)" in done.text and "Undo that" in done.text
+    assert done.status_code == 200 and "Moved 3 files" in done.text and "Undo that" in done.text
     assert Path(other).exists() and sum(1 for m in cat_group.members for p in m.paths if Path(p).exists()) == 1
     assert len(list(moved_to.rglob("*.png")) + list(moved_to.rglob("*.jpg"))) == 3
     assert all(g.key != cat_group.key for g in store.find_duplicates())
     journal = re.search(r'name="journal" value="([^"]+)"', done.text).group(1)  # type: ignore[union-attr]
     undone = web.post("/duplicates/undo", data={"csrf": csrf(done.text), "journal": journal})
-    assert undone.status_code == 200 and "Put back 3 file(s)" in undone.text
+    assert undone.status_code == 200 and "Put back 3 files" in undone.text
     assert all(Path(p).exists() for m in cat_group.members for p in m.paths)
     assert web.post("/duplicates/undo", data={"csrf": token, "journal": "../../etc/passwd"}).status_code == 404
     # a keeper that is not a file of the group is refused; a group that changed is refused

@@ -25,7 +25,7 @@ from ..decode import load_image
 from ..dedup import DuplicateGroup, DuplicateMember
 from ..errors import ImgStoreError
 from ..hashing import available_methods
-from ..paths import printable
+from ..paths import counted, printable
 from ..types import SearchOptions
 from .http import read_upload, status_for
 from .render import render
@@ -155,7 +155,7 @@ def original(request: Request, image_id: int) -> Response:
 async def remove_image(request: Request, image_id: int) -> Response:
     service, _ = await _form(request)
     removal = await anyio.to_thread.run_sync(service.store.remove, [image_id])
-    note = f"Removed image {image_id} from the store ({len(removal.paths)} path(s)); the files are untouched."
+    note = f"Removed image {image_id} from the store ({counted(len(removal.paths), 'path')}); the files are untouched."
     context = await anyio.to_thread.run_sync(search_context, service, 20, False, None)
     return render(request, "search.html", note=note, **context)
 
@@ -189,7 +189,7 @@ async def resolve(request: Request) -> Response:
     keep = keep if keep in KEEP_RULES else "original"
     key, path = str(form.get("group", "")), form.get("keeper")
     report = await anyio.to_thread.run_sync(service.resolve, keep, {key: str(path) if path else None})
-    note = f"Moved {len(report.moved)} file(s) to {printable(service.move_to or '')}"
+    note = f"Moved {counted(len(report.moved), 'file')} to {printable(service.move_to or '')}"
     if report.failed:
         note += f"; {len(report.failed)} could not be moved ({report.failed[0][1]})"
     return _redirect(f"/duplicates?keep={keep}", service, note, undo=os.path.basename(report.journal))
@@ -199,7 +199,7 @@ async def resolve(request: Request) -> Response:
 async def undo(request: Request) -> Response:
     service, form = await _form(request)
     report = await anyio.to_thread.run_sync(service.undo, str(form.get("journal", "")))
-    note = f"Put back {len(report.restored)} file(s)"
+    note = f"Put back {counted(len(report.restored), 'file')}"
     if report.failed:
         note += f"; {len(report.failed)} could not be put back ({report.failed[0][1]})"
     return _redirect("/duplicates", service, note)

@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from ..paths import printable
+from ..paths import counted, printable
 from .service import Service
 
 HERE = Path(__file__).resolve().parent
@@ -53,6 +53,7 @@ templates.env.filters.update({
     "bits": lambda d: f"{d} bit" if d == 1 else f"{d} bits",
     "dirname": lambda p: printable(os.path.dirname(p)) if p else "",
     "num": _num,
+    "counted": lambda n, noun: counted(n, noun),
     "cos": lambda c: "" if c is None else f"{c:.3f}",
     "when": _when,
     "size": _size,
