@@ -251,6 +251,16 @@ def _score(groups: list[Any], truth: dict[str, tuple[str, str]], keep: set[str] 
     return out
 
 
+def forget_verdicts(store: ImageStore) -> None:
+    """The geometric check's verdicts forgotten, in memory and in the store (each run does all its work)."""
+    from sqlalchemy import delete
+
+    from imgstore.models import PairVerdict
+
+    store.ctx.part(PairVerdicts).known.clear()
+    store.ctx.write(lambda conn: conn.execute(delete(PairVerdict)), doing="forget verdicts")
+
+
 class CheckLog(logging.Handler):
     """Collects the geometric check's summary line (imgstore.dedup logs it) while active."""
 
@@ -260,7 +270,7 @@ class CheckLog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith("geometric check:"):
-            keys = ("pairs", "copies", "different", "undecided", "images_read", "unreadable", "seconds")
+            keys = ("pairs", "copies", "different", "undecided", "images_read", "unreadable", "seconds", "kept")
             self.stats = dict(zip(keys, record.args))  # type: ignore[arg-type]
 
     def __enter__(self) -> CheckLog:
@@ -357,7 +367,7 @@ def main() -> None:
                                   ("features only (no signature)", {"min_signature": 0.0}),
                                   ("features only, rule only", {"min_signature": 0.0, "geometry": False}),
                                   ("min_cosine 0.95", {"min_cosine": 0.95})):
-                store.ctx.part(PairVerdicts).known.clear()  # time the check's whole work every run
+                forget_verdicts(store)  # time the check's whole work every run
                 t0 = time.perf_counter()
                 with CheckLog() as check:
                     groups = store.find_duplicates(**kwargs)
@@ -376,7 +386,7 @@ def main() -> None:
             # automatic-index threshold, or one whose index was dropped, gets)
             with_index = pairs(store.find_duplicates())
             store.drop_index(index.id)
-            store.ctx.part(PairVerdicts).known.clear()
+            forget_verdicts(store)
             t0 = time.perf_counter()
             groups = store.find_duplicates()
             runs["default, no index (all pairs)"] = {"seconds": round(time.perf_counter() - t0, 2), "groups": len(groups),

@@ -40,12 +40,12 @@ from .catalog import keeper_path, path_rows, stale_among
 from .codecache import CodeCache, caches
 from .decode import load_image
 from .errors import ConfigError, ImgStoreError
-from .geometry import COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
+from .geometry import CHECK_VERSION, COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
 from .hashing import make_hasher, min_samples
 from .hashing.bits import band_values, default_n_bands, flip_neighbours, pack_bits
 from .indexing import find_index, list_indexes
 from .keeper import RULES, Candidate, choose
-from .models import Image, ImagePath
+from .models import Image, ImagePath, PairVerdict
 from .paths import printable
 from .signature import DIM, KEEP, from_bytes
 from .sqlhelpers import IN_CHUNK, chunks
@@ -397,6 +397,9 @@ class GeometricCheck:
     #: verdicts by pair of contents, kept between runs (the store's :class:`PairVerdicts`)
     known: dict[tuple[str, str], int] = field(default_factory=dict)
     max_pixels: int | None = None  # the store's decode limit (None: the process's)
+    #: verdicts this run computed (to be stored), and how many came from the store's table
+    fresh: dict[tuple[str, str], int] = field(default_factory=dict)
+    stored_hits: int = 0
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
     verifier: PairVerifier = field(init=False)
@@ -440,7 +443,8 @@ class GeometricCheck:
         need = sorted({int(i) for i in np.concatenate([a, b]).tolist()} - self._sha.keys())
         for part in chunks(need, IN_CHUNK):
             self._sha.update((int(i), h) for i, h in self.conn.execute(select(Image.id, Image.sha256).where(Image.id.in_(part))))
-        keys = [(self._sha.get(int(x), ""), self._sha.get(int(y), "")) for x, y in zip(a.tolist(), b.tolist())]
+        keys = [_pair_key(self._sha.get(int(x), ""), self._sha.get(int(y), "")) for x, y in zip(a.tolist(), b.tolist())]
+        self._load_stored([k for k in keys if k not in self.known and all(k)])
         verdict = np.array([self.known.get(k, UNKNOWN) for k in keys], dtype=np.int8)
         todo = np.nonzero(verdict == UNKNOWN)[0]
         if len(todo):
@@ -449,8 +453,25 @@ class GeometricCheck:
             verdict[todo] = self.verifier.verdicts(a[todo], b[todo])
             if len(self.known) > KNOWN_VERDICTS_MAX:
                 self.known.clear()
-            self.known.update((keys[k], int(verdict[k])) for k in todo.tolist() if verdict[k] != UNKNOWN)
+            found = {keys[k]: int(verdict[k]) for k in todo.tolist() if verdict[k] != UNKNOWN and all(keys[k])}
+            self.known.update(found)
+            self.fresh.update(found)
         return verdict
+
+    def _load_stored(self, keys: list[tuple[str, str]]) -> None:
+        """Verdicts of this check's version stored by earlier runs (``pair_verdicts``) into ``known``."""
+        wanted = set(keys)
+        by_first: dict[str, set[str]] = {}
+        for x, y in wanted:
+            by_first.setdefault(x, set()).add(y)
+        for part in chunks(sorted(by_first), IN_CHUNK):
+            rows = self.conn.execute(
+                select(PairVerdict.sha_a, PairVerdict.sha_b, PairVerdict.verdict)
+                .where(PairVerdict.sha_a.in_(part), PairVerdict.check_version == CHECK_VERSION))
+            for x, y, v in rows:
+                if y in by_first.get(x, ()):
+                    self.known[(x, y)] = int(v)
+                    self.stored_hits += 1
 
     def _load(self, image_id: int) -> PILImage.Image | None:
         for path in self._paths.get(image_id, []):
@@ -626,16 +647,56 @@ def find_duplicates(
                     max_d = default_max_distance(cache.index.n_bits) if max_distance is None else max_distance
                     edges = near_edges(conn, cache, space, rule, max_d, probe_radius, check)
                     ids = cache.image_ids.tolist()
-        if check is not None and check.verifier.stats.pairs:
-            st = check.verifier.stats
-            logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
-                        "%d images read (%d unreadable), %.1f s",
-                        st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds)
         stale = stale_among(conn, sorted({i for e in edges for i in (e.a, e.b)}))
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        return _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels)
+        groups = _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels)
+    if check is not None and (check.verifier.stats.pairs or check.stored_hits):
+        st = check.verifier.stats
+        logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
+                    "%d images read (%d unreadable), %.1f s; %d verdicts kept from earlier runs",
+                    st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds,
+                    check.stored_hits)
+    if check is not None and check.fresh:
+        save_verdicts(ctx, check.fresh)
+    return groups
+
+
+def _pair_key(x: str, y: str) -> tuple[str, str]:
+    """A pair of contents, in one order (a verdict is about the pair, not its direction)."""
+    return (x, y) if x <= y else (y, x)
+
+
+def save_verdicts(ctx: StoreContext, verdicts: dict[tuple[str, str], int]) -> None:
+    """Keep the check's verdicts in the store (``pair_verdicts``), so that the next run, in any
+    process, checks only new pairs. Best effort: a store that cannot be written now (read-only
+    file, a long write of another process) only loses the saving, never the result."""
+    rows = [{"sha_a": x, "sha_b": y, "verdict": v, "check_version": CHECK_VERSION, "checked_at": datetime.now(timezone.utc)}
+            for (x, y), v in verdicts.items()]
+
+    def work(conn: Connection) -> None:
+        for part in chunks(rows, 500):
+            stmt = _upsert(conn)(PairVerdict).values(part)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[PairVerdict.sha_a, PairVerdict.sha_b],
+                set_={"verdict": stmt.excluded.verdict, "check_version": stmt.excluded.check_version,
+                      "checked_at": stmt.excluded.checked_at}))
+
+    try:
+        ctx.write(work, doing="keep the geometric check's verdicts")
+    except ImgStoreError as exc:
+        logger.warning("%s (the next dedup checks these pairs again)", exc)
+
+
+def _upsert(conn: Connection) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 #: The geometric check's verdicts on pairs (ids_a[i], ids_b[i]): COPY, DIFFERENT or UNKNOWN.

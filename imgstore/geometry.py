@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 COPY, DIFFERENT, UNKNOWN = 1, 0, -1
+#: The check's version, kept with each stored verdict (``pair_verdicts``): raised whenever a
+#: change here can change a verdict, so that verdicts of an older check are not reused.
+#: 2: the edit search compares detail (ramp removed, 0.90) and flat centres by colour.
+CHECK_VERSION = 2
 
 #: Long side of the working image (pixels); larger images are reduced, smaller kept.
 WORK_SIDE = 512

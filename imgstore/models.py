@@ -221,3 +221,22 @@ class CodeBucket(Base):
     n: Mapped[int] = mapped_column(Integer)
     image_ids: Mapped[bytes] = mapped_column(LargeBinary)
     codes: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class PairVerdict(Base):
+    """The geometric check's verdict on a pair of contents (:mod:`imgstore.geometry`): COPY (1)
+    or DIFFERENT (0), by the two images' SHA-256 (``sha_a`` < ``sha_b``), so that a second
+    dedup checks only pairs it has not seen. ``check_version`` is the check's
+    (``geometry.CHECK_VERSION``): a verdict of another version is not used. Contents never
+    change, so a verdict stays true while its version does; the rows of a removed image's
+    pairs stay (a few dozen bytes each) and serve again if its content comes back.
+    """
+
+    __tablename__ = "pair_verdicts"
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - SQLAlchemy's declarative hook, read once, never mutated
+
+    sha_a: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha_b: Mapped[str] = mapped_column(String(64), primary_key=True)
+    check_version: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[int] = mapped_column(Integer)
+    checked_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -103,3 +103,41 @@ def test_a_stretched_keeper_does_not_split_its_group(db_url: str, tmp_path: Path
         groups = [g for g in store.find_duplicates() if g.kind == "near"]
         assert [sorted(Path(p).name for m in g.members for p in m.paths) for g in groups] == [
             ["half.jpg", "narrow.jpg", "original.png", "wide.jpg"]]
+
+
+def test_dedup_remembers_its_verdicts(db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The geometric check's verdicts are kept in the store: a second dedup, in a new process
+    (a new ImageStore), checks no pair and reads no image, and finds the same groups; verdicts
+    of another version of the check are not used."""
+    import logging
+
+    import imgstore.dedup as dedup_module
+    from tests.helpers import photo
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        img = photo(name).convert("RGB")
+        img.save(root / f"{name}.png")
+        img.rotate(10, resample=Image.Resampling.BICUBIC).save(root / f"{name}-rotated.jpg", quality=90)
+        caption(img).save(root / f"{name}-caption.jpg", quality=90)
+
+    def run() -> tuple[list[list[str]], list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="imgstore.dedup"), ImageStore(db_url) as store:
+            groups = store.find_duplicates()
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("geometric check:")]
+        return sorted(sorted(Path(p).name for m in g.members for p in m.paths) for g in groups), lines
+
+    with ImageStore(db_url) as store:
+        store.ingest([root])
+    first, log1 = run()
+    assert len(first) == 3 and all(len(g) == 3 for g in first)
+    assert log1 and " 0 pairs" not in log1[0]
+    second, log2 = run()
+    assert second == first
+    assert log2 and log2[0].startswith("geometric check: 0 pairs") and "0 images read" in log2[0], log2
+    monkeypatch.setattr(dedup_module, "CHECK_VERSION", dedup_module.CHECK_VERSION + 1)  # a new check: its own verdicts
+    third, log3 = run()
+    assert third == first and " 0 pairs" not in log3[0], log3

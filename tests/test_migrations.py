@@ -22,7 +22,8 @@ from imgstore.migrate import alembic_config, current_revision, head_revision, pe
 from imgstore.models import Base
 
 REPO = Path(__file__).resolve().parent.parent
-TABLES = {"images", "image_paths", "ingest_errors", "feature_spaces", "features", "hashers", "codes", "code_buckets"}
+TABLES = {"images", "image_paths", "ingest_errors", "feature_spaces", "features", "hashers", "codes", "code_buckets",
+          "pair_verdicts"}
 
 
 def test_single_head() -> None:
