@@ -15,8 +15,12 @@ values the application chose.
 Memory stays bounded for large photos: with ``draft_size`` a JPEG decodes at a reduced DCT
 scale, and an image still above :data:`REDUCE_FROM_PIXELS` is then reduced (a box average by a
 whole factor) to the smallest size that still covers ``draft_size`` before its mode is
-converted, so a 144 MP PNG takes one
-full-size buffer for the time of its decode, and what is kept is a few hundred pixels a side.
+converted, so a 144 MP PNG takes one full-size buffer for the time of its decode, and what is
+kept is a few hundred pixels a side.
+
+Formats: Pillow's own (JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP, ...), HEIC/HEIF through the
+``pillow-heif`` plugin, and camera RAW files through :mod:`imgstore.rawphoto` (by their name, or
+by LibRaw recognising bytes that Pillow does not).
 
 Any failure a file can cause is raised as :class:`~imgstore.errors.DecodeError` carrying the path
 and a short human reason (``"truncated or corrupt image data"``, ``"not a recognised image
@@ -210,9 +214,10 @@ def decode_bytes(
     the header, before decoding; above it, :class:`ImageTooLargeError`. Only the first frame of
     an animation is decoded. ``draft_size`` (width, height) is the smallest size the caller
     needs: a JPEG decodes at a reduced DCT scale (1/2, 1/4 or 1/8) that still covers it, several
-    times faster, and any image is then reduced by a whole factor (a box average) to the
-    smallest size that still covers it, so that a large photo's full-size pixels are freed at
-    once. ``path`` is used only in error messages.
+    times faster, and an image still above :data:`REDUCE_FROM_PIXELS` is then reduced by a whole
+    factor (a box average) to the smallest size that still covers it, so that a large photo's
+    full-size pixels are freed at once. ``path`` is used in error messages, and its extension
+    tells a camera RAW file.
     """
     limit = resolve_max_pixels(max_pixels)
     if is_raw_name(path):
