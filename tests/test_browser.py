@@ -78,6 +78,21 @@ def shot(driver: Any, name: str) -> None:
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
 
+def gone(element: Any, timeout_s: float = 60.0) -> None:
+    """Wait until ``element``'s page has been replaced (after a click that submits a form): until
+    then the old page's elements still match, and one read later is a stale reference."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the page was not replaced after the click")
+
+
 def wait_for(driver: Any, css: str, timeout_s: float = 60.0) -> list[Any]:
     from selenium.webdriver.common.by import By
 
@@ -141,12 +156,16 @@ def test_search_by_pick_drop_and_click(browser: Any, site: tuple[str, ImageStore
     assert all("rocket" in n for n in card_names(browser)[:4])
 
     # click a result: search with that stored image
-    browser.find_elements(By.CSS_SELECTOR, "#results .card a img")[1].click()
+    clicked = browser.find_elements(By.CSS_SELECTOR, "#results .card a img")[1]
+    clicked.click()
+    gone(clicked)
     wait_for(browser, ".query h2 a")
     assert "stored image" in browser.find_element(By.CSS_SELECTOR, ".query").text
     assert all("rocket" in n for n in card_names(browser)[:4])
     # and its details page
-    browser.find_elements(By.CSS_SELECTOR, "#results .card .name")[0].click()
+    clicked = browser.find_elements(By.CSS_SELECTOR, "#results .card .name")[0]
+    clicked.click()
+    gone(clicked)
     wait_for(browser, ".facts h1")
     assert "current" in browser.find_element(By.CSS_SELECTOR, "ul.paths").text
     wait_images(browser)
@@ -170,12 +189,14 @@ def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageSt
     flipped.click()
     assert flipped.find_element(By.CSS_SELECTOR, "input[type=radio]").is_selected()
     chelsea.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    gone(chelsea)
     note = wait_for(browser, ".note")[0]
     assert "Moved 5 files" in note.text, note.text
     assert (photos / "copies" / "flip" / "chelsea.jpg").exists() and not (photos / "originals" / "chelsea.png").exists()
     assert not any("chelsea" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "form.group"))
     shot(browser, "5-resolved")
     browser.find_element(By.CSS_SELECTOR, ".note form.undo button").click()
+    gone(note)  # the "Moved" note's page: a new note comes with the next page
     note = wait_for(browser, ".note")[0]
     assert "Put back 5 files" in note.text
     assert (photos / "originals" / "chelsea.png").exists()
@@ -184,6 +205,7 @@ def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageSt
 
 def test_collection_page_creates_an_index(browser: Any, site: tuple[str, ImageStore, Path]) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import Select
 
     base, store, _ = site
@@ -196,11 +218,14 @@ def test_collection_page_creates_an_index(browser: Any, site: tuple[str, ImageSt
     wait_for(browser, "li.job")
     deadline = time.time() + 90  # the page follows the job and reloads when it is done
     while time.time() < deadline:
-        rows = browser.find_elements(By.CSS_SELECTOR, "li.job")
-        if rows and rows[0].get_attribute("data-state") == "done":
-            break
+        try:
+            rows = browser.find_elements(By.CSS_SELECTOR, "li.job")
+            if rows and rows[0].get_attribute("data-state") == "done":
+                break
+        except StaleElementReferenceException:  # the page reloaded between the two reads
+            pass
         time.sleep(0.3)
-    assert browser.find_element(By.CSS_SELECTOR, "li.job").get_attribute("data-state") == "done"
+    wait_for(browser, 'li.job[data-state="done"]')
     assert len(store.indexes()) == before + 1
     active = browser.find_element(By.CSS_SELECTOR, "#indexes tr.active")
     assert "lsh" in active.text
