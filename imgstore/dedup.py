@@ -296,28 +296,19 @@ class IndexPairs:
         ids_a, ids_b = cache.image_ids[a], cache.image_ids[b]
         if rule.min_cosine is None:
             return [Edge(int(x), int(y), int(d), None) for x, y, d in zip(ids_a, ids_b, dist)]
-        ok, cos = judge_pairs(ids_a, ids_b, rule, load_vectors, load_signatures, self.check)
+        wanted = np.unique(np.concatenate([ids_a, ids_b]))
+        ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
+        matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
+        cos = _by_pairs(_row_dots, matrix, ra, rb)
+        layout = None
+        if load_signatures is not None:
+            sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
+            flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
+            layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
+        ok = rule.accept(cos, layout)
+        if self.check is not None:
+            ok = self.check.refine(ids_a, ids_b, cos, ok)
         return [Edge(int(x), int(y), int(d), float(c)) for x, y, d, c in zip(ids_a[ok], ids_b[ok], dist[ok], cos[ok])]
-
-
-def judge_pairs(ids_a: npt.NDArray[np.int64], ids_b: npt.NDArray[np.int64], rule: Rule, load_vectors: VectorLoader,
-                load_signatures: VectorLoader | None,
-                check: GeometricCheck | None) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
-    """Which pairs (ids_a[i], ids_b[i]) are duplicates under ``rule`` (then the geometric check
-    where it can tell), and their cosines. ``rule.min_cosine`` must be set."""
-    wanted = np.unique(np.concatenate([ids_a, ids_b]))
-    ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
-    matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
-    cos = _by_pairs(_row_dots, matrix, ra, rb)
-    layout = None
-    if load_signatures is not None:
-        sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
-        flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
-        layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
-    ok = rule.accept(cos, layout)
-    if check is not None:
-        ok = check.refine(ids_a, ids_b, cos, ok)
-    return ok, cos
 
 
 def _signature_matrix(by_id: dict[int, npt.NDArray[np.float32]],
@@ -576,17 +567,13 @@ def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
     return [replace(e, distance=int(d)) for e, d, ok in zip(edges, dist, inside) if ok]
 
 
-def _vector_loader(conn: Connection, space: SpaceInfo) -> VectorLoader:
-    def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
-        got_ids, vecs = load_features(conn, space.id, space.dim, ids)
-        return dict(zip(got_ids.tolist(), vecs))
-    return vectors
-
-
 def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
                probe_radius: int = 1, check: GeometricCheck | None = None) -> list[Edge]:
     """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
-    vectors = _vector_loader(conn, space)
+    def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
+        got_ids, vecs = load_features(conn, space.id, space.dim, ids)
+        return dict(zip(got_ids.tolist(), vecs))
+
     signatures = (lambda ids: _signatures(conn, ids)) if rule.min_cosine is not None else None
     edges = IndexPairs(cache, max_distance, probe_radius, check).edges(rule, vectors, signatures)
     if rule.min_cosine is not None and rule.min_signature is not None:
@@ -624,14 +611,12 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
-        space: SpaceInfo | None = None
         check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels)
                  if geometry and rule.min_cosine is not None else None)
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
-            space = get_space(conn, index.space_id)
-            edges = near_edges(conn, cache, space, rule, max_d, probe_radius, check)
+            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check)
             ids = cache.image_ids.tolist()
         else:
             spaces = [s for s in list_spaces(conn) if (s.n_features or 0) > 1]
@@ -739,6 +724,11 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
         return choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
                                  sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep, max_pixels)
 
+    neighbours: dict[int, set[int]] = {}
+    if judge is not None:
+        for e in edges:
+            neighbours.setdefault(e.a, set()).add(e.b)
+            neighbours.setdefault(e.b, set()).add(e.a)
     final: list[tuple[list[int], int]] = []  # members, keeper
     todo = list(near)
     while todo:
@@ -749,18 +739,14 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
             # it: the original, which every copy was made from); the keeper may be a copy (an
             # upscaled or stretched one has the most pixels) that another copy is no copy of
             inside = set(g)
-            degree = dict.fromkeys(g, 0)
-            for e in edges:
-                if e.a in inside and e.b in inside:
-                    degree[e.a] += 1
-                    degree[e.b] += 1
-            hub = max(g, key=lambda i: (degree[i], i == keeper, -i))
+            hub = max(g, key=lambda i: (len(neighbours.get(i, set()) & inside), i == keeper, -i))
             others = np.array([i for i in g if i != hub], dtype=np.int64)
             ok = judge(np.full(len(others), hub, dtype=np.int64), others) != DIFFERENT
             if not ok.all():
                 split = set(others[~ok].tolist())
-                todo += components(sorted(split), [e for e in edges if e.a in split and e.b in split])
-                g = sorted(set(g) - split)
+                todo += components(sorted(split), [Edge(a, b, None, None) for a in sorted(split)
+                                                   for b in sorted(neighbours.get(a, set()) & split) if a < b])
+                g = sorted(inside - split)
                 if len(g) < 2:
                     continue
                 keeper = keeper_of(g)
