@@ -20,7 +20,7 @@ import numpy.typing as npt
 from sqlalchemy import Connection, Table, and_, bindparam, delete, func, select, update
 
 from . import pgcopy
-from .hashing.bits import as_words, band_values
+from .hashing.bits import band_values, rank_candidates
 from .models import Code, CodeBucket, HashIndex
 from .sqlhelpers import IN_CHUNK, WRITE_CHUNK, chunks, copy_binary, driver_rows, insert_stmt
 
@@ -359,13 +359,10 @@ class SqlProbe:
         self, conn: Connection, probes: list[npt.NDArray[np.int64]], query_code: npt.NDArray[np.uint8], k: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
         """Top-k (ids, distances) of the codes the probes find, and how many distinct ones."""
-        from . import kernels
-
         ids, codes = self.fetch(conn, probes)
         if len(ids) == 0:
             return ids, np.zeros(0, dtype=np.int64), 0
-        top, dist, found = kernels.rank_candidates(ids, as_words(codes), as_words(query_code.reshape(1, -1))[0], k)
-        return top, dist, int(found)
+        return rank_candidates(ids, codes, query_code, k)
 
     def fetch(self, conn: Connection, probes: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
         """Image ids whose band j is in ``probes[j]`` for some j, with codes, as the buckets

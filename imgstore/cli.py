@@ -20,6 +20,7 @@ import click
 from .db import ENV_VAR, resolve_url, sqlite_file
 from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_size_warnings
 from .errors import ImgStoreError, NotFoundError
+from .features import RUNTIME_ENV, RUNTIMES
 from .ingest import IngestSummary
 from .paths import counted, printable
 from .repository import ImageStore
@@ -28,9 +29,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Context:
-    def __init__(self, db: str | None, max_pixels: int | None = None) -> None:
+    def __init__(self, db: str | None, max_pixels: int | None = None, runtime: str | None = None) -> None:
         self.db = db
         self.max_pixels = max_pixels  # None: the library's default ($IMGSTORE_MAX_PIXELS, else 200 MP)
+        self.runtime = runtime  # None: $IMGSTORE_RUNTIME, else auto
         self.extractor_options: dict[str, dict[str, Any]] = {}
 
     @contextmanager
@@ -44,7 +46,7 @@ class Context:
                 f"no database at {path}: check --db or ${ENV_VAR} (`imgstore ingest FOLDER` creates one)"
             )
         with ImageStore(url, check_schema=check_schema, extractor_options=self.extractor_options,
-                        max_pixels=self.max_pixels) as store:
+                        max_pixels=self.max_pixels, runtime=self.runtime) as store:
             yield store
 
 
@@ -103,9 +105,18 @@ def emit_json(data: Any) -> None:
     help="Largest image read (ingest, queries, the server's uploads), in pixels or megapixels (250M); a larger "
          f"one is refused before it is decoded [env {MAX_PIXELS_ENV}; default {DEFAULT_MAX_PIXELS // 10**6}M].",
 )
+@click.option(
+    "--runtime",
+    envvar=RUNTIME_ENV,
+    type=click.Choice(RUNTIMES, case_sensitive=False),
+    default=None,
+    help="What runs the CNN: onnx (ONNX Runtime, the torch model's features several times faster on a CPU; "
+         "exported on first use into ~/.cache/imgstore), torch (bf16, CUDA), or auto: onnx on a CPU, torch for "
+         f"--device cuda [env {RUNTIME_ENV}; default auto].",
+)
 @click.version_option(package_name="imgstore")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, max_pixels: int | None) -> None:
+def cli(ctx: click.Context, db: str | None, max_pixels: int | None, runtime: str | None) -> None:
     """imgstore: a database-backed image search store.
 
     \b
@@ -116,7 +127,7 @@ def cli(ctx: click.Context, db: str | None, max_pixels: int | None) -> None:
     # every image this process reads is decoded by imgstore.decode, whose own limit decides:
     # Pillow's warning above its 89 MP default is noise here (see decode._open)
     quiet_pillow_size_warnings()
-    ctx.obj = Context(db, max_pixels)
+    ctx.obj = Context(db, max_pixels, runtime.lower() if runtime else None)
 
 
 def _pixel_count(value: str | None) -> int | None:

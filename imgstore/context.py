@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from .db import WRITE_OPTION, make_engine, resolve_url, safe_url
 from .decode import resolve_max_pixels
 from .errors import DatabaseError, NotFoundError, SchemaError
-from .features import DEFAULT_EXTRACTOR, Extractor, get_extractor
+from .features import DEFAULT_EXTRACTOR, Extractor, get_extractor, resolve_runtime
 from .hashing import Hasher, hasher_from_bytes
 from .migrate import ensure_current
 from .models import HashIndex
@@ -66,7 +66,13 @@ class StoreContext:
     """The engine of one database and what this process has computed from it."""
 
     def __init__(self, db: Any = None, *, echo: bool = False,
-                 extractor_options: dict[str, dict[str, Any]] | None = None, max_pixels: int | None = None) -> None:
+                 extractor_options: dict[str, dict[str, Any]] | None = None, max_pixels: int | None = None,
+                 runtime: str | None = None) -> None:
+        #: what runs the CNN extractors: "auto", "torch" or "onnx" (None: $IMGSTORE_RUNTIME, else auto);
+        #: see :func:`imgstore.features.resolve_runtime`
+        self.runtime = runtime
+        if runtime is not None:
+            resolve_runtime(runtime)  # a bad name fails here, not at the first image
         #: largest image (pixels) this store decodes, on every path: ingest, queries, thumbnails
         self.max_pixels = resolve_max_pixels(max_pixels)
         self.url: URL = resolve_url(db)
@@ -202,7 +208,7 @@ class StoreContext:
         options = {**self.extractor_options.get(name, {}), **options}
         key = (name, tuple(sorted(options.items())))
         if key not in self._extractors:
-            self._extractors[key] = get_extractor(name, **options)
+            self._extractors[key] = get_extractor(name, runtime=self.runtime, **options)
         return self._extractors[key]
 
     def hasher(self, conn: Connection, index: IndexInfo) -> Hasher:
@@ -219,11 +225,11 @@ class StoreContext:
 
 def open_context(db: Any = None, *, check_schema: bool = True, echo: bool = False,
                  extractor_options: dict[str, dict[str, Any]] | None = None,
-                 max_pixels: int | None = None) -> StoreContext:
+                 max_pixels: int | None = None, runtime: str | None = None) -> StoreContext:
     """A store's context, its schema checked (a brand-new database gets it created; one behind
     the code's migrations raises :class:`SchemaOutdatedError` naming the command that fixes
     it): what ``ImageStore`` opens, and what a cluster worker opens to write its batches."""
-    ctx = StoreContext(db, echo=echo, extractor_options=extractor_options, max_pixels=max_pixels)
+    ctx = StoreContext(db, echo=echo, extractor_options=extractor_options, max_pixels=max_pixels, runtime=runtime)
     if check_schema:
         try:
             ensure_current(ctx.engine, ctx.url)

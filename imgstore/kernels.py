@@ -210,31 +210,3 @@ def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
             t += 1
     keys = np.sort(keys[:t])[:k]
     return keys % n, keys // n
-
-
-@nb.njit(cache=True, nogil=True)
-def rank_candidates(ids: I64, words: U64, qwords: U64, k: int) -> tuple[I64, I64, int]:
-    """Top-k (ids, distances) by (distance, id) of candidates that may repeat (a code found
-    through several bands), and how many distinct ids there were. For the SQL path, whose
-    buckets arrive as one flat array per query."""
-    n = ids.shape[0]
-    nw = qwords.shape[0]
-    keys = np.empty(n, np.int64)
-    for r in range(n):
-        d = 0
-        for t in range(nw):
-            d += _popcount(words[r, t] ^ qwords[t])
-        keys[r] = (d << 40) | ids[r]  # image ids stay far below 2**40
-    keys = np.sort(keys)
-    out = np.empty(min(k, n), np.int64)
-    distinct = 0
-    taken = 0
-    for r in range(n):
-        if r > 0 and keys[r] == keys[r - 1]:
-            continue
-        distinct += 1
-        if taken < out.shape[0]:
-            out[taken] = keys[r]
-            taken += 1
-    out = out[:taken]
-    return out & ((1 << 40) - 1), out >> 40, distinct

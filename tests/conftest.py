@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy.pool import NullPool
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -29,6 +29,15 @@ def pg_admin_url() -> URL:
 
 def _pg_skip_requested() -> bool:
     return os.environ.get("IMGSTORE_TEST_SKIP_PG") == "1" and os.environ.get("CI") != "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Exported ONNX models go to a folder of this test session (and of the commands it runs),
+    never the user's cache: the first test that needs one exports it, as a new user's first run does."""
+    path = tmp_path_factory.mktemp("model-cache")
+    os.environ["IMGSTORE_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture

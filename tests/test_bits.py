@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 import pytest
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from imgstore.errors import ImgStoreError
 from imgstore.hashing.bits import (
     as_words,
@@ -19,6 +20,7 @@ from imgstore.hashing.bits import (
     hamming_distances,
     hamming_distances_batch,
     pack_bits,
+    rank_candidates,
     topk_smallest,
 )
 
@@ -174,3 +176,32 @@ def test_default_n_bands_rule() -> None:
         band_layout(64, 9)  # 7-bit bands match too many codes to filter
     with pytest.raises(ImgStoreError):
         band_layout(64, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_bytes=st.sampled_from([2, 4, 8, 12, 16]),
+    data=st.data(),
+    k=st.integers(min_value=0, max_value=12),
+)
+def test_rank_candidates_is_a_sort_of_the_distinct_candidates(n_bytes: int, data: st.DataObject, k: int) -> None:
+    """The SQL path's top-k: each id once however many bands found it, ordered by (distance, id)."""
+    n_ids = data.draw(st.integers(min_value=0, max_value=30))
+    ids = data.draw(st.lists(st.integers(min_value=0, max_value=(1 << 40) - 1), min_size=n_ids, max_size=n_ids,
+                             unique=True))
+    codes = {i: data.draw(st.binary(min_size=n_bytes, max_size=n_bytes)) for i in ids}
+    repeats = data.draw(st.lists(st.sampled_from(ids), max_size=40)) if ids else []
+    found = ids + repeats
+    order = data.draw(st.permutations(range(len(found))))
+    found = [found[i] for i in order]
+    query = data.draw(st.binary(min_size=n_bytes, max_size=n_bytes))
+    code_rows = np.array([list(codes[i]) for i in found], dtype=np.uint8).reshape(len(found), n_bytes)
+    top, dist, distinct = rank_candidates(np.array(found, dtype=np.int64), code_rows,
+                                          np.frombuffer(query, dtype=np.uint8), k)
+
+    def hamming(a: bytes, b: bytes) -> int:
+        return sum(bin(x ^ y).count("1") for x, y in zip(a, b))
+
+    expected = sorted((hamming(codes[i], query), i) for i in ids)[:k]
+    assert distinct == len(ids)
+    assert list(zip(dist.tolist(), top.tolist())) == expected

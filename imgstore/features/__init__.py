@@ -1,7 +1,9 @@
 """Feature extractors behind one small protocol, and their registry.
 
 Importing this package does not import torch: the CNN extractors are imported inside their
-factories, so ``imgstore --help`` and pure-numpy users stay fast.
+factories, so ``imgstore --help`` and pure-numpy users stay fast. EfficientNet-Lite runs on ONNX
+Runtime by default (:mod:`.onnxrt`: same features, several times faster on a CPU, no torch
+import); ``runtime="torch"`` keeps PyTorch (bf16, CUDA, and the only way for ResNet-50).
 
 >>> ex = get_extractor("efficientnet-lite0", precision="fp32")   # doctest: +SKIP
 >>> ex.extract([img]).shape                                      # doctest: +SKIP
@@ -10,46 +12,91 @@ factories, so ``imgstore --help`` and pure-numpy users stay fast.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExtractorError
 from .base import Extractor
 
-__all__ = ["DEFAULT_EXTRACTOR", "Extractor", "available_extractors", "get_extractor"]
+__all__ = ["DEFAULT_EXTRACTOR", "RUNTIMES", "RUNTIME_ENV", "Extractor", "available_extractors", "get_extractor",
+           "resolve_runtime"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXTRACTOR = "efficientnet-lite0"
+RUNTIMES = ("auto", "torch", "onnx")
+RUNTIME_ENV = "IMGSTORE_RUNTIME"
 
 
-def _efficientnet_lite0(**options: Any) -> Extractor:
-    from .efficientnet import EfficientNetLite0Extractor
+def resolve_runtime(runtime: str | None, *, precision: str | None = None, device: str | None = None) -> str:
+    """"auto" | "torch" | "onnx" (None: $IMGSTORE_RUNTIME, else "auto") to the runtime that runs a CNN.
 
-    return EfficientNetLite0Extractor(**options)
+    "auto" is ONNX Runtime (fp32 on the CPU: the torch model's features, 3-4x its speed on a CPU
+    without bf16, benchmarks/results/runtime.md) unless bf16 or a CUDA device is asked for, an
+    NVIDIA device is present with ``device`` auto, or onnxruntime is not installed: then torch.
+    """
+    chosen = (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
+    if chosen not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {chosen!r}; choose one of {', '.join(RUNTIMES)}")
+    prec = (precision or os.environ.get("IMGSTORE_PRECISION") or "auto").strip().lower()
+    dev = (device or os.environ.get("IMGSTORE_DEVICE") or "auto").strip().lower()
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    if chosen == "onnx":
+        if not have_ort:
+            raise ConfigError("the onnx runtime needs onnxruntime and onnx: `pip install onnxruntime onnx`, or use "
+                              "--runtime torch")
+        return chosen
+    if chosen == "torch":
+        return chosen
+    gpu = dev == "cuda" or (dev == "auto" and any(os.path.exists(p) for p in _NVIDIA_DEVICES))
+    return "torch" if prec == "bf16" or gpu or not have_ort else "onnx"
 
 
-def _efficientnet_lite2(**options: Any) -> Extractor:
-    from .efficientnet import EfficientNetLite2Extractor
-
-    return EfficientNetLite2Extractor(**options)
+_NVIDIA_DEVICES = ("/dev/nvidiactl", "/proc/driver/nvidia/version")
 
 
-def _resnet50(**options: Any) -> Extractor:
+def _lite(variant: str) -> Callable[..., Extractor]:
+    def factory(runtime: str | None = None, **options: Any) -> Extractor:
+        if resolve_runtime(runtime, precision=options.get("precision"), device=options.get("device")) == "onnx":
+            from .onnxrt import lite_extractor
+
+            try:
+                return lite_extractor(variant, **options)
+            except ExtractorError as exc:
+                if (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower() == "onnx":
+                    raise
+                # chosen for speed, not asked for: the same features come from torch, slower
+                log.warning("%s; using torch", exc)
+        from .efficientnet import EfficientNetLite0Extractor, EfficientNetLite2Extractor
+
+        return (EfficientNetLite0Extractor if variant == "lite0" else EfficientNetLite2Extractor)(**options)
+
+    return factory
+
+
+def _resnet50(runtime: str | None = None, **options: Any) -> Extractor:
+    if runtime == "onnx":
+        raise ConfigError("resnet50 runs on --runtime torch only (the onnx runtime serves efficientnet-lite0 and -lite2)")
     from .resnet import ResNet50Extractor
 
     return ResNet50Extractor(**options)
 
 
-def _color(**options: Any) -> Extractor:
+def _color(runtime: str | None = None, **options: Any) -> Extractor:
     from .color import ColorExtractor
 
+    del runtime  # numpy: no model to run
     if options:
         raise ConfigError(f"the color extractor takes no options, got {', '.join(sorted(options))}")
     return ColorExtractor()
 
 
 _FACTORIES: dict[str, Callable[..., Extractor]] = {
-    "efficientnet-lite0": _efficientnet_lite0,
-    "efficientnet-lite2": _efficientnet_lite2,
+    "efficientnet-lite0": _lite("lite0"),
+    "efficientnet-lite2": _lite("lite2"),
     "resnet50": _resnet50,
     "color": _color,
 }
@@ -60,15 +107,16 @@ def available_extractors() -> list[str]:
     return [DEFAULT_EXTRACTOR, *sorted(n for n in _FACTORIES if n != DEFAULT_EXTRACTOR)]
 
 
-def get_extractor(name: str = DEFAULT_EXTRACTOR, **options: Any) -> Extractor:
-    """Build an extractor by name. Loads its weights now (can take a second); options are per extractor.
+def get_extractor(name: str = DEFAULT_EXTRACTOR, runtime: str | None = None, **options: Any) -> Extractor:
+    """Build an extractor by name. Loads its weights now (can take a second); options are per extractor;
+    ``runtime`` ("auto", "torch", "onnx") chooses what runs a CNN (:func:`resolve_runtime`).
 
     Raises ConfigError for an unknown name or option, WeightsNotFoundError when weights are needed
     and missing.
     """
     factory = _FACTORIES[_check(name)]
     try:
-        return factory(**options)
+        return factory(runtime=runtime, **options)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):
             raise ConfigError(f"bad option for extractor {name!r}: {exc}") from None

@@ -8,17 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from PIL import Image
+from .base import SquareInput
 
 logger = logging.getLogger(__name__)
 
@@ -139,36 +136,26 @@ def fuse_conv_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
             conv.bias.mul_(scale).add_(bias)
 
 
-class CnnExtractor:
-    """What the CNN extractors share: square resize in worker threads, batched inference of
+class CnnExtractor(SquareInput):
+    """What the torch CNN extractors share: square resize in worker threads, batched inference of
     ``self._model`` (uint8 NHWC in, features out) at the chosen precision.
 
     Subclasses set ``name``, ``dim``, call :meth:`_configure` and set ``self._model``.
     """
 
-    name: str
-    dim: int
+    runtime = "torch"
     _model: torch.nn.Module
 
     def _configure(self, image_size: int, resize: str, resample: str, precision: str | None, scaling: str,
                    device: str | None = None) -> None:
-        from .base import check_resize_mode, resampling
-
         self.device = resolve_device(device)
         if self.device != "cpu" and (precision or os.environ.get("IMGSTORE_PRECISION") or "auto") == "auto":
             precision = "fp32"  # the CPU's bf16 test says nothing about the accelerator
-        self.image_size = int(image_size)
-        self.resize = check_resize_mode(resize)
-        self.resample = resample
-        self._resample = resampling(resample)
+        self._configure_input(image_size, resize, resample, scaling)
         self.precision: Precision = resolve_precision(precision)
-        # JPEG drafts (1/2..1/8 DCT scaling) no smaller than twice the input: the resize still
-        # has real pixels to filter from
-        self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
-        self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-{scaling}-v1"
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, "
+        return (f"{type(self).__name__}(runtime='torch', precision={self.precision!r}, device={self.device!r}, "
                 f"preprocess={self.preprocess_version!r})")
 
     def _place(self, *modules: torch.nn.Module) -> None:
@@ -177,17 +164,6 @@ class CnnExtractor:
             for module in modules:
                 module.to(self.device)
 
-    def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
-        """RGB image -> (image_size, image_size, 3) uint8."""
-        from .base import resize_square
-
-        return resize_square(img, self.image_size, self.resize, self._resample)
-
     def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
         """(n, s, s, 3) uint8 -> (n, dim) float32."""
         return run_model(self._model, nhwc_uint8_to_tensor(batch), self.precision, self.device)
-
-    def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
-        from .base import stack_preprocessed
-
-        return self.extract_arrays(stack_preprocessed(self, images))

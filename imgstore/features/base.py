@@ -97,3 +97,34 @@ def stack_preprocessed(extractor: Extractor, images: Sequence[Image.Image]) -> n
     if len(images) == 0:
         raise ValueError("no images given")
     return np.stack([extractor.preprocess(im) for im in images])
+
+
+class SquareInput:
+    """What the CNN extractors share whatever runs their model (torch or ONNX Runtime): the
+    image squared to ``image_size`` in worker threads, uint8 NHWC batches, the preprocessing's
+    version and the JPEG draft size. Subclasses set ``name``, ``dim`` and ``extract_arrays``."""
+
+    name: str
+    dim: int
+
+    def _configure_input(self, image_size: int, resize: str, resample: str, scaling: str) -> None:
+        self.image_size = int(image_size)
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
+        self.resize = check_resize_mode(resize)
+        self.resample = resample
+        self._resample = resampling(resample)
+        # JPEG drafts (1/2..1/8 DCT scaling) no smaller than twice the input: the resize still
+        # has real pixels to filter from
+        self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
+        self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-{scaling}-v1"
+
+    def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:
+        """RGB image -> (image_size, image_size, 3) uint8."""
+        return resize_square(img, self.image_size, self.resize, self._resample)
+
+    def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
+        raise NotImplementedError
+
+    def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
+        return self.extract_arrays(stack_preprocessed(self, images))

