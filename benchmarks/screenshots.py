@@ -70,7 +70,11 @@ def main() -> int:
                 break
             time.sleep(0.1)
         shot("search")
-        driver.get(base + "/duplicates")
+        driver.get(base + "/duplicates")  # the groups are found in the background; the page turns into them
+        for _ in range(6000):
+            if driver.find_elements(By.CSS_SELECTOR, "form.group") and not driver.find_elements(By.ID, "dup-search"):
+                break
+            time.sleep(0.1)
         shot("duplicates")
         driver.get(base + "/collection")
         shot("collection")

@@ -22,6 +22,10 @@ rotated, hard-cropped and captioned copies the rule misses and rejects what the 
 wrongly (a second shot of one scene, look-alike layouts); where it cannot tell (a file gone, a
 flat image) the rule's answer stands. Accepted pairs are joined into connected components
 with a union-find.
+
+A search reports how far it is through ``progress(phase, done, total)`` (:data:`PHASES`): a
+first search of a photo collection spends most of its time in the geometric check, reading and
+comparing files, so a server runs it in the background and shows these numbers meanwhile.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, case, func, select
 
 from .catalog import keeper_path, path_rows, stale_among
 from .codecache import CodeCache, caches
@@ -45,7 +49,7 @@ from .hashing import make_hasher, min_samples
 from .hashing.bits import band_values, default_n_bands, flip_neighbours, pack_bits
 from .indexing import find_index, list_indexes
 from .keeper import RULES, Candidate, choose
-from .models import Image, ImagePath, PairVerdict
+from .models import HashIndex, Image, ImagePath, PairVerdict
 from .paths import printable
 from .signature import DIM, KEEP, from_bytes
 from .sqlhelpers import IN_CHUNK, chunks
@@ -97,6 +101,45 @@ ALL_PAIRS_ROWS = 512
 ALL_PAIRS_MAX = 20_000
 #: The temporary index is fitted on at most this many vectors.
 TEMPORARY_INDEX_SAMPLE = 20_000
+#: The geometric check reports its progress after each slice of this many pairs (a slice reads
+#: its images in parallel, then compares its pairs in parallel; a larger slice wastes less at
+#: its end, a smaller one reports more often).
+CHECK_SLICE = 64
+#: The codes probing for candidates reports its progress every this many images.
+PROBE_REPORT_EVERY = 256
+
+#: ``progress(phase, done, total)``: how far a duplicate search is. ``total`` may grow while a
+#: phase runs (candidate pairs are found, and checked, a chunk of the store at a time), and a
+#: phase may come back (candidates, then their check, then the next chunk's candidates).
+Progress = Callable[[str, int, int], None]
+#: Images whose codes were probed for candidate pairs (done and total count images).
+CANDIDATES = "candidates"
+#: Images whose pixel-layout signatures were probed for candidate pairs (copies the CNN codes miss).
+LAYOUT = "layout"
+#: Candidate pairs compared on their files (the geometric check); verdicts stored by earlier
+#: runs are not counted: they cost nothing.
+CHECKING = "checking"
+#: Connected groups checked as a whole (each member against the group's hub).
+GROUPING = "grouping"
+PHASES = (CANDIDATES, LAYOUT, CHECKING, GROUPING)
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    """The progress callback of a search nobody follows."""
+
+
+def describe_progress(phase: str, done: int, total: int) -> str:
+    """One line a person reads: ``checking 120 of 480 candidate pairs``."""
+    of = f"{done:,} of {total:,}" if total else f"{done:,}"
+    if phase == CANDIDATES:
+        return f"finding candidate pairs: {of} images probed"
+    if phase == LAYOUT:
+        return f"finding copies by layout: {of} images probed"
+    if phase == CHECKING:
+        return f"checking {of} candidate pairs"
+    if phase == GROUPING:
+        return f"forming groups: {of} checked"
+    return "starting"
 
 
 @dataclass(frozen=True)
@@ -260,12 +303,15 @@ class IndexPairs:
     max_distance: int
     probe_radius: int = 1
     check: GeometricCheck | None = None
+    progress: Progress = no_progress
+    phase: str = CANDIDATES  # what the probing reports itself as
 
     def edges(self, rule: Rule, load_vectors: VectorLoader, load_signatures: VectorLoader | None) -> list[Edge]:
         cache, index = self.cache, self.cache.index
         n = len(cache)
         if n < 2:
             return []
+        self.progress(self.phase, 0, n)
         bands = band_values(cache.codes, index.n_bands, index.band_width)
         edges: list[Edge] = []
         pairs_a: list[npt.NDArray[np.intp]] = []
@@ -284,6 +330,8 @@ class IndexPairs:
                     held += len(keep)
             # judged in batches of rows, and sooner when the pairs pile up (crowded buckets):
             # memory stays bounded whatever the store
+            if (row + 1) % PROBE_REPORT_EVERY == 0 or row == n - 1:
+                self.progress(self.phase, row + 1, n)
             if pairs_a and (held >= PAIR_BATCH or (row + 1) % CHUNK == 0 or row == n - 1):
                 edges += self._accepted(np.concatenate(pairs_a), np.concatenate(pairs_b), rule, load_vectors, load_signatures)
                 pairs_a, pairs_b, held = [], [], 0
@@ -339,6 +387,7 @@ class AllPairs:
     signatures: npt.NDArray[np.float32] | None = None  # (n, 63), zeros where missing
     known: npt.NDArray[np.bool_] | None = None  # (n,) which signatures exist (default: all)
     check: GeometricCheck | None = None
+    progress: Progress = no_progress
 
     def edges(self, rule: Rule) -> list[Edge]:
         if rule.min_cosine is None:
@@ -354,6 +403,7 @@ class AllPairs:
         large = self.check.large(self.image_ids) if self.check is not None else None
         for start in range(0, n, ALL_PAIRS_ROWS):
             stop = min(n, start + ALL_PAIRS_ROWS)
+            self.progress(CANDIDATES, stop, n)
             cos = unit[start:stop] @ unit[start:].T  # (rows, n - start): pairs (i, j >= start)
             layout = None
             if sig is not None and sig_flip is not None:
@@ -391,6 +441,10 @@ class GeometricCheck:
     #: verdicts this run computed (to be stored), and how many came from the store's table
     fresh: dict[tuple[str, str], int] = field(default_factory=dict)
     stored_hits: int = 0
+    progress: Progress = no_progress
+    #: pairs compared on their files so far, and pairs to compare found so far (the progress)
+    checked: int = 0
+    to_check: int = 0
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
     verifier: PairVerifier = field(init=False)
@@ -400,11 +454,12 @@ class GeometricCheck:
 
     @classmethod
     def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None,
-                  max_pixels: int | None = None) -> GeometricCheck:
+                  max_pixels: int | None = None, progress: Progress = no_progress) -> GeometricCheck:
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
-        return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {}, max_pixels=max_pixels)
+        return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {}, max_pixels=max_pixels,
+                   progress=progress)
 
     def large(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         if not len(self.large_ids):
@@ -441,7 +496,13 @@ class GeometricCheck:
         if len(todo):
             need = sorted({int(i) for i in np.concatenate([a[todo], b[todo]]).tolist()} - self._paths.keys())
             self._paths.update(_current_paths(self.conn, need)[0])  # read here: the loader runs on threads
-            verdict[todo] = self.verifier.verdicts(a[todo], b[todo])
+            self.to_check += len(todo)
+            todo = todo[np.lexsort((b[todo], a[todo]))]  # the order the verifier reads images in
+            for start in range(0, len(todo), CHECK_SLICE):
+                pairs = todo[start:start + CHECK_SLICE]
+                verdict[pairs] = self.verifier.verdicts(a[pairs], b[pairs])
+                self.checked += len(pairs)
+                self.progress(CHECKING, self.checked, self.to_check)
             if len(self.known) > KNOWN_VERDICTS_MAX:
                 self.known.clear()
             found = {keys[k]: int(verdict[k]) for k in todo.tolist() if verdict[k] != UNKNOWN and all(keys[k])}
@@ -568,22 +629,55 @@ def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
 
 
 def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
-               probe_radius: int = 1, check: GeometricCheck | None = None) -> list[Edge]:
+               probe_radius: int = 1, check: GeometricCheck | None = None,
+               progress: Progress = no_progress) -> list[Edge]:
     """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
     def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
         got_ids, vecs = load_features(conn, space.id, space.dim, ids)
         return dict(zip(got_ids.tolist(), vecs))
 
     signatures = (lambda ids: _signatures(conn, ids)) if rule.min_cosine is not None else None
-    edges = IndexPairs(cache, max_distance, probe_radius, check).edges(rule, vectors, signatures)
+    edges = IndexPairs(cache, max_distance, probe_radius, check, progress).edges(rule, vectors, signatures)
     if rule.min_cosine is not None and rule.min_signature is not None:
         sig_ids, sig_codes = _signature_codes(conn)
         if len(sig_ids) > 1:
             only_layout = Rule(min_cosine=2.0, min_signature=rule.min_signature)  # only the signature rule
-            sig_edges = IndexPairs(signature_cache(sig_ids, sig_codes), SIGNATURE_MAX_DISTANCE, check=check).edges(
-                only_layout, vectors, signatures)
+            sig_edges = IndexPairs(signature_cache(sig_ids, sig_codes), SIGNATURE_MAX_DISTANCE, check=check,
+                                   progress=progress, phase=LAYOUT).edges(only_layout, vectors, signatures)
             edges += _with_index_distance(sig_edges, cache)
     return edges
+
+
+@dataclass(frozen=True)
+class DuplicatesState:
+    """What a duplicate search reads, summed up in a few numbers that change whenever it does:
+    the images (how many, the highest id, the newest), their files (rows, the highest id, the
+    newest, how many are current) and the indexes (id, uid, generation, which is active). Groups
+    found under one state hold under an equal one, so a server keeps them while the state stays
+    (image metadata is left out: no group depends on it). An image removed and another added
+    meanwhile still shows (SQLite may give the new one the same id, never the same time)."""
+
+    images: int
+    last_image: int
+    newest_image: datetime | None
+    paths: int
+    last_path: int
+    newest_path: datetime | None
+    current_paths: int
+    indexes: tuple[tuple[int, str, int, bool], ...]
+
+
+def duplicates_state(conn: Connection) -> DuplicatesState:
+    """The :class:`DuplicatesState` now: one aggregate query over images, one over their paths
+    (each a scan of its table, far cheaper than the search) and the indexes' few rows."""
+    images = conn.execute(select(func.count(), func.max(Image.id), func.max(Image.ingested_at))).one()
+    current = func.sum(case((ImagePath.is_current.is_(True), 1), else_=0))
+    paths = conn.execute(select(func.count(), func.max(ImagePath.id), func.max(ImagePath.first_seen_at), current)).one()
+    indexes = conn.execute(select(HashIndex.id, HashIndex.uid, HashIndex.generation, HashIndex.is_active)
+                           .order_by(HashIndex.id)).all()
+    return DuplicatesState(
+        int(images[0] or 0), int(images[1] or 0), images[2], int(paths[0] or 0), int(paths[1] or 0), paths[2],
+        int(paths[3] or 0), tuple((int(i), str(u), int(g), bool(a)) for i, u, g, a in indexes))
 
 
 def find_duplicates(
@@ -596,13 +690,17 @@ def find_duplicates(
     probe_radius: int = 1,
     keep: str = "original",
     geometry: bool = True,
+    progress: Progress | None = None,
 ) -> list[DuplicateGroup]:
-    """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``)."""
+    """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``);
+    ``progress(phase, done, total)`` follows the work (:data:`PHASES`)."""
     if keep not in RULES:
         raise ConfigError(f"unknown keeper rule {keep!r}; choose one of {', '.join(RULES)}")
     min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
     min_s = DEFAULT_MIN_SIGNATURE if min_signature is None else min_signature
     rule = Rule(min_cosine=min_c if min_c > 0 else None, min_signature=min_s if min_s > 0 else None)
+    report = progress or no_progress
+    report(CANDIDATES, 0, 0)
     with ctx.read("find duplicates") as conn:
         multi = conn.execute(
             select(ImagePath.image_id).where(ImagePath.is_current.is_(True))
@@ -611,12 +709,12 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
-        check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels)
+        check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels, report)
                  if geometry and rule.min_cosine is not None else None)
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
-            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check)
+            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check, report)
             ids = cache.image_ids.tolist()
         else:
             spaces = [s for s in list_spaces(conn) if (s.n_features or 0) > 1]
@@ -625,18 +723,19 @@ def find_duplicates(
                 if (space.n_features or 0) <= ALL_PAIRS_MAX:
                     got, vectors = load_features(conn, space.id, space.dim)
                     sigs, known = _signature_matrix(_signatures(conn, got.tolist()), got)
-                    edges = AllPairs(got, vectors, sigs, known, check).edges(rule)
+                    edges = AllPairs(got, vectors, sigs, known, check, report).edges(rule)
                     ids = got.tolist()
                 else:
                     cache = temporary_index(conn, space)
                     max_d = default_max_distance(cache.index.n_bits) if max_distance is None else max_distance
-                    edges = near_edges(conn, cache, space, rule, max_d, probe_radius, check)
+                    edges = near_edges(conn, cache, space, rule, max_d, probe_radius, check, report)
                     ids = cache.image_ids.tolist()
         stale = stale_among(conn, sorted({i for e in edges for i in (e.a, e.b)}))
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
-        groups = _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels)
+        groups = _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels,
+                         report)
     if check is not None and (check.verifier.stats.pairs or check.stored_hits):
         st = check.verifier.stats
         logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
@@ -689,7 +788,8 @@ Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], npt.NDArray[np.
 
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
-            keep: str = "original", judge: Judge | None = None, max_pixels: int | None = None) -> list[DuplicateGroup]:
+            keep: str = "original", judge: Judge | None = None, max_pixels: int | None = None,
+            progress: Progress = no_progress) -> list[DuplicateGroup]:
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
     distances to the keeper.
 
@@ -731,7 +831,10 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
             neighbours.setdefault(e.b, set()).add(e.a)
     final: list[tuple[list[int], int]] = []  # members, keeper
     todo = list(near)
+    grouped = 0
     while todo:
+        progress(GROUPING, grouped, grouped + len(todo))
+        grouped += 1
         g = todo.pop()
         keeper = keeper_of(g)
         if judge is not None and len(g) > 2:  # a pair's one edge was judged this way already
@@ -751,6 +854,7 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
                     continue
                 keeper = keeper_of(g)
         final.append((g, keeper))
+    progress(GROUPING, grouped, grouped)
     for g, keeper in final:
         members = []
         for i in g:

@@ -1,8 +1,9 @@
 """Long work in the background of a long-running process, with progress a page can show.
 
-``imgstore serve`` fits indexes this way: a fit over 1M images takes minutes, far longer than a
-request may wait. One job runs at a time per kind of work (two fits would only compete for the
-same cores and the same write lock); a second one asked for meanwhile waits its turn.
+``imgstore serve`` fits indexes and finds duplicate groups this way: a fit over 1M images, or a
+first duplicate search of a photo collection, takes minutes, far longer than a request may
+wait. One job runs at a time per kind of work (two fits would only compete for the same cores
+and the same write lock); a second one asked for meanwhile waits its turn.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     """One piece of background work. ``state``: queued, running, done or failed; ``phase``,
-    ``done`` and ``total`` follow the work; ``result`` is what it returned, ``error`` why it
-    failed (one line)."""
+    ``done`` and ``total`` follow the work, ``message`` says them in words; ``result`` is what it
+    returned, ``error`` why it failed (one line), ``failure`` the exception itself (its type
+    picks an answer's status); ``result_url``: where a client reads what the job made, if
+    anywhere but ``result``."""
 
     id: int
     kind: str
@@ -35,6 +38,27 @@ class Job:
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    result_url: str | None = None
+    failure: Exception | None = field(default=None, repr=False)
+    #: the words for (phase, done, total) of this kind of work; None: "phase done/total"
+    describe: Callable[[str, int, int], str] | None = field(default=None, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def message(self) -> str:
+        """What the job is doing, in one line a person reads."""
+        if self.state == "queued":
+            return "waiting for the job before it to finish"
+        if self.state == "failed":
+            return f"failed: {self.error}"
+        if self.state == "done":
+            return "done"
+        if self.describe is not None:
+            return self.describe(self.phase, self.done, self.total)
+        return f"{self.phase} {self.done:,}/{self.total:,}" if self.phase else "starting"
 
     @property
     def fraction(self) -> float | None:
@@ -42,8 +66,9 @@ class Job:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "title": self.title, "state": self.state, "phase": self.phase,
-                "done": self.done, "total": self.total, "fraction": self.fraction, "result": self.result,
-                "error": self.error, "created_at": self.created_at, "finished_at": self.finished_at}
+                "done": self.done, "total": self.total, "fraction": self.fraction, "message": self.message,
+                "result": self.result, "result_url": self.result_url, "error": self.error,
+                "created_at": self.created_at, "finished_at": self.finished_at}
 
 
 class Jobs:
@@ -56,10 +81,12 @@ class Jobs:
         self._mutex = threading.Lock()
         self._keep = keep
 
-    def start(self, kind: str, title: str, work: Callable[[Callable[[str, int, int], None]], Any]) -> Job:
-        """Run ``work(progress)`` in a thread; ``progress(phase, done, total)`` updates the job."""
+    def start(self, kind: str, title: str, work: Callable[[Callable[[str, int, int], None]], Any], *,
+              describe: Callable[[str, int, int], str] | None = None, result_url: str | None = None) -> Job:
+        """Run ``work(progress)`` in a thread; ``progress(phase, done, total)`` updates the job
+        (``describe`` puts those in words)."""
         with self._mutex:
-            job = Job(next(self._ids), kind, title)
+            job = Job(next(self._ids), kind, title, result_url=result_url, describe=describe)
             self._jobs[job.id] = job
             lock = self._locks.setdefault(kind, threading.Lock())
             finished = [j.id for j in self._jobs.values() if j.finished_at is not None]
@@ -78,6 +105,7 @@ class Jobs:
                 except Exception as exc:  # noqa: BLE001 - the job reports it; the server goes on
                     log.warning("job %d (%s) failed: %s", job.id, title, exc)
                     job.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    job.failure = exc
                     job.state = "failed"
                 finally:
                     job.finished_at = time.time()
@@ -96,6 +124,6 @@ class Jobs:
         """The job once finished (or as it stands after ``timeout_s``); for tests and scripts."""
         deadline = time.monotonic() + timeout_s
         job = self.get(job_id)
-        while job is not None and job.finished_at is None and time.monotonic() < deadline:
+        while job is not None and not job.finished and time.monotonic() < deadline:
             time.sleep(0.02)
         return job

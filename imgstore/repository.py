@@ -20,7 +20,7 @@ from .codecache import caches
 from .context import open_context
 from .db import sqlite_file
 from .decode import as_source
-from .dedup import DuplicateGroup
+from .dedup import DuplicateGroup, DuplicatesState
 from .dedup_apply import ApplyReport, UndoReport
 from .errors import ConfigError, DecodeError, NotFoundError
 from .features.base import Extractor
@@ -528,6 +528,7 @@ class ImageStore:
         probe_radius: int = 1,
         keep: str = "original",
         geometry: bool = True,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, largest first.
 
@@ -548,11 +549,20 @@ class ImageStore:
         Each group names a suggested keeper image and
         ``keeper_path``, by the rule ``keep`` (:mod:`imgstore.keeper`; default ``original``:
         the most picture, then lossless over lossy, then no added border, then the earliest
-        capture, then the largest file).
+        capture, then the largest file). ``progress(phase, done, total)`` follows the work
+        (phases: :data:`imgstore.dedup.PHASES`; :func:`imgstore.dedup.describe_progress` says
+        them in words), from the thread that runs the search.
         """
         return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
                                      min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
-                                     keep=keep, geometry=geometry)
+                                     keep=keep, geometry=geometry, progress=progress)
+
+    def duplicates_state(self) -> DuplicatesState:
+        """A small value that changes whenever what :meth:`find_duplicates` reads changes
+        (images, their current files, the indexes): groups found while it was equal to the
+        state now still hold. Cheap next to a search (two aggregate queries)."""
+        with self.ctx.read("read the store's state") as conn:
+            return dedup.duplicates_state(conn)
 
     # -- health ---------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The pages in a real browser: Debian's headless Chromium driven by Selenium through a real
 uvicorn server, on the sample photos ingested with the default extractor.
 
-Search by picking, dropping and clicking; the duplicates page with a changed keeper, resolved and
-undone; an index created from the collection page with its progress. Screenshots go to
+Search by picking, dropping and clicking; the duplicates page following its background search
+to the groups, then a changed keeper, resolved and undone; an index created from the collection
+page with its progress. Screenshots go to
 ``test-artifacts/browser/`` (or ``$IMGSTORE_TEST_ARTIFACTS``) to be looked at. Without the
 browser these tests fail in CI (``CI`` set) and skip, saying so, elsewhere; ``make test``
 installs it.
@@ -11,14 +12,15 @@ installs it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from imgstore import ImageStore
 from imgstore.samples import TRANSFORMS, write_samples
 from imgstore.serve import Thumbnails, create_app
@@ -117,6 +119,26 @@ def wait_images(driver: Any) -> None:
     raise AssertionError(f"images did not load on {driver.current_url}")
 
 
+def groups_shown(driver: Any, timeout_s: float = 600.0) -> list[Any]:
+    """The duplicate groups, once the page has followed its background search to them (the
+    page replaces itself then; an element read from the page being replaced is stale)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if not driver.find_elements(By.ID, "dup-search"):
+                groups = driver.find_elements(By.CSS_SELECTOR, "form.group")
+                if groups and all(g.is_displayed() for g in groups):
+                    return list(groups)
+        except StaleElementReferenceException:
+            pass
+        time.sleep(0.2)
+    shot(driver, "timeout")
+    raise AssertionError(f"no duplicate groups on {driver.current_url}")
+
+
 def card_names(driver: Any) -> list[str]:
     from selenium.webdriver.common.by import By
 
@@ -172,12 +194,39 @@ def test_search_by_pick_drop_and_click(browser: Any, site: tuple[str, ImageStore
     shot(browser, "3-image")
 
 
-def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageStore, Path]) -> None:
+def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageStore, Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from selenium.webdriver.common.by import By
 
     base, store, photos = site
-    browser.get(base + "/duplicates")
-    groups = browser.find_elements(By.CSS_SELECTOR, "form.group")
+    # hold the search once it checks pairs, so the page is seen while it runs (whatever the speed)
+    reached, gate = threading.Event(), threading.Event()
+    real = store.find_duplicates
+
+    def held(**options: Any) -> Any:
+        progress = options.pop("progress")
+
+        def report(phase: str, done: int, total: int) -> None:
+            progress(phase, done, total)
+            if phase == "checking" and done > 0 and not reached.is_set():
+                reached.set()
+                assert gate.wait(600)
+
+        return real(progress=report, **options)
+
+    monkeypatch.setattr(store, "find_duplicates", held)
+    browser.get(base + "/duplicates")  # answered at once: the search runs in the background
+    panel = wait_for(browser, "#dup-search")[0]
+    assert "Finding duplicate groups" in panel.text and not browser.find_elements(By.CSS_SELECTOR, "form.group")
+    assert reached.wait(600)
+    state = panel.find_element(By.CSS_SELECTOR, ".state")
+    deadline = time.time() + 60  # the page's script shows the progress it polls
+    while not re.fullmatch(r"checking [\d,]+ of [\d,]+ candidate pairs", state.text) and time.time() < deadline:
+        time.sleep(0.1)
+    assert re.fullmatch(r"checking [\d,]+ of [\d,]+ candidate pairs", state.text), state.text
+    shot(browser, "4-duplicates-searching")
+    gate.set()
+    groups = groups_shown(browser)  # the page turned itself into the groups, nobody reloaded it
     assert len(groups) >= 20  # most photos and their copies form one group each
     chelsea = next(g for g in groups if "chelsea" in g.text)
     members = chelsea.find_elements(By.CSS_SELECTOR, "label.member")
@@ -190,22 +239,25 @@ def test_duplicates_page_resolve_and_undo(browser: Any, site: tuple[str, ImageSt
     assert flipped.find_element(By.CSS_SELECTOR, "input[type=radio]").is_selected()
     chelsea.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     gone(chelsea)
-    note = wait_for(browser, ".note")[0]
+    # files moved: the groups are found again (the page follows that search), the note stays
+    groups = groups_shown(browser)
+    note = browser.find_element(By.CSS_SELECTOR, ".note")
     assert "Moved 5 files" in note.text, note.text
     assert (photos / "copies" / "flip" / "chelsea.jpg").exists() and not (photos / "originals" / "chelsea.png").exists()
-    assert not any("chelsea" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "form.group"))
+    assert not any("chelsea" in g.text for g in groups)
     shot(browser, "5-resolved")
     browser.find_element(By.CSS_SELECTOR, ".note form.undo button").click()
     gone(note)  # the "Moved" note's page: a new note comes with the next page
-    note = wait_for(browser, ".note")[0]
+    groups = groups_shown(browser)
+    note = browser.find_element(By.CSS_SELECTOR, ".note")
     assert "Put back 5 files" in note.text
     assert (photos / "originals" / "chelsea.png").exists()
-    assert any("chelsea" in g.text for g in browser.find_elements(By.CSS_SELECTOR, "form.group"))
+    assert any("chelsea" in g.text for g in groups)
 
 
 def test_collection_page_creates_an_index(browser: Any, site: tuple[str, ImageStore, Path]) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     base, store, _ = site

@@ -8,6 +8,7 @@ import importlib
 import io
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ def test_every_endpoint_declares_its_body_and_its_response(small_store: ImageSto
         params = {p["name"] for p in spec["paths"]["/api/search"][method]["parameters"]}
         assert {"k", "exact", "probe_radius", "rerank", "index"} <= params
     assert len(spec["paths"]["/api/search"]) == 2  # one declaration per method
+    # the duplicate groups: the list once found; meanwhile 202 with the job, and where to follow it
+    dup = spec["paths"]["/api/duplicates"]["get"]
+    assert dup["responses"]["200"]["content"]["application/json"]["schema"]["items"]["$ref"].endswith("/GroupOut")
+    accepted = dup["responses"]["202"]
+    assert accepted["content"]["application/json"]["schema"]["$ref"].endswith("/JobOut")
+    assert {"Location", "Retry-After"} <= set(accepted["headers"])
+    assert {"keep", "min_cosine", "wait"} <= {p["name"] for p in dup["parameters"]}
+    job = spec["components"]["schemas"]["JobOut"]["properties"]
+    assert {"message", "result_url", "phase", "done", "total"} <= set(job)
 
 
 def _generate_client(spec_url: str, where: Path) -> Any:
@@ -120,6 +130,20 @@ def test_a_generated_client_searches_a_real_server(small_store: ImageStore, tmp_
 
             missing = by_id_mod.sync_detailed(client=client, id=10**6, k=3)
             assert missing.status_code == 404 and isinstance(missing.parsed, models.ErrorOut)
+
+            # duplicate groups, found in the background: a job to follow, then the groups
+            duplicates_mod = importlib.import_module("imgstore_client.api.default.duplicates")
+            job_mod = importlib.import_module("imgstore_client.api.default.job")
+            started = duplicates_mod.sync_detailed(client=client)
+            if started.status_code == 202:
+                assert isinstance(started.parsed, models.JobOut)
+                job = started.parsed
+                while job.state in ("queued", "running"):
+                    time.sleep(0.05)
+                    job = job_mod.sync(client=client, job_id=job.id)
+                assert job.state == "done" and job.result_url == "/api/duplicates?keep=original"
+            groups = duplicates_mod.sync(client=client)
+            assert isinstance(groups, list) and groups and all(isinstance(g, models.GroupOut) for g in groups)
         finally:
             for name in [m for m in sys.modules if m == package.__name__ or m.startswith(package.__name__ + ".")]:
                 del sys.modules[name]

@@ -19,12 +19,12 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.routing import request_response
 
 from ..catalog import ImageRecord, IngestErrorRecord
-from ..errors import ConfigError, NotFoundError
+from ..errors import ConfigError, ImgStoreError, NotFoundError
 from ..paths import MAX_ID
 from ..types import IndexInfo, SearchOptions, SearchResult
 from .http import (
@@ -37,6 +37,7 @@ from .http import (
     read_param,
     read_upload,
     search_options,
+    status_for,
 )
 from .schemas import (
     ERRORS,
@@ -44,6 +45,7 @@ from .schemas import (
     AddedOut,
     ApplyOut,
     ApplyRequest,
+    ErrorOut,
     GroupOut,
     IndexRequest,
     InfoOut,
@@ -134,7 +136,9 @@ def jobs(service: Svc) -> list[dict[str, Any]]:
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
-def job(service: Svc, job_id: Annotated[int, PathParam(ge=1)]) -> dict[str, Any]:
+def job(service: Svc, job_id: Annotated[int, PathParam(ge=1, le=MAX_ID)]) -> dict[str, Any]:
+    """One background job (``Location`` of a 202): its state and progress; once done, its
+    ``result`` and, for duplicate groups, ``result_url`` to read them from."""
     found = service.jobs.get(job_id)
     if found is None:
         raise NotFoundError(f"no job with id {job_id}")
@@ -235,11 +239,42 @@ def _vector(body: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
     return vector
 
 
-@router.get("/duplicates", response_model=list[GroupOut])
-def duplicates(service: Svc, keep: KeepRule = "original",
-               min_cosine: Annotated[float | None, Query(ge=0, le=1)] = None) -> list[dict[str, Any]]:
-    """Groups of duplicate images, largest first, each with a suggested keeper."""
-    return [g.as_dict() | {"key": g.key} for g in service.store.find_duplicates(keep=keep, min_cosine=min_cosine)]
+#: ``GET /api/duplicates?wait=`` waits at most this long (seconds) for a running search.
+MAX_WAIT_S = 300
+
+
+@router.get("/duplicates", response_model=list[GroupOut], responses={
+    200: {"description": "the groups, largest first"},
+    202: {"model": JobOut, "description": "the search is running in the background: follow the job at Location "
+                                          "(GET /api/jobs/{id}) until its state is done, then ask again",
+          "headers": {"Location": {"description": "the job, /api/jobs/{id}", "schema": {"type": "string"}},
+                      "Retry-After": {"description": "seconds before asking again", "schema": {"type": "integer"}}}},
+    500: {"model": ErrorOut, "description": "the search failed"},
+})
+async def duplicates(request: Request, service: Svc, keep: KeepRule = "original",
+                     min_cosine: Annotated[float | None, Query(ge=0, le=1)] = None,
+                     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
+                         "seconds to wait for a running search before answering 202 (0: answer at once)"))] = 0,
+                     ) -> Response | list[dict[str, Any]]:
+    """Groups of duplicate images, largest first, each with a suggested keeper. Finding them
+    reads and compares photos (minutes for a large collection the first time), so it runs in
+    the background: while it runs the answer is 202 with the job (also at ``Location``); once
+    done, the groups, kept until images are added, removed or moved. ``wait`` waits that long
+    for them first."""
+    search = await anyio.to_thread.run_sync(service.duplicate_search, keep, min_cosine)
+    job = search.job
+    deadline = anyio.current_time() + wait
+    while not job.finished and anyio.current_time() < deadline:
+        await anyio.sleep(min(0.05, max(0.0, deadline - anyio.current_time())))
+    if job.state == "failed":
+        failure = job.failure
+        if isinstance(failure, ImgStoreError):
+            return error_response(request, status_for(failure), str(failure).splitlines()[0])
+        return error_response(request, 500, f"the duplicate search failed: {job.error}")
+    if search.groups is None:
+        return JSONResponse(job.as_dict(), status_code=202,
+                            headers={"Location": f"/api/jobs/{job.id}", "Retry-After": "1"})
+    return [g.as_dict() | {"key": g.key} for g in search.groups]
 
 
 @router.post("/duplicates/apply", response_model=ApplyOut)

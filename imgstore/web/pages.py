@@ -14,7 +14,7 @@ import base64
 import io
 import os
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import anyio
 from fastapi import APIRouter, Request
@@ -162,20 +162,37 @@ async def remove_image(request: Request, image_id: int) -> Response:
 
 @router.get("/duplicates", response_class=HTMLResponse)
 def duplicates_page(request: Request, keep: str = "original", page: int = 1, note: str | None = None,
-                    undo: str | None = None) -> Response:
+                    undo: str | None = None, job: str | None = None) -> Response:
+    """The groups, or, while the search for them runs in the background, a page that follows
+    it and turns into the groups when it is done (``job``: the search that page followed; if
+    it failed, say so instead of starting another)."""
     service = _service(request)
-    store = service.store
     keep = keep if keep in KEEP_RULES else "original"
-    groups = store.find_duplicates(keep=keep)
+    shared = {"keep": keep, "keep_rules": KEEP_RULES, "move_to": service.move_to, "journals": service.recent_journals(),
+              "note": service.notes.get(note), "undo": undo}
+    followed = service.jobs.get(_int_or_none(job) or 0)
+    if followed is None or followed.kind != "duplicates" or followed.state != "failed":
+        search = service.duplicate_search(keep)
+        followed = search.job
+        if search.groups is not None:
+            return _groups_page(request, service, search.groups, page, shared)
+    if followed.state == "failed":
+        status = status_for(followed.failure) if isinstance(followed.failure, ImgStoreError) else 500
+        return render(request, "duplicates.html", status, failed=followed, **shared)
+    again = {"keep": keep, "page": str(page), "note": note, "undo": undo, "job": str(followed.id)}
+    next_url = "/duplicates?" + urlencode({k: v for k, v in again.items() if v})
+    return render(request, "duplicates.html", 202, searching=followed, next_url=next_url, **shared)
+
+
+def _groups_page(request: Request, service: Service, groups: list[DuplicateGroup], page: int,
+                 shared: dict[str, Any]) -> Response:
     pages = max(1, -(-len(groups) // GROUPS_PER_PAGE))
     page = min(max(1, page), pages)
     shown = groups[(page - 1) * GROUPS_PER_PAGE: page * GROUPS_PER_PAGE]
     spare = sum(g.n_files - 1 for g in groups)
-    details = store.image_files([m.image_id for g in shown for m in g.members])  # formats and file sizes
-    return render(request, "duplicates.html", groups=shown, n_groups=len(groups), spare=spare, keep=keep,
-                  keep_rules=KEEP_RULES, page=page, pages=pages, move_to=service.move_to,
-                  journals=service.recent_journals(), note=service.notes.get(note), undo=undo, details=details,
-                  ordered={g.key: _keeper_first(g) for g in shown})
+    details = service.store.image_files([m.image_id for g in shown for m in g.members])  # formats and file sizes
+    return render(request, "duplicates.html", groups=shown, n_groups=len(groups), spare=spare, page=page, pages=pages,
+                  details=details, ordered={g.key: _keeper_first(g) for g in shown}, **shared)
 
 
 def _keeper_first(group: DuplicateGroup) -> list[DuplicateMember]:

@@ -58,16 +58,23 @@ class IndexRequest(BaseModel):
 
 
 class JobOut(Model):
+    """A background job (``GET /api/jobs/{id}``): an index being fitted, or duplicate groups
+    being found."""
+
     id: int
-    kind: str
+    kind: Literal["index", "duplicates"]
     title: str
-    state: str
-    phase: str
+    state: Literal["queued", "running", "done", "failed"]
+    phase: str = Field(description="what the job is doing: for an index, e.g. fit or buckets; for duplicates, "
+                                   "candidates, layout, checking or grouping")
     done: int
-    total: int
+    total: int = Field(description="how much the phase has to do (0: not known yet); it may grow while the phase runs")
     fraction: float | None = Field(description="done / total, when the total is known")
-    result: Any = None
-    error: str | None = None
+    message: str = Field(description="the state in words, e.g. 'checking 120 of 480 candidate pairs'")
+    result: Any = Field(None, description="an index job: the new index's id; a duplicates job: counts "
+                                          "({groups, spare_files}), the groups themselves at result_url")
+    result_url: str | None = Field(None, description="where to GET what the job made, once done")
+    error: str | None = Field(None, description="why it failed (one line)")
     created_at: float
     finished_at: float | None = None
 

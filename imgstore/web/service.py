@@ -21,13 +21,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
 
 from ..decode import check_size, load_image, read_file, resolve_max_pixels
+from ..dedup import DuplicateGroup, DuplicatesState, describe_progress
 from ..dedup_apply import ApplyReport, UndoReport, journals
 from ..errors import ConfigError, DecodeError, NotFoundError
 from ..features.base import Extractor
@@ -40,6 +43,11 @@ from ..types import SearchOptions, SearchResult
 #: (``ImageStore.max_pixels``, read from the header before decoding), as on every other path.
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 THUMB_SIZES = (128, 256, 512)
+#: Duplicate searches kept (one per setting asked for, most recent first); their groups stay
+#: in memory, so an API client trying many ``min_cosine`` values cannot pile them up.
+KEPT_SEARCHES = 6
+#: A write that needs the duplicate groups (resolving them) waits at most this long for them.
+RESOLVE_WAIT_S = 600.0
 
 
 class Overloaded(Exception):
@@ -187,6 +195,8 @@ class Service:
         self.model_lock = threading.Lock()  # one forward pass at a time on a shared extractor
         self._batchers_lock = threading.Lock()
         self.jobs = Jobs()
+        self._searches: OrderedDict[tuple[str, float | None], DuplicateSearch] = OrderedDict()
+        self._searches_lock = threading.Lock()
         self._secret = os.urandom(32)  # signs the page forms' cross-site-request tokens
         self.notes = Notes()  # one-line messages for the page a redirect leads to
 
@@ -271,15 +281,64 @@ class Service:
 
     # -- duplicates -----------------------------------------------------------------------
 
+    def duplicate_search(self, keep: str = "original", min_cosine: float | None = None) -> DuplicateSearch:
+        """The search for these settings' duplicate groups, in the background: the one running
+        (a second visitor joins it), a finished one while the store is as it was when that one
+        started (:meth:`ImageStore.duplicates_state`), or a new one. A failed search is not
+        kept: asking again starts another (its failure stays readable from its job)."""
+        key = (keep, min_cosine)
+        with self._searches_lock:
+            found = self._searches.get(key)
+            if found is not None and not found.job.finished:
+                return found  # running or queued: join it, without a look at the database
+        state = self.store.duplicates_state()
+        with self._searches_lock:
+            found = self._searches.get(key)
+            if found is not None and (not found.job.finished or (found.job.state == "done" and found.state == state)):
+                self._searches.move_to_end(key)
+                return found
+            search = DuplicateSearch(keep, min_cosine, state)
+            store = self.store
+
+            def work(progress: Callable[[str, int, int], None]) -> dict[str, int]:
+                search.state = store.duplicates_state()  # as the search starts (it may have waited its turn)
+                groups = store.find_duplicates(keep=keep, min_cosine=min_cosine, progress=progress)
+                search.groups = groups
+                return {"groups": len(groups), "spare_files": sum(g.n_files - 1 for g in groups)}
+
+            query = {"keep": keep} | ({} if min_cosine is None else {"min_cosine": repr(min_cosine)})
+            title = f"duplicate groups, keeper by {keep}" + ("" if min_cosine is None else f", cosine >= {min_cosine}")
+            # the work never reads search.job; every reader gets the search from the table, after this
+            search.job = self.jobs.start("duplicates", title, work, describe=describe_progress,
+                                         result_url=f"/api/duplicates?{urlencode(query)}")
+            self._searches[key] = search
+            self._searches.move_to_end(key)
+            finished = [k for k, s in self._searches.items() if s.job.finished]
+            for old in finished[: max(0, len(self._searches) - KEPT_SEARCHES)]:
+                del self._searches[old]
+            return search
+
+    def duplicate_groups(self, keep: str, *, wait_s: float = RESOLVE_WAIT_S) -> list[DuplicateGroup]:
+        """The groups a write acts on: those found for the store as it is now, waiting (in this
+        thread) for the search when they are not. Raises what the search raised."""
+        search = self.duplicate_search(keep)
+        job = self.jobs.wait(search.job.id, timeout_s=wait_s) or search.job
+        if job.failure is not None:
+            raise job.failure
+        if search.groups is None:
+            raise Overloaded("the duplicate search is still running; try again when it is done")
+        return search.groups
+
     def resolve(self, keep: str, choices: dict[str, str | None] | None = None) -> ApplyReport:
         """Move every copy but the keeper of the chosen groups into ``move_to``, with the CLI's
         journalled, undoable ``dedup --apply``. ``choices``: group key -> the path to keep (None:
-        the suggested keeper); None resolves every group. Groups are found afresh, so a group
-        that changed since the page showed it (another member, or gone) is left alone."""
+        the suggested keeper); None resolves every group. The groups are those found for the
+        store as it is now (the page's, unless it changed since), so a group that changed since
+        the page showed it (another member, or gone) is left alone."""
         self.check_writes()
         if self.move_to is None:
             raise ConfigError("start the server with --move-to DIR to resolve duplicates (the copies are moved there)")
-        groups = self.store.find_duplicates(keep=keep)
+        groups = self.duplicate_groups(keep)
         if choices is not None:
             by_key = {g.key: g for g in groups}
             missing = [key for key in choices if key not in by_key]
@@ -320,6 +379,18 @@ class Service:
                                       progress=progress)
 
         return self.jobs.start("index", f"{method} index, {n_bits} bits", work)
+
+
+@dataclass(eq=False)
+class DuplicateSearch:
+    """One background search for duplicate groups (a job of kind ``duplicates``): its settings,
+    the store's state as it started, and, once done, the groups."""
+
+    keep: str
+    min_cosine: float | None
+    state: DuplicatesState
+    groups: list[DuplicateGroup] | None = None
+    job: Job = field(init=False)  # set when the job starts, before the search is shown to anyone
 
 
 class Forbidden(Exception):

@@ -49,7 +49,7 @@
         return;
       }
       if (job.fraction !== null) bar.value = job.fraction;
-      state.textContent = job.state + (job.phase && job.state === "running" ? ` · ${job.phase} ${job.done.toLocaleString()}/${job.total.toLocaleString()}` : "");
+      state.textContent = job.state + (job.state === "running" ? ` · ${job.message}` : "");
       row.dataset.state = job.state;
       if (job.state === "done" || job.state === "failed") {
         window.location.reload();
@@ -59,4 +59,29 @@
     };
     setTimeout(tick, 300);
   });
+
+  // Duplicates: follow the search for the groups, then show them (the page the search ends on).
+  const search = document.getElementById("dup-search");
+  if (search) {
+    const bar = search.querySelector("progress");
+    const state = search.querySelector(".state");
+    const show = () => window.location.replace(search.dataset.next);
+    const tick = async () => {
+      let job;
+      try {
+        const response = await fetch(`/api/jobs/${search.dataset.job}`, { headers: { Accept: "application/json" } });
+        if (response.status === 404) return show();  // forgotten (an old job): the page starts or shows another
+        if (!response.ok) { setTimeout(tick, 2000); return; }
+        job = await response.json();
+      } catch (err) {
+        setTimeout(tick, 2000);
+        return;
+      }
+      if (job.state === "done" || job.state === "failed") return show();
+      if (job.fraction === null) bar.removeAttribute("value"); else bar.value = job.fraction;
+      state.textContent = job.message;
+      setTimeout(tick, 500);
+    };
+    setTimeout(tick, 300);
+  }
 })();
