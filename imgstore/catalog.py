@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -12,7 +12,8 @@ from sqlalchemy import Connection, case, delete, func, select, update
 
 from .bandindex import mark_changed, remove_codes
 from .errors import ConfigError, NotFoundError
-from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError
+from .labels import ImageLabel, image_labels
+from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError, Label
 from .paths import MAX_ID, from_stored, is_storable_id, names_an_id, printable, to_stored
 from .sqlhelpers import IN_CHUNK, chunks, driver_rows
 from .types import ImageFiles, ThumbnailSource
@@ -54,6 +55,8 @@ class ImageRecord:
     paths: list[PathRecord]
     feature_spaces: list[int]
     indexes: list[int]
+    #: what the extractor's classifier sees in it, most probable first (:mod:`imgstore.labels`)
+    labels: list[ImageLabel] = field(default_factory=list)
 
     @property
     def current_paths(self) -> list[str]:
@@ -62,6 +65,7 @@ class ImageRecord:
     def as_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["paths"] = [p.as_dict() for p in self.paths]
+        out["labels"] = [label.as_dict() for label in self.labels]
         return out
 
 
@@ -144,6 +148,7 @@ def image(conn: Connection, ref: int | str) -> ImageRecord:
         feature_spaces=list(conn.scalars(
             select(Feature.space_id).where(Feature.image_id == image_id).order_by(Feature.space_id))),
         indexes=list(conn.scalars(select(Code.hasher_id).where(Code.image_id == image_id).order_by(Code.hasher_id))),
+        labels=next(iter(image_labels(conn, image_id).values()), []),
     )
 
 
@@ -195,7 +200,7 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
         if image_ids:
             ids = sorted(image_ids)
             changed = remove_codes(conn, ids)
-            for model in (Feature, ImagePath):
+            for model in (Label, Feature, ImagePath):
                 conn.execute(delete(model).where(model.image_id.in_(ids)))
             conn.execute(delete(Image).where(Image.id.in_(ids)))
             mark_changed(conn, changed)
@@ -260,6 +265,7 @@ def prune_moved(ctx: StoreContext, *, dry_run: bool = False) -> Removal:
         conn.execute(delete(ImagePath).where(ImagePath.moved_to.is_not(None)))
         if gone:
             changed = remove_codes(conn, gone)
+            conn.execute(delete(Label).where(Label.image_id.in_(gone)))
             conn.execute(delete(Feature).where(Feature.image_id.in_(gone)))
             conn.execute(delete(Image).where(Image.id.in_(gone)))
             mark_changed(conn, changed)

@@ -938,6 +938,49 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
         click.echo("  (added without a path)")
     click.echo(f"feature spaces {', '.join(map(str, record.feature_spaces)) or '-'}, "
                f"indexes {', '.join(map(str, record.indexes)) or '-'}")
+    if record.labels:
+        click.echo("labels " + ", ".join(f"{label.name} {label.prob:.0%}" for label in record.labels))
+
+
+@cli.command()
+@click.option("--update", is_flag=True, help="First compute the labels of images stored without them (from their "
+                                            "stored features: no file is read).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Show only the N most common labels.")
+@click.option("--extractor", default=None, help="Feature space to read [default: the labelled one with most images].")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_obj
+@friendly_errors
+def labels(obj: Context, update: bool, limit: int | None, extractor: str | None, as_json: bool) -> None:
+    """Count what the classifier sees in the collection: each label, how many images carry it
+    (among their few most probable classes) and for how many it is the first.
+
+    \b
+    Example:
+      imgstore labels --limit 20
+      imgstore labels --update --json
+    """
+    with obj.store(create=update) as store:
+        if update:
+            n = store.update_labels(extractor)
+            click.echo(f"labelled {counted(n, 'image')} from their stored features", err=True)
+        found = store.label_counts(extractor)
+        missing = store.labels_missing(extractor)
+    shown = found[:limit] if limit else found
+    if as_json:
+        emit_json({"labels": [c.as_dict() for c in shown], "images_without_labels": missing})
+        return
+    if not found:
+        click.echo("no labels yet")
+    else:
+        width = max(len(c.name) for c in shown)
+        click.echo(f"{'label':<{width}}  {'images':>7}  {'first':>7}")
+        for c in shown:
+            click.echo(f"{c.name:<{width}}  {c.images:>7,}  {c.first:>7,}")
+        if limit and len(found) > limit:
+            click.echo(f"... {counted(len(found) - limit, 'more label')}")
+    if missing:
+        click.echo(f"{counted(missing, 'image')} stored before labels existed: `imgstore labels --update` labels "
+                   "them from their stored features", err=True)
 
 
 @cli.command()

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from sqlalchemy import Connection, delete, select, update
 
-from . import catalog
+from . import catalog, labels
 from .context import StoreContext
 from .decode import DecodedImage, decode_bytes, load_image, read_file
 from .errors import DecodeError, ImgStoreError
@@ -261,6 +261,8 @@ class Ingester:
         self.ctx = ctx
         self.extractor = extractor
         self.space_id = space_id
+        #: the extractor's classifier, whose labels are written with the features (None: it has none)
+        self.label_head = labels.head_of(extractor)
         self.batch_size = batch_size
         self.write_size = max(1, write_size or batch_size)
         self.workers = workers
@@ -551,6 +553,8 @@ class Ingester:
                     {"space_id": self.space_id, "image_id": int(i), "vector": vector_to_bytes(v)}
                     for i, v in zip(new_ids[fresh], vectors[fresh])
                 ])
+                if self.label_head is not None:
+                    labels.write_labels(conn, self.space_id, new_ids[fresh].tolist(), vectors[fresh], self.label_head)
                 order = np.argsort(new_ids[fresh], kind="stable")
                 encode_images(self.ctx, conn, self.space_id, new_ids[fresh][order], vectors[fresh][order], deferred=deferred)
                 added = int(fresh.sum())

@@ -14,6 +14,9 @@ Tables:
   parameters (bytes), the feature space they read, whether active. ``codes`` holds one row per
   (index, image): the packed code, the source of truth. ``code_buckets`` is the band index
   search probes: per (index, band, band value), the ids and codes of that bucket, packed.
+* ``pair_verdicts``: the geometric check's verdicts on pairs of contents, kept between dedups.
+* ``labels``: per (image, feature space), the classes the extractor's classifier sees in it,
+  most probable first, with their probabilities.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
     MetaData,
+    SmallInteger,
     String,
     Table,
     Text,
@@ -240,3 +245,24 @@ class PairVerdict(Base):
     check_version: Mapped[int] = mapped_column(Integer)
     verdict: Mapped[int] = mapped_column(Integer)
     checked_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Label(Base):
+    """What the extractor's own classifier sees in an image: its ``rank``-th most probable
+    class (``class_id`` in the extractor's vocabulary, ImageNet-1k for EfficientNet-Lite) with
+    probability ``prob``, per feature space (extractor and preprocessing version), computed from
+    the image's features (:mod:`imgstore.labels`). A few rows per image; the index on
+    (space, class, prob) answers "images labelled X" and word searches.
+    """
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        Index("ix_labels_space_class", "space_id", "class_id", "prob"),
+        {"sqlite_with_rowid": False},
+    )
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    space_id: Mapped[int] = mapped_column(ForeignKey("feature_spaces.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    class_id: Mapped[int] = mapped_column(SmallInteger)
+    prob: Mapped[float] = mapped_column(Float)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
-from . import catalog, dedup, dedup_apply, export, indexing, maintenance, migrate, search
+from . import catalog, dedup, dedup_apply, export, indexing, labels, maintenance, migrate, search
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .cluster import ClusterIngest
 from .codecache import caches
@@ -25,10 +25,11 @@ from .dedup_apply import ApplyReport, UndoReport
 from .errors import ConfigError, DecodeError, NotFoundError
 from .features.base import Extractor
 from .ingest import Ingester, IngestSummary
+from .labels import LabelCount
 from .maintenance import StoreInfo, VerifyReport
 from .paths import printable
 from .types import CacheState, ImageFiles, IndexInfo, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
-from .vectors import get_or_create_space, list_spaces, pick_space
+from .vectors import get_or_create_space, list_spaces, load_features, pick_space
 
 T = TypeVar("T")
 
@@ -250,6 +251,54 @@ class ImageStore:
     def feature_spaces(self) -> list[SpaceInfo]:
         with self.ctx.read("list feature spaces") as conn:
             return list_spaces(conn)
+
+    # -- labels ---------------------------------------------------------------------------
+
+    def label_counts(self, extractor: str | None = None) -> list[LabelCount]:
+        """Every label of the store with how many images carry it, most common first, in the
+        feature space of ``extractor`` (default: the labelled space with the most images)."""
+        with self.ctx.read("count labels") as conn:
+            space = self._labelled_space(conn, extractor)
+            return labels.counts(conn, space.id)
+
+    def labels_missing(self, extractor: str | None = None) -> int:
+        """Images with features but no labels yet (stored before labels existed): see :meth:`update_labels`."""
+        with self.ctx.read("count images without labels") as conn:
+            return labels.missing(conn, self._labelled_space(conn, extractor).id)
+
+    def update_labels(self, extractor: str | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+        """Compute the labels of images stored without them, from their stored features (no file
+        is read; thousands of images a second). Returns how many images got labels."""
+        with self.ctx.read("find images without labels") as conn:
+            space = self._labelled_space(conn, extractor)
+            total = labels.missing(conn, space.id)
+        head = labels.head_of(self.ctx.extractor(space.extractor))
+        if head is None:
+            raise ConfigError(f"the {space.extractor} extractor has no classifier: it gives no labels")
+        done = 0
+        while True:
+            def work(conn: Connection) -> int:
+                ids = labels.missing_ids(conn, space.id, labels.UPDATE_CHUNK)
+                got_ids, vectors = load_features(conn, space.id, space.dim, ids)
+                labels.write_labels(conn, space.id, got_ids.tolist(), vectors, head)
+                return len(got_ids)
+
+            n = self.ctx.write(work, doing="write labels")
+            if n == 0:
+                return done
+            done += n
+            if progress is not None:
+                progress(done, max(total, done))
+
+    def _labelled_space(self, conn: Connection, extractor: str | None) -> SpaceInfo:
+        spaces = [s for s in list_spaces(conn) if labels.has_labels(s.extractor)]
+        if extractor is not None:
+            spaces = [s for s in spaces if s.extractor == extractor]
+        if not spaces:
+            which = f"the {extractor} extractor gives" if extractor else "no feature space of this store has"
+            raise NotFoundError(f"{which} no labels: labels come from efficientnet-lite0 or -lite2 features "
+                                "(`imgstore ingest FOLDER` with the default extractor)")
+        return max(spaces, key=lambda s: s.n_features or 0)
 
     # -- ingest ---------------------------------------------------------------------------
 

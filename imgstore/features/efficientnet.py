@@ -225,6 +225,11 @@ class EfficientNetLite0Extractor(_torch.CnnExtractor):
         self._logits = _Scaled(net, logits=True).eval()
         self._place(self._model, self._logits)
 
+    def classifier_head(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The ImageNet head: weight (1000, 1280) and bias (1000,), float32."""
+        fc = self._logits.net._fc
+        return (fc.weight.detach().cpu().numpy().astype(np.float32), fc.bias.detach().cpu().numpy().astype(np.float32))
+
     def classify(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """ImageNet logits (n, 1000) float32 (for sanity checks of the weights and preprocessing)."""
         batch = stack_preprocessed(self, images)

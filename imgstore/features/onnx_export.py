@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import ExtractorError
+from .lite import head_path
 
 if TYPE_CHECKING:
     import onnx
@@ -98,6 +99,13 @@ def export_lite(variant: str, weights: Path, image_size: int, dest: Path) -> Non
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         _check(tmp, pictures, expected, variant)
+        # the classifier head beside it (labels are computed from stored features with it), written
+        # first: a model in the cache always has its head
+        head_tmp = tmp.with_name(tmp.name + ".head.npz")
+        np.savez(head_tmp, weight=net._fc.weight.detach().numpy().astype(np.float32),
+                 bias=net._fc.bias.detach().numpy().astype(np.float32))
+        os.chmod(head_tmp, 0o644)
+        os.replace(head_tmp, head_path(dest))
         os.chmod(tmp, 0o644)  # mkstemp made it private; a cache is readable like any other file
         os.replace(tmp, dest)
         log.info("exported %s: %d pads folded into their convolutions", dest.name, folded)

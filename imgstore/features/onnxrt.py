@@ -26,12 +26,12 @@ from PIL import Image
 
 from ..errors import ConfigError, ExtractorError, WeightsNotFoundError
 from .base import SquareInput, stack_preprocessed
-from .lite import VARIANTS, default_weights_path
+from .lite import VARIANTS, default_weights_path, head_path
 
 log = logging.getLogger(__name__)
 
 #: changes whenever an export would give a different model file (graph edits, opset)
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 CACHE_ENV = "IMGSTORE_CACHE_DIR"
 INPUT_NAME = "pixels"
 
@@ -112,6 +112,7 @@ class OnnxExtractor(SquareInput):
         self.path = path
         self._configure_input(image_size, resize, resample, scaling)
         self._session = open_session(path, num_threads)
+        self._head: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
 
     def __repr__(self) -> str:
         return f"OnnxExtractor({self.name!r}, runtime='onnx', model={str(self.path)!r}, preprocess={self.preprocess_version!r})"
@@ -119,6 +120,18 @@ class OnnxExtractor(SquareInput):
     def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
         """(n, s, s, 3) uint8 -> (n, dim) float32. Thread-safe (ONNX Runtime allows concurrent runs)."""
         return self._run("features", batch)
+
+    def classifier_head(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """The model's ImageNet head: weight (1000, dim) and bias (1000,), float32 (logits =
+        features @ weight.T + bias), kept beside the export."""
+        if self._head is None:
+            try:
+                with np.load(head_path(self.path)) as z:
+                    self._head = (z["weight"].astype(np.float32), z["bias"].astype(np.float32))
+            except (OSError, KeyError, ValueError) as exc:
+                raise ExtractorError(f"cannot read the classifier head beside {self.path}: {exc}; delete {self.path} "
+                                     "to export it again") from None
+        return self._head
 
     def classify(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         """ImageNet logits (n, 1000) float32 of the model's own head."""
@@ -163,7 +176,7 @@ def lite_extractor(variant: str, *, weights: str | os.PathLike[str] | None = Non
                              scaling="x127d128", num_threads=num_threads)
 
     with _export_lock:
-        if path.is_file():
+        if path.is_file() and head_path(path).is_file():
             try:
                 return make()
             except ExtractorError as exc:  # damaged since it was written: made again below
