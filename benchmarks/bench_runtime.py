@@ -67,18 +67,18 @@ def model_alone(extractors: dict[str, Any], batch: npt.NDArray[np.uint8], rounds
 
 
 def measured(cmd: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child, run through /usr/bin/time-like wait4."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    assert proc.stderr is not None
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()[-400:]}")
-    return wall, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MB) of one command, read by GNU time: the command is started by
+    that small process, so its peak is its own (a child forked from this big benchmark process
+    would report this process's memory, shared at the fork, as its peak)."""
+    with tempfile.NamedTemporaryFile(suffix=".time") as report:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+        peak_kb = float(Path(report.name).read_text().split()[-1])
+    return wall, peak_kb / 1024
 
 
 def imgstore_cmd(*args: str) -> list[str]:

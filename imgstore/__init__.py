@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import ImgStoreError
 from .repository import ImageStore
-from .types import SearchOptions, SearchResult
+from .types import SearchFilter, SearchOptions, SearchResult
 
-__all__ = ["ImageStore", "ImgStoreError", "SearchOptions", "SearchResult", "__version__"]
+__all__ = ["ImageStore", "ImgStoreError", "SearchFilter", "SearchOptions", "SearchResult", "__version__"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from sqlalchemy import Connection, case, delete, func, select, update
 from .bandindex import mark_changed, remove_codes
 from .errors import ConfigError, NotFoundError
 from .labels import ImageLabel, image_labels
-from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError, Label
+from .models import Code, Feature, FeatureSpace, HashIndex, Image, ImagePath, IngestError, Label, LabelNorm
 from .paths import MAX_ID, from_stored, is_storable_id, names_an_id, printable, to_stored
 from .sqlhelpers import IN_CHUNK, chunks, driver_rows
 from .types import ImageFiles, ThumbnailSource
@@ -200,7 +200,7 @@ def remove(ctx: StoreContext, refs: Sequence[int | str], *, dry_run: bool = Fals
         if image_ids:
             ids = sorted(image_ids)
             changed = remove_codes(conn, ids)
-            for model in (Label, Feature, ImagePath):
+            for model in (Label, LabelNorm, Feature, ImagePath):
                 conn.execute(delete(model).where(model.image_id.in_(ids)))
             conn.execute(delete(Image).where(Image.id.in_(ids)))
             mark_changed(conn, changed)
@@ -266,6 +266,7 @@ def prune_moved(ctx: StoreContext, *, dry_run: bool = False) -> Removal:
         if gone:
             changed = remove_codes(conn, gone)
             conn.execute(delete(Label).where(Label.image_id.in_(gone)))
+            conn.execute(delete(LabelNorm).where(LabelNorm.image_id.in_(gone)))
             conn.execute(delete(Feature).where(Feature.image_id.in_(gone)))
             conn.execute(delete(Image).where(Image.id.in_(gone)))
             mark_changed(conn, changed)

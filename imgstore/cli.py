@@ -24,6 +24,7 @@ from .features import RUNTIME_ENV, RUNTIMES
 from .ingest import IngestSummary
 from .paths import counted, printable
 from .repository import ImageStore
+from .types import SearchFilter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -707,8 +708,24 @@ def index_drop(obj: Context, index_id: int) -> None:
 # --- query --------------------------------------------------------------------------------------
 
 
+def _filter_part(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback that checks one filter option's values as ``SearchFilter`` reads them: a bad
+    one is a usage error (exit 2) that says what to give."""
+    label = "tag" if name == "tags" else name  # how SearchFilter's messages name it
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        try:
+            SearchFilter(**{name: value})
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"{label}: ")) from None
+        return value
+    return check
+
+
 @cli.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1, required=False)
+@click.option("--text", "words", metavar="WORDS", default=None,
+              help='Find images by words instead ("a dog on the beach"): through what the classifier sees in them.')
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results per query.")
 @click.option("--exact", is_flag=True, help="Exact Hamming kNN (equal to a full scan).")
 @click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8),
@@ -717,22 +734,47 @@ def index_drop(obj: Context, index_id: int) -> None:
               help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
 @click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one].")
 @click.option("--include-stale", is_flag=True, help="Also show images whose files all changed or vanished.")
+@click.option("--where", "where", multiple=True, metavar="KEY=VALUE", callback=_filter_part("where"),
+              help="Only images whose metadata field KEY is VALUE (or a list holding it); repeatable, all must hold.")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", callback=_filter_part("tags"),
+              help="Only images with this tag (repeatable: every one).")
+@click.option("--under", metavar="FOLDER", default=None, callback=_filter_part("under"),
+              help="Only images with a current file under FOLDER.")
+@click.option("--taken-after", metavar="WHEN", default=None, callback=_filter_part("taken_after"),
+              help="Only images taken (EXIF) at or after WHEN: a date (2024-06-01, 2024-06, 2024) or ISO time.")
+@click.option("--taken-before", metavar="WHEN", default=None, callback=_filter_part("taken_before"),
+              help="Only images taken (EXIF) before WHEN.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--montage", type=click.Path(dir_okay=False), default=None,
               help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
 @_weights_option
 @click.pass_obj
 @friendly_errors
-def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radius: int, rerank: bool | None,
-          index_id: int | None, include_stale: bool, as_json: bool, montage: str | None, weights: str | None) -> None:
+def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exact: bool, probe_radius: int, rerank: bool | None,
+          index_id: int | None, include_stale: bool, where: tuple[str, ...], tags: tuple[str, ...], under: str | None,
+          taken_after: str | None, taken_before: str | None, as_json: bool, montage: str | None, weights: str | None) -> None:
     """Find the stored images most similar to each IMAGE (a file, or a stored image id).
+
+    The filters (--where, --tag, --under, --taken-after/--taken-before) combine: a result
+    meets every one. --exact stays exact over the images they allow; a filter that allows
+    nothing finds nothing.
 
     \b
     Example:
       imgstore query cat.jpg -k 5
       imgstore query 42 --exact --json
       imgstore query cat.jpg --montage results.png
+      imgstore query cat.jpg --tag pets --under ~/Pictures/2024 --taken-after 2024-06
+      imgstore query --text "a dog on the beach"
     """
+    if words is not None:
+        if images:
+            raise click.UsageError("give IMAGES or --text WORDS, not both")
+        search_filter = SearchFilter(where=where, tags=tags, under=under, taken_after=taken_after, taken_before=taken_before)
+        _query_words(obj, words, k, include_stale, as_json, search_filter or None)
+        return
+    if not images:
+        raise click.UsageError("give one or more IMAGES (files or stored ids), or --text WORDS")
 
     if weights:
         obj.extractor_options["resnet50"] = {"weights": weights}
@@ -745,8 +787,9 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
         else:
             raise click.ClickException(f"{ref}: no such file (or stored image id)")
     with obj.store() as store:
+        search_filter = SearchFilter(where=where, tags=tags, under=under, taken_after=taken_after, taken_before=taken_before)
         results = store.search_many(queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank,
-                                    index_id=index_id, include_stale=include_stale)
+                                    index_id=index_id, include_stale=include_stale, filter=search_filter or None)
         if montage:
             for n, (ref, q, res) in enumerate(zip(images, queries, results)):
                 target = montage if n == 0 else _numbered(montage, n + 1)
@@ -765,6 +808,24 @@ def query(obj: Context, images: tuple[str, ...], k: int, exact: bool, probe_radi
             path = printable(r.paths[0]) if r.paths else "(no current path)"
             more = f" (+{len(r.paths) - 1} more)" if len(r.paths) > 1 else ""
             click.echo(f"  {n:>4}  {r.image_id:>6}  {dist:>7}  {cos:>7}  {path}{more}")
+
+
+def _query_words(obj: Context, words: str, k: int, include_stale: bool, as_json: bool,
+                 search_filter: SearchFilter | None) -> None:
+    with obj.store() as store:
+        found = store.search_text(words, k=k, include_stale=include_stale, filter=search_filter)
+    if as_json:
+        emit_json(found.as_dict())
+        return
+    understood = ", ".join(f"{u.label} {u.prob:.0%}" for u in found.understood[:3])
+    click.echo(f"words: {found.text}  (understood as {understood})")
+    click.echo(f"  {'rank':>4}  {'id':>6}  {'score':>6}  path")
+    for n, hit in enumerate(found.hits, 1):
+        path = printable(hit.paths[0]) if hit.paths else "(no current path)"
+        more = f" (+{len(hit.paths) - 1} more)" if len(hit.paths) > 1 else ""
+        click.echo(f"  {n:>4}  {hit.image_id:>6}  {hit.score:>6.3f}  {path}{more}")
+    if not found.hits:
+        click.echo("  no image carries those labels")
 
 
 def _numbered(path: str, n: int) -> str:
@@ -939,7 +1000,7 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
     click.echo(f"feature spaces {', '.join(map(str, record.feature_spaces)) or '-'}, "
                f"indexes {', '.join(map(str, record.indexes)) or '-'}")
     if record.labels:
-        click.echo("labels " + ", ".join(f"{label.name} {label.prob:.0%}" for label in record.labels))
+        click.echo("labels " + ", ".join(f"{label.label} {label.prob:.0%}" for label in record.labels))
 
 
 @cli.command()

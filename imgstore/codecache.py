@@ -6,7 +6,8 @@ written back): add, search, nothing about persistence. :class:`CodeCaches` is it
 for one store: one cache per index, checked against the index's ``uid`` and ``generation``
 (bumped on every change to its codes), brought up to date by appends or a reload, its float
 features attached under a memory budget, and (:class:`Refresher`) a background thread that
-does this off the request path. A store reaches its caches through :func:`caches`; the store's
+does this off the request path (and keeps the store's filters' allowed sets fresh, see
+:mod:`imgstore.filters`). A store reaches its caches through :func:`caches`; the store's
 context holds them without importing this module.
 """
 
@@ -18,7 +19,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,7 @@ from sqlalchemy import Connection, func, select
 
 from .bandindex import scan_codes
 from .errors import NotFoundError
+from .filters import filter_sets
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours
 from .indexing import find_index, list_indexes
 from .models import Code, HashIndex
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 CACHE_SCAN_FRACTION = 0.02
 #: How long the refresher's list of indexes stands in for a look-up of the search's own.
 INDEXES_FRESH_S = 1.0
+#: The mask of "every row": an empty one.
+NO_MASK = np.zeros(0, dtype=np.uint8)
+#: Row masks of allowed sets a cache keeps (see :meth:`CodeCache.allowing`).
+NARROWED_KEPT = 8
 
 
 def probe_values(band: int | npt.NDArray[np.int64], band_width: int, radius_from: int, radius_to: int) -> npt.NDArray[np.int64]:
@@ -104,6 +110,8 @@ class CodeCache:
     band_masks: npt.NDArray[np.uint64] = field(init=False)  # (n_bands, n_words)
     _flips: dict[tuple[int, int], npt.NDArray[np.int64]] = field(init=False, default_factory=dict)
     _row_of: npt.NDArray[np.int32] | None = field(init=False, default=None)  # image id -> row (-1: none), when dense
+    #: the row masks of allowed sets (:meth:`allowing`), by the set's serial, most recent last
+    _narrowed: dict[int, NarrowedCodes] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.words = np.ascontiguousarray(as_words(self.codes))
@@ -159,6 +167,7 @@ class CodeCache:
         out.seg_dir, out.dir_shift = directory(out.seg_keys, len(out.image_ids), m, w)
         out._flips = self._flips
         out._row_of = None
+        out._narrowed = {}  # masks are of this cache's rows; the new one has more
         out.vectors = None
         if self.vectors is not None and vectors is not None and len(vectors) == len(ids):
             out.vectors = np.concatenate([self.vectors, np.asarray(vectors, dtype=np.float32)])
@@ -188,14 +197,9 @@ class CodeCache:
         ids = np.asarray(image_ids, dtype=np.int64)
         if n == 0 or len(ids) == 0:
             return None if len(ids) else np.zeros(0, dtype=np.intp)
-        top = int(self.image_ids[-1])
-        if top < 4 * n + 1024:
-            table = self._row_of
-            if table is None:
-                table = np.full(top + 1, -1, dtype=np.int32)
-                table[self.image_ids] = np.arange(n, dtype=np.int32)
-                self._row_of = table
-            if ids.min() < 0 or ids.max() > top:
+        table = self._row_table()
+        if table is not None:
+            if ids.min() < 0 or ids.max() >= len(table):
                 return None
             rows = table[ids].astype(np.intp)
             return None if rows.min() < 0 else rows
@@ -203,6 +207,48 @@ class CodeCache:
         if rows.max() >= n or not np.array_equal(self.image_ids[rows], ids):
             return None
         return rows
+
+    def _row_table(self) -> npt.NDArray[np.int32] | None:
+        """image id -> row (-1: none), when ids are dense enough for one (made on first use)."""
+        n = len(self)
+        top = int(self.image_ids[-1]) if n else -1
+        if n == 0 or top >= 4 * n + 1024:
+            return None
+        table = self._row_of
+        if table is None:
+            table = np.full(top + 1, -1, dtype=np.int32)
+            table[self.image_ids] = np.arange(n, dtype=np.int32)
+            self._row_of = table
+        return table
+
+    def allowing(self, allowed_ids: npt.NDArray[np.int64], key: int) -> NarrowedCodes:
+        """These codes searched only at the rows of ``allowed_ids`` (ascending image ids; ids
+        without a code here are ignored). ``key`` names the allowed set (its serial): the mask
+        made for it is kept with this cache (the last :data:`NARROWED_KEPT`; each one byte per
+        code plus 12 bytes per allowed 64-bit code), so a search repeating a filter pays one
+        look-up."""
+        found = self._narrowed.get(key)
+        if found is not None:
+            return found
+        ids = np.asarray(allowed_ids, dtype=np.int64)
+        table = self._row_table()
+        if len(ids) == 0 or len(self) == 0:
+            rows = np.zeros(0, dtype=np.int32)
+        elif table is not None:
+            inside = ids[(ids >= 0) & (ids < len(table))]
+            rows = table[inside]
+            rows = rows[rows >= 0]
+        else:
+            at = np.minimum(np.searchsorted(self.image_ids, ids), len(self) - 1)
+            rows = at[self.image_ids[at] == ids].astype(np.int32)
+        allow = np.zeros(len(self), dtype=np.uint8)
+        allow[rows] = 1
+        rows = np.ascontiguousarray(rows, dtype=np.int32)
+        view = NarrowedCodes(self, allow, rows, np.ascontiguousarray(self.words[rows]))
+        for old in list(self._narrowed)[: max(0, len(self._narrowed) - NARROWED_KEPT + 1)]:
+            self._narrowed.pop(old, None)  # another search may have dropped it meanwhile
+        self._narrowed[key] = view
+        return view
 
     def vectors_of(self, image_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.float32] | None:
         """The attached vectors of ``image_ids`` (in that order), or None when there are none
@@ -215,6 +261,8 @@ class CodeCache:
     # the HammingSource interface
     scan_fraction = CACHE_SCAN_FRACTION
     disjoint_rounds = True
+    narrowed: ClassVar[bool] = False
+    share: ClassVar[float] = 1.0
 
     @property
     def total(self) -> int:
@@ -236,9 +284,11 @@ class CodeCache:
             got = self._flips[(s_lo, s_hi)] = probe_values(0, self.index.band_width, s_lo, s_hi)
         return got
 
-    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
+    def rank_probes(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int,
+                    allow: npt.NDArray[np.uint8] = NO_MASK) -> RoundRanking:
         """Top-k (ids, distances) of the codes first found at band radius ``s_lo..s_hi``, and
-        how many such codes there were (each code once; none found at a radius below ``s_lo``)."""
+        how many such codes there were (each code once; none found at a radius below ``s_lo``).
+        ``allow``: a ``(n,)`` mask of the rows that may be found (empty: all)."""
         from . import kernels
 
         n = len(self)
@@ -247,7 +297,7 @@ class CodeCache:
         rows, dist, found = kernels.probe_rank(
             self.seg_keys, self.seg_dir, self.dir_shift, self.seg_rows, self.seg_words, n, query_code,
             as_words(query_code.reshape(1, -1))[0],
-            self.band_masks, self.index.band_width, self.flips(s_lo, s_hi), s_lo, s_hi, k,
+            self.band_masks, self.index.band_width, self.flips(s_lo, s_hi), s_lo, s_hi, k, allow,
         )
         return self.image_ids[rows], dist, int(found)
 
@@ -286,6 +336,49 @@ class CodeCache:
         return self.image_ids[rows], dist
 
 
+@dataclass(eq=False)
+class NarrowedCodes:
+    """A :class:`CodeCache` searched only at the rows a filter allows: probes skip every other
+    row before reading its code, and a scan reads a compact copy of the allowed rows' codes
+    (8 bytes a 64-bit code: gathering them from the whole cache cost a cache miss each), so its
+    cost follows their number. The search loop (:func:`imgstore.search.hamming_search`) sees a
+    source of ``total`` = the allowed rows, so a narrow filter makes the scan the cheaper plan."""
+
+    cache: CodeCache
+    allow: npt.NDArray[np.uint8]  # (n,) 1 where allowed
+    rows: npt.NDArray[np.int32]  # the allowed rows, ascending
+    words: npt.NDArray[np.uint64]  # (len(rows), n_words): their codes, in the same order
+
+    scan_fraction = CACHE_SCAN_FRACTION
+    disjoint_rounds = True
+    narrowed: ClassVar[bool] = True
+
+    @property
+    def total(self) -> int:
+        return len(self.rows)
+
+    @property
+    def share(self) -> float:
+        return len(self.rows) / max(len(self.cache), 1)
+
+    def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
+        """Index entries the probes visit (allowed or not: each costs a look at the mask)."""
+        return float(self.cache.count(query_code, s))
+
+    def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
+        if len(self.rows) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0
+        return self.cache.rank_probes(query_code, k, s_lo, s_hi, self.allow)
+
+    def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
+        from . import kernels
+
+        if len(self.rows) == 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        at, dist = kernels.scan_rank(self.words, as_words(query_code.reshape(1, -1))[0], k)  # ties: row order
+        return self.cache.image_ids[self.rows[at]], dist
+
+
 class Refresher:
     """A background thread that brings one store's caches up to date every ``interval_s`` and
     keeps the list of indexes as of its last tick (uid and generation of each), so that a
@@ -298,11 +391,15 @@ class Refresher:
         #: (when read, the indexes) as of the last tick
         self.seen: tuple[float, list[IndexInfo]] | None = None
         self.thread = threading.Thread(target=self._loop, name="imgstore-cache-refresher", daemon=True)
+        #: the store's filters' allowed sets, which it keeps fresh too (searches then skip their check)
+        self.filters = filter_sets(caches.ctx)
 
     def start(self) -> None:
         self.thread.start()
+        self.filters.background = True
 
     def stop(self) -> None:
+        self.filters.background = False
         self.stop_event.set()
         self.thread.join(timeout=30)
         self.seen = None
@@ -329,6 +426,10 @@ class Refresher:
                         self.caches.attach_vectors(conn, self.caches.code_cache(conn, cache.index, refresh=True))
                 except Exception as exc:  # noqa: BLE001 - a refresher must outlive a bad moment
                     log.info("code cache %d: %s", index_id, exc)
+            try:
+                self.filters.refresh()
+            except Exception as exc:  # noqa: BLE001 - a refresher must outlive a bad moment
+                log.info("filter sets: %s", exc)
 
 
 class CodeCaches:

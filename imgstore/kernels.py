@@ -147,17 +147,20 @@ def _select(keys: I64, hist: I64, c: int, n: int, k: int) -> tuple[I64, I64]:
 def probe_rank(
     seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, seg_rows: npt.NDArray[np.int32],
     seg_words: U64, n: int, qbytes: npt.NDArray[np.uint8], qwords: U64, band_masks: U64, w: int, flips: I64,
-    s_lo: int, s_hi: int, k: int,
+    s_lo: int, s_hi: int, k: int, allow: npt.NDArray[np.uint8],
 ) -> tuple[I64, I64, int]:
     """Top-k rows among codes with some band within ``s_lo..s_hi`` bits of the query's.
 
     ``flips``: the XOR masks of that radius range (``probe_values(0, w, s_lo, s_hi)``); codes
-    with a band closer than ``s_lo`` are left out (an earlier round found them). Returns
-    (rows, distances, number of distinct candidates), rows ordered by (distance, row).
+    with a band closer than ``s_lo`` are left out (an earlier round found them). ``allow``:
+    ``(n,)`` 1 for the rows a filter allows, or empty for every row; a row it leaves out is
+    skipped before its code is read. Returns (rows, distances, number of distinct allowed
+    candidates), rows ordered by (distance, row).
     """
     m = band_masks.shape[0]
     nw = qwords.shape[0]
     nf = flips.shape[0]
+    filtered = allow.shape[0] > 0
     los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips)
     keys = np.empty(int((his - los).sum()), np.int64)
     hist = np.zeros(nw * 64 + 1, np.int64)
@@ -166,6 +169,8 @@ def probe_rank(
     for i in range(m * nf):
         j = i // nf
         for p in range(los[i], his[i]):
+            if filtered and allow[seg_rows[p]] == 0:
+                continue
             for t in range(nw):
                 x[t] = seg_words[p, t] ^ qwords[t]
             first = True
@@ -210,3 +215,4 @@ def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
             t += 1
     keys = np.sort(keys[:t])[:k]
     return keys % n, keys // n
+

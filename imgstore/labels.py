@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, case, delete, func, select
+from sqlalchemy import Connection, case, func, select
 
-from .models import Feature, FeatureSpace, Label
+from .models import Feature, FeatureSpace, Label, LabelNorm
 from .sqlhelpers import insert_ignore
 
 #: classes kept per image, most probable first
@@ -40,7 +40,7 @@ Head = tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
 @functools.cache
 def imagenet_classes() -> tuple[str, ...]:
     """The 1,000 ImageNet-1k class names, in the classifier's order ("tench", "goldfish", ...)."""
-    text = resources.files("imgstore").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    text = (Path(__file__).parent / "data" / "imagenet_classes.txt").read_text(encoding="utf-8")
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     assert len(names) == 1000, len(names)
     return names
@@ -68,6 +68,15 @@ def probabilities(features: npt.ArrayLike, head: Head) -> npt.NDArray[np.float32
     return logits
 
 
+def log_normalisers(features: npt.ArrayLike, head: Head) -> npt.NDArray[np.float64]:
+    """(n,) log-sum-exp of each image's logits: log p_c = logit_c - this."""
+    weight, bias = head
+    logits = (np.asarray(features, dtype=np.float32) @ weight.T + bias).astype(np.float64)
+    top = logits.max(axis=1)
+    out: npt.NDArray[np.float64] = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    return out
+
+
 def top_labels(features: npt.ArrayLike, head: Head, top: int = TOP,
                min_prob: float = MIN_PROB) -> list[list[tuple[int, float]]]:
     """Per image, its most probable (class, probability) pairs: the first always, up to ``top``
@@ -93,6 +102,9 @@ def write_labels(conn: Connection, space_id: int, image_ids: Sequence[int], feat
     ]
     if rows:
         insert_ignore(conn, Label.__table__, rows)
+        insert_ignore(conn, LabelNorm.__table__, [
+            {"image_id": int(image_id), "space_id": space_id, "logsumexp": float(lse)}
+            for image_id, lse in zip(image_ids, log_normalisers(features, head))])
     return len(rows)
 
 
@@ -113,11 +125,11 @@ class LabelCount:
 class ImageLabel:
     """One label of one image: the class's name and the classifier's probability."""
 
-    name: str
+    label: str
     prob: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"label": self.name, "prob": round(self.prob, 4)}
+        return {"label": self.label, "prob": round(self.prob, 4)}
 
 
 def labelled_spaces(conn: Connection) -> list[tuple[int, str]]:
@@ -159,7 +171,3 @@ def image_labels(conn: Connection, image_id: int) -> dict[int, list[ImageLabel]]
     ):
         out.setdefault(int(space_id), []).append(ImageLabel(names[int(class_id)], float(prob)))
     return out
-
-
-def forget(conn: Connection, space_id: int) -> None:
-    conn.execute(delete(Label).where(Label.space_id == space_id))

@@ -16,7 +16,7 @@ Tables:
   search probes: per (index, band, band value), the ids and codes of that bucket, packed.
 * ``pair_verdicts``: the geometric check's verdicts on pairs of contents, kept between dedups.
 * ``labels``: per (image, feature space), the classes the extractor's classifier sees in it,
-  most probable first, with their probabilities.
+  most probable first, with their probabilities; ``label_norms`` the log-sum-exp of its logits.
 """
 
 from __future__ import annotations
@@ -266,3 +266,16 @@ class Label(Base):
     rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     class_id: Mapped[int] = mapped_column(SmallInteger)
     prob: Mapped[float] = mapped_column(Float)
+
+
+class LabelNorm(Base):
+    """Per (image, feature space), the log-sum-exp of the classifier's logits: with it, an image's
+    log-probability of any mix of classes is one dot product with its features (the word
+    search's score, :mod:`imgstore.wordsearch`), without the 1,000-class product per image."""
+
+    __tablename__ = "label_norms"
+    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 - SQLAlchemy's declarative hook, read once, never mutated
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    space_id: Mapped[int] = mapped_column(ForeignKey("feature_spaces.id", ondelete="CASCADE"), primary_key=True)
+    logsumexp: Mapped[float] = mapped_column(Float)

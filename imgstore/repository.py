@@ -4,6 +4,7 @@ the caches."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
-from . import catalog, dedup, dedup_apply, export, indexing, labels, maintenance, migrate, search
+from . import catalog, dedup, dedup_apply, export, filters, indexing, labels, maintenance, migrate, search, wordsearch
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .cluster import ClusterIngest
 from .codecache import caches
@@ -28,12 +29,13 @@ from .ingest import Ingester, IngestSummary
 from .labels import LabelCount
 from .maintenance import StoreInfo, VerifyReport
 from .paths import printable
-from .types import CacheState, ImageFiles, IndexInfo, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
+from .types import CacheState, ImageFiles, IndexInfo, SearchFilter, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
 from .vectors import get_or_create_space, list_spaces, load_features, pick_space
+from .wordsearch import WordSearch
 
 T = TypeVar("T")
 
-__all__ = ["ImageStore", "SchemaStatus", "SearchOptions", "SearchResult"]
+__all__ = ["ImageStore", "SchemaStatus", "SearchFilter", "SearchOptions", "SearchResult"]
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,26 @@ class ImageStore:
             if progress is not None:
                 progress(done, max(total, done))
 
+    def search_text(self, words: str, *, k: int = 10, extractor: str | None = None, include_stale: bool = False,
+                    filter: SearchFilter | None = None) -> WordSearch:
+        """The ``k`` images that best match ``words`` ("a dog on the beach"), best first, through
+        what the classifier sees in them (:mod:`imgstore.wordsearch`), and what the words were
+        understood as; ``filter`` as for :meth:`search`. Loads the sentence model on first use
+        (about a second); raises ConfigError when it is not installed."""
+        from . import text  # the sentence model: only word searches load it
+
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        with self.ctx.read("find the labelled images") as conn:
+            space = self._labelled_space(conn, extractor)
+        weights = text.class_weights(words, labels.imagenet_classes())
+        head = labels.head_of(self.ctx.extractor(space.extractor))
+        assert head is not None, "a labelled space's extractor has a classifier"
+        with self.ctx.read("search by words") as conn:
+            allowed = filters.allowed(self.ctx, conn, filter) if filter else None
+            return wordsearch.search(conn, space, head, " ".join(words.split()), weights, k, include_stale=include_stale,
+                                     allowed=allowed)
+
     def _labelled_space(self, conn: Connection, extractor: str | None) -> SpaceInfo:
         spaces = [s for s in list_spaces(conn) if labels.has_labels(s.extractor)]
         if extractor is not None:
@@ -470,6 +492,7 @@ class ImageStore:
         cached: bool | None = None,
         index_id: int | None = None,
         include_stale: bool = False,
+        filter: SearchFilter | None = None,
         options: SearchOptions | None = None,
     ) -> list[SearchResult]:
         """The k images most similar to ``query``, best first.
@@ -492,11 +515,17 @@ class ImageStore:
         any index: exact cosine search over the stored features. ``cached`` keeps the index's
         codes in this store's memory between queries (default: the store's ``cache_codes``).
         Images whose every path went stale (the files changed or vanished) are left out unless
-        ``include_stale``; images added without a path are never stale. ``options``: all of
-        these as one :class:`~imgstore.types.SearchOptions` (then the keywords are ignored).
+        ``include_stale``; images added without a path are never stale. ``filter``: only images
+        it allows are returned (:class:`~imgstore.types.SearchFilter`: metadata, tags, a folder,
+        capture time); exact mode stays equal to a brute-force scan of the allowed images, and
+        approximate mode still returns k results whenever k allowed images exist; a filter that
+        allows nothing gives no results. ``options``: all of these as one
+        :class:`~imgstore.types.SearchOptions` (then the other keywords are ignored; a ``filter``
+        given beside it replaces its ``filter``).
         """
         return self.search_many([query], k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
-                                cached=cached, index_id=index_id, include_stale=include_stale, options=options)[0]
+                                cached=cached, index_id=index_id, include_stale=include_stale, filter=filter,
+                                options=options)[0]
 
     def search_many(
         self,
@@ -510,6 +539,7 @@ class ImageStore:
         cached: bool | None = None,
         index_id: int | None = None,
         include_stale: bool = False,
+        filter: SearchFilter | None = None,
         options: SearchOptions | None = None,
     ) -> list[list[SearchResult]]:
         """:meth:`search` for many queries, with one connection and one cache check.
@@ -520,7 +550,9 @@ class ImageStore:
         row. Returns one result list per query, in order."""
         if options is None:
             options = SearchOptions(k=k, exact=exact, probe_radius=probe_radius, rerank=rerank, rerank_depth=rerank_depth,
-                                    cached=cached, index_id=index_id, include_stale=include_stale)
+                                    cached=cached, index_id=index_id, include_stale=include_stale, filter=filter)
+        elif filter is not None:
+            options = dataclasses.replace(options, filter=filter)
         cached = self.cache_codes if options.cached is None else options.cached
         return search.search_many(self.ctx, queries, options, cached=cached)
 

@@ -16,6 +16,12 @@ Where candidates come from is a :class:`CandidateSource`: the database's band bu
 :class:`HammingCandidates` like the SQL buckets), or, for a store without an index, an exact
 cosine scan of the stored features (:class:`FloatScan`). :func:`search_many` is the one flow
 over them: embed and encode the queries, ask the source, re-rank by cosine, attach paths.
+
+A filter (:class:`~imgstore.types.SearchFilter`) narrows every source to the images it allows
+(:mod:`imgstore.filters` reads and keeps that set): the SQL buckets keep only allowed
+candidates, the in-memory codes consult a row mask (:class:`~imgstore.codecache.NarrowedCodes`),
+the float scan skips the rest; :func:`hamming_search` stays exact over them and, approximate,
+probes wider as the filter narrows.
 """
 
 from __future__ import annotations
@@ -34,17 +40,18 @@ import numpy.typing as npt
 from PIL import Image
 from sqlalchemy import Connection, func, select
 
-from .bandindex import SqlProbe, scan_codes
+from .bandindex import SqlProbe, codes_of, scan_codes
 from .catalog import existing_ids, path_rows
 from .codecache import CodeCache, caches, probe_values
 from .context import is_disconnect
 from .decode import as_source, load_image
 from .errors import ConfigError, DatabaseError, NotFoundError
-from .hashing.bits import as_words, band_values, hamming_distances, topk_smallest
+from .filters import Allowed, allowed
+from .hashing.bits import as_words, band_values, hamming_distances, rank_candidates, topk_smallest
 from .indexing import find_index
 from .models import Code
 from .paths import is_storable_id, names_an_id, printable
-from .types import IndexInfo, Ranking, RoundRanking, SearchOptions, SearchResult, SpaceInfo
+from .types import IndexInfo, Ranking, RoundRanking, SearchFilter, SearchOptions, SearchResult, SpaceInfo
 from .vectors import iter_features, load_features, pick_space
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,6 +70,15 @@ SCAN_FRACTION = 0.25
 MAX_K = 1_000_000
 #: Float re-rank looks at this many Hamming candidates per result wanted.
 RERANK_DEPTH_PER_K = 10
+#: Under a filter that allows a share p of the codes, approximate mode probes on (past k
+#: results) until it has visited (1/p) x this share of the index entries the unfiltered first
+#: round visits: it meets about as many allowed candidates as an unfiltered search meets
+#: candidates, so its recall stays near the unfiltered one as the filter narrows. Below 1, so
+#: that a filter allowing most codes (p near 1) stops after the same first round.
+APPROX_ENTRY_SHARE = 0.5
+#: A filtered exact search through SQL reads the allowed images' codes by id while they are
+#: fewer than this share of the index; more, and it reads every code (sequential) instead.
+BY_ID_SHARE = 0.125
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,16 @@ class HammingSource(Protocol):
     disjoint_rounds: bool
 
     @property
+    def narrowed(self) -> bool:
+        """Whether a filter narrows the codes (``total`` is then the allowed ones)."""
+        ...
+
+    @property
+    def share(self) -> float:
+        """The share of the index's codes a search may return (1.0 without a filter)."""
+        ...
+
+    @property
     def total(self) -> int: ...
 
     def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
@@ -113,38 +139,65 @@ class HammingSource(Protocol):
 
 
 class SqlSource:
-    """The band buckets in the database, probed through one open connection."""
+    """The band buckets in the database, probed through one open connection. ``allowed``: the
+    images a filter allows; a probe then keeps only those of its candidates, and a scan reads
+    only their codes (by id while they are few, else every code, of which it keeps theirs)."""
 
     scan_fraction = SCAN_FRACTION
     disjoint_rounds = False
 
-    def __init__(self, conn: Connection, index: IndexInfo, n_codes: int | None = None) -> None:
+    def __init__(self, conn: Connection, index: IndexInfo, n_codes: int | None = None, allowed: Allowed | None = None) -> None:
         self.conn = conn
         self.index = index
-        self._total = index.n_codes if n_codes is None else n_codes
+        self.allowed = allowed
+        self._n_codes = index.n_codes if n_codes is None else n_codes
         self.probe = SqlProbe(index)
         self.probe.begin(conn)
 
     @property
-    def total(self) -> int:
+    def narrowed(self) -> bool:
+        return self.allowed is not None
+
+    @property
+    def n_codes(self) -> int:
         """Codes in the index: counted on first need (an approximate query that finds k
         results in its first round never needs it; counting reads the whole primary key)."""
-        if self._total < 0:
+        if self._n_codes < 0:
             counted = select(func.count()).select_from(Code).where(Code.hasher_id == self.index.id)
-            self._total = int(self.conn.scalar(counted) or 0)
-        return self._total
+            self._n_codes = int(self.conn.scalar(counted) or 0)
+        return self._n_codes
+
+    @property
+    def total(self) -> int:
+        """Codes a search may return: the index's, or at most the allowed images'."""
+        return self.n_codes if self.allowed is None else len(self.allowed)
+
+    @property
+    def share(self) -> float:
+        return 1.0 if self.allowed is None else min(1.0, len(self.allowed) / max(self.n_codes, 1))
 
     def expected(self, query_code: npt.NDArray[np.uint8], s: int) -> float:
         w = self.index.band_width
-        return self.index.n_bands * math.comb(w, s) * self.total / 2.0**w
+        return self.index.n_bands * math.comb(w, s) * self.n_codes / 2.0**w
 
     def rank_round(self, query_code: npt.NDArray[np.uint8], k: int, s_lo: int, s_hi: int) -> RoundRanking:
         bands = band_values(query_code.reshape(1, -1), self.index.n_bands, self.index.band_width)[0]
         probes = list(probe_values(bands, self.index.band_width, s_lo, s_hi))
-        return self.probe.rank(self.conn, probes, query_code, k)
+        if self.allowed is None:
+            return self.probe.rank(self.conn, probes, query_code, k)
+        ids, codes = self.probe.fetch(self.conn, probes)
+        keep = self.allowed.contains(ids)
+        return rank_candidates(ids[keep], codes[keep], query_code, k)
 
     def scan(self, query_code: npt.NDArray[np.uint8], k: int) -> Ranking:
-        all_ids, all_codes = scan_codes(self.conn, self.index)
+        if self.allowed is None:
+            all_ids, all_codes = scan_codes(self.conn, self.index)
+        elif len(self.allowed) <= BY_ID_SHARE * self.n_codes:
+            all_ids, all_codes = codes_of(self.conn, self.index, self.allowed.ids)
+        else:
+            all_ids, all_codes = scan_codes(self.conn, self.index)
+            keep = self.allowed.contains(all_ids)
+            all_ids, all_codes = all_ids[keep], all_codes[keep]
         return rank(all_ids, all_codes, query_code, k)
 
 
@@ -184,6 +237,16 @@ def hamming_search(
     be closer). Otherwise further rounds probe radius ``s = probe_radius + 1, ...`` one at a
     time; before each, a cost model (index entries expected plus values to probe, against a
     share of the whole index) decides whether scanning everything is cheaper. The scan is exact.
+
+    A source narrowed by a filter (``source.narrowed``) counts only the allowed codes: its
+    rounds report only allowed candidates, its scan reads only allowed codes, and ``total`` is
+    their number. Exact mode is then exact over the allowed codes by the same bound. Two rules
+    change: the first round is skipped for the scan when scanning the allowed codes costs less
+    than it (a narrow filter), and approximate mode goes on past k results until it has met
+    about as many allowed candidates as the unfiltered first round meets candidates (see
+    :data:`APPROX_ENTRY_SHARE`): the allowed neighbours of a query lie further out as the filter
+    narrows, so it probes wider instead of returning worse results, or fewer (a round short of
+    k results always goes on, to the scan if need be).
     """
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
@@ -191,24 +254,35 @@ def hamming_search(
         raise ConfigError(f"probe radius must be between 0 and {index.band_width}, got {probe_radius}")
     q = np.ascontiguousarray(query_code, dtype=np.uint8).reshape(-1)
     m, w = index.n_bands, index.band_width
+    narrowed = source.narrowed
 
     ids = dist = np.zeros(0, dtype=np.int64)
+    if narrowed and source.total == 0:  # the filter allows no image
+        return Ranked(ids, dist, 0, -1, False)
     n_seen = 0  # candidates examined (through SQL a code found again in a later round counts again)
     values_so_far = 0
+    first_entries = visited = 0.0  # narrowed: index entries of the first round, and visited so far
     s_lo, s_hi = 0, probe_radius
     while s_hi <= w:
-        values_so_far += m * sum(math.comb(w, r) for r in range(s_lo, s_hi + 1))
+        values = m * sum(math.comb(w, r) for r in range(s_lo, s_hi + 1))
+        values_so_far += values
+        budget = source.scan_fraction * max(source.total, 1)
         if s_lo > 0:
             expected = source.expected(q, s_lo)
-            budget = source.scan_fraction * max(source.total, 1)
             if values_so_far > m * MAX_PROBES_PER_BAND or n_seen + expected + values_so_far > budget:
                 break
+            visited += expected
+        elif narrowed:
+            first_entries = visited = sum(source.expected(q, r) for r in range(s_hi + 1))
+            if values + first_entries > budget:
+                break  # scanning the few allowed codes costs less than the first round
         new_ids, new_dist, found = source.rank_round(q, k, s_lo, s_hi)
         ids, dist = _merge(ids, dist, new_ids, new_dist, k)
         n_seen += found
         if source.disjoint_rounds and n_seen >= source.total:  # every code seen once: nothing is left
             return Ranked(ids, dist, n_seen, s_hi, False)
-        if len(ids) == k and (not exact or dist[-1] < m * (s_hi + 1)):  # no unseen code is closer than m(s+1)
+        if len(ids) == k and (dist[-1] < m * (s_hi + 1)  # no unseen code is closer than m(s+1): exact
+                              or (not exact and (not narrowed or visited * source.share >= APPROX_ENTRY_SHARE * first_entries))):
             return Ranked(ids, dist, n_seen, s_hi, False)
         s_lo = s_hi = s_hi + 1
     ids, dist = source.scan(q, k)  # cheaper (or necessary) from here on
@@ -244,12 +318,16 @@ def cosine_rerank(
 
 
 def exact_float_search(
-    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], k: int
+    conn: Connection, space: SpaceInfo, query_vector: npt.NDArray[np.float32], k: int, allowed: Allowed | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """Exact cosine kNN over every stored vector of a space (the answer when there is no index)."""
+    """Exact cosine kNN over every stored vector of a space (the answer when there is no
+    index), or over those of the ``allowed`` images."""
     best_ids = np.zeros(0, dtype=np.int64)
     best_sims = np.zeros(0, dtype=np.float32)
     for ids, vectors in iter_features(conn, space.id, space.dim):
+        if allowed is not None:
+            keep = allowed.contains(ids)
+            ids, vectors = ids[keep], vectors[keep]
         sims = cosine_similarities(query_vector, vectors)
         best_ids = np.concatenate([best_ids, ids])
         best_sims = np.concatenate([best_sims, sims])
@@ -296,14 +374,16 @@ class HammingCandidates:
 
 @dataclass
 class FloatScan:
-    """Every stored vector of a space ranked by cosine: exact, for stores without an index."""
+    """Every stored vector of a space (or of the ``allowed`` images) ranked by cosine: exact,
+    for stores without an index."""
 
     conn: Connection
     space: SpaceInfo
+    allowed: Allowed | None = None
 
     def nearest(self, vector: npt.NDArray[np.float32] | None, code: npt.NDArray[np.uint8] | None, k: int) -> Found:
         assert vector is not None
-        ids, sims = exact_float_search(self.conn, self.space, vector, k)
+        ids, sims = exact_float_search(self.conn, self.space, vector, k, self.allowed)
         return Found(ids, None, sims)
 
 
@@ -324,6 +404,8 @@ def check_options(options: SearchOptions) -> None:
         raise ConfigError(f"probe radius must be 0 or more, got {options.probe_radius}")
     if options.rerank_depth is not None and options.rerank_depth < 1:
         raise ConfigError(f"rerank depth must be at least 1, got {options.rerank_depth}")
+    if options.filter is not None and not isinstance(options.filter, SearchFilter):
+        raise ConfigError(f"filter must be an imgstore.types.SearchFilter or None, got {type(options.filter).__name__}")
 
 
 def search_many(ctx: StoreContext, queries: Iterable[Any], options: SearchOptions, *,
@@ -355,11 +437,18 @@ def _search_many(reading: AbstractContextManager[Connection], ctx: StoreContext,
         space = ctx.space(conn, index.space_id) if index is not None else pick_space(conn, None)
         cache = part.code_cache(conn, index, current=True) if cached and index is not None else None
         vectors, codes = query_vectors(ctx, conn, queries, space, index, cache)
+        allow = allowed(ctx, conn, options.filter)
+        if allow is not None and len(allow) == 0:
+            return [[] for _ in queries]  # the filter allows no image (the queries were valid)
         source: CandidateSource
         if index is None:
-            source = FloatScan(conn, space)
+            source = FloatScan(conn, space, allow)
         else:
-            hamming: HammingSource = cache if cache is not None else SqlSource(conn, index)
+            hamming: HammingSource
+            if cache is not None:
+                hamming = cache if allow is None else cache.allowing(allow.ids, allow.serial)
+            else:
+                hamming = SqlSource(conn, index, allowed=allow)
             source = HammingCandidates(index, hamming, exact=options.exact, probe_radius=options.probe_radius)
         # Re-rank is on by default for every kind of index (benchmarks/results/deep.md and
         # hashing.md: it raises P@10 without lowering mAP, since the codes chose the candidates).

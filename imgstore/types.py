@@ -4,8 +4,13 @@ making a cycle (the import-graph test in ``tests/test_architecture.py`` keeps it
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -75,9 +80,164 @@ class SearchResult:
         return {"image_id": self.image_id, "distance": self.distance, "cosine": plain(self.cosine), "paths": self.paths}
 
 
+#: What ``SearchFilter(where=...)`` takes: a mapping of fields to values, or ``"KEY=VALUE"``
+#: strings or ``(key, value)`` pairs (one such string alone is one condition).
+WhereArg = Mapping[str, Any] | str | Iterable[str | tuple[str, Any]]
+#: A point in time as a filter takes it: a datetime, a date (its midnight) or ISO text.
+WhenArg = datetime | date | str | None
+
+_PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?$")
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class SearchFilter:
+    """Which stored images a search may return; every condition given must hold (AND). An empty
+    filter allows every image. Equal filters are equal values (fields normalized and sorted),
+    so a filter is a cache key.
+
+    ``where``: metadata fields and values (``{"species": "cat"}``, or ``"species=cat"`` strings
+    as the CLI takes them): the image's field, as text, equals the value (a number matches
+    ``"3"``, true and false match ``"true"``/``"false"``), or, when the field holds a list, one
+    of its items does. ``tags``: tags every image must have (``"cat"`` alone is one tag); the
+    same as ``where`` on the ``tags`` field. ``under``: a folder; the image has a current file
+    under it (``~`` expanded, made absolute here, as ingest stores paths).
+    ``taken_after`` / ``taken_before``: EXIF capture time at or after / strictly before this
+    point (a date means its midnight, ``"2024"`` and ``"2024-06"`` their first day); images
+    without a capture time are left out. Times without an offset are compared with the
+    camera's clock as it wrote it (what ingest stores); times with one are converted to UTC.
+
+    Malformed values raise ``ValueError`` with a one-line message that says what to give.
+    """
+
+    where: tuple[tuple[str, str], ...]
+    tags: tuple[str, ...]
+    under: str | None
+    taken_after: datetime | None
+    taken_before: datetime | None
+
+    def __init__(self, where: WhereArg = (), tags: str | Iterable[str] = (), under: str | os.PathLike[str] | None = None,
+                 taken_after: WhenArg = None, taken_before: WhenArg = None) -> None:
+        object.__setattr__(self, "where", _where_pairs(where))
+        object.__setattr__(self, "tags", _tag_names(tags))
+        object.__setattr__(self, "under", _folder(under))
+        after, before = _when(taken_after, "taken_after"), _when(taken_before, "taken_before")
+        object.__setattr__(self, "taken_after", after)
+        object.__setattr__(self, "taken_before", before)
+
+    def __bool__(self) -> bool:
+        """True when the filter leaves some image out (any condition given)."""
+        return bool(self.where or self.tags or self.under is not None or self.taken_after is not None
+                    or self.taken_before is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The conditions as given to the HTTP API (``where`` as ``KEY=VALUE`` strings)."""
+        out: dict[str, Any] = {}
+        if self.where:
+            out["where"] = [f"{k}={v}" for k, v in self.where]
+        if self.tags:
+            out["tag"] = list(self.tags)
+        if self.under is not None:
+            out["under"] = self.under
+        for name in ("taken_after", "taken_before"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.isoformat()
+        return out
+
+
+def _no_nul(text: str, what: str) -> str:
+    if "\x00" in text:
+        raise ValueError(f"{what} cannot hold a NUL character")
+    return text
+
+
+def _where_pairs(where: WhereArg) -> tuple[tuple[str, str], ...]:
+    """Sorted, distinct (key, value as text) pairs, deciding by type first: a mapping's items,
+    one ``KEY=VALUE`` string, or an iterable of such strings or of pairs."""
+    items: list[Any]
+    if isinstance(where, Mapping):
+        items = list(where.items())
+    elif isinstance(where, str):
+        items = [where]
+    else:
+        items = list(where)
+    out = set()
+    for item in items:
+        if isinstance(item, str):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"where: {item!r} is not KEY=VALUE; give e.g. species=cat")
+        elif isinstance(item, tuple) and len(item) == 2:
+            key, value = item
+        else:
+            raise ValueError(f"where: {item!r} is not KEY=VALUE or a (key, value) pair")
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"where: {item!r} names no field; give KEY=VALUE, e.g. species=cat")
+        out.add((_no_nul(key.strip(), "a where field"), _no_nul(_as_text(value, key), "a where value")))
+    return tuple(sorted(out))
+
+
+def _as_text(value: Any, key: str) -> str:
+    """A metadata value as the filter compares it: a string as it is; a number or a boolean as
+    JSON writes it (``3``, ``1.5``, ``true``)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
+        return json.dumps(value)
+    raise ValueError(f"where: the value of {key!r} must be a string, a number or true/false, got {value!r}")
+
+
+def _tag_names(tags: str | Iterable[str]) -> tuple[str, ...]:
+    listed = [tags] if isinstance(tags, str) else list(tags)
+    for tag in listed:
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(f"tag: {tag!r} is not a tag; give a non-empty name")
+        _no_nul(tag, "a tag")
+    return tuple(sorted(set(listed)))
+
+
+def _folder(under: str | os.PathLike[str] | None) -> str | None:
+    if under is None:
+        return None
+    if not isinstance(under, (str, os.PathLike)):
+        raise ValueError(f"under: {under!r} is not a folder; give a path")
+    text = os.fspath(under)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("under: give a folder, e.g. ~/Pictures/2024")
+    return os.path.abspath(os.path.expanduser(_no_nul(text, "a folder")))
+
+
+def _when(value: WhenArg, name: str) -> datetime | None:
+    """A filter's time bound as an aware UTC datetime (see :class:`SearchFilter`)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, date):
+        when = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        when = _parse_when(value.strip(), name)
+    else:
+        raise ValueError(f"{name}: {value!r} is not a date or time; give e.g. 2024-06-01 or 2024-06-01T14:30")
+    try:
+        return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+    except OverflowError:  # an offset that moves year 1 or 9999 out of range
+        raise ValueError(f"{name}: {value!r} is out of range; give a time between the years 1 and 9999") from None
+
+
+def _parse_when(text: str, name: str) -> datetime:
+    partial = _PARTIAL_DATE.match(text)
+    try:
+        if partial:
+            return datetime(int(partial.group(1)), int(partial.group(2) or 1), 1)
+        return datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("Z", "z") else text)
+    except (ValueError, IndexError):
+        raise ValueError(f"{name}: {text!r} is not a date or time; give e.g. 2024-06-01 or 2024-06-01T14:30") from None
+
+
 @dataclass(frozen=True, slots=True)
 class SearchOptions:
-    """How a search runs (see ``ImageStore.search``): one value instead of nine loose
+    """How a search runs (see ``ImageStore.search``): one value instead of ten loose
     arguments travelling through every layer.
 
     ``k``: results per query; ``exact``: grow the probe radius until the result equals a
@@ -86,7 +246,8 @@ class SearchOptions:
     default, on); ``rerank_depth``: how many candidates the re-rank looks at (None: 10 x k);
     ``cached``: answer from this process's in-memory codes (None: the store's ``cache_codes``);
     ``index_id``: the index to search (None: the active one); ``include_stale``: keep images
-    whose every path went stale."""
+    whose every path went stale; ``filter``: which images may be returned (None or an empty
+    :class:`SearchFilter`: all)."""
 
     k: int = 10
     exact: bool = False
@@ -96,6 +257,7 @@ class SearchOptions:
     cached: bool | None = None
     index_id: int | None = None
     include_stale: bool = False
+    filter: SearchFilter | None = None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ def test_ingest_labels_what_a_person_sees(db_url: str, photo_folder: Path) -> No
         store.ingest(photo_folder)
         for name, expected in NAMED.items():
             record = store.image(str(photo_folder / photo_path(name).name))
-            names = [label.name for label in record.labels]
+            names = [label.label for label in record.labels]
             assert 1 <= len(names) <= TOP
             assert expected & set(names), (name, names)
             probs = [label.prob for label in record.labels]
@@ -84,7 +84,7 @@ def test_labels_of_images_stored_before_labels(db_url: str, photo_folder: Path) 
         assert store.update_labels() == 0  # nothing left to do
         for name in NAMED:
             after = store.image(ids[name]).labels
-            assert [a.name for a in after] == [b.name for b in before[name]]
+            assert [a.label for a in after] == [b.label for b in before[name]]
             assert np.allclose([a.prob for a in after], [b.prob for b in before[name]], atol=1e-6)
 
 

@@ -425,4 +425,5 @@ def test_search_by_id_route_reads_its_arguments_and_answers_from_memory(served: 
         assert api.get("/api/search", params={"id": cat, "index": 999}).status_code == 404
         assert api.get("/api/search", params={"id": cat, "k": 0}).status_code == 422
         listed = api.get("/openapi.json").json()["paths"]["/api/search"]["get"]["parameters"]
-        assert [p["name"] for p in listed] == ["id", "k", "exact", "probe_radius", "rerank", "index"]
+        assert [p["name"] for p in listed] == ["id", "k", "exact", "probe_radius", "rerank", "index",
+                                               "where", "tag", "under", "taken_after", "taken_before"]

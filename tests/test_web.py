@@ -363,8 +363,10 @@ def test_token_cookie_for_pages(store: ImageStore, tmp_path: Path) -> None:
     opened = web.get("/?token=s3cret-token-0123456789", follow_redirects=False)
     assert opened.status_code == 303 and "token" not in opened.headers["location"]
     assert "httponly" in opened.headers["set-cookie"].lower() and "samesite=strict" in opened.headers["set-cookie"].lower()
+    web.cookies.clear()  # only the cookie set below: the jar also keeps the server's own (another domain)
     web.cookies.set("imgstore_token", "s3cret-token-0123456789")
     assert web.get("/").status_code == 200 and web.get("/api/info").status_code == 200
     assert web.get("/api/images/1/thumbnail").status_code == 200
+    web.cookies.clear()
     web.cookies.set("imgstore_token", "wrong")
     assert web.get("/api/info").status_code == 401

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -26,14 +27,18 @@ from starlette.routing import request_response
 from ..catalog import ImageRecord, IngestErrorRecord
 from ..errors import ConfigError, ImgStoreError, NotFoundError
 from ..paths import MAX_ID
-from ..types import IndexInfo, SearchOptions, SearchResult
+from ..types import IndexInfo, SearchFilter, SearchOptions, SearchResult
 from .http import (
     ID_PARAM,
     MAX_K_HTTP,
     SEARCH_PARAMS,
+    body_filter,
+    combined,
     error_response,
+    filter_parameters,
     json_response,
     openapi_parameters,
+    read_filter,
     read_param,
     read_upload,
     search_options,
@@ -175,9 +180,10 @@ def neighbours(service: Svc, image_id: ImageId, k: Annotated[int, Query(ge=1, le
 
 
 @search_router.get("/search", response_model=None, responses={200: {"model": list[SearchHit]}},
-            openapi_extra={"parameters": openapi_parameters((ID_PARAM, *SEARCH_PARAMS))})
+            openapi_extra={"parameters": [*openapi_parameters((ID_PARAM, *SEARCH_PARAMS)), *filter_parameters()]})
 async def search_by_id(request: Request) -> Response:
-    """The k nearest stored images of stored image ``id``."""
+    """The k nearest stored images of stored image ``id``; the filter parameters (``where``,
+    ``tag``, ``under``, ``taken_after``, ``taken_before``) keep only the images they allow."""
     service = get_service(request)
     given = request.query_params
     try:
@@ -186,7 +192,8 @@ async def search_by_id(request: Request) -> Response:
     except ValueError as exc:
         return error_response(request, 422, f"bad argument: {exc}")
     store = service.store
-    if store.answers_from_memory(options.index_id, rerank=options.rerank is not False):
+    # a filter may read its allowed set from the database first: off the event loop
+    if options.filter is None and store.answers_from_memory(options.index_id, rerank=options.rerank is not False):
         return _hits(store.search(image_id, options=options))
     return _hits(await anyio.to_thread.run_sync(lambda: store.search(image_id, options=options)))
 
@@ -202,10 +209,12 @@ _SEARCH_BODY = {
 
 
 @search_router.post("/search", response_model=None, responses={200: {"model": list[SearchHit]}, **UPLOAD_ERRORS},
-             openapi_extra={"parameters": openapi_parameters(SEARCH_PARAMS), "requestBody": _SEARCH_BODY})
+             openapi_extra={"parameters": [*openapi_parameters(SEARCH_PARAMS), *filter_parameters()],
+                            "requestBody": _SEARCH_BODY})
 async def search_by_upload(request: Request) -> Response:
     """The nearest stored images of an uploaded image (multipart field ``image``), or of a
-    feature vector (JSON body ``{"vector": [...]}``)."""
+    feature vector (JSON body ``{"vector": [...]}``). The filter may be given as query
+    parameters, as form fields beside the image, or as keys of the JSON body."""
     service = get_service(request)
     try:
         options = search_options(request.query_params)
@@ -213,16 +222,28 @@ async def search_by_upload(request: Request) -> Response:
         return error_response(request, 422, f"bad argument: {exc}")
     store = service.store
     if request.headers.get("content-type", "").startswith("application/json"):
-        query = _vector(await request.body())
+        query, given = _vector(await request.body())
+        options = _with_filter(options, lambda: body_filter(given))
         hits = await anyio.to_thread.run_sync(lambda: store.search(query, options=options))
     else:
-        data, _ = await read_upload(request, service)
+        data, form = await read_upload(request, service)
+        options = _with_filter(options, lambda: read_filter(form))
         hits = await anyio.to_thread.run_sync(lambda: service.search_upload(data, options))
     return _hits(hits)
 
 
-def _vector(body: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """The query vector of a JSON body: finite numbers, or a ConfigError saying what to send."""
+def _with_filter(options: SearchOptions, read: Callable[[], SearchFilter]) -> SearchOptions:
+    """``options`` with the filter of the request's body added to its query string's."""
+    try:
+        found = combined(options.filter or SearchFilter(), read())
+    except ValueError as exc:
+        raise ConfigError(f"bad argument: {exc}") from None
+    return replace(options, filter=found or None)
+
+
+def _vector(body: bytes) -> tuple[np.ndarray[Any, np.dtype[np.float32]], dict[str, Any]]:
+    """The query vector of a JSON body (finite numbers) and the body, or a ConfigError saying
+    what to send."""
     try:
         parsed = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError):
@@ -236,7 +257,7 @@ def _vector(body: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
         vector = np.asarray(values, dtype=np.float32)
     if not np.isfinite(vector).all():
         raise ConfigError('"vector" must hold finite numbers (no NaN or infinity, none beyond float32)')
-    return vector
+    return vector, parsed
 
 
 #: ``GET /api/duplicates?wait=`` waits at most this long (seconds) for a running search.

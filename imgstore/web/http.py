@@ -12,12 +12,12 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from starlette.datastructures import FormData, UploadFile
+from starlette.datastructures import FormData, ImmutableMultiDict, UploadFile
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ConfigError, DatabaseError, DecodeError, ImageTooLargeError, NotFoundError
 from ..paths import MAX_ID
-from ..types import SearchOptions
+from ..types import SearchFilter, SearchOptions
 from .render import error_page
 from .service import Forbidden, Overloaded, Service, TooLarge
 
@@ -150,11 +150,78 @@ def read_param(given: Mapping[str, str], p: Param) -> Any:
     return value
 
 
-def search_options(given: Mapping[str, str]) -> SearchOptions:
-    """The search options of a request's query string (ValueError naming a bad one)."""
+def search_options(given: ImmutableMultiDict[str, Any]) -> SearchOptions:
+    """The search options of a request's query string, its filter included (ValueError naming
+    a bad one)."""
     values = {p.name: read_param(given, p) for p in SEARCH_PARAMS}
     return SearchOptions(k=values["k"], exact=values["exact"], probe_radius=values["probe_radius"],
-                         rerank=values["rerank"], index_id=values["index"])
+                         rerank=values["rerank"], index_id=values["index"], filter=read_filter(given) or None)
+
+
+# --- the search filter: query string, upload form and vector body alike ------------------------
+
+#: name, JSON schema, description. ``where`` and ``tag`` repeat (every one must hold); the
+#: others are given once. The same names are the upload form's fields and the vector body's keys.
+FILTER_FIELDS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("where", {"type": "array", "items": {"type": "string"}},
+     "only images whose metadata field KEY equals VALUE, as KEY=VALUE (a list field: one of its items); "
+     "repeat for more, all must hold"),
+    ("tag", {"type": "array", "items": {"type": "string"}}, "only images with this tag; repeat for more, all must hold"),
+    ("under", {"type": "string"}, "only images with a current file under this folder (a path as the server sees it)"),
+    ("taken_after", {"type": "string"},
+     "only images taken (EXIF capture time) at or after this date or ISO time: 2024-06-01, 2024-06, 2024-06-01T14:30"),
+    ("taken_before", {"type": "string"}, "only images taken (EXIF capture time) before this date or ISO time"),
+)
+_SINGLE = ("under", "taken_after", "taken_before")
+
+
+def filter_parameters() -> list[dict[str, Any]]:
+    """The OpenAPI declaration of the filter's query parameters."""
+    return [{"name": name, "in": "query", "required": False, "description": text, "schema": schema,
+             **({"style": "form", "explode": True} if schema["type"] == "array" else {})}
+            for name, schema, text in FILTER_FIELDS]
+
+
+def read_filter(given: ImmutableMultiDict[str, Any]) -> SearchFilter:
+    """The filter of a query string or a form (empty fields are left out, as an empty form
+    input means no condition); ValueError naming what is wrong."""
+    values: dict[str, list[str]] = {}
+    for name, _, _ in FILTER_FIELDS:
+        listed = given.getlist(name)
+        for value in listed:
+            if not isinstance(value, str):
+                raise ValueError(f"{name}: send text, not a file")
+        values[name] = [v for v in listed if v.strip()]
+        if name in _SINGLE and len(values[name]) > 1:
+            raise ValueError(f"{name}: given {len(values[name])} times; give it once")
+    return SearchFilter(where=values["where"], tags=values["tag"], **{n: values[n][0] if values[n] else None for n in _SINGLE})
+
+
+def body_filter(body: Mapping[str, Any]) -> SearchFilter:
+    """The filter of a JSON body's keys (``where``: KEY=VALUE strings, or an object of fields
+    and values); ValueError naming what is wrong."""
+    where, tags = body.get("where", []), body.get("tag", [])
+    if not isinstance(where, (list, dict)) or (isinstance(where, list) and not all(isinstance(v, str) for v in where)):
+        raise ValueError('where: send a list of "KEY=VALUE" strings or an object of fields and values')
+    if not isinstance(tags, list) or not all(isinstance(v, str) for v in tags):
+        raise ValueError("tag: send a list of tags")
+    single = {}
+    for name in _SINGLE:
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name}: send text")
+        single[name] = value or None
+    return SearchFilter(where=where, tags=tags, **single)
+
+
+def combined(first: SearchFilter, second: SearchFilter) -> SearchFilter:
+    """Both filters at once (a search given conditions in its query string and its body)."""
+    for name in _SINGLE:
+        a, b = getattr(first, name), getattr(second, name)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"{name}: given in the query string and in the body; give it once")
+    return SearchFilter(where=first.where + second.where, tags=first.tags + second.tags,
+                        **{name: getattr(first, name) or getattr(second, name) for name in _SINGLE})
 
 
 # --- the guard ------------------------------------------------------------------------------

@@ -13,21 +13,22 @@ from __future__ import annotations
 import base64
 import io
 import os
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, ImmutableMultiDict
 
 from ..decode import load_image
 from ..dedup import DuplicateGroup, DuplicateMember
 from ..errors import ImgStoreError
 from ..hashing import available_methods
 from ..paths import counted, printable
-from ..types import SearchOptions
-from .http import read_upload, status_for
+from ..types import SearchFilter, SearchOptions
+from .http import read_filter, read_upload, status_for
 from .render import render
 from .service import Service, TooLarge
 
@@ -68,12 +69,43 @@ def _choices(value: object, allowed: tuple[int, ...], default: int) -> int:
     return k if 1 <= k <= max(allowed) else default
 
 
-def search_context(service: Service, k: int, exact: bool, index: int | None) -> dict[str, Any]:
-    """What the search form shows: the index choices and how many images there are (one
-    count, not every table's: this renders with every search)."""
+def search_context(service: Service, k: int, exact: bool, index: int | None,
+                   search_filter: SearchFilter | None = None) -> dict[str, Any]:
+    """What the search form shows: the index choices, how many images there are (one count,
+    not every table's: this renders with every search) and the filter's inputs."""
     store = service.store
+    shown = search_filter or SearchFilter()
+    given = shown.as_dict()
     return {"k": k, "exact": exact, "index": index, "indexes": store.indexes(with_counts=False), "k_choices": K_CHOICES,
-            "n_images": store.image_count()}
+            "n_images": store.image_count(), "filter": shown,
+            "filter_inputs": {"where": given.get("where") or [""], "tag": given.get("tag") or [""],
+                              "under": given.get("under", ""),
+                              "taken_after": _day(shown.taken_after), "taken_before": _day(shown.taken_before)},
+            "filter_query": _filter_query(shown)}
+
+
+def _filter_query(search_filter: SearchFilter) -> str:
+    """The filter as query parameters (``&tag=...``), carried by every result's link so that
+    searching from a result keeps it."""
+    return "".join(f"&{urlencode({key: v})}" for key, values in search_filter.as_dict().items()
+                   for v in (values if isinstance(values, list) else [values]))
+
+
+def _day(when: datetime | None) -> str:
+    """A filter's time as a date input shows it (a time of day other than midnight is kept
+    in the address, not in the input)."""
+    return "" if when is None else when.date().isoformat()
+
+
+def _page_filter(given: ImmutableMultiDict[str, Any]) -> SearchFilter:
+    """The filter of a page's query string or form: the API's parameters; a tag input may
+    hold several tags separated by commas. ValueError naming what is wrong."""
+    found = read_filter(given)
+    tags = [t.strip() for tag in found.tags for t in tag.split(",") if t.strip()]
+    if tags == list(found.tags):
+        return found
+    return SearchFilter(where=found.where, tags=tags, under=found.under, taken_after=found.taken_after,
+                        taken_before=found.taken_before)
 
 
 async def _form(request: Request) -> tuple[Service, FormData]:
@@ -95,7 +127,12 @@ def search_page(request: Request, id: str | None = None, k: str | None = None, e
                 index: str | None = None) -> Response:
     service = _service(request)
     k_value, index_id = _choices(k, K_CHOICES, 20), _int_or_none(index)
-    context = search_context(service, k_value, bool(exact), index_id)
+    try:
+        search_filter = _page_filter(request.query_params) or None
+    except ValueError as exc:
+        context = search_context(service, k_value, bool(exact), index_id)
+        return render(request, "search.html", 422, error=str(exc), **context)
+    context = search_context(service, k_value, bool(exact), index_id, search_filter)
     query_id = _int_or_none(id)
     if id and query_id is None:
         return render(request, "search.html", 422, error=f"{id!r} is not an image id", **context)
@@ -103,7 +140,8 @@ def search_page(request: Request, id: str | None = None, k: str | None = None, e
         return render(request, "search.html", **context)
     try:
         record = service.store.image(query_id)
-        results = service.store.search(query_id, options=SearchOptions(k=k_value, exact=bool(exact), index_id=index_id))
+        results = service.store.search(query_id, options=SearchOptions(k=k_value, exact=bool(exact), index_id=index_id,
+                                                                       filter=search_filter))
     except ImgStoreError as exc:
         return render(request, "search.html", status_for(exc), error=str(exc), **context)
     return render(request, "search.html", query=record, results=results, **context)
@@ -115,14 +153,26 @@ async def search_upload(request: Request) -> Response:
     form = await request.form()
     k_value, index_id = _choices(form.get("k"), K_CHOICES, 20), _int_or_none(form.get("index"))
     exact = bool(form.get("exact"))
-    context = await anyio.to_thread.run_sync(search_context, service, k_value, exact, index_id)
+    try:
+        search_filter = _page_filter(form) or None
+    except ValueError as exc:
+        context = await anyio.to_thread.run_sync(search_context, service, k_value, exact, index_id)
+        return render(request, "search.html", 422, error=str(exc), **context)
+    item = form.get("image")
+    query_id = _int_or_none(form.get("id"))
+    if query_id is not None and not getattr(item, "filename", None):
+        # the form of a search by a stored image, sent again with other settings (no new file):
+        # the same search at its own address
+        again = {"id": str(query_id), "k": str(k_value), **({"exact": "1"} if exact else {}),
+                 **({"index": str(index_id)} if index_id else {})}
+        return RedirectResponse(f"/?{urlencode(again)}{_filter_query(search_filter or SearchFilter())}", status_code=303)
+    context = await anyio.to_thread.run_sync(search_context, service, k_value, exact, index_id, search_filter)
     try:
         data, _ = await read_upload(request, service)
     except (TooLarge, ImgStoreError) as exc:
         return render(request, "search.html", status_for(exc), error=str(exc), **context)
-    item = form.get("image")
     name = getattr(item, "filename", None) or "the uploaded image"
-    options = SearchOptions(k=k_value, exact=exact, index_id=index_id)
+    options = SearchOptions(k=k_value, exact=exact, index_id=index_id, filter=search_filter)
     try:
         results = await anyio.to_thread.run_sync(service.search_upload, data, options)
     except ImgStoreError as exc:

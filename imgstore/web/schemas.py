@@ -34,16 +34,30 @@ class SearchHit(Model):
     paths: list[str] = Field(description="the image's current files")
 
 
-class VectorQuery(BaseModel):
+class FilterFields(BaseModel):
+    """Which images a search may return (all conditions must hold; none: every image). The
+    same conditions may be given as query parameters; both at once must agree."""
+
+    tag: list[str] = Field(default_factory=list, description="only images with every one of these tags")
+    under: str | None = Field(None, description="only images with a current file under this folder (as the server sees it)")
+    taken_after: str | None = Field(None, description="only images taken (EXIF) at or after this date or ISO time, "
+                                                      "e.g. 2024-06-01, 2024-06, 2024-06-01T14:30")
+    taken_before: str | None = Field(None, description="only images taken (EXIF) before this date or ISO time")
+
+
+class VectorQuery(FilterFields):
     """A feature vector to search from (as many values as the index's feature space has)."""
 
     vector: list[float] = Field(min_length=1)
+    where: list[str] | dict[str, str | int | float | bool] = Field(
+        default_factory=list, description='metadata conditions: "KEY=VALUE" strings, or an object of fields and values')
 
 
-class UploadQuery(BaseModel):
+class UploadQuery(FilterFields):
     """An image file to search from (any format the server decodes: JPEG, PNG, WebP, ...)."""
 
     image: bytes = Field(json_schema_extra={"format": "binary"})
+    where: list[str] = Field(default_factory=list, description="metadata conditions, KEY=VALUE (a field per condition)")
 
 
 class IndexRequest(BaseModel):
