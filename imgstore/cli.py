@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,6 +25,9 @@ from .ingest import IngestSummary
 from .paths import counted, printable
 from .repository import ImageStore
 from .types import SearchFilter
+
+if TYPE_CHECKING:  # imported by the commands that watch (watchdog is not needed by the others)
+    from .watch import WatchBatch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -585,6 +588,72 @@ class _ProgressBar:
 
 
 @cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
+@click.option("--extractor", default=None, metavar="NAME",
+              help="Feature extractor [default: the one the store searches with, else efficientnet-lite0].")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
+              help="Images per model batch and per transaction.")
+@click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Add a tag to every image found (repeatable; joins its tags list).")
+@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
+              help="Set a metadata field on every image found (repeatable).")
+@click.option("--settle", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600), metavar="SECONDS",
+              help="How long a file never closed after writing (moved in from another disk) must stay unchanged "
+                   "before it is read; also how long a new folder settles before it is walked.")
+@click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per batch (JSON lines).")
+@_weights_option
+@click.pass_obj
+@friendly_errors
+def watch(obj: Context, folders: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
+          workers: int | None, tags: tuple[str, ...], meta: dict[str, str], settle: float, no_auto_index: bool,
+          as_json: bool, weights: str | None) -> None:
+    """Keep the store up to date with folders: new, changed, moved and deleted images, as they happen.
+
+    First rescans the folders (what changed while nothing watched them), then ingests each new or
+    changed image once its file is complete, in batches: one line per batch. A deleted file's path
+    is marked not current, so its image leaves search results (as `ingest` marks a vanished file);
+    a renamed file keeps its image. Ctrl-C stops (exit 130); every finished batch is kept.
+
+    \b
+    Example:
+      imgstore watch ~/Pictures
+      imgstore watch ~/Pictures ~/Phone --tag phone --json
+    """
+    from .watch import Watcher, watched_folders  # watchdog: ~50 ms to import, for this and serve --watch only
+
+    if weights:
+        obj.extractor_options["resnet50"] = {"weights": weights}
+    roots = watched_folders(folders)  # before the store is opened: a mistyped folder leaves no empty database behind
+    with obj.store(create=True) as store:
+        watcher = Watcher(store, roots, recursive=recursive, extractor=extractor, batch_size=batch_size, workers=workers,
+                          tags=tags, metadata=meta, settle_s=settle, auto_index=not no_auto_index,
+                          on_batch=functools.partial(_echo_watch_batch, as_json=as_json),
+                          on_message=lambda text: click.echo(text, err=True))
+        click.echo(f"watching {', '.join(printable(r) for r in roots)} for {store.display_url} (Ctrl-C stops)", err=True)
+        watcher.run()
+
+
+def _echo_watch_batch(batch: WatchBatch, *, as_json: bool = False, prefix: str = "", err: bool = False) -> None:
+    """One line per watched batch (``imgstore watch``, ``serve --watch``); its failures on stderr."""
+    if as_json:
+        click.echo(json.dumps(batch.as_dict(), default=str), err=err)
+        return
+    line = (f"added {len(batch.added)}, updated {len(batch.updated)}, moved {len(batch.moved)}, "
+            f"removed {len(batch.removed)}" + (f", failed {len(batch.failed)}" if batch.failed else "")
+            + f" ({batch.elapsed_s:.1f} s)")
+    if batch.rescanned:
+        line = f"rescanned {', '.join(printable(p) for p in batch.rescanned)}: {line}"
+    click.echo(prefix + line, err=err)
+    for path, reason in batch.failed[:10]:
+        click.echo(f"{prefix}  failed: {printable(path)}: {reason}", err=True)
+    if len(batch.failed) > 10:
+        click.echo(f"{prefix}  ... and {len(batch.failed) - 10} more: see `imgstore errors`", err=True)
+
+
+@cli.command()
 @click.option("--limit", type=click.IntRange(1), default=None, help="Show at most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj
@@ -1059,10 +1128,13 @@ def labels(obj: Context, update: bool, limit: int | None, extractor: str | None,
                    "(about one per core); read-only only.")
 @click.option("--vector-cache-mb", default=1024, show_default=True, type=click.IntRange(0),
               help="Memory per process for the float features the re-rank reads (0: read them from the database).")
+@click.option("--watch", "watch_folders", multiple=True, metavar="FOLDER", type=click.Path(path_type=str),
+              help="Keep the store up to date with this folder while serving (repeatable; as `imgstore watch`): new, "
+                   "changed, moved and deleted images are searchable within seconds.")
 @click.pass_obj
 @friendly_errors
 def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str | None, token: str | None, insecure: bool,
-          workers: int, vector_cache_mb: int) -> None:
+          workers: int, vector_cache_mb: int, watch_folders: tuple[str, ...]) -> None:
     """Serve the store over HTTP: web pages to search and review it, and a JSON API (docs at /docs).
 
     Listens on this machine only by default; any other address needs --token (or --insecure).
@@ -1074,10 +1146,12 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
       imgstore serve --allow-writes --move-to ~/dupes
       imgstore serve --host 0.0.0.0 --token "$(openssl rand -hex 16)"
       imgstore serve --workers 2          # a read-only server using two cores
+      imgstore serve --watch ~/Pictures   # new photos searchable as they arrive
     """
     import socket
 
     from .serve import WORKER_SETTINGS_ENV, check_token, create_app, is_loopback, worker_settings
+    from .watch import Watcher, watched_folders
 
     try:
         check_token(token)  # before anything listens: an empty --token "$UNSET" would open the store to all
@@ -1092,6 +1166,9 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
     if workers > 1 and allow_writes:
         raise click.UsageError("--workers serves a read-only collection (page notes, background jobs and undo live in "
                                "one process): drop --allow-writes, or --workers")
+    if workers > 1 and watch_folders:
+        raise click.UsageError("--watch runs in one server process: drop --workers, or run `imgstore watch` beside it")
+    roots = watched_folders(watch_folders)  # a missing folder is one line, before anything listens
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
@@ -1102,7 +1179,9 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
                                        "pick another --port (0 picks a free one)") from None
     import uvicorn
 
-    with obj.store() as store:  # opened here first: a wrong path or an old schema is one line, before any worker starts
+    # opened here first: a wrong path or an old schema is one line, before any worker starts; --watch
+    # fills the store, so it may create it (as `imgstore watch` and `ingest` do)
+    with obj.store(create=bool(roots)) as store:
         store.cache_codes = True
         store.vector_cache_mb = vector_cache_mb
         shown = f"[{host}]" if ":" in host else host
@@ -1116,7 +1195,11 @@ def serve(obj: Context, host: str, port: int, allow_writes: bool, move_to: str |
             uvicorn.run("imgstore.serve:worker_app", factory=True, workers=workers, host=host, port=port, log_level="warning",
                         access_log=False)
             return
-        app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to)
+        watcher = Watcher(store, roots, on_message=lambda text: click.echo(f"watch: {text}", err=True),
+                          on_batch=functools.partial(_echo_watch_batch, prefix="watch: ", err=True)) if roots else None
+        if roots:
+            click.echo(f"watching {', '.join(printable(r) for r in roots)}", err=True)
+        app = create_app(store, allow_writes=allow_writes, token=token, move_to=move_to, watcher=watcher)
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)  # no log line per request
 
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..decode import quiet_pillow_size_warnings
 from ..errors import ConfigError, ImgStoreError
 from ..repository import ImageStore
+from ..watch import Watcher
 from .api import router as api_router
 from .api import search_router
 from .http import Guard, error_response, status_for
@@ -43,13 +44,15 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
                move_to: str | os.PathLike[str] | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int | None = None, thumbnails: Thumbnails | None = None,
                batch_max: int = 16, batch_wait_s: float = 0.005, queue_max: int = 64, pages: bool = True,
-               owns_store: bool = False) -> FastAPI:
+               owns_store: bool = False, watcher: Watcher | None = None) -> FastAPI:
     """A FastAPI application answering for ``store`` (kept open by the caller, or closed when
     the app shuts down with ``owns_store``): the JSON API under ``/api``, its docs at
     ``/docs``, and (``pages``) the web pages. ``token``: None (no token; then only a loopback
     address should be served), or at least :data:`MIN_TOKEN_LENGTH` characters. Uploads are
     limited to ``max_upload_bytes`` and to ``max_pixels`` (None: the store's own limit,
-    ``ImageStore(max_pixels=...)``, the one every decode of that store obeys)."""
+    ``ImageStore(max_pixels=...)``, the one every decode of that store obeys). ``watcher``: a
+    :class:`~imgstore.watch.Watcher` of ``store`` run on a thread of its own while the app runs
+    (``serve --watch``): what it ingests reaches searches through the code cache's refresher."""
     check_token(token)
     service = Service(store, allow_writes=allow_writes, token=token, move_to=move_to, max_upload_bytes=max_upload_bytes,
                       max_pixels=max_pixels, thumbnails=thumbnails, batch_max=batch_max, batch_wait_s=batch_wait_s,
@@ -58,11 +61,15 @@ def create_app(store: ImageStore, *, allow_writes: bool = False, token: str | No
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         store.start_refresher()  # searches never wait for an ingest's new codes to be merged
+        if watcher is not None:
+            watcher.start()
         if store.cache_codes:
             threading.Thread(target=store.warm, name="imgstore-warm", daemon=True).start()
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.stop()  # after the ingest transaction in progress
             store.stop_refresher()
             service.close()
             if owns_store:
