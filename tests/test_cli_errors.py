@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,9 +148,19 @@ def test_ctrl_c_exits_130_and_the_rerun_completes(sqlite_url: str, tmp_path: Pat
         if _images_so_far(sqlite_url) >= 4:  # a plain read-only look: opening a store takes longer
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the ingest ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    # hold the database's write lock: the ingest cannot write (so cannot finish) until the
+    # interrupt has been sent, however fast it runs or however slowly this process is scheduled
+    # (an ingest that finished while the signal was on its way exited 0)
+    lock = sqlite3.connect(sqlite_url, timeout=120, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        stored = lock.execute("SELECT count(*) FROM images").fetchone()[0]
+        assert proc.poll() is None and stored < expected["images"], "the ingest ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
     with ImageStore(sqlite_url) as store:
