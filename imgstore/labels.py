@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import ColumnElement, Connection, case, func, select
 
 from .models import Feature, FeatureSpace, Label, LabelNorm
 from .sqlhelpers import insert_ignore
@@ -138,15 +138,19 @@ def labelled_spaces(conn: Connection) -> list[tuple[int, str]]:
     return [(int(i), str(name)) for i, name in rows if has_labels(str(name))]
 
 
+def _unlabelled(space_id: int) -> ColumnElement[bool]:
+    """Features of ``space_id`` whose image has no labels there."""
+    has = select(Label.image_id).where(Label.space_id == space_id, Label.image_id == Feature.image_id).exists()
+    return (Feature.space_id == space_id) & ~has
+
+
 def missing(conn: Connection, space_id: int) -> int:
     """Images with features in ``space_id`` and no labels there."""
-    has = select(Label.image_id).where(Label.space_id == space_id, Label.image_id == Feature.image_id).exists()
-    return int(conn.scalar(select(func.count()).select_from(Feature).where(Feature.space_id == space_id, ~has)) or 0)
+    return int(conn.scalar(select(func.count()).select_from(Feature).where(_unlabelled(space_id))) or 0)
 
 
 def missing_ids(conn: Connection, space_id: int, limit: int) -> list[int]:
-    has = select(Label.image_id).where(Label.space_id == space_id, Label.image_id == Feature.image_id).exists()
-    return [int(i) for i in conn.scalars(select(Feature.image_id).where(Feature.space_id == space_id, ~has)
+    return [int(i) for i in conn.scalars(select(Feature.image_id).where(_unlabelled(space_id))
                                           .order_by(Feature.image_id).limit(limit))]
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ConfigError, ExtractorError
+from .features.onnxrt import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,20 +165,12 @@ def encoder() -> TextEncoder:
         return _encoder
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("IMGSTORE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "imgstore"
-
-
 def class_embeddings(names: tuple[str, ...]) -> npt.NDArray[np.float32]:
     """(len(names), 384) embeddings of the prompts of ``names``, computed once and cached
     (1,000 names: a few seconds) beside the exported models; recomputed when unwritable."""
     enc = encoder()
     key = hashlib.sha256(f"{NAMES_VERSION}|{PROMPT}|{enc.digest}|{'|'.join(names)}".encode()).hexdigest()[:16]
-    path = _cache_dir() / "text" / f"names-{key}.npy"
+    path = cache_dir() / "text" / f"names-{key}.npy"
     try:
         found = np.load(path)
         if found.shape == (len(names), enc.dim):
