@@ -20,8 +20,9 @@ import click
 from .db import ENV_VAR, resolve_url, sqlite_file
 from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_size_warnings
 from .errors import ImgStoreError, NotFoundError
-from .features import RUNTIME_ENV, RUNTIMES
+from .features import RUNTIME_ENV, RUNTIMES, embeds_text, space_name
 from .ingest import IngestSummary
+from .labels import class_ids
 from .paths import counted, printable
 from .repository import ImageStore
 from .types import SearchFilter
@@ -142,6 +143,58 @@ def _pixel_count(value: str | None) -> int | None:
     except ImgStoreError:
         raise click.BadParameter(f"{value!r} is not a pixel count: give pixels (250000000) or megapixels (250M)",
                                  param_hint=f"--max-pixels / ${MAX_PIXELS_ENV}") from None
+
+
+# --- search filters ---------------------------------------------------------------------------
+
+
+def _filter_part(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback that checks one filter option's values as ``SearchFilter`` reads them: a bad
+    one is a usage error (exit 2) that says what to give."""
+    label = {"tags": "tag", "labels": "label"}.get(name, name)  # how SearchFilter's messages name it
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        try:
+            checked = SearchFilter(**{name: value})
+            for label_name in checked.labels:  # a name that is no ImageNet class: the closest ones
+                class_ids(label_name)
+        except (ValueError, ImgStoreError) as exc:
+            raise click.BadParameter(str(exc).removeprefix(f"{label}: ")) from None
+        return value
+    return check
+
+
+#: The filter options of every command that searches or lists images (made one SearchFilter).
+_FILTER_OPTIONS = (
+    click.option("--where", "where", multiple=True, metavar="KEY=VALUE", callback=_filter_part("where"),
+                 help="Only images whose metadata field KEY is VALUE (or a list holding it); repeatable, all must hold."),
+    click.option("--tag", "tags", multiple=True, metavar="TAG", callback=_filter_part("tags"),
+                 help="Only images with this tag (repeatable: every one)."),
+    click.option("--label", "labels", multiple=True, metavar="NAME", callback=_filter_part("labels"),
+                 help='Only images the classifier labelled NAME (an ImageNet name, e.g. "golden retriever"; '
+                      "`imgstore labels` lists them); repeatable: every one."),
+    click.option("--under", metavar="FOLDER", default=None, callback=_filter_part("under"),
+                 help="Only images with a current file under FOLDER."),
+    click.option("--taken-after", metavar="WHEN", default=None, callback=_filter_part("taken_after"),
+                 help="Only images taken (EXIF) at or after WHEN: a date (2024-06-01, 2024-06, 2024) or ISO time."),
+    click.option("--taken-before", metavar="WHEN", default=None, callback=_filter_part("taken_before"),
+                 help="Only images taken (EXIF) before WHEN."),
+)
+_FILTER_NAMES = ("where", "tags", "labels", "under", "taken_after", "taken_before")
+
+
+def filter_options(func: F) -> F:
+    """Add the filter options (--where, --tag, --label, --under, --taken-after/--taken-before);
+    the command gets them as one ``search_filter`` (None when none was given)."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        parts = {name: kwargs.pop(name) for name in _FILTER_NAMES}
+        kwargs["search_filter"] = SearchFilter(**parts) or None
+        return func(*args, **kwargs)
+
+    for option in reversed(_FILTER_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
 
 
 # --- db ---------------------------------------------------------------------------------------
@@ -417,6 +470,16 @@ def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
         raise SystemExit(1)
 
 
+def batch_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--cluster and --shards: batch work over an index's shards (imgstore.batch)."""
+    fn = click.option("--shards", "shards_dir", type=click.Path(file_okay=False), default=None,
+                      help="Folder of the index's shards, exported or brought up to date first; every worker must read it "
+                           "[default: DB.shards beside an SQLite store].")(fn)
+    return click.option("--cluster", default=None, metavar="ADDRESS",
+                        help="Compute over the index's shards on a Dask cluster: tcp://host:8786, or local[:N] for N "
+                             "worker processes here; a rerun keeps the finished blocks.")(fn)
+
+
 @cli.command()
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), default="jsonl", show_default=True,
               help="jsonl: one JSON object per line; json: one JSON array (the same as --json); csv: a header, then a row "
@@ -425,27 +488,39 @@ def verify(obj: Context, no_files: bool, do_prune: bool, as_json: bool) -> None:
 @click.option("--neighbours", default=0, type=click.IntRange(0, 100), help="Add the ids of this many nearest images.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
               help="File to write [default: stdout].")
+@filter_options
+@batch_options
 @click.pass_obj
 @friendly_errors
-def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str | None) -> None:
-    """Export image metadata (and optionally nearest neighbours) as JSON lines, a JSON array or CSV.
+def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str | None,
+           search_filter: SearchFilter | None, cluster: str | None, shards_dir: str | None) -> None:
+    """Export image metadata (and optionally nearest neighbours) as JSON lines, a JSON array or CSV:
+    every image, or those the filters allow (the options of `query`), by id.
+
+    With --cluster, the neighbours are the exact nearest codes of the active index by Hamming
+    distance (with their "distances"), computed block by block over its shards on the cluster.
 
     \b
     Example:
       imgstore export --format csv --neighbours 5 -o images.csv
       imgstore export --json > images.json
+      imgstore export --label "golden retriever" --under ~/Pictures/2024 --format csv
+      imgstore export --neighbours 10 --cluster local:2 -o graph.jsonl
     """
     import csv
 
     if as_json:
         fmt = "json"
+    if (cluster or shards_dir) and not neighbours:
+        raise click.UsageError("--cluster and --shards compute neighbours: add --neighbours K")
     with obj.store() as store, contextlib.ExitStack() as closing:
         out = closing.enter_context(open(output, "w", newline="", encoding="utf-8")) if output else sys.stdout
         writer = None
         n_rows = 0
         if fmt == "json":  # written row by row, laid out as emit_json lays out a list
             out.write("[")
-        for row in store.export_rows(neighbours=neighbours):
+        for row in store.export_rows(neighbours=neighbours, filter=search_filter, cluster=cluster,
+                                     shards=shards_dir):
             n_rows += 1
             if fmt == "json":
                 item = json.dumps(row, indent=2, default=str).replace("\n", "\n  ")
@@ -470,7 +545,9 @@ def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str |
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
-@click.option("--extractor", default=None, metavar="NAME", help="Feature extractor [default: efficientnet-lite0].")
+@click.option("--extractor", default=None, metavar="NAME",
+              help="Feature extractor [default: efficientnet-lite0], or clip:ARCH:PATH: a CLIP model of open_clip with "
+                   "its weights file (clip:ViT-B-32:/models/vit_b32.bin).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
               help="Images per model batch and per transaction.")
 @click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
@@ -674,6 +751,46 @@ def errors(obj: Context, limit: int | None, as_json: bool) -> None:
         click.echo(f"{printable(row.path)}\t{row.error_type}\t{row.reason}")
 
 
+# --- shards -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def shards() -> None:
+    """An index's codes as shard files, for batch work on a Dask cluster (dedup --cluster,
+    export --neighbours K --cluster).
+
+    \b
+    Example:
+      imgstore shards export /shared/shards
+    """
+
+
+@shards.command("export")
+@click.argument("folder", required=False, type=click.Path(file_okay=False))
+@click.option("--index", "index_id", default=None, type=click.IntRange(1), help="Index to export [default: the active one].")
+@click.option("--shard-size", default=None, type=click.IntRange(1), metavar="CODES",
+              help="Codes per shard when the folder is first made [default: 20,000,000].")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+@click.pass_obj
+@friendly_errors
+def shards_export(obj: Context, folder: str | None, index_id: int | None, shard_size: int | None, as_json: bool) -> None:
+    """Export an index's codes into FOLDER [default: DB.shards beside an SQLite store]: one pair
+    of .npy files per range of image ids and a manifest. Exported again into the same folder,
+    only the shards whose images changed are written.
+
+    Example: imgstore --db postgresql://app@dbhost/photos shards export /shared/shards
+    """
+    with obj.store() as store:
+        done = store.export_shards(folder, index_id=index_id, **({"shard_codes": shard_size} if shard_size else {}))
+    if as_json:
+        emit_json(done.as_dict())
+        return
+    got = done.shards
+    click.echo(f"{counted(got.n_codes, 'code')} of index {got.index.id} in {counted(len(got.shards), 'shard')} at "
+               f"{printable(str(got.folder))}: {len(done.written)} written, {len(done.kept)} unchanged "
+               f"({done.seconds:.1f} s)")
+
+
 # --- indexes ------------------------------------------------------------------------------------
 
 
@@ -777,24 +894,11 @@ def index_drop(obj: Context, index_id: int) -> None:
 # --- query --------------------------------------------------------------------------------------
 
 
-def _filter_part(name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A callback that checks one filter option's values as ``SearchFilter`` reads them: a bad
-    one is a usage error (exit 2) that says what to give."""
-    label = "tag" if name == "tags" else name  # how SearchFilter's messages name it
-
-    def check(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-        try:
-            SearchFilter(**{name: value})
-        except ValueError as exc:
-            raise click.BadParameter(str(exc).removeprefix(f"{label}: ")) from None
-        return value
-    return check
-
-
 @cli.command()
 @click.argument("images", nargs=-1, required=False)
 @click.option("--text", "words", metavar="WORDS", default=None,
-              help='Find images by words instead ("a dog on the beach"): through what the classifier sees in them.')
+              help='Find images by words instead ("a dog on the beach"): through what the classifier sees in them, '
+                   "or by CLIP's text tower in a CLIP feature space.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1, 10_000), help="Results per query.")
 @click.option("--exact", is_flag=True, help="Exact Hamming kNN (equal to a full scan).")
 @click.option("--probe-radius", default=1, show_default=True, type=click.IntRange(0, 8),
@@ -803,16 +907,11 @@ def _filter_part(name: str) -> Callable[[click.Context, click.Parameter, Any], A
               help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
 @click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one].")
 @click.option("--include-stale", is_flag=True, help="Also show images whose files all changed or vanished.")
-@click.option("--where", "where", multiple=True, metavar="KEY=VALUE", callback=_filter_part("where"),
-              help="Only images whose metadata field KEY is VALUE (or a list holding it); repeatable, all must hold.")
-@click.option("--tag", "tags", multiple=True, metavar="TAG", callback=_filter_part("tags"),
-              help="Only images with this tag (repeatable: every one).")
-@click.option("--under", metavar="FOLDER", default=None, callback=_filter_part("under"),
-              help="Only images with a current file under FOLDER.")
-@click.option("--taken-after", metavar="WHEN", default=None, callback=_filter_part("taken_after"),
-              help="Only images taken (EXIF) at or after WHEN: a date (2024-06-01, 2024-06, 2024) or ISO time.")
-@click.option("--taken-before", metavar="WHEN", default=None, callback=_filter_part("taken_before"),
-              help="Only images taken (EXIF) before WHEN.")
+@click.option("--extractor", default=None, metavar="NAME",
+              help="With --text: the feature space searched (clip:ARCH:PATH, or efficientnet-lite0) [default: a CLIP "
+                   "space when the store has one, else the labelled one]. With IMAGES: clip:ARCH:PATH says where the "
+                   "weights file of the CLIP space searched is, when this machine has not seen it.")
+@filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--montage", type=click.Path(dir_okay=False), default=None,
               help="Write a contact sheet PNG of the query and its results (one per query: name-2.png, ...).")
@@ -820,11 +919,11 @@ def _filter_part(name: str) -> Callable[[click.Context, click.Parameter, Any], A
 @click.pass_obj
 @friendly_errors
 def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exact: bool, probe_radius: int, rerank: bool | None,
-          index_id: int | None, include_stale: bool, where: tuple[str, ...], tags: tuple[str, ...], under: str | None,
-          taken_after: str | None, taken_before: str | None, as_json: bool, montage: str | None, weights: str | None) -> None:
+          index_id: int | None, include_stale: bool, extractor: str | None, search_filter: SearchFilter | None, as_json: bool,
+          montage: str | None, weights: str | None) -> None:
     """Find the stored images most similar to each IMAGE (a file, or a stored image id).
 
-    The filters (--where, --tag, --under, --taken-after/--taken-before) combine: a result
+    The filters (--where, --tag, --label, --under, --taken-after/--taken-before) combine: a result
     meets every one. --exact stays exact over the images they allow; a filter that allows
     nothing finds nothing.
 
@@ -835,18 +934,24 @@ def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exac
       imgstore query cat.jpg --montage results.png
       imgstore query cat.jpg --tag pets --under ~/Pictures/2024 --taken-after 2024-06
       imgstore query --text "a dog on the beach"
+      imgstore query 42 --label "golden retriever"
+      imgstore query --text "a dog on the beach" --extractor clip:ViT-B-32:/models/vit_b32.bin
     """
     if words is not None:
         if images:
             raise click.UsageError("give IMAGES or --text WORDS, not both")
-        search_filter = SearchFilter(where=where, tags=tags, under=under, taken_after=taken_after, taken_before=taken_before)
-        _query_words(obj, words, k, include_stale, as_json, search_filter or None)
+        _query_words(obj, words, k, include_stale, as_json, search_filter, extractor)
         return
     if not images:
         raise click.UsageError("give one or more IMAGES (files or stored ids), or --text WORDS")
 
     if weights:
         obj.extractor_options["resnet50"] = {"weights": weights}
+    if extractor is not None:
+        if not embeds_text(extractor):
+            raise click.UsageError("with IMAGES the index decides the feature space (--index); --extractor there only "
+                                   "says where a CLIP space's weights file is (clip:ARCH:PATH)")
+        space_name(extractor)  # hashed once: the space's model is then found from its name
     queries: list[Any] = []
     for ref in images:
         if os.path.exists(ref):
@@ -856,9 +961,8 @@ def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exac
         else:
             raise click.ClickException(f"{ref}: no such file (or stored image id)")
     with obj.store() as store:
-        search_filter = SearchFilter(where=where, tags=tags, under=under, taken_after=taken_after, taken_before=taken_before)
         results = store.search_many(queries, k, exact=exact, probe_radius=probe_radius, rerank=rerank,
-                                    index_id=index_id, include_stale=include_stale, filter=search_filter or None)
+                                    index_id=index_id, include_stale=include_stale, filter=search_filter)
         if montage:
             for n, (ref, q, res) in enumerate(zip(images, queries, results)):
                 target = montage if n == 0 else _numbered(montage, n + 1)
@@ -880,21 +984,21 @@ def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exac
 
 
 def _query_words(obj: Context, words: str, k: int, include_stale: bool, as_json: bool,
-                 search_filter: SearchFilter | None) -> None:
+                 search_filter: SearchFilter | None, extractor: str | None = None) -> None:
     with obj.store() as store:
-        found = store.search_text(words, k=k, include_stale=include_stale, filter=search_filter)
+        found = store.search_text(words, k=k, include_stale=include_stale, filter=search_filter, extractor=extractor)
     if as_json:
         emit_json(found.as_dict())
         return
     understood = ", ".join(f"{u.label} {u.prob:.0%}" for u in found.understood[:3])
-    click.echo(f"words: {found.text}  (understood as {understood})")
+    click.echo(f"words: {found.text}  (understood as {understood})" if understood else f"words: {found.text}")
     click.echo(f"  {'rank':>4}  {'id':>6}  {'score':>6}  path")
     for n, hit in enumerate(found.hits, 1):
         path = printable(hit.paths[0]) if hit.paths else "(no current path)"
         more = f" (+{len(hit.paths) - 1} more)" if len(hit.paths) > 1 else ""
         click.echo(f"  {n:>4}  {hit.image_id:>6}  {hit.score:>6.3f}  {path}{more}")
     if not found.hits:
-        click.echo("  no image carries those labels")
+        click.echo("  no image carries those labels" if found.understood else "  no image found")
 
 
 def _numbered(path: str, n: int) -> str:
@@ -944,11 +1048,12 @@ def _result_sheet(ref: str, source: Any, results: list[Any], target: str, max_pi
 @click.option("--move-to", type=click.Path(file_okay=False), default=None, help="Folder the copies go to with --apply.")
 @click.option("--undo", "undo_journal", type=click.Path(dir_okay=False), default=None,
               help="Put back everything an --apply journal moved.")
+@batch_options
 @click.pass_obj
 @friendly_errors
 def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_signature: float | None,
           geometry: bool, fmt: str, as_json: bool, montage_dir: str | None, keep: str, do_apply: bool, move_to: str | None,
-          undo_journal: str | None) -> None:
+          undo_journal: str | None, cluster: str | None, shards_dir: str | None) -> None:
     """Find groups of duplicate and near-duplicate images, with a suggested keeper.
 
     Exact copies (same bytes at several paths) and near copies (resized, recompressed,
@@ -960,6 +1065,10 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
       imgstore dedup
       imgstore dedup --min-cosine 0.95 --format csv > duplicates.csv
       imgstore dedup --montage dup-sheets/
+      imgstore dedup --cluster tcp://scheduler:8786 --shards /shared/shards
+
+    With --cluster, the index's candidate pairs are found over its shards on the cluster's
+    workers (the same pairs, so the same groups); the rest runs here.
     """
     import csv
 
@@ -981,7 +1090,8 @@ def dedup(obj: Context, max_distance: int | None, min_cosine: float | None, min_
         raise click.UsageError("--apply and --move-to DIR go together")
     with obj.store() as store:
         groups = store.find_duplicates(max_distance=max_distance, min_cosine=min_cosine, min_signature=min_signature,
-                                       keep=keep, geometry=geometry)
+                                       keep=keep, geometry=geometry, cluster=cluster,
+                                       shards=shards_dir)
         if do_apply:
             assert move_to is not None
             done = store.apply_duplicates(groups, move_to)

@@ -2,9 +2,10 @@
 
 Near copies come from one of two pair sources, and the same acceptance rule decides them:
 
-* :class:`IndexPairs`: each stored code (in chunks) probes the band index at radius 1, exactly
-  as a query would; that finds every code within Hamming distance ``2 * n_bands - 1`` and most
-  a little farther, kept when within ``max_distance``. Pixel-layout signatures are hashed and
+* :class:`IndexPairs`: each stored code (a chunk of them at a time, in one vectorised join,
+  :mod:`imgstore.bandjoin`) probes the others' bands at radius 1, exactly as a query would;
+  that finds every code within Hamming distance ``2 * n_bands - 1`` and most a little farther,
+  kept when within ``max_distance``. Pixel-layout signatures are hashed and
   probed the same way, so copies whose CNN codes drifted apart are still candidates. Work and
   memory grow linearly: no all-pairs matrix is built.
 * :class:`AllPairs`: every pair, in row chunks of a cosine matrix, for a store without an index.
@@ -38,17 +39,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Connection, case, func, select
+from sqlalchemy import Connection, bindparam, case, func, select, update
 
+from .bandjoin import BandTable, band_join
 from .catalog import keeper_path, path_rows, stale_among
 from .codecache import CodeCache, caches
 from .decode import load_image
-from .errors import ConfigError, ImgStoreError
+from .errors import ConfigError, ImgStoreError, NotFoundError
 from .geometry import CHECK_VERSION, COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
 from .hashing import make_hasher, min_samples
-from .hashing.bits import band_values, default_n_bands, flip_neighbours, pack_bits
+from .hashing.bits import band_values, default_n_bands, pack_bits
 from .indexing import find_index, list_indexes
-from .keeper import RULES, Candidate, choose
+from .keeper import BORDER_VERSION, RULES, Borders, Candidate, choose
 from .models import HashIndex, Image, ImagePath, PairVerdict
 from .paths import printable
 from .signature import DIM, KEEP, from_bytes
@@ -89,6 +91,9 @@ FLAT_MIN_COSINE = 0.99
 GEOMETRY_MIN_COSINE = 0.5
 #: Pair verdicts a store context keeps between runs (about 150 bytes each).
 KNOWN_VERDICTS_MAX = 1_000_000
+#: A check reads the stored verdicts whole, in one query, when there are at most this many
+#: (else those of the contents it meets, a chunk of contents per query).
+VERDICTS_READ_WHOLE = 200_000
 #: Hamming distance allowed, as a fraction of the code length, before the float check.
 DEFAULT_MAX_DISTANCE_FRACTION = 0.25
 #: Codes probed per chunk by IndexPairs; rows of the cosine matrix per chunk in AllPairs.
@@ -105,8 +110,6 @@ TEMPORARY_INDEX_SAMPLE = 20_000
 #: its images in parallel, then compares its pairs in parallel; a larger slice wastes less at
 #: its end, a smaller one reports more often).
 CHECK_SLICE = 64
-#: The codes probing for candidates reports its progress every this many images.
-PROBE_REPORT_EVERY = 256
 
 #: ``progress(phase, done, total)``: how far a duplicate search is. ``total`` may grow while a
 #: phase runs (candidate pairs are found, and checked, a chunk of the store at a time), and a
@@ -237,24 +240,6 @@ class Rule:
         return ok
 
 
-class UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n, dtype=np.int64)
-
-    def find(self, x: int) -> int:
-        root = x
-        while self.parent[root] != root:
-            root = int(self.parent[root])
-        while self.parent[x] != root:  # path compression
-            self.parent[x], x = root, int(self.parent[x])
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def default_max_distance(n_bits: int) -> int:
     return round(DEFAULT_MAX_DISTANCE_FRACTION * n_bits)
 
@@ -273,19 +258,107 @@ def signature_similarity(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32])
     return np.asarray(np.maximum((a * b).sum(axis=1), (a * (b * flip)).sum(axis=1)), dtype=np.float32)
 
 
-def _by_pairs(fn: Callable[[npt.NDArray[np.float32], npt.NDArray[np.float32]], npt.NDArray[np.float32]],
-              m: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp],
-              step: int = 16_384) -> npt.NDArray[np.float32]:
-    """``fn(m[ra], m[rb])`` (a row-wise measure), a slice of pairs at a time: never a
-    (pairs, dim) copy of a whole batch."""
+def _pair_dots(m: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp]) -> npt.NDArray[np.float32]:
+    """``(m[ra] * m[rb]).sum(axis=1)``: grouped by ``ra`` (a code's candidates come together),
+    one matrix-vector product per row of ``m`` in ``ra``, so only the ``rb`` rows are gathered
+    and no (pairs, dim) copy of a whole batch is made."""
     out = np.empty(len(ra), dtype=np.float32)
-    for s in range(0, len(ra), step):
-        out[s:s + step] = fn(m[ra[s:s + step]], m[rb[s:s + step]])
+    if not len(ra):
+        return out
+    order = np.argsort(ra, kind="stable") if (np.diff(ra) < 0).any() else np.arange(len(ra))
+    a, b = ra[order], rb[order]
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    ends = np.r_[starts[1:], len(a)]
+    got = np.empty(len(a), dtype=np.float32)
+    for row, s, e in zip(a[starts].tolist(), starts.tolist(), ends.tolist()):
+        got[s:e] = m[b[s:e]] @ m[row]
+    out[order] = got
     return out
 
 
-def _row_dots(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return np.asarray(np.einsum("ij,ij->i", a, b), dtype=np.float32)
+def _pair_similarity(sig: npt.NDArray[np.float32], ra: npt.NDArray[np.intp], rb: npt.NDArray[np.intp],
+                     step: int = 65_536) -> npt.NDArray[np.float32]:
+    """:func:`signature_similarity` of ``sig[ra]`` and ``sig[rb]``, a slice of pairs at a time
+    (signatures are short: gathering both rows costs less than a product per row)."""
+    flip = _flip_signs()
+    out = np.empty(len(ra), dtype=np.float32)
+    for s in range(0, len(ra), step):
+        a, b = sig[ra[s:s + step]], sig[rb[s:s + step]]
+        out[s:s + step] = np.maximum(np.einsum("ij,ij->i", a, b), np.einsum("ij,ij->i", a * flip, b))
+    return out
+
+
+#: Above the cosine of any two unit vectors, float rounding included.
+COSINE_ABOVE_ANY = 1.001
+#: Bytes of float features (and signatures) an IndexPairs keeps between its batches.
+HELD_ROWS_BYTES = 256 << 20
+
+
+@dataclass
+class HeldRows:
+    """Rows (float features, signatures) read by image id for one search's batches of pairs,
+    kept while they fit ``budget`` bytes: each batch's candidates reach across the
+    store, so the batches ask for much the same images and most are read once. ``transform``
+    is applied row-wise once, when a row is read (a row's result does not depend on the others).
+    Rows are appended to a buffer that grows by doubling; ``ids`` (ascending) and ``slots``
+    say where each image's row is."""
+
+    load: VectorLoader
+    transform: Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None = None
+    dim: int | None = None
+    budget: int = HELD_ROWS_BYTES
+    ids: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    slots: npt.NDArray[np.intp] = field(default_factory=lambda: np.zeros(0, np.intp))
+    buffer: npt.NDArray[np.float32] | None = None  # (capacity, dim); rows [0, used) hold data
+    known: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # per buffer row
+    used: int = 0
+
+    def prefill(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.float32]) -> None:
+        """Hold ``rows`` ``(n, dim)`` of ``ids`` (ascending), as the loader would give them, when
+        nothing is held yet and they fit the budget (a code cache's attached features)."""
+        if self.buffer is not None or len(ids) * rows.shape[1] * 4 > self.budget:
+            return
+        self.dim = rows.shape[1]
+        self.buffer = self.transform(rows) if self.transform is not None else rows.copy()
+        self.known = np.ones(len(ids), dtype=bool)
+        self.ids, self.slots, self.used = ids.copy(), np.arange(len(ids)), len(ids)
+
+    def rows(self, wanted: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp],
+                                                            npt.NDArray[np.bool_]]:
+        """``(matrix, at, known)`` for ``wanted`` (ascending, unique ids): image ``wanted[i]``'s
+        row is ``matrix[at[i]]`` (zeros where it has none, ``known[at[i]]`` False there)."""
+        missing = np.setdiff1d(wanted, self.ids, assume_unique=True)
+        if len(missing):
+            by_id = self.load(missing.tolist())
+            if self.dim is None and by_id:
+                self.dim = len(next(iter(by_id.values())))
+            if self.dim is None:  # nothing read yet: rows of zeros, nothing kept
+                return np.zeros((len(wanted), 1), np.float32), np.arange(len(wanted)), np.zeros(len(wanted), bool)
+            new = _stack(by_id, missing, self.dim)
+            if self.transform is not None:
+                new = self.transform(new)
+            new_known = np.isin(missing, np.fromiter(by_id.keys(), dtype=np.int64, count=len(by_id)))
+            if (self.used + len(missing)) * self.dim * 4 > self.budget and self.buffer is not None:
+                keep = np.isin(self.ids, wanted, assume_unique=True)  # keep only this batch's rows
+                self.ids, old = self.ids[keep], self.slots[keep]
+                self.buffer, self.known = self.buffer[old], self.known[old]
+                self.slots, self.used = np.arange(len(old)), len(old)
+            need = self.used + len(missing)
+            if self.buffer is None or need > len(self.buffer):
+                grown = np.zeros((max(need, 2 * self.used), self.dim), np.float32)
+                known = np.zeros(len(grown), bool)
+                if self.buffer is not None:
+                    grown[:self.used], known[:self.used] = self.buffer[:self.used], self.known[:self.used]
+                self.buffer, self.known = grown, known
+            self.buffer[self.used:need], self.known[self.used:need] = new, new_known
+            ids = np.concatenate([self.ids, missing])
+            slots = np.concatenate([self.slots, np.arange(self.used, need)])
+            order = np.argsort(ids, kind="stable")
+            self.ids, self.slots, self.used = ids[order], slots[order], need
+        if self.buffer is None:  # nothing asked for yet
+            return np.zeros((len(wanted), self.dim or 1), np.float32), np.arange(len(wanted)), np.zeros(len(wanted), bool)
+        at = self.slots[np.searchsorted(self.ids, wanted)].astype(np.intp)
+        return self.buffer, at, self.known
 
 
 def _unit(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -297,7 +370,8 @@ VectorLoader = Callable[[list[int]], dict[int, npt.NDArray[np.float32]]]
 
 @dataclass
 class IndexPairs:
-    """Candidate pairs from an index's codes in memory, probed band by band."""
+    """Candidate pairs from an index's codes in memory: every code probes the others' bands, a
+    chunk of rows at a time, as one vectorised join (:func:`imgstore.bandjoin.band_join`)."""
 
     cache: CodeCache
     max_distance: int
@@ -305,6 +379,15 @@ class IndexPairs:
     check: GeometricCheck | None = None
     progress: Progress = no_progress
     phase: str = CANDIDATES  # what the probing reports itself as
+    #: float features and signatures read for earlier batches, kept for the next (see HeldRows)
+    _vectors: HeldRows | None = field(default=None, init=False, repr=False)
+    _signatures: HeldRows | None = field(default=None, init=False, repr=False)
+
+    def reading_as(self, other: IndexPairs) -> IndexPairs:
+        """This pair source, sharing the rows ``other`` read (and reads): the passes of one
+        search ask for much the same images."""
+        self._vectors, self._signatures = other._vectors, other._signatures
+        return self
 
     def edges(self, rule: Rule, load_vectors: VectorLoader, load_signatures: VectorLoader | None) -> list[Edge]:
         cache, index = self.cache, self.cache.index
@@ -312,29 +395,25 @@ class IndexPairs:
         if n < 2:
             return []
         self.progress(self.phase, 0, n)
-        bands = band_values(cache.codes, index.n_bands, index.band_width)
+        m = index.n_bands
+        bands = band_values(cache.codes, m, index.band_width)
+        # the cache's sorted band segments are the join's data side: nothing sorted again
+        table = BandTable(bands, cache.words, cache.seg_rows.reshape(m, n), cache.seg_keys.reshape(m, n))
+        rows = np.arange(n, dtype=np.int64)
         edges: list[Edge] = []
-        pairs_a: list[npt.NDArray[np.intp]] = []
-        pairs_b: list[npt.NDArray[np.intp]] = []
-        held = 0
-        for row in range(n):
-            probes = [flip_neighbours(int(bands[row, j]), index.band_width, self.probe_radius) for j in range(index.n_bands)]
-            cand = cache.probe(probes)
-            cand = cand[cand > row]  # each pair once
-            if len(cand):
-                dist = np.bitwise_count(cache.words[cand] ^ cache.words[row]).sum(axis=1)
-                keep = cand[dist <= self.max_distance]
-                if len(keep):
-                    pairs_a.append(np.full(len(keep), row, dtype=np.intp))
-                    pairs_b.append(keep)
-                    held += len(keep)
-            # judged in batches of rows, and sooner when the pairs pile up (crowded buckets):
-            # memory stays bounded whatever the store
-            if (row + 1) % PROBE_REPORT_EVERY == 0 or row == n - 1:
-                self.progress(self.phase, row + 1, n)
-            if pairs_a and (held >= PAIR_BATCH or (row + 1) % CHUNK == 0 or row == n - 1):
-                edges += self._accepted(np.concatenate(pairs_a), np.concatenate(pairs_b), rule, load_vectors, load_signatures)
-                pairs_a, pairs_b, held = [], [], 0
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            found = list(band_join(bands[start:stop], cache.words[start:stop], rows[start:stop], table, rows,
+                                   index.band_width, self.probe_radius, self.max_distance))
+            a = np.concatenate([qi for qi, _, _ in found] or [np.zeros(0, np.intp)]) + start
+            b = np.concatenate([di for _, di, _ in found] or [np.zeros(0, np.intp)])
+            order = np.lexsort((b, a))  # by row, then candidate: the order a probe row by row gives
+            a, b = a[order].astype(np.intp), b[order].astype(np.intp)
+            self.progress(self.phase, stop, n)
+            # judged a chunk of rows at a time, at most PAIR_BATCH pairs at once (crowded
+            # buckets): memory stays bounded whatever the store
+            for s in range(0, len(a), PAIR_BATCH):
+                edges += self._accepted(a[s:s + PAIR_BATCH], b[s:s + PAIR_BATCH], rule, load_vectors, load_signatures)
         return edges
 
     def _accepted(self, a: npt.NDArray[np.intp], b: npt.NDArray[np.intp], rule: Rule, load_vectors: VectorLoader,
@@ -344,15 +423,31 @@ class IndexPairs:
         ids_a, ids_b = cache.image_ids[a], cache.image_ids[b]
         if rule.min_cosine is None:
             return [Edge(int(x), int(y), int(d), None) for x, y, d in zip(ids_a, ids_b, dist)]
-        wanted = np.unique(np.concatenate([ids_a, ids_b]))
-        ra, rb = np.searchsorted(wanted, ids_a), np.searchsorted(wanted, ids_b)
-        matrix = _unit(_stack(load_vectors(wanted.tolist()), wanted))
-        cos = _by_pairs(_row_dots, matrix, ra, rb)
         layout = None
         if load_signatures is not None:
-            sig, known = _signature_matrix(load_signatures(wanted.tolist()), wanted)
+            wanted = np.unique(np.concatenate([ids_a, ids_b]))
+            if self._signatures is None or self._signatures.load is not load_signatures:
+                self._signatures = HeldRows(load_signatures, dim=DIM)
+            sig, at, known = self._signatures.rows(wanted)
+            sa, sb = at[np.searchsorted(wanted, ids_a)], at[np.searchsorted(wanted, ids_b)]
             flat = known & (np.linalg.norm(sig, axis=1) < 0.5)
-            layout = PairLayout(_by_pairs(signature_similarity, sig, ra, rb), known[ra] & known[rb], flat[ra], flat[rb])
+            layout = PairLayout(_pair_similarity(sig, sa, sb), known[sa] & known[sb], flat[sa], flat[sb])
+        # the cosine only where it can matter: the rule and the check's choice of pairs rise
+        # with it, so a pair the rule rejects even at the largest cosine, and the check leaves
+        # alone, is rejected whatever it is (its cosine stays -1, nowhere reported)
+        need = rule.accept(np.full(len(a), COSINE_ABOVE_ANY, dtype=np.float32), layout)
+        if self.check is not None:
+            need |= self.check.large(ids_a) & self.check.large(ids_b)
+        cos = np.full(len(a), -1.0, dtype=np.float32)
+        if need.any():
+            na, nb = ids_a[need], ids_b[need]
+            wanted = np.unique(np.concatenate([na, nb]))
+            if self._vectors is None or self._vectors.load is not load_vectors:
+                self._vectors = HeldRows(load_vectors, _unit)
+                if self.cache.vectors is not None:  # the index's features, held beside its codes
+                    self._vectors.prefill(self.cache.image_ids, self.cache.vectors)
+            matrix, at, _ = self._vectors.rows(wanted)
+            cos[need] = _pair_dots(matrix, at[np.searchsorted(wanted, na)], at[np.searchsorted(wanted, nb)])
         ok = rule.accept(cos, layout)
         if self.check is not None:
             ok = self.check.refine(ids_a, ids_b, cos, ok)
@@ -447,6 +542,8 @@ class GeometricCheck:
     to_check: int = 0
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
+    _asked: set[str] = field(default_factory=set)  # contents whose stored verdicts were read
+    _all_read: bool = False  # every stored verdict was read
     verifier: PairVerifier = field(init=False)
 
     def __post_init__(self) -> None:
@@ -505,24 +602,44 @@ class GeometricCheck:
                 self.progress(CHECKING, self.checked, self.to_check)
             if len(self.known) > KNOWN_VERDICTS_MAX:
                 self.known.clear()
+                self._asked.clear()
+                self._all_read = False
             found = {keys[k]: int(verdict[k]) for k in todo.tolist() if verdict[k] != UNKNOWN and all(keys[k])}
             self.known.update(found)
             self.fresh.update(found)
         return verdict
 
     def _load_stored(self, keys: list[tuple[str, str]]) -> None:
-        """Verdicts of this check's version stored by earlier runs (``pair_verdicts``) into ``known``."""
+        """Verdicts of this check's version stored by earlier runs (``pair_verdicts``) into ``known``:
+        all of them at the first look when they are few (:data:`VERDICTS_READ_WHOLE`), else those
+        of each pair's first content. A content asked for once is not asked for again: that query
+        read every verdict stored for it, and the table only grows by the verdicts this run keeps
+        in ``known``."""
+        if not keys or self._all_read:
+            return
+        if not self._asked:  # the first look: a table of modest size is read whole, in one query
+            stored = int(self.conn.scalar(select(func.count()).select_from(PairVerdict)
+                                          .where(PairVerdict.check_version == CHECK_VERSION)) or 0)
+            if stored <= VERDICTS_READ_WHOLE:
+                rows = self.conn.execute(select(PairVerdict.sha_a, PairVerdict.sha_b, PairVerdict.verdict)
+                                         .where(PairVerdict.check_version == CHECK_VERSION))
+                self.known.update(((x, y), int(v)) for x, y, v in rows)
+                self.stored_hits += sum(k in self.known for k in set(keys))
+                self._all_read = True
+                return
         wanted = set(keys)
         by_first: dict[str, set[str]] = {}
         for x, y in wanted:
-            by_first.setdefault(x, set()).add(y)
+            if x not in self._asked:
+                by_first.setdefault(x, set()).add(y)
+        self._asked.update(by_first)
         for part in chunks(sorted(by_first), IN_CHUNK):
             rows = self.conn.execute(
                 select(PairVerdict.sha_a, PairVerdict.sha_b, PairVerdict.verdict)
                 .where(PairVerdict.sha_a.in_(part), PairVerdict.check_version == CHECK_VERSION))
-            for x, y, v in rows:
+            for x, y, v in rows:  # all of them: the contents are not asked for again
+                self.known[(x, y)] = int(v)
                 if y in by_first.get(x, ()):
-                    self.known[(x, y)] = int(v)
                     self.stored_hits += 1
 
     def _load(self, image_id: int) -> PILImage.Image | None:
@@ -613,6 +730,37 @@ def _signature_codes(conn: Connection) -> tuple[npt.NDArray[np.int64], npt.NDArr
     return np.concatenate(ids_out), np.concatenate(codes_out)
 
 
+#: Candidate pairs computed elsewhere for an index's codes (``imgstore.batch.near_pairs`` over
+#: shards, on a cluster): ``(cache, max_distance, probe_radius) -> (ids_a, ids_b)``; they must
+#: be what :class:`IndexPairs` finds by probing ``cache``.
+CandidatePairs = Callable[[CodeCache, int, int], tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]
+
+
+@dataclass
+class GivenPairs(IndexPairs):
+    """The candidates of :class:`IndexPairs` given instead of probed: judged the same way, in
+    batches. Pairs of images the cache does not hold (shards older than the index) are left out."""
+
+    given: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] = field(
+        default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+
+    def edges(self, rule: Rule, load_vectors: VectorLoader, load_signatures: VectorLoader | None) -> list[Edge]:
+        ids = self.cache.image_ids
+        a, b = (np.asarray(x, dtype=np.int64) for x in self.given)
+        ra, rb = np.searchsorted(ids, a), np.searchsorted(ids, b)
+        ra_ok, rb_ok = np.minimum(ra, max(len(ids) - 1, 0)), np.minimum(rb, max(len(ids) - 1, 0))
+        inside = (ra < len(ids)) & (rb < len(ids)) & (ids[ra_ok] == a) & (ids[rb_ok] == b) if len(ids) else \
+            np.zeros(len(a), dtype=bool)
+        ra, rb = ra_ok[inside].astype(np.intp), rb_ok[inside].astype(np.intp)
+        self.progress(self.phase, 0, len(ra))
+        edges: list[Edge] = []
+        for start in range(0, len(ra), PAIR_BATCH):
+            edges += self._accepted(ra[start : start + PAIR_BATCH], rb[start : start + PAIR_BATCH], rule, load_vectors,
+                                    load_signatures)
+            self.progress(self.phase, min(start + PAIR_BATCH, len(ra)), len(ra))
+        return edges
+
+
 def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
     """Edges found through signatures, restricted to images in the index and given the index's
     Hamming distance (what every other edge reports)."""
@@ -625,25 +773,28 @@ def _with_index_distance(edges: list[Edge], cache: CodeCache) -> list[Edge]:
     pa_ok, pb_ok = np.minimum(pa, len(ids) - 1), np.minimum(pb, len(ids) - 1)
     inside = (pa < len(ids)) & (pb < len(ids)) & (ids[pa_ok] == a) & (ids[pb_ok] == b)
     dist = np.bitwise_count(cache.words[pa_ok] ^ cache.words[pb_ok]).sum(axis=1)
-    return [replace(e, distance=int(d)) for e, d, ok in zip(edges, dist, inside) if ok]
+    return [Edge(e.a, e.b, d, e.cosine) for e, d, ok in zip(edges, dist.tolist(), inside.tolist()) if ok]
 
 
 def near_edges(conn: Connection, cache: CodeCache, space: SpaceInfo, rule: Rule, max_distance: int,
                probe_radius: int = 1, check: GeometricCheck | None = None,
-               progress: Progress = no_progress) -> list[Edge]:
-    """Accepted pairs among the codes of ``cache`` (an index, stored or temporary)."""
+               progress: Progress = no_progress, candidates: CandidatePairs | None = None) -> list[Edge]:
+    """Accepted pairs among the codes of ``cache`` (an index, stored or temporary); their
+    candidates probed here, or from ``candidates``."""
     def vectors(ids: list[int]) -> dict[int, npt.NDArray[np.float32]]:
         got_ids, vecs = load_features(conn, space.id, space.dim, ids)
         return dict(zip(got_ids.tolist(), vecs))
 
     signatures = (lambda ids: _signatures(conn, ids)) if rule.min_cosine is not None else None
-    edges = IndexPairs(cache, max_distance, probe_radius, check, progress).edges(rule, vectors, signatures)
+    pairs = (GivenPairs(cache, max_distance, probe_radius, check, progress, given=candidates(cache, max_distance, probe_radius))
+             if candidates is not None else IndexPairs(cache, max_distance, probe_radius, check, progress))
+    edges = pairs.edges(rule, vectors, signatures)
     if rule.min_cosine is not None and rule.min_signature is not None:
         sig_ids, sig_codes = _signature_codes(conn)
         if len(sig_ids) > 1:
             only_layout = Rule(min_cosine=2.0, min_signature=rule.min_signature)  # only the signature rule
             sig_edges = IndexPairs(signature_cache(sig_ids, sig_codes), SIGNATURE_MAX_DISTANCE, check=check,
-                                   progress=progress, phase=LAYOUT).edges(only_layout, vectors, signatures)
+                                   progress=progress, phase=LAYOUT).reading_as(pairs).edges(only_layout, vectors, signatures)
             edges += _with_index_distance(sig_edges, cache)
     return edges
 
@@ -691,9 +842,11 @@ def find_duplicates(
     keep: str = "original",
     geometry: bool = True,
     progress: Progress | None = None,
+    candidates: CandidatePairs | None = None,
 ) -> list[DuplicateGroup]:
     """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``);
-    ``progress(phase, done, total)`` follows the work (:data:`PHASES`)."""
+    ``progress(phase, done, total)`` follows the work (:data:`PHASES`); ``candidates`` computes
+    an index's candidate pairs instead of probing it here (it needs an index)."""
     if keep not in RULES:
         raise ConfigError(f"unknown keeper rule {keep!r}; choose one of {', '.join(RULES)}")
     min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
@@ -714,8 +867,11 @@ def find_duplicates(
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
-            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check, report)
+            edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check, report,
+                               candidates)
             ids = cache.image_ids.tolist()
+        elif candidates is not None:
+            raise NotFoundError("a duplicate search on a cluster needs an index: `imgstore index create` builds one")
         else:
             spaces = [s for s in list_spaces(conn) if (s.n_features or 0) > 1]
             if spaces:
@@ -734,8 +890,9 @@ def find_duplicates(
         if stale:  # every path of these went: nothing on disk to act on
             edges = [e for e in edges if e.a not in stale and e.b not in stale]
         near = components(ids, edges)
+        borders = Borders(max_pixels=ctx.max_pixels)
         groups = _groups(conn, list(multi), near, edges, keep, check.verdicts if check is not None else None, ctx.max_pixels,
-                         report)
+                         report, borders)
     if check is not None and (check.verifier.stats.pairs or check.stored_hits):
         st = check.verifier.stats
         logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
@@ -744,6 +901,8 @@ def find_duplicates(
                     check.stored_hits)
     if check is not None and check.fresh:
         save_verdicts(ctx, check.fresh)
+    if borders.fresh:
+        save_borders(ctx, borders.fresh)
     return groups
 
 
@@ -773,6 +932,24 @@ def save_verdicts(ctx: StoreContext, verdicts: dict[tuple[str, str], int]) -> No
         logger.warning("%s (the next dedup checks these pairs again)", exc)
 
 
+def save_borders(ctx: StoreContext, measured: dict[int, float]) -> None:
+    """Keep the border fractions the keeper measured (``images.border_fraction``, with
+    :data:`keeper.BORDER_VERSION`), so that the next run decodes no file for them. Best effort,
+    as :func:`save_verdicts`; an image removed meanwhile just updates no row."""
+    rows = [{"image_id": i, "fraction": f} for i, f in sorted(measured.items())]
+    stmt = (update(Image).where(Image.id == bindparam("image_id"))
+            .values(border_fraction=bindparam("fraction"), border_version=BORDER_VERSION))
+
+    def work(conn: Connection) -> None:
+        for part in chunks(rows, 500):
+            conn.execute(stmt, part)
+
+    try:
+        ctx.write(work, doing="keep the keeper's border measures")
+    except ImgStoreError as exc:
+        logger.warning("%s (the next dedup measures these borders again)", exc)
+
+
 def _upsert(conn: Connection) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -789,7 +966,7 @@ Judge = Callable[[npt.NDArray[np.int64], npt.NDArray[np.int64]], npt.NDArray[np.
 
 def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: list[Edge],
             keep: str = "original", judge: Judge | None = None, max_pixels: int | None = None,
-            progress: Progress = no_progress) -> list[DuplicateGroup]:
+            progress: Progress = no_progress, borders: Borders | None = None) -> list[DuplicateGroup]:
     """Exact-copy and near-copy groups with members, keepers (:mod:`imgstore.keeper`) and their
     distances to the keeper.
 
@@ -800,13 +977,20 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
     check calls different from the hub are split off and form groups of their own by the edges
     among them, each checked the same way. A member the check cannot tell from the hub stays:
     a copy of a copy (rotated further, cropped harder) may be linked to its original only
-    through another copy."""
+    through another copy.
+
+    ``borders`` gets the border measures kept in the store (of this measure's version) and
+    measures the rest (see :class:`keeper.Borders`)."""
+    borders = borders if borders is not None else Borders(max_pixels=max_pixels)
     info_ids = sorted(set(multi) | {i for g in near for i in g})
     sizes: dict[int, Any] = {}
     for part in chunks(info_ids, IN_CHUNK):
         for r in conn.execute(select(Image.id, Image.width, Image.height, Image.byte_size, Image.format,
-                                     Image.captured_at, Image.ingested_at).where(Image.id.in_(part))):
+                                     Image.captured_at, Image.ingested_at, Image.border_fraction, Image.border_version)
+                              .where(Image.id.in_(part))):
             sizes[int(r.id)] = r
+            if r.border_fraction is not None and r.border_version == BORDER_VERSION:
+                borders.known.setdefault(int(r.id), float(r.border_fraction))
     paths, first_paths = _current_paths(conn, info_ids)
     pair: dict[tuple[int, int], Edge] = {}
     for e in edges:  # CNN-code edges first: their distance is the index's Hamming distance
@@ -822,7 +1006,8 @@ def _groups(conn: Connection, multi: list[int], near: list[list[int]], edges: li
 
     def keeper_of(g: list[int]) -> int:
         return choose([Candidate(i, sizes[i].width, sizes[i].height, sizes[i].format, sizes[i].byte_size,
-                                 sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep, max_pixels)
+                                 sizes[i].captured_at, sizes[i].ingested_at, first_paths.get(i)) for i in g], keep, max_pixels,
+                      borders)
 
     neighbours: dict[int, set[int]] = {}
     if judge is not None:
@@ -894,17 +1079,29 @@ class PairVerdicts:
 
 
 def components(ids: list[int], edges: list[Edge]) -> list[list[int]]:
-    """Connected components (groups of 2 or more image ids), each sorted, groups by first id."""
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    uf = UnionFind(len(ids))
-    for e in edges:
-        uf.union(position[e.a], position[e.b])
+    """Connected components (groups of 2 or more image ids), each sorted, groups by first id.
+    Labels spread along the edges as the smallest position in reach, with pointer jumping, in
+    numpy: a round per doubling of the longest chain, not a Python step per edge."""
+    if not edges:
+        return []
+    id_arr = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(id_arr, kind="stable")
+    sorted_ids = id_arr[order]
+    ends = np.array([(e.a, e.b) for e in edges], dtype=np.int64)
+    pa, pb = order[np.searchsorted(sorted_ids, ends[:, 0])], order[np.searchsorted(sorted_ids, ends[:, 1])]
+    labels = np.arange(len(ids))
+    while True:
+        low = np.minimum(labels[pa], labels[pb])
+        np.minimum.at(labels, pa, low)
+        np.minimum.at(labels, pb, low)
+        jumped = labels[labels]
+        while not np.array_equal(jumped, labels):  # each label to its label's root
+            labels, jumped = jumped, jumped[jumped]
+        if np.array_equal(labels[pa], labels[pb]):
+            break
+    in_edges = np.zeros(len(ids), dtype=bool)
+    in_edges[pa] = in_edges[pb] = True
     groups: dict[int, list[int]] = {}
-    for e in edges:
-        for image_id in (e.a, e.b):
-            groups.setdefault(uf.find(position[image_id]), [])
-    for image_id, pos in position.items():
-        root = uf.find(pos)
-        if root in groups:
-            groups[root].append(image_id)
+    for image_id, label in zip(id_arr[in_edges].tolist(), labels[in_edges].tolist()):
+        groups.setdefault(label, []).append(image_id)
     return sorted((sorted(set(g)) for g in groups.values() if len(set(g)) > 1), key=lambda g: g[0])

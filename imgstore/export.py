@@ -8,20 +8,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 
+from .batch import Neighbours
 from .context import StoreContext
+from .filters import conditions
 from .models import Image, ImagePath
 from .paths import from_stored
 from .search import search_many
-from .types import SearchOptions
+from .types import SearchFilter, SearchOptions
 
 
-def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
-    """One dict per image: its row, current paths and, with ``neighbours``, the ids of its
-    nearest stored images (itself excluded)."""
+def export_rows(ctx: StoreContext, *, neighbours: int = 0, search_filter: SearchFilter | None = None,
+                graph: Neighbours | None = None) -> Iterator[dict[str, Any]]:
+    """One dict per image (those ``search_filter`` allows, when given), by id: its row, current
+    paths and, with ``neighbours``, the ids of its nearest stored images (itself excluded): the
+    store's search (float re-rank), or with ``graph`` (:func:`imgstore.batch.neighbours`, exact
+    Hamming neighbours of the index's codes) that graph's lists and their ``distances``."""
+    if graph is not None:
+        yield from _with_graph(ctx, search_filter, graph)
+        return
     with ctx.read("export") as conn:
-        images = conn.execute(select(Image.__table__).order_by(Image.id)).mappings().all()
+        where = conditions(conn.dialect.name, search_filter) if search_filter else []
+        images = conn.execute(select(Image.__table__).where(*where).order_by(Image.id)).mappings().all()
         paths: dict[int, list[str]] = {}
         for image_id, path in conn.execute(
             select(ImagePath.image_id, ImagePath.path).where(ImagePath.is_current.is_(True)).order_by(ImagePath.path)
@@ -36,3 +46,16 @@ def export_rows(ctx: StoreContext, *, neighbours: int = 0) -> Iterator[dict[str,
             if neighbours:
                 item["neighbours"] = [r.image_id for r in near[n] if r.image_id != row["id"]][:neighbours]
             yield item
+
+
+def _with_graph(ctx: StoreContext, search_filter: SearchFilter | None, graph: Neighbours) -> Iterator[dict[str, Any]]:
+    ids = graph.image_ids
+    for item in export_rows(ctx, search_filter=search_filter):
+        row = int(np.searchsorted(ids, item["id"]))
+        if row < len(ids) and ids[row] == item["id"]:
+            keep = graph.neighbours[row] >= 0
+            item["neighbours"] = graph.neighbours[row][keep].tolist()
+            item["distances"] = graph.distances[row][keep].tolist()
+        else:  # no code in the index (yet)
+            item["neighbours"], item["distances"] = [], []
+        yield item

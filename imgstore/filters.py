@@ -5,12 +5,12 @@ A filtered search needs the set of allowed images before it ranks anything: the 
 turns it into a mask of its rows (:meth:`imgstore.codecache.CodeCache.allowing`), the SQL path
 keeps the probed candidates that are in it and, when the filter is narrow, reads the codes of
 exactly those images. Reading the set is one statement over ``images`` (and ``image_paths``
-for a folder), a scan of the table at worst (metadata lives in a JSON column without an index),
-so :class:`FilterSets` keeps the last few sets per store and serves one again while the
-database says nothing was committed since it was read: SQLite's ``PRAGMA data_version`` on a
-connection kept for that, PostgreSQL's ``pg_current_snapshot()`` (any transaction that
-completes changes it). A write anywhere in the database makes the next filtered search read
-its set again; a read never does.
+for a folder, ``labels`` for what the classifier sees), a scan of the table at worst
+(metadata lives in a JSON column without an index), so :class:`FilterSets` keeps the last
+few sets per store and serves one again while the database says nothing was committed since
+it was read: SQLite's ``PRAGMA data_version`` on a connection kept for that, PostgreSQL's
+``pg_current_snapshot()`` (any transaction that completes changes it). A write anywhere in
+the database makes the next filtered search read its set again; a read never does.
 
 With the store's background refresher running (``ImageStore.start_refresher``, what
 ``imgstore serve`` runs), searches skip that check: the refresher makes it every tick and reads
@@ -32,7 +32,8 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select, text
 
-from .models import Image, ImagePath
+from .labels import class_ids
+from .models import FeatureSpace, Image, ImagePath, Label
 from .paths import to_stored
 from .sqlhelpers import driver_rows
 from .types import SearchFilter
@@ -151,7 +152,16 @@ def conditions(dialect: str, search_filter: SearchFilter) -> list[ColumnElement[
         out.append(Image.captured_at >= search_filter.taken_after)
     if search_filter.taken_before is not None:
         out.append(Image.captured_at < search_filter.taken_before)
+    for name in search_filter.labels:
+        out.append(_labelled(class_ids(name)))
     return out
+
+
+def _labelled(classes: tuple[int, ...]) -> ColumnElement[bool]:
+    """Images that keep one of ``classes`` among their labels, in any feature space (the
+    space condition lets the (space, class) index answer it)."""
+    spaces = select(FeatureSpace.id).scalar_subquery()
+    return Image.id.in_(select(Label.image_id).where(Label.space_id.in_(spaces), Label.class_id.in_(classes)))
 
 
 def allowed_ids(conn: Connection, search_filter: SearchFilter) -> npt.NDArray[np.int64]:

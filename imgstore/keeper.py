@@ -59,6 +59,10 @@ TRIANGLE_RIGHT_ANGLE = 1.6
 AREA_STEP = 0.02
 #: How closely a border must account for a canvas's extra area to count as added.
 BORDER_MATCH = 0.08
+#: The version of the border measure (:func:`measure_border`): a measure is a property of a
+#: file's content, so a store keeps it (``images.border_fraction``) with this version and a
+#: measure of another version is taken again. Bump it whenever the measure's result changes.
+BORDER_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -78,17 +82,45 @@ def border_fraction(path: str | None, max_pixels: int | None = None) -> float:
     colour whose long edges are straight and at right angles to each other (the rotated
     picture's edges). 0 when the corners disagree, when a corner's fill is not such a triangle
     (a picture's own plain or starry background, a round picture on black), or unreadable."""
+    return measure_border(path, max_pixels) or 0.0
+
+
+def measure_border(path: str | None, max_pixels: int | None = None) -> float | None:
+    """:func:`border_fraction`, or None when there is no file to measure (no path, a file that
+    moved or broke, one over ``max_pixels``): a None is about the file's whereabouts, not its
+    content, so it is not kept."""
     if path is None:
-        return 0.0
+        return None
     from .decode import load_image
 
     try:
         img = load_image(path, max_pixels=max_pixels, draft_size=(BORDER_SIDE, BORDER_SIDE)).image
     except Exception as exc:  # noqa: BLE001 - a file that moved or broke just gets no border
         log.debug("border of %s: %s", path, exc)
-        return 0.0
+        return None
     img.thumbnail((BORDER_SIDE, BORDER_SIDE))
     return rotation_border(np.asarray(img.convert("L"), dtype=np.int16))
+
+
+class Borders:
+    """Border fractions by image id, each measured once: the ones ``known`` (kept by an earlier
+    run, of :data:`BORDER_VERSION`) are used as they are, the others measured on their files;
+    what was measured is also in ``fresh``, for the caller to keep. One per search: a path is
+    read as it is now."""
+
+    def __init__(self, known: dict[int, float] | None = None, max_pixels: int | None = None) -> None:
+        self.known: dict[int, float] = dict(known or {})
+        self.fresh: dict[int, float] = {}
+        self.max_pixels = max_pixels
+
+    def of(self, c: Candidate) -> float:
+        got = self.known.get(c.image_id)
+        if got is None:
+            got = measure_border(c.path, self.max_pixels)
+            if got is None:
+                return 0.0
+            self.known[c.image_id] = self.fresh[c.image_id] = got
+        return got
 
 
 def rotation_border(a: npt.NDArray[np.int16]) -> float:
@@ -166,9 +198,11 @@ def _triangle(fill: npt.NDArray[np.bool_]) -> _Triangle | None:
     return _Triangle(x, y, float(runs[:n].sum()))
 
 
-def choose(candidates: Sequence[Candidate], rule: str = "original", max_pixels: int | None = None) -> int:
+def choose(candidates: Sequence[Candidate], rule: str = "original", max_pixels: int | None = None,
+           borders: Borders | None = None) -> int:
     """The image id to keep among ``candidates`` under ``rule``; files are decoded (to measure
-    borders) up to ``max_pixels`` (None: the process's limit)."""
+    borders) up to ``max_pixels`` (None: the process's limit), except those whose border
+    ``borders`` knows already (and it keeps what was measured)."""
     if rule not in RULES:
         raise ConfigError(f"unknown keeper rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "largest":
@@ -183,7 +217,7 @@ def choose(candidates: Sequence[Candidate], rule: str = "original", max_pixels: 
             return (sign * t.timestamp() if t is not None else float("inf"), c.image_id)
 
         return min(candidates, key=when).image_id
-    added = _added_borders(candidates, max_pixels)
+    added = _added_borders(candidates, borders if borders is not None else Borders(max_pixels=max_pixels))
 
     def key(c: Candidate) -> tuple[object, ...]:
         picture = c.width * c.height * (1.0 - added[c.image_id])
@@ -194,7 +228,7 @@ def choose(candidates: Sequence[Candidate], rule: str = "original", max_pixels: 
     return max(candidates, key=key).image_id
 
 
-def _added_borders(candidates: Sequence[Candidate], max_pixels: int | None = None) -> dict[int, float]:
+def _added_borders(candidates: Sequence[Candidate], borders: Borders) -> dict[int, float]:
     """Per candidate, the share of its canvas that is a border added around the picture: only a
     canvas larger than another member's can hide one, and only a uniform border that accounts
     for the extra canvas over some smaller member (rotating a picture onto a bigger canvas keeps
@@ -207,7 +241,7 @@ def _added_borders(candidates: Sequence[Candidate], max_pixels: int | None = Non
         out[c.image_id] = 0.0
         smaller = [other for other in areas if area > other * (1 + AREA_STEP)]
         if smaller:
-            border = border_fraction(c.path, max_pixels)
+            border = borders.of(c)
             match = min(smaller, key=lambda other: abs(border - (1.0 - other / area)))
             if border > 0 and abs(border - (1.0 - match / area)) <= BORDER_MATCH:
                 # the picture inside is that member's picture (a rotation keeps the area); the

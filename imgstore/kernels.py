@@ -216,3 +216,54 @@ def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
     keys = np.sort(keys[:t])[:k]
     return keys % n, keys // n
 
+
+
+@nb.njit(cache=True, nogil=True)
+def knn_batch(
+    seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, seg_rows: npt.NDArray[np.int32],
+    seg_words: U64, words: U64, qbytes: npt.NDArray[np.uint8], qwords: U64, band_masks: U64, w: int, flips: I64,
+    flip_starts: I64, k: int, budget: float,
+) -> tuple[I64, I64]:
+    """Exact top-k rows of every query (``qbytes`` ``(nq, n_bytes)``, ``qwords`` ``(nq, n_words)``)
+    by (distance, row): the rounds of :func:`imgstore.search.hamming_search` in exact mode run
+    here for a whole batch, so a batch of queries costs no Python per query. Round ``s`` probes
+    the flips of radius ``s`` (``flips[flip_starts[s]:flip_starts[s + 1]]``), reporting only codes
+    no earlier round found; a query stops once its k-th distance is below ``m * (s + 1)`` (no
+    unseen code can be closer), and scans every code instead once the entries it has visited
+    plus those the next round would visit exceed ``budget``, or the radii given run out. Returns ``(nq, k)`` rows and
+    distances (-1 where fewer than k codes exist)."""
+    nq = qbytes.shape[0]
+    n = words.shape[0]
+    m = band_masks.shape[0]
+    out_rows = np.full((nq, k), -1, np.int64)
+    out_dist = np.full((nq, k), -1, np.int64)
+    empty = np.zeros(0, np.uint8)
+    for q in range(nq):
+        rows = np.zeros(0, np.int64)
+        dist = np.zeros(0, np.int64)
+        seen = 0.0
+        done = False
+        s = 0
+        while s < flip_starts.shape[0] - 1 and not done:
+            f = flips[flip_starts[s]:flip_starts[s + 1]]
+            if s > 0:
+                expected = probe_count(seg_keys, seg_dir, shift, n, qbytes[q], m, w, f)
+                if seen + expected + m * f.shape[0] > budget:
+                    break
+                seen += expected
+            r, d, _ = probe_rank(seg_keys, seg_dir, shift, seg_rows, seg_words, n, qbytes[q], qwords[q], band_masks, w, f,
+                                 s, s, k, empty)
+            if r.shape[0] > 0:
+                keys = np.concatenate((dist * n + rows, d * n + r))
+                keys = np.sort(keys)[:k]
+                rows = keys % n
+                dist = keys // n
+            if rows.shape[0] == min(k, n) and (rows.shape[0] == n or dist[-1] < m * (s + 1)):
+                done = True
+            s += 1
+        if not done:
+            rows, dist = scan_rank(words, qwords[q], k)
+        out_rows[q, :rows.shape[0]] = rows
+        out_dist[q, :rows.shape[0]] = dist
+    return out_rows, out_dist
+

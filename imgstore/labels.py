@@ -12,6 +12,7 @@ Pure numpy and SQL: the head's weights come from the extractor (``classifier_hea
 
 from __future__ import annotations
 
+import difflib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from sqlalchemy import ColumnElement, Connection, case, func, select
 
+from .errors import ConfigError
 from .models import Feature, FeatureSpace, Label, LabelNorm
 from .sqlhelpers import insert_ignore
 
@@ -44,6 +46,41 @@ def imagenet_classes() -> tuple[str, ...]:
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     assert len(names) == 1000, len(names)
     return names
+
+
+@functools.cache
+def _ids_by_name() -> dict[str, tuple[int, ...]]:
+    """Class ids by name as a filter compares it (lower case; "cardigan" names two classes)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for class_id, name in enumerate(imagenet_classes()):
+        key = name.casefold()
+        out[key] = (*out.get(key, ()), class_id)
+    return out
+
+
+def class_ids(name: str) -> tuple[int, ...]:
+    """The classes a label name names (case-insensitive, white space collapsed), or a
+    ConfigError that suggests the closest names (a misspelling, or a word of a name)."""
+    key = " ".join(name.split()).casefold()
+    found = _ids_by_name().get(key)
+    if found is None:
+        suggestions = closest_names(key)
+        hint = ("did you mean " + ", ".join(repr(s) for s in suggestions) + "?" if suggestions
+                else "`imgstore labels` lists those of this collection")
+        raise ConfigError(f"label: {name!r} is not an ImageNet label; {hint}")
+    return found
+
+
+def closest_names(name: str, n: int = 4) -> list[str]:
+    """ImageNet names a person may have meant by ``name``: names that hold it as words
+    ("retriever" -> "golden retriever", ...; shortest first), then near spellings."""
+    key = " ".join(name.split()).casefold()
+    names = imagenet_classes()
+    lowered = [c.casefold() for c in names]
+    holding = sorted((c for c in lowered if key and f" {key} " in f" {c.replace('-', ' ')} "), key=len)
+    near = difflib.get_close_matches(key, lowered, n=n, cutoff=0.6)
+    picked = list(dict.fromkeys(holding + near))[:n]
+    return [names[lowered.index(c)] for c in picked]
 
 
 def has_labels(extractor_name: str) -> bool:

@@ -95,6 +95,11 @@ class Image(Base):
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: pixel-layout signature for copy detection (``imgstore.signature``), 63 float32 LE values
     signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    #: share of the picture that is a rotation's border (``imgstore.keeper``), measured on the
+    #: file by dedup when it chooses a keeper and kept: a property of the content. NULL until
+    #: measured; ``border_version`` is the measure's (``keeper.BORDER_VERSION``), another is ignored
+    border_fraction: Mapped[float | None] = mapped_column(Float)
+    border_version: Mapped[int | None] = mapped_column(SmallInteger)
 
     paths: Mapped[list[ImagePath]] = relationship(
         back_populates="image", cascade="all, delete-orphan", passive_deletes=True

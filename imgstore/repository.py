@@ -8,29 +8,47 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
 
-from . import catalog, dedup, dedup_apply, export, filters, indexing, labels, maintenance, migrate, search, wordsearch
+from . import (
+    batch,
+    browse,
+    catalog,
+    dedup,
+    dedup_apply,
+    export,
+    filters,
+    indexing,
+    labels,
+    maintenance,
+    migrate,
+    search,
+    wordsearch,
+)
+from . import shards as shard_files
+from .browse import BrowsePage
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
 from .cluster import ClusterIngest
-from .codecache import caches
+from .codecache import CodeCache, caches
 from .context import open_context
 from .db import sqlite_file
 from .decode import as_source
 from .dedup import DuplicateGroup, DuplicatesState
 from .dedup_apply import ApplyReport, UndoReport
 from .errors import ConfigError, DecodeError, NotFoundError
+from .features import TextEmbedder, embeds_text, space_name
 from .features.base import Extractor
 from .ingest import Ingester, IngestSummary
 from .labels import LabelCount
 from .maintenance import StoreInfo, VerifyReport
 from .paths import printable
 from .types import CacheState, ImageFiles, IndexInfo, SearchFilter, SearchOptions, SearchResult, SpaceInfo, ThumbnailSource
-from .vectors import get_or_create_space, list_spaces, load_features, pick_space
+from .vectors import get_or_create_space, largest_space, list_spaces, load_features, pick_space
 from .wordsearch import WordSearch
 
 T = TypeVar("T")
@@ -224,10 +242,46 @@ class ImageStore:
         are joined, others replaced, None removes a key. Returns the metadata now stored."""
         return catalog.set_meta(self.ctx, ref, metadata)
 
-    def export_rows(self, *, neighbours: int = 0) -> Iterator[dict[str, Any]]:
-        """One dict per image: id, content hash, size, format, capture time, metadata, current
-        paths and, with ``neighbours``, the ids of its nearest stored images (itself excluded)."""
-        return export.export_rows(self.ctx, neighbours=neighbours)
+    def export_rows(self, *, neighbours: int = 0, filter: SearchFilter | None = None, cluster: Any = None,
+                    shards: str | os.PathLike[str] | None = None) -> Iterator[dict[str, Any]]:
+        """One dict per image (those ``filter`` allows, when given): id, content hash, size,
+        format, capture time, metadata, current paths and, with ``neighbours``, the ids of its
+        nearest stored images (itself excluded). With ``cluster`` (``"local[:N]"``, a scheduler
+        address or a ``distributed.Client``) the neighbours are the exact Hamming neighbours of
+        the active index's codes, computed over shards (:meth:`neighbour_graph`), with their
+        ``distances``; ``shards`` alone does the same in this process."""
+        if (cluster is not None or shards is not None) and neighbours:
+            graph = self.neighbour_graph(neighbours, cluster=cluster, shards=shards)
+            return export.export_rows(self.ctx, search_filter=filter, graph=graph)
+        return export.export_rows(self.ctx, neighbours=neighbours, search_filter=filter)
+
+    # -- batch work over shards -----------------------------------------------------------
+
+    def shards_folder(self, shards: str | os.PathLike[str] | None = None) -> Path:
+        """Where this store's shards go: ``shards``, else beside an SQLite file (``DB.shards``);
+        a PostgreSQL store needs a folder given (one every worker can read)."""
+        if shards is not None:
+            return Path(shards).expanduser()
+        db = self.sqlite_file
+        if db is None:
+            raise ConfigError("give a folder for the shards (--shards FOLDER), one every Dask worker can read")
+        return Path(f"{db}.shards")
+
+    def export_shards(self, folder: str | os.PathLike[str] | None = None, *, index_id: int | None = None,
+                      shard_codes: int = shard_files.DEFAULT_SHARD_CODES) -> shard_files.ExportSummary:
+        """Export an index's codes (the active one by default) into shard files
+        (:mod:`imgstore.shards`); again into the same folder, only the shards that changed."""
+        return shard_files.export_shards(self.ctx, self.shards_folder(folder), index_id=index_id, shard_codes=shard_codes)
+
+    def neighbour_graph(self, k: int, *, cluster: Any = None, shards: str | os.PathLike[str] | None = None,
+                        index_id: int | None = None, progress: Callable[[int, int], None] | None = None) -> batch.Neighbours:
+        """Every code's exact ``k`` nearest other codes in an index (the active one by default), by
+        (Hamming distance, id), block by block over its shards (exported first, or brought up to
+        date), in this process or on ``cluster``; finished blocks are kept, so a rerun after an
+        interruption does only the rest (:mod:`imgstore.batch`)."""
+        exported = self.export_shards(shards, index_id=index_id)
+        return batch.neighbours(exported.shards, k, workdir=exported.shards.folder / "work", cluster=cluster,
+                                progress=progress)
 
     def image_files(self, image_ids: Sequence[int]) -> dict[int, ImageFiles]:
         """Each image's format and its current files with their sizes (unknown ids absent)."""
@@ -243,6 +297,18 @@ class ImageStore:
         """Stored images: one count (:meth:`counts` counts every table)."""
         with self.ctx.read("count images") as conn:
             return catalog.count_images(conn)
+
+    def browse(self, filter: SearchFilter | None = None, *, sort: str = "taken", order: str = "desc", page: int = 1,
+               per_page: int = 60, include_stale: bool = False) -> BrowsePage:
+        """One page of the collection: the images ``filter`` allows (None: all), sorted by
+        ``sort`` (``taken``: EXIF capture time, images without one last; ``added``; ``folder``:
+        their first current file's path) in ``order`` (``asc``/``desc``), page ``page`` (from 1)
+        of ``per_page`` (at most 500). A :class:`~imgstore.browse.BrowsePage` with the images' current
+        files and the total the filter allows. Images whose every file went stale are left out
+        unless ``include_stale``."""
+        with self.ctx.read("browse the images") as conn:
+            return browse.browse(conn, filter, sort=sort, order=order, page=page, per_page=per_page,
+                                 include_stale=include_stale)
 
     @property
     def sqlite_file(self) -> str | None:
@@ -294,23 +360,53 @@ class ImageStore:
 
     def search_text(self, words: str, *, k: int = 10, extractor: str | None = None, include_stale: bool = False,
                     filter: SearchFilter | None = None) -> WordSearch:
-        """The ``k`` images that best match ``words`` ("a dog on the beach"), best first, through
-        what the classifier sees in them (:mod:`imgstore.wordsearch`), and what the words were
-        understood as; ``filter`` as for :meth:`search`. Loads the sentence model on first use
-        (about a second); raises ConfigError when it is not installed."""
-        from . import text  # the sentence model: only word searches load it
+        """The ``k`` images that best match ``words`` ("a dog on the beach"), best first, and what
+        the words were understood as; ``filter`` as for :meth:`search`.
 
+        In a CLIP feature space (``--extractor clip:ARCH:PATH``) the words are embedded by CLIP's
+        text tower and images ranked by the cosine of their features (exact; nothing is
+        "understood"); otherwise through what the classifier sees in them
+        (:mod:`imgstore.wordsearch`), with the sentence model loaded on first use (about a second;
+        ConfigError when it is not installed). The space: ``extractor``'s (a name, or a
+        ``clip:ARCH:PATH`` spec), by default the largest CLIP space when the store has one (CLIP
+        was trained on words and pictures together), else the labelled one."""
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        with self.ctx.read("find the labelled images") as conn:
-            space = self._labelled_space(conn, extractor)
+        said = " ".join(words.split())
+        wanted = space_name(extractor) if extractor is not None else None  # a clip:ARCH:PATH reads its file's digest
+        with self.ctx.read("find the feature space to search by words") as conn:
+            space = self._words_space(conn, wanted)
+        if embeds_text(space.extractor):
+            if not said:
+                raise ConfigError("a word search needs some words, e.g. --text \"a dog on the beach\"")
+            ex = self.ctx.extractor(space.extractor)
+            if not isinstance(ex, TextEmbedder):
+                raise ConfigError(f"the {space.extractor} extractor embeds no words")
+            query = ex.embed_text([said])[0]
+            with self.ctx.read("search by words") as conn:
+                allowed = filters.allowed(self.ctx, conn, filter) if filter else None
+                return wordsearch.search_embedding(conn, space, query, said, k, include_stale=include_stale,
+                                                   allowed=allowed)
+        from . import text  # the sentence model: only word searches load it
+
         weights = text.class_weights(words, labels.imagenet_classes())
         head = labels.head_of(self.ctx.extractor(space.extractor))
         assert head is not None, "a labelled space's extractor has a classifier"
         with self.ctx.read("search by words") as conn:
             allowed = filters.allowed(self.ctx, conn, filter) if filter else None
-            return wordsearch.search(conn, space, head, " ".join(words.split()), weights, k, include_stale=include_stale,
+            return wordsearch.search(conn, space, head, said, weights, k, include_stale=include_stale,
                                      allowed=allowed)
+
+    def _words_space(self, conn: Connection, extractor: str | None) -> SpaceInfo:
+        """The space a word search reads: ``extractor``'s (a space name), else the largest CLIP
+        space with images, else the labelled one."""
+        if extractor is None:
+            with_words = [s for s in list_spaces(conn) if embeds_text(s.extractor) and s.n_features]
+            if with_words:
+                return largest_space(with_words)
+        elif embeds_text(extractor):
+            return pick_space(conn, extractor)
+        return self._labelled_space(conn, extractor)
 
     def _labelled_space(self, conn: Connection, extractor: str | None) -> SpaceInfo:
         spaces = [s for s in list_spaces(conn) if labels.has_labels(s.extractor)]
@@ -445,8 +541,9 @@ class ImageStore:
         field), for supervised methods. ``progress(phase, done, total)`` follows the work
         (phases ``fit``, ``encode``, ``buckets``; a fit over 1M images takes minutes).
         """
+        wanted = space_name(extractor) if extractor is not None else None  # clip:ARCH:PATH -> its space's name
         with self.ctx.read("pick a feature space") as conn:
-            space = pick_space(conn, extractor)
+            space = pick_space(conn, wanted)
         return indexing.build_index(
             self.ctx, space.id, "create an index", labels=labels, method=method, n_bits=n_bits, n_bands=n_bands,
             sample=sample or indexing.DEFAULT_SAMPLE, random_state=random_state, activate=activate, fallback=fallback,
@@ -610,6 +707,8 @@ class ImageStore:
         keep: str = "original",
         geometry: bool = True,
         progress: Callable[[str, int, int], None] | None = None,
+        cluster: Any = None,
+        shards: str | os.PathLike[str] | None = None,
     ) -> list[DuplicateGroup]:
         """Groups of duplicate images, largest first.
 
@@ -632,11 +731,23 @@ class ImageStore:
         the most picture, then lossless over lossy, then no added border, then the earliest
         capture, then the largest file). ``progress(phase, done, total)`` follows the work
         (phases: :data:`imgstore.dedup.PHASES`; :func:`imgstore.dedup.describe_progress` says
-        them in words), from the thread that runs the search.
+        them in words), from the thread that runs the search. With ``cluster`` (``"local[:N]"``,
+        a scheduler address or a ``distributed.Client``) the index's candidate pairs are found
+        over its shards (``shards``: see :meth:`shards_folder`) on the cluster's workers
+        (:func:`imgstore.batch.near_pairs`): the same pairs, so the same groups; ``shards``
+        alone does the same in this process.
         """
+        candidates = None
+        if cluster is not None or shards is not None:
+            def candidates(cache: CodeCache, max_d: int, radius: int) -> tuple[Any, Any]:
+                exported = self.export_shards(shards, index_id=cache.index.id)
+                found = batch.near_pairs(exported.shards, max_d, probe_radius=radius,
+                                         workdir=exported.shards.folder / "work", cluster=cluster)
+                return found.a, found.b
+
         return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
                                      min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
-                                     keep=keep, geometry=geometry, progress=progress)
+                                     keep=keep, geometry=geometry, progress=progress, candidates=candidates)
 
     def duplicates_state(self) -> DuplicatesState:
         """A small value that changes whenever what :meth:`find_duplicates` reads changes

@@ -105,6 +105,10 @@ class SearchFilter:
     point (a date means its midnight, ``"2024"`` and ``"2024-06"`` their first day); images
     without a capture time are left out. Times without an offset are compared with the
     camera's clock as it wrote it (what ingest stores); times with one are converted to UTC.
+    ``labels``: what the classifier sees (ImageNet names, ``"golden retriever"``; ``"dog"`` alone
+    is one label): every one must be among the image's kept labels, in any feature space that
+    has labels. Compared case-insensitively (kept here in lower case, spaces collapsed); a name
+    that is no ImageNet class is refused when the filter is used, with the closest names.
 
     Malformed values raise ``ValueError`` with a one-line message that says what to give.
     """
@@ -114,20 +118,22 @@ class SearchFilter:
     under: str | None
     taken_after: datetime | None
     taken_before: datetime | None
+    labels: tuple[str, ...]
 
     def __init__(self, where: WhereArg = (), tags: str | Iterable[str] = (), under: str | os.PathLike[str] | None = None,
-                 taken_after: WhenArg = None, taken_before: WhenArg = None) -> None:
+                 taken_after: WhenArg = None, taken_before: WhenArg = None, labels: str | Iterable[str] = ()) -> None:
         object.__setattr__(self, "where", _where_pairs(where))
         object.__setattr__(self, "tags", _tag_names(tags))
         object.__setattr__(self, "under", _folder(under))
         after, before = _when(taken_after, "taken_after"), _when(taken_before, "taken_before")
         object.__setattr__(self, "taken_after", after)
         object.__setattr__(self, "taken_before", before)
+        object.__setattr__(self, "labels", _label_names(labels))
 
     def __bool__(self) -> bool:
         """True when the filter leaves some image out (any condition given)."""
         return bool(self.where or self.tags or self.under is not None or self.taken_after is not None
-                    or self.taken_before is not None)
+                    or self.taken_before is not None or self.labels)
 
     def as_dict(self) -> dict[str, Any]:
         """The conditions as given to the HTTP API (``where`` as ``KEY=VALUE`` strings)."""
@@ -142,6 +148,8 @@ class SearchFilter:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value.isoformat()
+        if self.labels:
+            out["label"] = list(self.labels)
         return out
 
 
@@ -194,6 +202,17 @@ def _tag_names(tags: str | Iterable[str]) -> tuple[str, ...]:
             raise ValueError(f"tag: {tag!r} is not a tag; give a non-empty name")
         _no_nul(tag, "a tag")
     return tuple(sorted(set(listed)))
+
+
+def _label_names(labels: str | Iterable[str]) -> tuple[str, ...]:
+    """Sorted, distinct label names as compared: lower case, white space collapsed."""
+    listed = [labels] if isinstance(labels, str) else list(labels)
+    out = set()
+    for name in listed:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"label: {name!r} is not a label; give an ImageNet name, e.g. golden retriever")
+        out.add(" ".join(_no_nul(name, "a label").split()).casefold())
+    return tuple(sorted(out))
 
 
 def _folder(under: str | os.PathLike[str] | None) -> str | None:

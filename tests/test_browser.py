@@ -3,7 +3,8 @@ uvicorn server, on the sample photos ingested with the default extractor.
 
 Search by picking, dropping and clicking; the duplicates page following its background search
 to the groups, then a changed keeper, resolved and undone; an index created from the collection
-page with its progress. Screenshots go to
+page with its progress; a search by words; the collection browsed, filtered by a label, and an
+image page's labels leading back to it. Screenshots go to
 ``test-artifacts/browser/`` (or ``$IMGSTORE_TEST_ARTIFACTS``) to be looked at. Without the
 browser these tests fail in CI (``CI`` set) and skip, saying so, elsewhere; ``make test``
 installs it.
@@ -279,6 +280,86 @@ def test_collection_page_creates_an_index(browser: Any, site: tuple[str, ImageSt
         time.sleep(0.3)
     wait_for(browser, 'li.job[data-state="done"]')
     assert len(store.indexes()) == before + 1
-    active = browser.find_element(By.CSS_SELECTOR, "#indexes tr.active")
-    assert "lsh" in active.text
+    # the script marks the row done, then reloads the page: wait for the reloaded one (whenever it comes)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            active = browser.find_elements(By.CSS_SELECTOR, "#indexes tr.active")
+            if active and "lsh" in active[0].text:
+                break
+        except StaleElementReferenceException:
+            pass
+        time.sleep(0.2)
+    assert "lsh" in browser.find_element(By.CSS_SELECTOR, "#indexes tr.active").text
     shot(browser, "6-collection")
+
+
+def test_find_by_words(browser: Any, site: tuple[str, ImageStore, Path]) -> None:
+    """Type words, press Enter: the hits as cards and what the words were understood as."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, _, _ = site
+    browser.get(base + "/")
+    box = browser.find_element(By.ID, "words")
+    box.send_keys("a cat" + Keys.ENTER)  # Enter in the box: its own button, the form's first
+    gone(box)
+    understood = wait_for(browser, "#understood")[0]
+    assert "understood as" in understood.text and "Images matching “a cat”" in understood.text
+    wait_images(browser)
+    names = card_names(browser)
+    assert len(names) == 20 and "chelsea" in names[0], names[:6]
+    assert sum("chelsea" in n for n in names[:6]) >= 5, names[:6]  # the cat and her copies
+    assert browser.find_element(By.ID, "words").get_attribute("value") == "a cat"
+    shot(browser, "7-words")
+
+
+def test_browse_the_collection_by_label(browser: Any, site: tuple[str, ImageStore, Path]) -> None:
+    """The collection page: thumbnails in even rows, a pager, the common labels; a label
+    filters the page; a thumbnail opens its image page, whose labels lead back here."""
+    from imgstore import SearchFilter
+    from selenium.webdriver.common.by import By
+
+    base, store, _ = site
+    browser.get(base + "/collection?per_page=30&sort=folder&order=asc")
+    tiles = wait_for(browser, "#browse .tile")
+    total = store.browse().total
+    assert len(tiles) == min(30, total) and total > 30
+    wait_images(browser)
+    pictures = browser.find_elements(By.CSS_SELECTOR, "#browse .tile img")
+    sizes = {(p.rect["width"], p.rect["height"]) for p in pictures}
+    assert len(sizes) == 1, sizes  # every thumbnail the same square, whatever the photo's shape
+    rows: dict[float, int] = {}
+    for p in pictures:
+        rows[p.rect["y"]] = rows.get(p.rect["y"], 0) + 1
+    assert len(rows) == -(-len(pictures) // max(rows.values())), rows  # full rows, then the rest
+    pager = browser.find_element(By.ID, "pager")
+    assert pager.is_displayed() and f"page 1 of {-(-total // 30)}" in pager.text
+    shot(browser, "8-collection")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", pager)
+    shot(browser, "8-collection-pager")
+
+    chip = browser.find_elements(By.CSS_SELECTOR, "#labels a.chip")[0]
+    name = " ".join(chip.text.split()[:-1])  # "golden retriever" and its count
+    chip.click()
+    gone(chip)
+    tiles = wait_for(browser, "#browse .tile")
+    shown = {int(t.find_element(By.CSS_SELECTOR, "a").get_attribute("href").rsplit("/", 1)[1]) for t in tiles}
+    assert shown == {i.image_id for i in store.browse(SearchFilter(labels=name), sort="folder", order="asc", per_page=30).items}
+    assert browser.find_element(By.CSS_SELECTOR, "#labels a.chip.on").text.startswith(name)
+    assert browser.find_element(By.NAME, "label").get_attribute("value") == name.casefold()
+    wait_images(browser)
+    shot(browser, "9-collection-label")
+
+    picture = tiles[0].find_element(By.CSS_SELECTOR, "a img")
+    picture.click()
+    gone(picture)
+    wait_for(browser, ".facts h1")
+    labels = browser.find_element(By.CSS_SELECTOR, "ul.labels")
+    assert name in labels.text and "%" in labels.text
+    wait_images(browser)
+    shot(browser, "10-image-labels")
+    link = labels.find_element(By.LINK_TEXT, name)
+    link.click()
+    gone(link)
+    assert wait_for(browser, "#labels a.chip.on")[0].text.startswith(name)

@@ -33,9 +33,11 @@ from imgstore.bandindex import scan_codes
 from imgstore.errors import ConfigError
 from imgstore.filters import filter_sets
 from imgstore.indexing import create_index, list_indexes
-from imgstore.models import Image, ImagePath
+from imgstore.labels import class_ids
+from imgstore.models import Image, ImagePath, Label
 from imgstore.search import cosine_similarities
 from imgstore.serve import Thumbnails, create_app
+from imgstore.vectors import get_or_create_space
 from sqlalchemy import Connection, bindparam, insert, update
 
 from .helpers import brute_force, photo, populate, write_variants
@@ -45,6 +47,8 @@ DIM = 24
 GROUPS = ("a", "b", "c")
 COLOURS = ("red", "green", "blue")
 START = datetime(2020, 1, 1, tzinfo=timezone.utc)
+#: Labels of the synthetic images (ImageNet names; "cardigan" names two classes, a dog and a sweater)
+LABELS = ("tabby", "golden retriever", "sports car", "pizza", "cardigan")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Synthetic:
     meta: dict[int, dict[str, Any]]
     paths: dict[int, list[tuple[str, bool]]]
     captured: dict[int, datetime | None]
+    labels: dict[int, set[str]]
 
     def code_of(self, vector: np.ndarray) -> np.ndarray:
         with self.store.engine.connect() as conn:
@@ -74,6 +79,7 @@ class Synthetic:
             if f.under is not None:
                 prefix = f.under.rstrip("/") + "/"
                 ok = ok and any(cur and (p == f.under or p.startswith(prefix)) for p, cur in self.paths[image_id])
+            ok = ok and all(name in self.labels[image_id] for name in f.labels)
             when = self.captured[image_id]
             if f.taken_after is not None:
                 ok = ok and when is not None and when >= f.taken_after
@@ -119,25 +125,46 @@ def _attributes(image_id: int) -> tuple[dict[str, Any], list[tuple[str, bool]], 
     return meta, paths, captured
 
 
+def _label_rows(image_id: int) -> list[tuple[int, int, int]]:
+    """The labels of one synthetic image as (space: 0 the searched one, 1 another labelled
+    one; rank; class id): a first label for all, a second for a third of them, and, for every
+    eighth, the other "cardigan" class in another feature space (a label counts in any space)."""
+    cardigans = class_ids("cardigan")
+    first = class_ids(LABELS[image_id % 5])[0]
+    rows = [(0, 0, first)]
+    if image_id % 3 == 0:
+        rows.append((0, 1, class_ids("golden retriever" if image_id % 5 != 1 else "tabby")[0]))
+    if image_id % 8 == 0:
+        rows.append((1, 0, cardigans[1]))
+    return rows
+
+
 def build(url: str, cache_codes: bool = False, index: bool = True) -> Synthetic:
     rng = np.random.default_rng(11)
     centres = rng.standard_normal((30, DIM))
     vectors = (centres[rng.integers(0, 30, N_IMAGES)] + 0.35 * rng.standard_normal((N_IMAGES, DIM))).astype(np.float32)
     store = ImageStore(url, cache_codes=cache_codes)
-    meta, paths, captured = {}, {}, {}
+    meta, paths, captured, labels = {}, {}, {}, {}
+    names = {c: name for name in LABELS for c in class_ids(name)}
 
     def fill(conn: Connection) -> int | None:
         space_id = populate(conn, vectors)
+        spaces = (space_id, get_or_create_space(conn, "efficientnet-lite2", DIM, "v1"))
         ids = [int(i) for i in conn.scalars(Image.__table__.select().with_only_columns(Image.id).order_by(Image.id))]
-        rows, path_rows = [], []
+        rows, path_rows, label_rows = [], [], []
         for image_id in ids:
             meta[image_id], paths[image_id], captured[image_id] = _attributes(image_id)
             rows.append({"i": image_id, "m": meta[image_id], "c": captured[image_id]})
             path_rows += [{"path": p, "image_id": image_id, "file_size": 1, "mtime_ns": 1, "is_current": cur}
                           for p, cur in paths[image_id]]
+            found = _label_rows(image_id)
+            labels[image_id] = {names[c] for _, _, c in found}
+            label_rows += [{"image_id": image_id, "space_id": spaces[space], "rank": rank, "class_id": c, "prob": 0.5}
+                           for space, rank, c in found]
         conn.execute(update(Image).where(Image.id == bindparam("i")).values(meta=bindparam("m"), captured_at=bindparam("c")),
                      rows)
         conn.execute(insert(ImagePath), path_rows)
+        conn.execute(insert(Label), label_rows)
         return create_index(conn, space_id, method="lsh", n_bits=64, n_bands=4) if index else None
 
     index_id = store.transaction(fill)
@@ -147,7 +174,7 @@ def build(url: str, cache_codes: bool = False, index: bool = True) -> Synthetic:
             ids, codes = scan_codes(conn, found)
         else:
             ids, codes = np.array(sorted(meta), dtype=np.int64), np.zeros((len(meta), 8), dtype=np.uint8)
-    return Synthetic(store, ids, codes, vectors, meta, paths, captured)
+    return Synthetic(store, ids, codes, vectors, meta, paths, captured, labels)
 
 
 @pytest.fixture
@@ -162,12 +189,15 @@ TAGS = st.lists(st.sampled_from([*COLOURS, "purple"]), max_size=2)
 UNDER = st.sampled_from([None, "/photos", "/photos/f1", "/photos/f2/s0", "/photos/f9", "/photos/f1/s2/img10.jpg", "/else"])
 AFTER = st.sampled_from([None, "2020-06-01", "2021-01-01T12:00", "2022"])
 BEFORE = st.sampled_from([None, "2021-06", "2022-06-30T08:00+02:00", "2023"])
+#: any case and spacing; "violin" is no image's label
+NAMES = st.lists(st.sampled_from(["tabby", "Golden Retriever", "golden  retriever", "sports car", "Cardigan", "pizza",
+                                  "violin"]), max_size=2)
 
 
 @st.composite
 def filters(draw: st.DrawFn) -> SearchFilter:
     return SearchFilter(where=draw(WHERE), tags=draw(TAGS), under=draw(UNDER), taken_after=draw(AFTER),
-                        taken_before=draw(BEFORE))
+                        taken_before=draw(BEFORE), labels=draw(NAMES))
 
 
 def test_exact_filtered_search_equals_brute_force_over_the_allowed_images(synthetic: Synthetic) -> None:
@@ -217,6 +247,10 @@ def test_exact_filtered_search_equals_brute_force_over_the_allowed_images(synthe
     SearchFilter(taken_before="2020-07"),
     SearchFilter(taken_after="2020-05-01T06:00", taken_before="2020-08-01T00:00:00Z"),
     SearchFilter(where="group=c", tags="green", under="/photos/f3", taken_after="2020-03", taken_before="2023"),
+    SearchFilter(labels="golden retriever"),  # a first or a second label
+    SearchFilter(labels=["Tabby", "GOLDEN RETRIEVER"]),  # both: any case
+    SearchFilter(labels="cardigan"),  # either class of the name, in either feature space
+    SearchFilter(labels="pizza", tags="red", under="/photos/f1"),
 ], ids=lambda f: json.dumps(f.as_dict()))
 def test_each_filter_kind_on_both_paths(synthetic: Synthetic, cached: bool, f: SearchFilter) -> None:
     """Approximate (the default: with the float re-rank) and exact searches keep only the
@@ -293,6 +327,8 @@ def test_malformed_filters_say_what_to_give() -> None:
         (dict(taken_before="yesterday"), "taken_before: 'yesterday' is not a date or time"),
         (dict(taken_before="0001-01-01T00:00+05:00"), "out of range"),
         (dict(taken_after=20240101), "is not a date or time"),
+        (dict(labels=["  "]), "label: '  ' is not a label; give an ImageNet name"),
+        (dict(labels=[3]), "label: 3 is not a label"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=None) as caught:
@@ -304,7 +340,22 @@ def test_malformed_filters_say_what_to_give() -> None:
     # equal filters are equal values (a cache key): order, repeats and spelling of the same instant
     assert SearchFilter(where=["b=1", "a=x"], tags=["t", "t"], taken_after="2024-06-01") == SearchFilter(
         where={"a": "x", "b": 1}, tags="t", taken_after="2024-06-01T02:00+02:00")
-    assert not SearchFilter() and SearchFilter(tags="x")
+    assert not SearchFilter() and SearchFilter(tags="x") and SearchFilter(labels="tabby")
+    assert SearchFilter(labels="Golden  Retriever").labels == ("golden retriever",)  # one name, not its letters
+    assert SearchFilter(labels=["tabby", "Tabby"]) == SearchFilter(labels="tabby")
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["sql", "cache"])
+def test_a_label_that_is_no_imagenet_name_suggests_the_closest(synthetic: Synthetic, cached: bool) -> None:
+    for name, suggested in (("golden retreiver", "'golden retriever'"), ("retriever", "'golden retriever'"),
+                            ("tabby cat", "'tabby'")):
+        with pytest.raises(ConfigError) as caught:
+            synthetic.store.search(synthetic.vectors[0], 5, cached=cached, filter=SearchFilter(labels=name))
+        message = str(caught.value)
+        assert message.startswith(f"label: {name!r} is not an ImageNet label; did you mean") and suggested in message
+        assert "\n" not in message
+    with pytest.raises(ConfigError, match="imgstore labels"):  # nothing close: where to look instead
+        synthetic.store.search(synthetic.vectors[0], 5, cached=cached, filter=SearchFilter(labels="qqqqxz"))
 
 
 def test_a_filter_of_the_wrong_type_is_refused(synthetic: Synthetic) -> None:
@@ -423,6 +474,9 @@ def test_cli_query_filters(photos: tuple[ImageStore, Path], db_url: str) -> None
     (("--taken-after", "2024-13-01"), "Invalid value for '--taken-after': '2024-13-01' is not a date or time; give e.g."),
     (("--taken-before", "soon"), "Invalid value for '--taken-before': 'soon' is not a date or time"),
     (("--tag", ""), "Invalid value for '--tag': '' is not a tag"),
+    (("--label", "golden retreiver"),
+     "Invalid value for '--label': 'golden retreiver' is not an ImageNet label; did you mean 'golden retriever'"),
+    (("--label", " "), "Invalid value for '--label': ' ' is not a label; give an ImageNet name"),
 ])
 def test_cli_filter_errors_are_usage_errors(sqlite_url: str, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     done = _cli(sqlite_url, "query", "1", *args)
@@ -468,14 +522,24 @@ def test_http_search_filters(photos: tuple[ImageStore, Path], tmp_path: Path) ->
         assert bad.status_code == 422, bad.text
         error = bad.json()["error"]
         assert "\n" not in error and ("give" in error or "send" in error), error
+    # labels: colour histograms have none, so a label allows nothing; a name that is none: 422 naming the closest
+    assert web.get("/api/search", params={"id": cat_id, "label": "Tabby"}).json() == []
+    got = web.post("/api/search", params={"k": 10}, json={"vector": vector, "label": ["tabby"]})
+    assert got.status_code == 200 and got.json() == []
+    for bad in (web.get("/api/search", params={"id": cat_id, "label": "golden retreiver"}),
+                web.post("/api/search", json={"vector": vector, "label": ["golden retreiver"]}),
+                web.post("/api/search", json={"vector": vector, "label": "tabby"})):
+        assert bad.status_code == 422, bad.text
+        assert bad.json()["error"].count("\n") == 0 and ("did you mean 'golden retriever'" in bad.json()["error"]
+                                                          or "send a list of label names" in bad.json()["error"])
     # declared in the spec, for both methods
     spec = web.get("/openapi.json").json()
     for method in ("get", "post"):
         names = {p["name"] for p in spec["paths"]["/api/search"][method]["parameters"]}
-        assert {"where", "tag", "under", "taken_after", "taken_before"} <= names
+        assert {"where", "tag", "label", "under", "taken_after", "taken_before"} <= names
     body = spec["paths"]["/api/search"]["post"]["requestBody"]["content"]
-    assert {"where", "tag", "under"} <= set(body["multipart/form-data"]["schema"]["properties"])
-    assert {"where", "tag", "taken_after"} <= set(body["application/json"]["schema"]["properties"])
+    assert {"where", "tag", "label", "under"} <= set(body["multipart/form-data"]["schema"]["properties"])
+    assert {"where", "tag", "label", "taken_after"} <= set(body["application/json"]["schema"]["properties"])
 
 
 def test_search_page_filters(photos: tuple[ImageStore, Path], tmp_path: Path) -> None:
@@ -492,6 +556,7 @@ def test_search_page_filters(photos: tuple[ImageStore, Path], tmp_path: Path) ->
     assert shown == favourites
     assert "&amp;tag=fav" in grid  # a result's link searches with the same filter
     assert 'name="tag" value="fav"' in page.text and "filtered" in page.text
+    assert 'name="label" value=""' in page.text  # the label input, empty
     # the form sent again without a new file: the same image's search, with the new settings
     again = web.post("/", data={"id": str(cat_id), "k": "10", "tag": "fav", "where": "", "under": str(root / "cat"),
                                 "taken_after": "", "taken_before": ""}, headers=html, follow_redirects=False)

@@ -1,6 +1,7 @@
 """The HTTP API fuzzed from its own spec (schemathesis): every operation of ``/openapi.json``,
-on a real uvicorn server over a real store, read-only and with writes allowed, with and without
-a token. Every answer is a declared status with a body of the declared shape, never a 5xx, and
+on a real uvicorn server over a real store (colour histograms, and a few images with the default
+extractor's labels, so that word searches and label filters answer), read-only and with writes
+allowed, with and without a token. Every answer is a declared status with a body of the declared shape, never a 5xx, and
 never a traceback. Request bodies, parameters and path values are generated from the spec."""
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _served(setting: str, tmp: Path) -> Iterator[Any]:
     write_variants(photo("chelsea"), root / "again", "cat", 1)  # the same bytes as cat_000: a duplicate group
     store = ImageStore(str(tmp / "fuzz.db"), cache_codes=True)
     store.ingest([root], extractor="color")
+    store.ingest([root / "cat"], auto_index=False)  # the default extractor's labels: word searches (?text=) answer
+    store.search_text("a cat", k=1)  # the sentence model loaded now: no fuzzed request waits seconds for it
     store.create_index("lsh", 32, extractor="color")
     writes = setting != "read-only"
     token = TOKEN if setting.endswith("token") else None

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from imgstore import ImageStore
+from imgstore import ImageStore, SearchFilter
 from imgstore.errors import NotFoundError
 from imgstore.labels import MIN_PROB, TOP, imagenet_classes, probabilities, top_labels
 from imgstore.models import Label
+from imgstore.serve import Thumbnails, create_app
 from sqlalchemy import delete, func, select
 
 from .helpers import photo_path
@@ -126,3 +130,38 @@ def test_top_labels_properties(features: np.ndarray, seed: int) -> None:
         assert all(p >= MIN_PROB for _, p in labels[1:])
         assert [p for _, p in labels] == sorted((p for _, p in labels), reverse=True)
         assert len({c for c, _ in labels}) == len(labels)
+
+
+def test_labels_on_the_pages_the_api_and_the_query_filter(tmp_path: Path, photo_folder: Path) -> None:
+    """The image page lists its labels with their probabilities, each a link to the images
+    labelled so (and to the similar ones that are); ``GET /api/images/{id}`` carries them; the
+    collection page offers the common ones as filters; ``query --label`` keeps only those."""
+    db = str(tmp_path / "store.db")
+    with ImageStore(db) as store:
+        store.ingest(photo_folder)
+        cat = store.image(str(photo_folder / photo_path("chelsea").name))
+        first = cat.labels[0]
+        web = TestClient(create_app(store, thumbnails=Thumbnails(store, tmp_path / "thumbs")))
+        page = web.get(f"/images/{cat.id}", headers={"Accept": "text/html"})
+        listed = page.text.split('<ul class="labels"', 1)[1].split("</ul>", 1)[0]
+        for label in cat.labels:
+            assert f'href="/collection?label={quote(label.label)}"' in listed
+            assert f'href="/?id={cat.id}&amp;label={quote(label.label)}"' in listed
+            assert f"{label.prob * 100:.0f}%" in listed
+        api = web.get(f"/api/images/{cat.id}").json()
+        assert [x["label"] for x in api["labels"]] == [x.label for x in cat.labels]
+        browse = web.get(f"/collection?label={quote(first.label)}", headers={"Accept": "text/html"})
+        assert browse.status_code == 200
+        tiles = {int(i) for i in re.findall(r'<figure class="card tile">\s*<a href="/images/(\d+)"', browse.text)}
+        assert cat.id in tiles and tiles == {i.image_id for i in store.browse(SearchFilter(labels=first.label)).items}
+        chips = re.findall(r'<a class="chip( on)?" href="[^"]+"[^>]*>([^<]+)<span class="count">', browse.text)
+        assert {name.strip() for _, name in chips} == {c.name for c in store.label_counts()}
+        assert (" on", first.label) in [(on, name.strip()) for on, name in chips]
+        similar = web.get(f"/?id={cat.id}&label={quote(first.label)}", headers={"Accept": "text/html"})
+        assert {int(i) for i in re.findall(r'class="name" href="/images/(\d+)"', similar.text.split('id="results"', 1)[1])
+                } <= tiles
+    done = _cli("--db", db, "query", str(cat.id), "--label", first.label.upper(), "--json")
+    assert done.returncode == 0, done.stderr
+    assert {r["image_id"] for r in json.loads(done.stdout)[0]["results"]} == tiles
+    refused = _cli("--db", db, "query", str(cat.id), "--label", "tabby cat")
+    assert refused.returncode == 2 and "'tabby cat' is not an ImageNet label; did you mean 'tabby'" in refused.stderr

@@ -213,3 +213,30 @@ def test_0003_fills_buckets_from_existing_codes(db_url: str) -> None:
         with store.engine.connect() as conn:
             assert_buckets_match_codes(conn, index_id)
         assert store.verify(check_files=False).ok
+
+
+def test_0009_adds_the_border_columns_and_downgrade_drops_them(db_url: str) -> None:
+    """At head ``images`` keeps the keeper's border measure (fraction and version); a downgrade to
+    0008 drops both columns and keeps the images, and upgrading again brings them back empty
+    (the next dedup measures again)."""
+    import numpy as np
+
+    from .helpers import populate
+
+    vectors = np.random.default_rng(9).standard_normal((20, 8)).astype(np.float32)
+    with ImageStore(db_url) as store:
+        store.transaction(lambda conn: populate(conn, vectors))
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE images SET border_fraction = 0.125, border_version = 1 WHERE id = 1"))
+        columns = {c["name"] for c in inspect(store.engine).get_columns("images")}
+        assert {"border_fraction", "border_version"} <= columns
+        store.downgrade("0008")
+        columns = {c["name"] for c in inspect(store.engine).get_columns("images")}
+        assert not {"border_fraction", "border_version"} & columns
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM images")).scalar_one() == 20
+        store.upgrade()
+        with store.engine.connect() as conn:
+            rows = conn.execute(text("SELECT border_fraction, border_version FROM images")).all()
+        assert len(rows) == 20 and all(r == (None, None) for r in rows)
+        assert pending_changes(store.engine) == []

@@ -415,7 +415,7 @@ def test_search_by_id_route_reads_its_arguments_and_answers_from_memory(served: 
         assert got.status_code == 200 and got.json() == [h.as_dict() for h in want]
         plain = api.get("/api/search", params={"id": cat, "k": 3, "rerank": "0", "index": ""}).json()
         assert plain == [h.as_dict() for h in store.search(cat, 3, rerank=False)] and plain[0]["cosine"] is None
-        for params, message in (({"k": 3}, "bad argument: id: required"),
+        for params, message in (({"k": 3}, "bad argument: give id (a stored image) or text (words)"),
                                 ({"id": "abc"}, "bad argument: id: expected a whole number, got 'abc'"),
                                 ({"id": cat, "k": "ten"}, "bad argument: k: expected a whole number"),
                                 ({"id": cat, "exact": "maybe"}, "bad argument: exact: expected true or false")):
@@ -425,5 +425,5 @@ def test_search_by_id_route_reads_its_arguments_and_answers_from_memory(served: 
         assert api.get("/api/search", params={"id": cat, "index": 999}).status_code == 404
         assert api.get("/api/search", params={"id": cat, "k": 0}).status_code == 422
         listed = api.get("/openapi.json").json()["paths"]["/api/search"]["get"]["parameters"]
-        assert [p["name"] for p in listed] == ["id", "k", "exact", "probe_radius", "rerank", "index",
-                                               "where", "tag", "under", "taken_after", "taken_before"]
+        assert [p["name"] for p in listed] == ["id", "text", "k", "exact", "probe_radius", "rerank", "index",
+                                               "where", "tag", "label", "under", "taken_after", "taken_before"]

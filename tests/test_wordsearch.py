@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imgstore import ImageStore
 from imgstore.errors import ConfigError, NotFoundError
 from imgstore.labels import imagenet_classes
+from imgstore.serve import Thumbnails, create_app
 from imgstore.text import class_weights, encoder
 
 from .helpers import photo_path
@@ -92,3 +95,63 @@ def test_other_commands_never_load_the_sentence_model() -> None:
             "assert not {'imgstore.text', 'tokenizers', 'safetensors'} & set(sys.modules), sorted(sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_words_over_http_and_on_the_page(db_url: str, photo_folder: Path, tmp_path: Path) -> None:
+    """``GET /api/search?text=`` answers what ``search_text`` answers (declared in the spec),
+    with the filters; the search page's words box shows the same hits and what the words were
+    understood as; wrong requests are one-line 422s."""
+    with ImageStore(db_url) as store:
+        store.ingest(photo_folder)
+        web = TestClient(create_app(store, thumbnails=Thumbnails(store, tmp_path / "thumbs")))
+        cat = str(photo_folder / photo_path("chelsea").name)
+        got = web.get("/api/search", params={"text": "a cat", "k": 3})
+        assert got.status_code == 200, got.text
+        body = got.json()
+        assert body == store.search_text("a cat", k=3).as_dict()
+        assert set(body) == {"text", "understood", "results"} and body["results"][0]["paths"] == [cat]
+        assert body["understood"] and set(body["understood"][0]) == {"label", "weight"}
+        assert set(body["results"][0]) == {"image_id", "score", "paths", "labels"}
+        # the filters: a label (any case), a folder
+        coffee = store.image(str(photo_folder / photo_path("coffee").name))
+        only = web.get("/api/search", params={"text": "a cat", "k": 5, "label": coffee.labels[0].label.upper()}).json()
+        assert [h["image_id"] for h in only["results"]] == [coffee.id]
+        assert web.get("/api/search", params={"text": "a cat", "under": str(tmp_path / "elsewhere")}).json()["results"] == []
+        for params, message in (({"text": "a cat", "id": 1}, "give id (a stored image) or text (words)"),
+                                ({"k": 3}, "give id (a stored image) or text (words)"),
+                                ({"text": "x" * 1001}, "text: at most 1000 characters"),
+                                ({"text": "   "}, "needs some words"),
+                                ({"text": "a cat", "label": "tabby cat"}, "did you mean 'tabby'")):
+            bad = web.get("/api/search", params=params)
+            assert bad.status_code == 422, (params, bad.text)
+            assert message in bad.json()["error"] and "\n" not in bad.json()["error"], bad.json()
+        spec = web.get("/openapi.json").json()
+        op = spec["paths"]["/api/search"]["get"]
+        assert "text" in {p["name"] for p in op["parameters"]}
+        shapes = op["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+        assert {"#/components/schemas/WordSearchOut", "#/components/schemas/SearchHit"} == {
+            s.get("$ref") or s["items"]["$ref"] for s in shapes}
+        # the page: the words box, the hits as cards, what the words were understood as
+        page = web.get("/", params={"text": "a cat", "k": 10}, headers={"Accept": "text/html"})
+        assert page.status_code == 200
+        grid = page.text.split('id="results"', 1)[1]
+        shown = [int(i) for i in re.findall(r'class="name" href="/images/(\d+)"', grid)]
+        assert shown == [h.image_id for h in store.search_text("a cat", k=10).hits]
+        understood = page.text.split('id="understood"', 1)[1].split("</section>", 1)[0]
+        assert "understood as" in understood and "/collection?label=" in understood
+        assert re.search(r'name="text"[^>]* value="a cat"', page.text)
+        assert re.search(r'class="label"[^>]*>[^<]+ \d+%</span>', grid)  # the matched label and its probability
+        # words typed, then the image search's button: the search by those words, at its own address
+        posted = web.post("/", data={"text": " a cat ", "k": "10", "tag": ""}, follow_redirects=False,
+                          headers={"Accept": "text/html"})
+        assert posted.status_code == 303 and posted.headers["location"] == "/?text=a+cat&k=10"
+        filtered = web.get("/", params={"text": "a cat", "label": coffee.labels[0].label}, headers={"Accept": "text/html"})
+        assert [int(i) for i in re.findall(r'class="name" href="/images/(\d+)"', filtered.text.split('id="results"', 1)[1])
+                ] == [coffee.id]
+    with ImageStore(tmp_path / "colour.db") as colour:
+        colour.ingest(photo_folder, extractor="color")
+        web = TestClient(create_app(colour, thumbnails=Thumbnails(colour, tmp_path / "thumbs2")))
+        refused = web.get("/api/search", params={"text": "a cat"})
+        assert refused.status_code == 404 and "no labels" in refused.json()["error"]
+        page = web.get("/", params={"text": "a cat"}, headers={"Accept": "text/html"})
+        assert page.status_code == 404 and "no labels" in page.text and 'value="a cat"' in page.text

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError, ExtractorError
+from . import clip
 from .base import Extractor
+from .clip import TextEmbedder
 
-__all__ = ["DEFAULT_EXTRACTOR", "RUNTIMES", "RUNTIME_ENV", "Extractor", "available_extractors", "get_extractor",
-           "resolve_runtime"]
+__all__ = ["DEFAULT_EXTRACTOR", "RUNTIMES", "RUNTIME_ENV", "Extractor", "TextEmbedder", "available_extractors",
+           "embeds_text", "get_extractor", "resolve_runtime", "space_name"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,17 @@ def _color(runtime: str | None = None, **options: Any) -> Extractor:
     return ColorExtractor()
 
 
+def _clip(spec: str, runtime: str | None = None, **options: Any) -> Extractor:
+    if (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower() == "onnx":
+        raise ConfigError("CLIP extractors run on torch only: use --runtime torch or auto (the onnx runtime serves "
+                          "efficientnet-lite0 and -lite2)")
+    weights = clip.resolve(spec, options.pop("weights", None))  # a missing file is said before torch loads
+    clip.require_open_clip()
+    from .clip_model import ClipExtractor
+
+    return ClipExtractor(weights, **options)
+
+
 _FACTORIES: dict[str, Callable[..., Extractor]] = {
     "efficientnet-lite0": _lite("lite0"),
     "efficientnet-lite2": _lite("lite2"),
@@ -111,12 +124,15 @@ def get_extractor(name: str = DEFAULT_EXTRACTOR, runtime: str | None = None, **o
     """Build an extractor by name. Loads its weights now (can take a second); options are per extractor;
     ``runtime`` ("auto", "torch", "onnx") chooses what runs a CNN (:func:`resolve_runtime`).
 
+    ``name`` is a registered name, or ``clip:ARCH:PATH`` (a CLIP model with a weights file) or a
+    CLIP feature space's ``clip:ARCH:DIGEST`` (its file found again, or given as ``weights=PATH``).
+
     Raises ConfigError for an unknown name or option, WeightsNotFoundError when weights are needed
     and missing.
     """
-    factory = _FACTORIES[_check(name)]
+    factory = _clip if clip.is_clip(name) else _FACTORIES[_check(name)]
     try:
-        return factory(runtime=runtime, **options)
+        return factory(name, runtime=runtime, **options) if factory is _clip else factory(runtime=runtime, **options)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):
             raise ConfigError(f"bad option for extractor {name!r}: {exc}") from None
@@ -125,5 +141,17 @@ def get_extractor(name: str = DEFAULT_EXTRACTOR, runtime: str | None = None, **o
 
 def _check(name: str) -> str:
     if name not in _FACTORIES:
-        raise ConfigError(f"unknown extractor {name!r}; available: {', '.join(available_extractors())}")
+        raise ConfigError(f"unknown extractor {name!r}; available: {', '.join(available_extractors())}, or "
+                          "clip:ARCH:PATH (CLIP weights on disk)")
     return name
+
+
+def space_name(name: str) -> str:
+    """The feature space the extractor ``name`` writes, without building it (a
+    ``clip:ARCH:PATH`` spec reads the file's digest: ``clip:ARCH:DIGEST``)."""
+    return clip.space_name(name)
+
+
+def embeds_text(name: str) -> bool:
+    """The extractor (or feature space) ``name`` embeds words into its own space (CLIP)."""
+    return clip.is_clip(name)

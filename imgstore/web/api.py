@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.routing import request_response
 
+from ..browse import MAX_PAGE, MAX_PER_PAGE, BrowsePage
 from ..catalog import ImageRecord, IngestErrorRecord
 from ..errors import ConfigError, ImgStoreError, NotFoundError
 from ..paths import MAX_ID
@@ -32,6 +33,7 @@ from .http import (
     ID_PARAM,
     MAX_K_HTTP,
     SEARCH_PARAMS,
+    TEXT_PARAM,
     body_filter,
     combined,
     error_response,
@@ -61,6 +63,7 @@ from .schemas import (
     UndoRequest,
     UploadQuery,
     VectorQuery,
+    WordSearchOut,
 )
 from .service import THUMB_SIZES, Service
 
@@ -156,6 +159,22 @@ def errors(service: Svc, limit: Annotated[int, Query(ge=1, le=100_000)] = 100) -
     return [e.as_dict() for e in service.store.errors(limit)]
 
 
+@router.get("/images", response_model=BrowsePage, openapi_extra={"parameters": filter_parameters()})
+def browse(request: Request, service: Svc, sort: Literal["taken", "added", "folder"] = "taken",
+           order: Literal["asc", "desc"] = "desc", page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
+           per_page: Annotated[int, Query(ge=1, le=MAX_PER_PAGE)] = 60, include_stale: bool = False) -> dict[str, Any]:
+    """One page of the collection's images, sorted by ``sort`` (``taken``: EXIF capture time,
+    images without one last; ``added``; ``folder``: the path of their first current file) in
+    ``order``, narrowed by the filter parameters (``where``, ``tag``, ``label``, ``under``,
+    ``taken_after``, ``taken_before``); with ``total``, the images the filter allows."""
+    try:
+        search_filter = read_filter(request.query_params)
+    except ValueError as exc:
+        raise ConfigError(f"bad argument: {exc}") from None
+    return service.store.browse(search_filter or None, sort=sort, order=order, page=page, per_page=per_page,
+                                include_stale=include_stale).as_dict()
+
+
 @router.get("/images/{image_id}", response_model=ImageRecord)
 def image(service: Svc, image_id: ImageId) -> dict[str, Any]:
     return service.store.image(image_id).as_dict()
@@ -179,19 +198,31 @@ def neighbours(service: Svc, image_id: ImageId, k: Annotated[int, Query(ge=1, le
     return _hits([h for h in hits if h.image_id != image_id][:k])
 
 
-@search_router.get("/search", response_model=None, responses={200: {"model": list[SearchHit]}},
-            openapi_extra={"parameters": [*openapi_parameters((ID_PARAM, *SEARCH_PARAMS)), *filter_parameters()]})
+@search_router.get("/search", response_model=None,
+                   responses={200: {"model": list[SearchHit] | WordSearchOut,
+                                    "description": "by id: the hits; by text: the hits and what the words were "
+                                                   "understood as"}},
+                   openapi_extra={"parameters": [*openapi_parameters((ID_PARAM, TEXT_PARAM, *SEARCH_PARAMS)),
+                                                 *filter_parameters()]})
 async def search_by_id(request: Request) -> Response:
-    """The k nearest stored images of stored image ``id``; the filter parameters (``where``,
-    ``tag``, ``under``, ``taken_after``, ``taken_before``) keep only the images they allow."""
+    """The k nearest stored images of stored image ``id``, or, given ``text`` instead, the k
+    images that best match those words (through what the classifier sees in them; a store
+    without labels answers 404). The filter parameters (``where``, ``tag``, ``label``,
+    ``under``, ``taken_after``, ``taken_before``) keep only the images they allow."""
     service = get_service(request)
     given = request.query_params
     try:
         image_id = read_param(given, ID_PARAM)
+        words = read_param(given, TEXT_PARAM)
+        if (image_id is None) == (words is None):
+            raise ValueError("give id (a stored image) or text (words), one of them")
         options = search_options(given)
     except ValueError as exc:
         return error_response(request, 422, f"bad argument: {exc}")
     store = service.store
+    if words is not None:  # reads every feature vector of the labelled space: off the event loop
+        found = await anyio.to_thread.run_sync(lambda: store.search_text(words, k=options.k, filter=options.filter))
+        return json_response(found.as_dict())
     # a filter may read its allowed set from the database first: off the event loop
     if options.filter is None and store.answers_from_memory(options.index_id, rerank=options.rerank is not False):
         return _hits(store.search(image_id, options=options))

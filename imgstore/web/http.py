@@ -88,12 +88,12 @@ async def read_upload(request: Request, service: Service) -> tuple[bytes, FormDa
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: type  # int or bool
+    kind: type  # int, bool or str
     default: int | bool | None
     description: str
     required: bool = False
     minimum: int | None = None  # integers: the range a value must be in (declared and checked)
-    maximum: int | None = None
+    maximum: int | None = None  # text: its longest length
 
 
 #: Results one HTTP search may ask for (the library allows more: a bulk job uses export).
@@ -105,7 +105,12 @@ SEARCH_PARAMS = (
     Param("rerank", bool, True, "order the Hamming candidates by cosine of the stored features"),
     Param("index", int, None, "the index to search (default: the active one)", minimum=1, maximum=MAX_ID),
 )
-ID_PARAM = Param("id", int, None, "the stored image to search from", required=True, minimum=1, maximum=MAX_ID)
+ID_PARAM = Param("id", int, None, "the stored image to search from (or give text)", minimum=1, maximum=MAX_ID)
+#: The longest text a word search takes (characters): a sentence, not a document.
+MAX_TEXT = 1000
+TEXT_PARAM = Param("text", str, None, "words to find images by instead of an image id, e.g. a dog on the beach "
+                   "(through what the classifier sees in them); the answer is then an object that also says what the "
+                   "words were understood as", maximum=MAX_TEXT)
 
 _TRUE = frozenset({"1", "true", "on", "yes", "t", "y"})
 _FALSE = frozenset({"0", "false", "off", "no", "f", "n"})
@@ -115,11 +120,11 @@ def openapi_parameters(params: tuple[Param, ...]) -> list[dict[str, Any]]:
     """The OpenAPI declaration of query parameters that a route reads itself."""
     out = []
     for p in params:
-        schema: dict[str, Any] = {"type": "integer" if p.kind is int else "boolean"}
+        schema: dict[str, Any] = {"type": {int: "integer", bool: "boolean", str: "string"}[p.kind]}
         if p.minimum is not None:
             schema["minimum"] = p.minimum
         if p.maximum is not None:
-            schema["maximum"] = p.maximum
+            schema["maxLength" if p.kind is str else "maximum"] = p.maximum
         if p.default is not None:
             schema["default"] = p.default
         elif not p.required:
@@ -141,6 +146,10 @@ def read_param(given: Mapping[str, str], p: Param) -> Any:
         if raw.lower() in _FALSE:
             return False
         raise ValueError(f"{p.name}: expected true or false, got {raw!r}")
+    if p.kind is str:
+        if p.maximum is not None and len(raw) > p.maximum:
+            raise ValueError(f"{p.name}: at most {p.maximum} characters, got {len(raw)}")
+        return raw
     try:
         value = int(raw)
     except ValueError:
@@ -167,6 +176,9 @@ FILTER_FIELDS: tuple[tuple[str, dict[str, Any], str], ...] = (
      "only images whose metadata field KEY equals VALUE, as KEY=VALUE (a list field: one of its items); "
      "repeat for more, all must hold"),
     ("tag", {"type": "array", "items": {"type": "string"}}, "only images with this tag; repeat for more, all must hold"),
+    ("label", {"type": "array", "items": {"type": "string"}},
+     "only images the classifier labelled so (an ImageNet name, e.g. golden retriever; any case); repeat for more, "
+     "all must hold"),
     ("under", {"type": "string"}, "only images with a current file under this folder (a path as the server sees it)"),
     ("taken_after", {"type": "string"},
      "only images taken (EXIF capture time) at or after this date or ISO time: 2024-06-01, 2024-06, 2024-06-01T14:30"),
@@ -194,24 +206,27 @@ def read_filter(given: ImmutableMultiDict[str, Any]) -> SearchFilter:
         values[name] = [v for v in listed if v.strip()]
         if name in _SINGLE and len(values[name]) > 1:
             raise ValueError(f"{name}: given {len(values[name])} times; give it once")
-    return SearchFilter(where=values["where"], tags=values["tag"], **{n: values[n][0] if values[n] else None for n in _SINGLE})
+    return SearchFilter(where=values["where"], tags=values["tag"], labels=values["label"],
+                        **{n: values[n][0] if values[n] else None for n in _SINGLE})
 
 
 def body_filter(body: Mapping[str, Any]) -> SearchFilter:
     """The filter of a JSON body's keys (``where``: KEY=VALUE strings, or an object of fields
     and values); ValueError naming what is wrong."""
-    where, tags = body.get("where", []), body.get("tag", [])
+    where, tags, labels = body.get("where", []), body.get("tag", []), body.get("label", [])
     if not isinstance(where, (list, dict)) or (isinstance(where, list) and not all(isinstance(v, str) for v in where)):
         raise ValueError('where: send a list of "KEY=VALUE" strings or an object of fields and values')
     if not isinstance(tags, list) or not all(isinstance(v, str) for v in tags):
         raise ValueError("tag: send a list of tags")
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        raise ValueError("label: send a list of label names")
     single = {}
     for name in _SINGLE:
         value = body.get(name)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name}: send text")
         single[name] = value or None
-    return SearchFilter(where=where, tags=tags, **single)
+    return SearchFilter(where=where, tags=tags, labels=labels, **single)
 
 
 def combined(first: SearchFilter, second: SearchFilter) -> SearchFilter:
@@ -220,7 +235,7 @@ def combined(first: SearchFilter, second: SearchFilter) -> SearchFilter:
         a, b = getattr(first, name), getattr(second, name)
         if a is not None and b is not None and a != b:
             raise ValueError(f"{name}: given in the query string and in the body; give it once")
-    return SearchFilter(where=first.where + second.where, tags=first.tags + second.tags,
+    return SearchFilter(where=first.where + second.where, tags=first.tags + second.tags, labels=first.labels + second.labels,
                         **{name: getattr(first, name) or getattr(second, name) for name in _SINGLE})
 
 

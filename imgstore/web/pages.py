@@ -22,9 +22,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.datastructures import FormData, ImmutableMultiDict
 
+from ..browse import MAX_PAGE, BrowsePage
+from ..browse import SORTS as BROWSE_SORTS
 from ..decode import load_image
 from ..dedup import DuplicateGroup, DuplicateMember
-from ..errors import ImgStoreError
+from ..errors import ImgStoreError, NotFoundError
 from ..hashing import available_methods
 from ..paths import counted, printable
 from ..types import SearchFilter, SearchOptions
@@ -34,6 +36,9 @@ from .service import Service, TooLarge
 
 router = APIRouter(include_in_schema=False)
 K_CHOICES = (10, 20, 50, 100)
+PER_PAGE_CHOICES = (30, 60, 120)
+#: The most common labels the collection page offers as one-click filters.
+LABEL_CHIPS = 30
 KEEP_RULES = ("original", "largest", "oldest", "newest", "smallest")
 GROUPS_PER_PAGE = 30
 
@@ -75,13 +80,16 @@ def search_context(service: Service, k: int, exact: bool, index: int | None,
     not every table's: this renders with every search) and the filter's inputs."""
     store = service.store
     shown = search_filter or SearchFilter()
-    given = shown.as_dict()
     return {"k": k, "exact": exact, "index": index, "indexes": store.indexes(with_counts=False), "k_choices": K_CHOICES,
-            "n_images": store.image_count(), "filter": shown,
-            "filter_inputs": {"where": given.get("where") or [""], "tag": given.get("tag") or [""],
-                              "under": given.get("under", ""),
-                              "taken_after": _day(shown.taken_after), "taken_before": _day(shown.taken_before)},
+            "n_images": store.image_count(), "filter": shown, "filter_inputs": _filter_inputs(shown),
             "filter_query": _filter_query(shown)}
+
+
+def _filter_inputs(shown: SearchFilter) -> dict[str, Any]:
+    """The filter form's input values (one empty input where a condition is not given)."""
+    given = shown.as_dict()
+    return {"where": given.get("where") or [""], "tag": given.get("tag") or [""], "label": ", ".join(shown.labels),
+            "under": given.get("under", ""), "taken_after": _day(shown.taken_after), "taken_before": _day(shown.taken_before)}
 
 
 def _filter_query(search_filter: SearchFilter) -> str:
@@ -98,14 +106,16 @@ def _day(when: datetime | None) -> str:
 
 
 def _page_filter(given: ImmutableMultiDict[str, Any]) -> SearchFilter:
-    """The filter of a page's query string or form: the API's parameters; a tag input may
-    hold several tags separated by commas. ValueError naming what is wrong."""
+    """The filter of a page's query string or form: the API's parameters; a tag or label
+    input may hold several, separated by commas (no ImageNet name holds one). ValueError
+    naming what is wrong."""
     found = read_filter(given)
     tags = [t.strip() for tag in found.tags for t in tag.split(",") if t.strip()]
-    if tags == list(found.tags):
+    labels = [n.strip() for name in found.labels for n in name.split(",") if n.strip()]
+    if tags == list(found.tags) and labels == list(found.labels):
         return found
     return SearchFilter(where=found.where, tags=tags, under=found.under, taken_after=found.taken_after,
-                        taken_before=found.taken_before)
+                        taken_before=found.taken_before, labels=labels)
 
 
 async def _form(request: Request) -> tuple[Service, FormData]:
@@ -124,7 +134,9 @@ def _redirect(path: str, service: Service, note: str, **more: str) -> RedirectRe
 
 @router.get("/", response_class=HTMLResponse)
 def search_page(request: Request, id: str | None = None, k: str | None = None, exact: str | None = None,
-                index: str | None = None) -> Response:
+                index: str | None = None, text: str | None = None) -> Response:
+    """The search page; with ``id``, the search by that stored image; with ``text`` (the words
+    box, which wins over an ``id`` the form carries), the search by words."""
     service = _service(request)
     k_value, index_id = _choices(k, K_CHOICES, 20), _int_or_none(index)
     try:
@@ -133,6 +145,12 @@ def search_page(request: Request, id: str | None = None, k: str | None = None, e
         context = search_context(service, k_value, bool(exact), index_id)
         return render(request, "search.html", 422, error=str(exc), **context)
     context = search_context(service, k_value, bool(exact), index_id, search_filter)
+    if text and text.strip():
+        try:
+            found = service.store.search_text(text, k=k_value, filter=search_filter)
+        except ImgStoreError as exc:
+            return render(request, "search.html", status_for(exc), error=str(exc), words_text=text, **context)
+        return render(request, "search.html", words=found, results=found.hits, **context)
     query_id = _int_or_none(id)
     if id and query_id is None:
         return render(request, "search.html", 422, error=f"{id!r} is not an image id", **context)
@@ -160,6 +178,11 @@ async def search_upload(request: Request) -> Response:
         return render(request, "search.html", 422, error=str(exc), **context)
     item = form.get("image")
     query_id = _int_or_none(form.get("id"))
+    words = str(form.get("text") or "").strip()
+    if words and not getattr(item, "filename", None):
+        # words typed, then the image search's button (no file): the search by those words
+        again = {"text": words, "k": str(k_value)}
+        return RedirectResponse(f"/?{urlencode(again)}{_filter_query(search_filter or SearchFilter())}", status_code=303)
     if query_id is not None and not getattr(item, "filename", None):
         # the form of a search by a stored image, sent again with other settings (no new file):
         # the same search at its own address
@@ -273,9 +296,53 @@ async def undo(request: Request) -> Response:
 
 
 @router.get("/collection", response_class=HTMLResponse)
-def collection_page(request: Request, note: str | None = None) -> Response:
+def collection_page(request: Request, note: str | None = None, sort: str = "taken", order: str = "desc",
+                    page: str | None = None, per_page: str | None = None) -> Response:
+    """The collection: its images, a page at a time, sorted and filtered (the search's
+    filters), its most common labels as one-click filters; then the store's state (counts,
+    feature spaces, indexes, background jobs, ingest errors)."""
     service = _service(request)
-    return render(request, "collection.html", info=service.store.info(), errors=service.store.errors(50),
+    store = service.store
+    sort = sort if sort in BROWSE_SORTS else "taken"
+    order = order if order in ("asc", "desc") else "desc"
+    size = _choices(per_page, PER_PAGE_CHOICES, 60)
+    size = size if size in PER_PAGE_CHOICES else 60
+    wanted = min(max(1, _int_or_none(page) or 1), MAX_PAGE)
+    status = 200
+    error: str | None = None
+    shown: BrowsePage | None = None
+    try:
+        search_filter = _page_filter(request.query_params)
+    except ValueError as exc:
+        status, error, search_filter = 422, str(exc), SearchFilter()
+    if error is None:
+        try:
+            shown = store.browse(search_filter or None, sort=sort, order=order, page=wanted, per_page=size)
+            if shown.total and wanted > shown.pages:  # past the last page (the collection shrank): the last
+                shown = store.browse(search_filter or None, sort=sort, order=order, page=shown.pages, per_page=size)
+        except ImgStoreError as exc:  # e.g. a label that is no ImageNet name: the message names the closest
+            status, error = status_for(exc), str(exc)
+    try:
+        common = store.label_counts()
+    except NotFoundError:  # no feature space with a classifier (colour histograms): no labels to offer
+        common = []
+    here = {"sort": sort, "order": order, **({"per_page": str(size)} if size != 60 else {})}
+    query = urlencode(here) + _filter_query(search_filter)
+
+    def with_label(name: str, on: bool) -> str:
+        labels = [n for n in search_filter.labels if n != name.casefold()] if on else [*search_filter.labels, name]
+        changed = SearchFilter(where=search_filter.where, tags=search_filter.tags, under=search_filter.under,
+                               taken_after=search_filter.taken_after, taken_before=search_filter.taken_before, labels=labels)
+        return "/collection?" + urlencode(here) + _filter_query(changed)
+
+    offered = common[:LABEL_CHIPS]
+    offered += [c for c in common[LABEL_CHIPS:] if c.name.casefold() in search_filter.labels]  # on: always shown
+    chips = [{"name": c.name, "images": c.images, "on": c.name.casefold() in search_filter.labels,
+              "href": with_label(c.name, c.name.casefold() in search_filter.labels)} for c in offered]
+    return render(request, "collection.html", status, error=error, browse=shown, query=query, sort=sort, order=order,
+                  per_page=size, per_page_choices=PER_PAGE_CHOICES, filter=search_filter,
+                  filter_inputs=_filter_inputs(search_filter),
+                  chips=chips, label_names=sorted(c.name for c in common), info=store.info(), errors=store.errors(50),
                   jobs=list(reversed(service.jobs.all())), methods=available_methods(), note=service.notes.get(note))
 
 

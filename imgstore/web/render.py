@@ -56,6 +56,7 @@ templates.env.filters.update({
     "counted": lambda n, noun: counted(n, noun),
     "cos": lambda c: "" if c is None else f"{c:.3f}",
     "when": _when,
+    "day": lambda d: "" if d is None else d.strftime("%Y-%m-%d"),
     "size": _size,
 })
 

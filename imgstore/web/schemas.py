@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..labels import ImageLabel
 from ..types import CacheState
 
 
@@ -34,11 +35,37 @@ class SearchHit(Model):
     paths: list[str] = Field(description="the image's current files")
 
 
+class WordHitOut(Model):
+    image_id: int
+    score: float = Field(description="how well the image matches the words: 0..1 through labels (the weighted geometric "
+                                     "mean of its probabilities of the classes the words were understood as); in a CLIP "
+                                     "feature space the cosine of the image's and the words' embeddings, -1..1")
+    paths: list[str] = Field(description="the image's current files")
+    labels: list[ImageLabel] = Field(description="the image's labels among the classes the words were understood as")
+
+
+class UnderstoodOut(Model):
+    label: str = Field(description="an ImageNet class name")
+    weight: float = Field(description="its share of the words' meaning, 0..1")
+
+
+class WordSearchOut(Model):
+    """A word search's answer (``GET /api/search?text=``): the hits, best first, and what the
+    words were understood as (the classes weighed most)."""
+
+    text: str = Field(description="the words, white space collapsed")
+    understood: list[UnderstoodOut] = Field(description="the classes the words were understood as, weightiest first "
+                                                        "(empty in a CLIP feature space: no class names are involved)")
+    results: list[WordHitOut]
+
+
 class FilterFields(BaseModel):
     """Which images a search may return (all conditions must hold; none: every image). The
     same conditions may be given as query parameters; both at once must agree."""
 
     tag: list[str] = Field(default_factory=list, description="only images with every one of these tags")
+    label: list[str] = Field(default_factory=list, description="only images the classifier labelled with every one of "
+                                                               "these ImageNet names (any case), e.g. golden retriever")
     under: str | None = Field(None, description="only images with a current file under this folder (as the server sees it)")
     taken_after: str | None = Field(None, description="only images taken (EXIF) at or after this date or ISO time, "
                                                       "e.g. 2024-06-01, 2024-06, 2024-06-01T14:30")

@@ -1,0 +1,348 @@
+"""Batch kNN and dedup pairs over shards: one process vs a Dask LocalCluster of 1 and 2 workers.
+
+    python benchmarks/bench_batch.py [--sizes 1000000,10000000] [--k 10] [--radius 2] [--sample 10000]
+                                     [--export-n 1000000] [--skip-export]
+
+Codes: bench_scale's pool (64-bit LSH codes of 128-d Gaussian clusters, 10,000 centres; made
+once under its cache), the first N as images 1..N, written as a shard set
+(``imgstore.shards.write_arrays``, 4 shards: a worker has blocks to take) under the benchmark
+cache. For each N:
+
+- **kNN graph** (every code's k nearest other codes, exact, ``imgstore.batch.neighbours``) and
+  **dedup pairs** (every pair within ``--radius`` bits, ``imgstore.batch.near_pairs``), each
+  run in a new process: in that process (no Dask), ``local:1`` and ``local:2`` (LocalCluster
+  worker processes, one thread each), each from an empty work folder. Seconds, codes per
+  second, peak RSS of the process and of each worker (``ru_maxrss``).
+- **Exactness**: for ``--sample`` codes drawn at random, the graph's row and the pairs holding
+  that code against a full scan of all N codes (compiled popcount, ties by id): mismatches must
+  be 0; and the three runs' outputs must be identical.
+- **Shard export** (``--export-n`` codes in a store on SQLite and on PostgreSQL, loaded the way
+  bench_scale loads its stores): codes per second of ``imgstore shards export``.
+
+Writes benchmarks/results/batch.json and batch.md (a projection for 1B codes from the measured
+per-code costs included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = Path(os.environ.get("IMGSTORE_BENCH_CACHE", Path.home() / ".cache" / "imgstore-bench")) / "batch"
+MODES = ("one process", "local:1", "local:2")
+
+
+def layout() -> Any:
+    from datetime import datetime, timezone
+
+    from imgstore.types import IndexInfo
+
+    return IndexInfo(1, "bench-batch", "lsh", 64, 4, 16, "synthetic-gauss128", 1, True, 0, 0, 0, datetime.now(timezone.utc), {})
+
+
+def shard_set(n: int) -> Path:
+    import bench_scale
+
+    from imgstore import shards
+
+    folder = CACHE / f"shards-{n}"
+    if (folder / "manifest.json").exists():
+        return folder
+    pool, _ = bench_scale.make_pool()
+    shutil.rmtree(folder, ignore_errors=True)
+    shards.write_arrays(folder, layout(), np.arange(1, n + 1, dtype=np.int64), np.asarray(pool[:n]), shard_codes=-(-n // 4))
+    return folder
+
+
+def warm_up() -> None:
+    """Compile the kernels once (numba caches them on disk), so no timed run pays for it."""
+    import tempfile
+
+    from imgstore import batch, shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        got = shards.write_arrays(Path(tmp) / "s", layout(), np.arange(1, 201), rng.integers(0, 256, (200, 8), dtype=np.uint8),
+                                  shard_codes=100)
+        batch.neighbours(got, 3, workdir=Path(tmp) / "w")
+        batch.near_pairs(got, 2, workdir=Path(tmp) / "w")
+
+
+# --- one run, in its own process ------------------------------------------------------------------
+
+
+def one(task: str, folder: str, mode: str, k: int, radius: int, out: str) -> None:
+    from imgstore import batch, shards
+
+    got = shards.read_manifest(folder)
+    work = Path(out)
+    shutil.rmtree(work, ignore_errors=True)
+    cluster = None if mode == "one process" else mode
+    workers_rss: list[float] = []
+    client = close = None
+    if cluster is not None:
+        from imgstore.cluster import connect
+
+        client, close, _ = connect(cluster)
+        cluster = client
+    started = time.perf_counter()
+    if task == "knn":
+        result = batch.neighbours(got, k, workdir=work, cluster=cluster)
+        digest = _digest(result.neighbours, result.distances)
+        saved = {"ids": result.image_ids, "nbr": result.neighbours, "dist": result.distances}
+    else:
+        pairs = batch.near_pairs(got, radius, workdir=work, cluster=cluster)
+        digest = _digest(pairs.a, pairs.b, pairs.distances)
+        saved = {"a": pairs.a, "b": pairs.b, "dist": pairs.distances}
+    seconds = time.perf_counter() - started
+    if client is not None:
+        workers_rss = sorted(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
+        assert close is not None
+        close()
+    np.savez(work / "result.npz", **saved)
+    print(json.dumps({"seconds": seconds, "digest": digest, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "workers_peak_rss_mb": workers_rss, "n_pairs": int(len(saved.get("a", [])))}))
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(task: str, folder: Path, mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--one", task, "--folder", str(folder), "--mode", mode, "--k", str(args.k),
+           "--radius", str(args.radius), "--work", str(work)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{task} {mode} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# --- exactness --------------------------------------------------------------------------------------
+
+
+def check(folder: Path, work: Path, task: str, args: argparse.Namespace) -> dict[str, int]:
+    from imgstore import kernels
+    from imgstore.hashing.bits import as_words
+    from imgstore.shards import load_shard, read_manifest
+
+    got = read_manifest(folder)
+    ids = np.concatenate([np.asarray(load_shard(got, s)[0]) for s in got.shards])
+    words = np.ascontiguousarray(as_words(np.concatenate([np.asarray(load_shard(got, s)[1]) for s in got.shards])))
+    rng = np.random.default_rng(7)
+    sample = rng.choice(len(ids), size=min(args.sample, len(ids)), replace=False)
+    res = np.load(work / "result.npz")
+    mismatches = 0
+    if task == "knn":
+        for row in sample:
+            rows, dist = kernels.scan_rank(words, words[row], args.k + 1)
+            keep = ids[rows] != ids[row]
+            want_ids, want_dist = ids[rows][keep][: args.k], dist[keep][: args.k]
+            if not (np.array_equal(res["nbr"][row], want_ids) and np.array_equal(res["dist"][row].astype(np.int64), want_dist)):
+                mismatches += 1
+    else:
+        a, b = res["a"], res["b"]
+        for row in sample:
+            dist = np.bitwise_count(words[:, 0] ^ words[row, 0])
+            want = set(ids[(dist <= args.radius) & (ids != ids[row])].tolist())
+            me = ids[row]
+            found = set(b[a == me].tolist()) | set(a[b == me].tolist())
+            if found != want:
+                mismatches += 1
+    return {"sampled": int(len(sample)), "mismatches": mismatches}
+
+
+# --- shard export from a store ------------------------------------------------------------------------
+
+
+def export_rates(n: int) -> dict[str, Any]:
+    import bench_scale
+
+    from imgstore import ImageStore
+
+    pool, _ = bench_scale.make_pool()
+    codes = np.asarray(pool[:n])
+    out: dict[str, Any] = {}
+    for kind in ("sqlite", "postgresql"):
+        url = bench_scale.store_url(kind, n, "postgresql://postgres@127.0.0.1:5432/postgres") if kind == "postgresql" \
+            else f"sqlite:///{CACHE / f'export-{n}.db'}"
+        if kind == "sqlite":
+            (CACHE / f"export-{n}.db").unlink(missing_ok=True)
+        else:
+            bench_scale.drop_store(kind, n, "postgresql://postgres@127.0.0.1:5432/postgres")
+            bench_scale.create_store(kind, n, "postgresql://postgres@127.0.0.1:5432/postgres")
+        with ImageStore(url) as store:
+            bench_scale.load_images(store, n)
+            _load_index(store, codes)
+            folder = CACHE / f"export-{kind}"
+            shutil.rmtree(folder, ignore_errors=True)
+            started = time.perf_counter()
+            done = store.export_shards(folder, shard_codes=-(-n // 4))
+            seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            again = store.export_shards(folder)
+            again_s = time.perf_counter() - started
+        out[kind] = {"codes": done.shards.n_codes, "seconds": seconds, "codes_per_s": n / seconds,
+                     "again_unchanged_s": again_s, "again_written": again.written}
+        print(f"export {kind}: {n / seconds:,.0f} codes/s ({seconds:.1f} s); again with nothing changed {again_s:.1f} s", flush=True)
+        if kind == "sqlite":
+            (CACHE / f"export-{n}.db").unlink(missing_ok=True)
+        else:
+            bench_scale.drop_store(kind, n, "postgresql://postgres@127.0.0.1:5432/postgres")
+    return out
+
+
+def _load_index(store: Any, codes: np.ndarray) -> None:
+    import secrets
+
+    import bench_search as bs
+
+    from imgstore.bandindex import write_codes, write_new_buckets
+    from imgstore.models import HashIndex
+    from imgstore.vectors import get_or_create_space
+
+    def work(conn: Any) -> None:
+        space_id = get_or_create_space(conn, "synthetic-gauss128", bs.DIM, "bench-search-1")
+        t = HashIndex.__table__
+        hid = int(conn.execute(t.insert().values(  # type: ignore[attr-defined]
+            uid=secrets.token_hex(16), space_id=space_id, method="lsh", n_bits=64, n_bands=4, band_width=16,
+            params=b"", config={"benchmark": "bench_batch"}, is_active=True, n_fitted=0, generation=0,
+        ).returning(t.c.id)).scalar_one())  # type: ignore[attr-defined]
+        deferred: list[Any] = []
+        for a in range(0, len(codes), 1_000_000):
+            ids = np.arange(a + 1, min(a + 1_000_000, len(codes)) + 1, dtype=np.int64)
+            write_codes(conn, hid, ids, codes[a : a + 1_000_000], 4, 16, defer=deferred, new_index=True)
+        write_new_buckets(conn, hid, deferred, 4, 16)
+
+    store.transaction(work, what="load index")
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = ["# Batch kNN and dedup pairs over shards (imgstore.batch)", "",
+             f"`python benchmarks/bench_batch.py` on {res['cores']} cores ({res['machine']}), bench_scale's 64-bit codes "
+             "(4 bands of 16 bits), 4 shards per size; each run a new process from an empty work folder; "
+             f"k = {res['k']}, pairs within {res['radius']} bits. One run per cell (these take minutes).", "",
+             "| codes | task | where | seconds | codes/s | speed-up over local:1 | peak RSS, MB (process / workers) | exact (sampled) |",
+             "|---:|---|---|---:|---:|---:|---|---|"]
+    for row in res["runs"]:
+        base = next((r for r in res["runs"] if r["n"] == row["n"] and r["task"] == row["task"] and r["mode"] == "local:1"), None)
+        up = f"{base['seconds'] / row['seconds']:.2f}x" if base else ""
+        rss = f"{row['peak_rss_mb']:.0f}" + (f" / {', '.join(f'{w:.0f}' for w in row['workers_peak_rss_mb'])}"
+                                               if row["workers_peak_rss_mb"] else "")
+        ex = row.get("exact")
+        exact = f"{ex['mismatches']} mismatches in {ex['sampled']:,}" if ex else "same output as one process" if row["same"] else "DIFFERENT"
+        lines.append(f"| {row['n']:,} | {row['task']} | {row['mode']} | {row['seconds']:.1f} | {row['n'] / row['seconds']:,.0f} | "
+                     f"{up} | {rss} | {exact} |")
+    if res.get("export"):
+        lines += ["", "Shard export of a store's index (`ImageStore.export_shards`, 4 shards; again with nothing changed "
+                  "re-reads only the open last range):", "", "| database | codes | codes/s | again, s |", "|---|---:|---:|---:|"]
+        for kind, e in res["export"].items():
+            lines.append(f"| {kind} | {e['codes']:,} | {e['codes_per_s']:,.0f} | {e['again_unchanged_s']:.1f} |")
+    proj = res.get("projection")
+    if proj:
+        lines += ["", "## 1B codes, projected from these figures", "", proj]
+    return "\n".join(lines) + "\n"
+
+
+def projection(res: dict[str, Any]) -> str:
+    """Core-hours for 1B codes in 20M-code shards, from the per-(query, block) cost measured on one
+    worker at each size (a shard is N/4 codes), extrapolated by the growth seen between sizes."""
+    out = []
+    for task in ("knn", "pairs"):
+        pts = sorted((r["n"] // 4, r["seconds"] / (r["n"] * 4 if task == "knn" else r["n"] * 2.5))
+                     for r in res["runs"] if r["task"] == task and r["mode"] == "local:1")
+        if not pts:
+            continue
+        shard, cost = pts[-1]
+        alpha = float(np.log(pts[-1][1] / pts[0][1]) / np.log(pts[-1][0] / pts[0][0])) if len(pts) > 1 else 1.0
+        target = 20_000_000
+        per = cost * (target / shard) ** max(alpha, 0.0)
+        blocks_per_query = 50 if task == "knn" else 25.5
+        core_h = 1e9 * blocks_per_query * per / 3600
+        out.append(f"- {task}: {cost * 1e6:.2f} us per code and block at {shard:,}-code shards; cost grows as shard size^{alpha:.2f} "
+                   f"between the sizes measured, so ~{per * 1e6:.1f} us at 20M-code shards; 1B codes = 50 shards, "
+                   f"{blocks_per_query:g} blocks per code: ~{core_h:,.0f} core-hours, ~{core_h / (20 * 16):,.1f} h on 20 machines "
+                   "of 16 cores.")
+    out.append("- memory: a worker holds one data shard's cache at a time (~90 B a code: 20M codes ~ 1.8 GB) and the "
+               "memory-mapped query shard; the client holds the merged output (kNN: 10 bytes x k per code, 100 GB at 1B "
+               "codes and k = 10: write it per query shard instead, not done yet).")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--radius", type=int, default=2)
+    parser.add_argument("--sample", type=int, default=10_000)
+    parser.add_argument("--export-n", type=int, default=1_000_000)
+    parser.add_argument("--skip-export", action="store_true")
+    parser.add_argument("--tasks", default="pairs,knn")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        one(args.one, args.folder, args.mode, args.k, args.radius, args.work)
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    warm_up()
+    res: dict[str, Any] = {"k": args.k, "radius": args.radius, "cores": len(os.sched_getaffinity(0)),
+                           "machine": platform.machine(), "runs": []}
+    out_json = RESULTS / "batch.json"
+    if out_json.exists():  # rows of other sizes and tasks stay; this run replaces its own
+        old = json.loads(out_json.read_text())
+        res["runs"] = old.get("runs", [])
+        res["export"] = old.get("export")
+    for n in [int(s) for s in args.sizes.split(",")]:
+        folder = shard_set(n)
+        for task in args.tasks.split(","):
+            digests = {}
+            for mode in MODES:
+                work = CACHE / f"work-{n}-{task}-{mode.replace(':', '')}".replace(" ", "-")
+                r = run_one(task, folder, mode, args, work)
+                row = {"n": n, "task": task, "mode": mode, **r}
+                digests[mode] = r["digest"]
+                if mode == "one process":
+                    row["exact"] = check(folder, work, task, args)
+                row["same"] = r["digest"] == digests["one process"]
+                res["runs"] = [x for x in res["runs"] if (x["n"], x["task"], x["mode"]) != (n, task, mode)] + [row]
+                print(f"{n:,} {task} {mode}: {r['seconds']:.1f} s ({n / r['seconds']:,.0f} codes/s), peak {r['peak_rss_mb']:.0f} MB "
+                      f"workers {r['workers_peak_rss_mb']}, {row.get('exact', 'same' if row['same'] else 'DIFFERENT')}", flush=True)
+                shutil.rmtree(work, ignore_errors=True)
+            res["projection"] = projection(res)
+            out_json.write_text(json.dumps(res, indent=2))
+            (RESULTS / "batch.md").write_text(report(res))
+    if not args.skip_export:
+        res["export"] = export_rates(args.export_n)
+    out_json.write_text(json.dumps(res, indent=2))
+    (RESULTS / "batch.md").write_text(report(res))
+    print(report(res))
+
+
+if __name__ == "__main__":
+    main()

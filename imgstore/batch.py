@@ -1,0 +1,374 @@
+"""Batch search over shards: the exact k nearest codes of every code, and every pair of codes
+within a Hamming radius, block by block, in this process or on a Dask cluster.
+
+The work is a set of blocks, one per (query shard, data shard): for neighbours every ordered
+pair of shards, for pairs every unordered one. A block loads the data shard into the same
+:class:`~imgstore.codecache.CodeCache` a server searches with (a worker keeps the last ones it
+built, so the blocks of one data shard share one), and runs
+
+- **neighbours**: :func:`~imgstore.search.hamming_search` in exact mode for each query code
+  (top ``k`` by (distance, id), the code itself left out); blocks of one query shard are merged
+  by (distance, id), so the result equals a brute-force sort over every code;
+- **pairs**: a join of band values, vectorised with numpy: a pair is a candidate when some band
+  of the two codes is within ``probe_radius`` bits (found once, at its first such band) and
+  kept when the whole codes are within ``max_distance``: the candidates of dedup's band probe
+  (:class:`imgstore.dedup.IndexPairs`), exactly. With ``probe_radius = max_distance // n_bands``
+  (pigeonhole) that is every pair within ``max_distance``.
+
+Each finished block is saved in the work folder under a name holding the shard set's token
+(:meth:`ShardSet.token`), written under a temporary name and renamed: a rerun after a killed
+client loads the finished blocks and computes only the rest; shards exported again (another
+token) start afresh. A worker killed mid-block makes Dask run the block again elsewhere; blocks
+are deterministic, so the output is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import kernels
+from .bandjoin import BandTable, band_join
+from .cluster import connect
+from .codecache import CACHE_SCAN_FRACTION, CodeCache, probe_values
+from .errors import ClusterError, ConfigError, ImgStoreError
+from .hashing.bits import as_words, band_values
+from .search import MAX_PROBES_PER_BAND
+from .shards import Shard, ShardSet, load_shard, read_manifest
+
+log = logging.getLogger(__name__)
+
+#: Query rows joined at once in a pairs block (bounds the candidate arrays).
+PAIR_ROWS = 65_536
+#: Queries per compiled call in a neighbours block.
+QUERY_BATCH = 4096
+#: Data-shard caches a worker process keeps (each ~90 bytes a code).
+KEPT_CACHES = 2
+#: Distance that pads a neighbour list shorter than k (fewer than k other codes exist).
+NO_DISTANCE = np.iinfo(np.int16).max
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # "knn" or "pairs"
+    query: str  # shard names
+    data: str
+
+    def file_name(self, token: str, params: str) -> str:
+        return f"{self.kind}_{params}_{token}_{self.query}_{self.data}.npz"
+
+
+@dataclass
+class Neighbours:
+    """Every code's ``k`` nearest other codes: ``image_ids (n,)`` ascending, ``neighbours (n, k)``
+    int64 (-1 where fewer than k others exist), ``distances (n, k)`` int16 (NO_DISTANCE there)."""
+
+    image_ids: npt.NDArray[np.int64]
+    neighbours: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.int16]
+    stats: RunStats
+
+
+@dataclass
+class Pairs:
+    """Pairs of image ids ``a < b`` whose codes are within the radius, sorted by (a, b)."""
+
+    a: npt.NDArray[np.int64]
+    b: npt.NDArray[np.int64]
+    distances: npt.NDArray[np.int16]
+    stats: RunStats
+
+
+@dataclass
+class RunStats:
+    blocks: int = 0
+    blocks_reused: int = 0
+    codes: int = 0
+    seconds: float = 0.0
+    workers: int = 1
+    where: str = "this process"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"blocks": self.blocks, "blocks_reused": self.blocks_reused, "codes": self.codes,
+                "seconds": round(self.seconds, 3), "workers": self.workers, "where": self.where, **self.extra}
+
+
+# --- one block ---------------------------------------------------------------------------------
+
+_caches: OrderedDict[tuple[str, str, str], CodeCache] = OrderedDict()
+_caches_lock = threading.Lock()
+
+
+def shard_cache(shards: ShardSet, shard: Shard) -> CodeCache:
+    """The code cache of one shard, built once per process and shard content (keyed by the
+    folder, the shard set's token and the shard) and kept for the next blocks."""
+    key = (str(shards.folder), shards.token(), shard.name)
+    with _caches_lock:
+        got = _caches.get(key)
+        if got is not None:
+            _caches.move_to_end(key)
+            return got
+    ids, codes = load_shard(shards, shard)
+    cache = CodeCache(shards.index, shards.generation, np.asarray(ids), np.asarray(codes))
+    with _caches_lock:
+        _caches[key] = cache
+        while len(_caches) > KEPT_CACHES:
+            _caches.popitem(last=False)
+    return cache
+
+
+def _shard(shards: ShardSet, name: str) -> Shard:
+    for s in shards.shards:
+        if s.name == name:
+            return s
+    raise ConfigError(f"no shard {name} in {shards.folder}; export the shards again")
+
+
+def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """For each code of shard ``query``, its ``k`` nearest codes in shard ``data`` (itself left
+    out), exact, by (distance, id): ``(n_query, k)`` ids (-1 padded) and distances. The rounds
+    of the cache's exact search, run for a batch of queries at a time in one compiled call
+    (:func:`imgstore.kernels.knn_batch`)."""
+    q_ids, q_codes = load_shard(shards, _shard(shards, query))
+    cache = shard_cache(shards, _shard(shards, data))
+    same = query == data
+    want = min(k + 1 if same else k, len(cache))
+    out_ids = np.full((len(q_ids), k), -1, dtype=np.int64)
+    out_dist = np.full((len(q_ids), k), NO_DISTANCE, dtype=np.int16)
+    if want == 0 or len(q_ids) == 0:
+        return out_ids, out_dist
+    index = shards.index
+    flips, starts = _round_flips(index.band_width, index.n_bands)
+    budget = CACHE_SCAN_FRACTION * len(cache)  # the cache's own rule; probing longer ran slower (bench_batch)
+    for start in range(0, len(q_ids), QUERY_BATCH):
+        part = np.ascontiguousarray(q_codes[start : start + QUERY_BATCH])
+        rows, dist = kernels.knn_batch(cache.seg_keys, cache.seg_dir, cache.dir_shift, cache.seg_rows, cache.seg_words,
+                                       cache.words, part, np.ascontiguousarray(as_words(part)), cache.band_masks,
+                                       index.band_width, flips, starts, want, budget)
+        ids = np.where(rows >= 0, cache.image_ids[np.maximum(rows, 0)], -1)
+        if same:  # the query itself is among its own results: drop it, keep the order
+            mine = q_ids[start : start + len(part), None]
+            keep = ids != mine
+            order = np.argsort(~keep, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, 1)
+            dist = np.take_along_axis(dist, order, 1)
+            ids[~np.take_along_axis(keep, order, 1)] = -1
+        n = min(k, ids.shape[1])
+        got = ids[:, :n] >= 0
+        out_ids[start : start + len(part), :n] = np.where(got, ids[:, :n], -1)
+        out_dist[start : start + len(part), :n] = np.where(got, dist[:, :n], NO_DISTANCE)
+    return out_ids, out_dist
+
+
+def _round_flips(band_width: int, n_bands: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The XOR masks of band radius 0, 1, ... (as many radii as exact search would probe before
+    it scans: at most :data:`~imgstore.search.MAX_PROBES_PER_BAND` values a band), and where
+    each radius starts."""
+    parts, total = [], 0
+    for s in range(band_width + 1):
+        size = math.comb(band_width, s)
+        if s and total + size > MAX_PROBES_PER_BAND:
+            break
+        parts.append(probe_values(0, band_width, s, s))
+        total += size
+    starts = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+    return np.concatenate(parts).astype(np.int64), starts
+
+
+def merge_knn(parts: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]],
+              k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """Top-k by (distance, id) across the blocks of one query shard (each row's lists side by side)."""
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    dist = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
+    big = np.iinfo(np.int64).max // 4
+    key_ids = np.where(ids < 0, big, ids)
+    order = np.lexsort((key_ids, dist), axis=1)[:, :k]
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1).astype(np.int16)
+
+
+def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
+                probe_radius: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """Pairs (a in ``query``, b in ``data``, a < b) with some band within ``probe_radius`` bits and
+    the whole codes within ``max_distance``; sorted by (a, b). See the module."""
+    index = shards.index
+    m, w = index.n_bands, index.band_width
+    q_ids, q_codes = load_shard(shards, _shard(shards, query))
+    d_ids, d_codes = load_shard(shards, _shard(shards, data))
+    q_ids, d_ids = np.asarray(q_ids), np.asarray(d_ids)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16))
+    if len(q_ids) == 0 or len(d_ids) == 0:
+        return empty
+    table = BandTable.build(d_codes, m, w)
+    out_a, out_b, out_d = [], [], []
+    for start in range(0, len(q_ids), PAIR_ROWS):
+        rows = np.arange(start, min(start + PAIR_ROWS, len(q_ids)))
+        for qi, di, dist in band_join(band_values(q_codes[rows], m, w), as_words(q_codes[rows]), q_ids[rows], table, d_ids,
+                                      w, probe_radius, max_distance):
+            out_a.append(q_ids[rows[qi]])
+            out_b.append(d_ids[di])
+            out_d.append(dist.astype(np.int16))
+    if not out_a:
+        return empty
+    a, b, d = np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)
+    order = np.lexsort((b, a))
+    return a[order], b[order], d[order]
+
+
+# --- running blocks ----------------------------------------------------------------------------
+
+
+def _run_block(folder: str, token: str, block: Block, params: dict[str, int]) -> dict[str, np.ndarray]:
+    """A block as a task: reads the manifest (the worker's view of the shared folder), checks
+    it is the set the client planned with, computes."""
+    shards = read_manifest(folder)
+    if shards.token() != token:
+        raise ConfigError(f"the shards in {folder} changed while the batch ran; run it again")
+    if block.kind == "knn":
+        ids, dist = knn_block(shards, block.query, block.data, params["k"])
+        return {"ids": ids, "dist": dist}
+    a, b, d = pairs_block(shards, block.query, block.data, params["max_distance"], params["probe_radius"])
+    return {"a": a, "b": b, "dist": d}
+
+
+def _save_block(path: Path, result: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, allow_pickle=False, **result)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_block(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path) as z:
+            return {name: z[name] for name in z.files}
+    except (OSError, ValueError, EOFError):
+        path.unlink(missing_ok=True)  # a damaged block is computed again
+        return None
+
+
+def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], param_tag: str, workdir: Path,
+               cluster: Any, progress: Progress | None, stats: RunStats) -> dict[Block, dict[str, np.ndarray]]:
+    """Every block's result: loaded when the work folder holds it, else computed (here, or on the
+    cluster) and saved there as it finishes."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    token = shards.token()
+    for old in workdir.glob("*_*_*_*_*.npz"):  # blocks of shards since exported again
+        if old.name.split("_")[2] != token:
+            old.unlink(missing_ok=True)
+    results: dict[Block, dict[str, np.ndarray]] = {}
+    todo: list[Block] = []
+    for block in blocks:
+        path = workdir / block.file_name(token, param_tag)
+        got = _load_block(path) if path.exists() else None
+        if got is not None:
+            results[block] = got
+        else:
+            todo.append(block)
+    stats.blocks, stats.blocks_reused = len(blocks), len(results)
+    report = progress or (lambda done, total: None)
+    report(len(results), len(blocks))
+    folder = str(shards.folder)
+    if cluster is None:
+        for block in todo:
+            result = _run_block(folder, token, block, params)
+            _save_block(workdir / block.file_name(token, param_tag), result)
+            results[block] = result
+            report(len(results), len(blocks))
+        return results
+    client, close, _threads = connect(cluster)
+    try:
+        stats.workers = len(client.scheduler_info().get("workers", {})) or 1
+        stats.where = str(cluster) if isinstance(cluster, str) else "a Dask cluster"
+        futures = {client.submit(_run_block, folder, token, block, params, key=f"imgstore-{block.file_name(token, param_tag)}",
+                                 pure=False): block for block in todo}
+        from distributed import as_completed
+
+        try:
+            for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]
+                block = futures[future]
+                result = future.result()
+                _save_block(workdir / block.file_name(token, param_tag), result)
+                results[block] = result
+                report(len(results), len(blocks))
+        except ImgStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run
+            raise ClusterError(f"the batch on {stats.where} stopped ({type(exc).__name__}: {exc}); the finished "
+                               f"blocks are kept in {workdir}: run the same command again to do the rest") from None
+    finally:
+        close()
+    return results
+
+
+def neighbours(shards: ShardSet, k: int, *, workdir: str | os.PathLike[str], cluster: Any = None,
+               progress: Progress | None = None) -> Neighbours:
+    """Every code's exact ``k`` nearest other codes (see the module)."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    started = time.perf_counter()
+    stats = RunStats(codes=shards.n_codes)
+    names = [s.name for s in shards.shards]
+    blocks = [Block("knn", q, d) for d in names for q in names]  # by data shard: a worker's next block reuses its cache
+    results = run_blocks(shards, blocks, {"k": k}, f"k{k}", Path(workdir), cluster, progress, stats)
+    all_ids, all_nbr, all_dist = [], [], []
+    for s in shards.shards:
+        ids, _ = load_shard(shards, s)
+        ids_part, dist_part = merge_knn([(results[Block("knn", s.name, d)]["ids"], results[Block("knn", s.name, d)]["dist"])
+                                         for d in names], k)
+        all_ids.append(np.asarray(ids))
+        all_nbr.append(ids_part)
+        all_dist.append(dist_part)
+    stats.seconds = time.perf_counter() - started
+    return Neighbours(np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64),
+                      np.concatenate(all_nbr) if all_nbr else np.zeros((0, k), np.int64),
+                      np.concatenate(all_dist) if all_dist else np.zeros((0, k), np.int16), stats)
+
+
+def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None = None, workdir: str | os.PathLike[str],
+               cluster: Any = None, progress: Progress | None = None) -> Pairs:
+    """Every pair of codes within ``max_distance`` bits that shares a band within
+    ``probe_radius`` bits (default ``max_distance // n_bands``: every pair within the distance)."""
+    index = shards.index
+    if max_distance < 0 or max_distance > index.n_bits:
+        raise ConfigError(f"the distance must be between 0 and {index.n_bits} bits, got {max_distance}")
+    radius = max_distance // index.n_bands if probe_radius is None else probe_radius
+    if radius < 0 or radius > index.band_width:
+        raise ConfigError(f"the probe radius must be between 0 and {index.band_width}, got {radius}")
+    if math.comb(index.band_width, radius) > 5_000:
+        raise ConfigError(f"a probe radius of {radius} in {index.band_width}-bit bands flips too many values; "
+                          "give a smaller distance or an index with more bands")
+    started = time.perf_counter()
+    stats = RunStats(codes=shards.n_codes)
+    names = [s.name for s in shards.shards]
+    blocks = [Block("pairs", q, d) for i, d in enumerate(names) for q in names[: i + 1]]
+    results = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": radius},
+                         f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
+    a = np.concatenate([results[b]["a"] for b in blocks]) if blocks else np.zeros(0, np.int64)
+    b_ = np.concatenate([results[b]["b"] for b in blocks]) if blocks else np.zeros(0, np.int64)
+    d = np.concatenate([results[b]["dist"] for b in blocks]) if blocks else np.zeros(0, np.int16)
+    order = np.lexsort((b_, a))
+    stats.seconds = time.perf_counter() - started
+    return Pairs(a[order], b_[order], d[order], stats)
+
+
+def iter_rows(result: Neighbours) -> Iterator[tuple[int, list[int], list[int]]]:
+    for i, image_id in enumerate(result.image_ids.tolist()):
+        row = result.neighbours[i]
+        keep = row >= 0
+        yield image_id, row[keep].tolist(), result.distances[i][keep].tolist()
