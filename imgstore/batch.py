@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from . import kernels
 from .bandjoin import BandTable, band_join
 from .cluster import connect
 from .codecache import CACHE_SCAN_FRACTION, CodeCache, probe_values
@@ -151,6 +150,8 @@ def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDAr
     out_dist = np.full((len(q_ids), k), NO_DISTANCE, dtype=np.int16)
     if want == 0 or len(q_ids) == 0:
         return out_ids, out_dist
+    from . import kernels  # numba: only batch work and the code cache load it, never a plain CLI command
+
     index = shards.index
     flips, starts = _round_flips(index.band_width, index.n_bands)
     budget = CACHE_SCAN_FRACTION * len(cache)  # the cache's own rule; probing longer ran slower (bench_batch)
