@@ -24,14 +24,13 @@ are deterministic, so the output is the same.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,6 @@ from .errors import ClusterError, ConfigError, ImgStoreError
 from .hashing.bits import as_words, band_values
 from .search import MAX_PROBES_PER_BAND
 from .shards import Shard, ShardSet, load_shard, read_manifest
-
-log = logging.getLogger(__name__)
 
 #: Query rows joined at once in a pairs block (bounds the candidate arrays).
 PAIR_ROWS = 65_536
@@ -99,11 +96,10 @@ class RunStats:
     seconds: float = 0.0
     workers: int = 1
     where: str = "this process"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "blocks_reused": self.blocks_reused, "codes": self.codes,
-                "seconds": round(self.seconds, 3), "workers": self.workers, "where": self.where, **self.extra}
+                "seconds": round(self.seconds, 3), "workers": self.workers, "where": self.where}
 
 
 # --- one block ---------------------------------------------------------------------------------

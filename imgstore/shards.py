@@ -61,9 +61,6 @@ class Shard:
     n_codes: int
     id_sum: int
 
-    def holds(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-        return (ids >= self.first_id) & (ids < (self.end_id if self.end_id is not None else np.iinfo(np.int64).max))
-
 
 @dataclass(frozen=True)
 class ShardSet:
