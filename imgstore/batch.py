@@ -12,8 +12,9 @@ built, so the blocks of one data shard share one), and runs
 - **pairs**: a join of band values, vectorised with numpy: a pair is a candidate when some band
   of the two codes is within ``probe_radius`` bits (found once, at its first such band) and
   kept when the whole codes are within ``max_distance``: the candidates of dedup's band probe
-  (:class:`imgstore.dedup.IndexPairs`), exactly. With ``probe_radius = max_distance // n_bands``
-  (pigeonhole) that is every pair within ``max_distance``.
+  (:class:`imgstore.dedup.IndexPairs`), exactly; or, asked for every pair within
+  ``max_distance``, a join on sets of whole bands (:func:`imgstore.bandjoin.band_set_join`) when
+  the distance is below the number of bands, else on bands at ``max_distance // n_bands``.
 
 Each finished block is saved in the work folder under a name holding the shard set's token
 (:meth:`ShardSet.token`), written under a temporary name and renamed: a rerun after a killed
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .bandjoin import BandTable, band_join
+from .bandjoin import BandTable, band_join, band_set_join, equal_band_sets
 from .cluster import connect
 from .codecache import CACHE_SCAN_FRACTION, CodeCache, probe_values
 from .errors import ClusterError, ConfigError, ImgStoreError
@@ -198,9 +199,10 @@ def merge_knn(parts: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]
 
 
 def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
-                probe_radius: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-    """Pairs (a in ``query``, b in ``data``, a < b) with some band within ``probe_radius`` bits and
-    the whole codes within ``max_distance``; sorted by (a, b). See the module."""
+                probe_radius: int | None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """Pairs (a in ``query``, b in ``data``, a < b) whose whole codes are within ``max_distance``
+    and that share a band within ``probe_radius`` bits, or, with ``probe_radius=None``, every such
+    pair; sorted by (a, b). See the module."""
     index = shards.index
     m, w = index.n_bands, index.band_width
     q_ids, q_codes = load_shard(shards, _shard(shards, query))
@@ -209,20 +211,41 @@ def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16))
     if len(q_ids) == 0 or len(d_ids) == 0:
         return empty
-    table = BandTable.build(d_codes, m, w)
     out_a, out_b, out_d = [], [], []
-    for start in range(0, len(q_ids), PAIR_ROWS):
-        rows = np.arange(start, min(start + PAIR_ROWS, len(q_ids)))
-        for qi, di, dist in band_join(band_values(q_codes[rows], m, w), as_words(q_codes[rows]), q_ids[rows], table, d_ids,
-                                      w, probe_radius, max_distance):
-            out_a.append(q_ids[rows[qi]])
+    if probe_radius is None and equal_band_sets(m, max_distance):
+        d_bands = _small(band_values(d_codes, m, w), w)
+        d_words = np.ascontiguousarray(as_words(d_codes))
+        same = query == data
+        q_bands = d_bands if same else _small(band_values(q_codes, m, w), w)
+        q_words = d_words if same else np.ascontiguousarray(as_words(q_codes))
+        for qi, di, dist in band_set_join(q_bands, q_words, q_ids, d_bands, d_words, d_ids, w, max_distance):
+            out_a.append(q_ids[qi])
             out_b.append(d_ids[di])
             out_d.append(dist.astype(np.int16))
+    else:
+        radius = max_distance // m if probe_radius is None else probe_radius
+        table = BandTable.build(d_codes, m, w)
+        for start in range(0, len(q_ids), PAIR_ROWS):
+            rows = np.arange(start, min(start + PAIR_ROWS, len(q_ids)))
+            for qi, di, dist in band_join(band_values(q_codes[rows], m, w), as_words(q_codes[rows]), q_ids[rows], table, d_ids,
+                                          w, radius, max_distance):
+                out_a.append(q_ids[rows[qi]])
+                out_b.append(d_ids[di])
+                out_d.append(dist.astype(np.int16))
     if not out_a:
         return empty
     a, b, d = np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)
     order = np.lexsort((b, a))
     return a[order], b[order], d[order]
+
+
+def _small(bands: npt.NDArray[np.int64], band_width: int) -> npt.NDArray[np.unsignedinteger]:
+    """Band values in the smallest unsigned type that holds them (a 25M-code shard's 4 bands:
+    200 MB instead of 800)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if band_width <= np.iinfo(dtype).bits:
+            return bands.astype(dtype)
+    return bands.astype(np.uint64)
 
 
 # --- running blocks ----------------------------------------------------------------------------
@@ -237,7 +260,8 @@ def _run_block(folder: str, token: str, block: Block, params: dict[str, int]) ->
     if block.kind == "knn":
         ids, dist = knn_block(shards, block.query, block.data, params["k"])
         return {"ids": ids, "dist": dist}
-    a, b, d = pairs_block(shards, block.query, block.data, params["max_distance"], params["probe_radius"])
+    a, b, d = pairs_block(shards, block.query, block.data, params["max_distance"],
+                          None if params["probe_radius"] < 0 else params["probe_radius"])
     return {"a": a, "b": b, "dist": d}
 
 
@@ -340,7 +364,9 @@ def neighbours(shards: ShardSet, k: int, *, workdir: str | os.PathLike[str], clu
 def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None = None, workdir: str | os.PathLike[str],
                cluster: Any = None, progress: Progress | None = None) -> Pairs:
     """Every pair of codes within ``max_distance`` bits that shares a band within
-    ``probe_radius`` bits (default ``max_distance // n_bands``: every pair within the distance)."""
+    ``probe_radius`` bits, or by default every pair within the distance (joined on sets of equal
+    bands when the distance is below the number of bands, else probed at
+    ``max_distance // n_bands``: pigeonhole either way)."""
     index = shards.index
     if max_distance < 0 or max_distance > index.n_bits:
         raise ConfigError(f"the distance must be between 0 and {index.n_bits} bits, got {max_distance}")
@@ -354,8 +380,9 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
     stats = RunStats(codes=shards.n_codes)
     names = [s.name for s in shards.shards]
     blocks = [Block("pairs", q, d) for i, d in enumerate(names) for q in names[: i + 1]]
-    results = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": radius},
-                         f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
+    every = probe_radius is None
+    results = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
+                         f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
     a = np.concatenate([results[b]["a"] for b in blocks]) if blocks else np.zeros(0, np.int64)
     b_ = np.concatenate([results[b]["b"] for b in blocks]) if blocks else np.zeros(0, np.int64)
     d = np.concatenate([results[b]["dist"] for b in blocks]) if blocks else np.zeros(0, np.int16)

@@ -157,12 +157,23 @@ def probe_rank(
     skipped before its code is read. Returns (rows, distances, number of distinct allowed
     candidates), rows ordered by (distance, row).
     """
+    los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, band_masks.shape[0], w, flips)
+    keys = np.empty(int((his - los).sum()), np.int64)
+    return _probe_into(seg_rows, seg_words, n, qwords, band_masks, flips.shape[0], s_lo, s_hi, k, allow, los, his, keys)
+
+
+@nb.njit(cache=True, nogil=True)
+def _probe_into(
+    seg_rows: npt.NDArray[np.int32], seg_words: U64, n: int, qwords: U64, band_masks: U64, nf: int, s_lo: int, s_hi: int,
+    k: int, allow: npt.NDArray[np.uint8], los: I64, his: I64, keys: I64,
+) -> tuple[I64, I64, int]:
+    """:func:`probe_rank` over the probes' ranges ``los``/``his`` (from :func:`_ranges`), with
+    ``keys`` (at least as long as the ranges together) as its scratch space: a caller that runs
+    many queries passes one buffer, not a fresh allocation per query (a large one is an mmap and
+    its page faults each time: see :func:`_scan_into`)."""
     m = band_masks.shape[0]
     nw = qwords.shape[0]
-    nf = flips.shape[0]
     filtered = allow.shape[0] > 0
-    los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, m, w, flips)
-    keys = np.empty(int((his - los).sum()), np.int64)
     hist = np.zeros(nw * 64 + 1, np.int64)
     x = np.empty(nw, np.uint64)
     c = 0
@@ -196,9 +207,17 @@ def probe_rank(
 @nb.njit(cache=True, nogil=True)
 def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
     """Top-k rows of all ``words`` by Hamming distance to ``qwords``, ordered by (distance, row)."""
+    return _scan_into(words, qwords, k, np.empty(words.shape[0], np.int64))
+
+
+@nb.njit(cache=True, nogil=True)
+def _scan_into(words: U64, qwords: U64, k: int, dist: I64) -> tuple[I64, I64]:
+    """:func:`scan_rank` with ``dist`` (at least ``n`` long) as its scratch space: a caller that
+    scans for many queries passes one buffer, not a fresh allocation each time (a large one is
+    an mmap and its page faults per query; Dask workers, whose ``MALLOC_TRIM_THRESHOLD_`` keeps
+    every allocation over 128 KB an mmap, ran exact kNN 3x slower)."""
     n = words.shape[0]
     nw = qwords.shape[0]
-    dist = np.empty(n, np.int64)
     hist = np.zeros(nw * 64 + 1, np.int64)
     for r in range(n):
         d = 0
@@ -208,14 +227,13 @@ def scan_rank(words: U64, qwords: U64, k: int) -> tuple[I64, I64]:
         hist[d] += 1
     threshold, acc = _threshold(hist, k)
     keys = np.empty(acc, np.int64)
-    t = 0
+    c = 0
     for r in range(n):
         if dist[r] <= threshold:
-            keys[t] = dist[r] * n + r
-            t += 1
-    keys = np.sort(keys[:t])[:k]
+            keys[c] = dist[r] * n + r
+            c += 1
+    keys = np.sort(keys[:c])[:k]
     return keys % n, keys // n
-
 
 
 @nb.njit(cache=True, nogil=True)
@@ -238,6 +256,8 @@ def knn_batch(
     out_rows = np.full((nq, k), -1, np.int64)
     out_dist = np.full((nq, k), -1, np.int64)
     empty = np.zeros(0, np.uint8)
+    buf = np.empty(1024, np.int64)  # the probes' scratch, grown as needed and kept across queries
+    scratch = np.empty(0, np.int64)  # a scan's distances, allocated at the first scan
     for q in range(nq):
         rows = np.zeros(0, np.int64)
         dist = np.zeros(0, np.int64)
@@ -251,8 +271,11 @@ def knn_batch(
                 if seen + expected + m * f.shape[0] > budget:
                     break
                 seen += expected
-            r, d, _ = probe_rank(seg_keys, seg_dir, shift, seg_rows, seg_words, n, qbytes[q], qwords[q], band_masks, w, f,
-                                 s, s, k, empty)
+            los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes[q], m, w, f)
+            need = int((his - los).sum())
+            if need > buf.shape[0]:
+                buf = np.empty(max(need, 2 * buf.shape[0]), np.int64)
+            r, d, _ = _probe_into(seg_rows, seg_words, n, qwords[q], band_masks, f.shape[0], s, s, k, empty, los, his, buf)
             if r.shape[0] > 0:
                 keys = np.concatenate((dist * n + rows, d * n + r))
                 keys = np.sort(keys)[:k]
@@ -262,7 +285,9 @@ def knn_batch(
                 done = True
             s += 1
         if not done:
-            rows, dist = scan_rank(words, qwords[q], k)
+            if scratch.shape[0] < n:
+                scratch = np.empty(n, np.int64)
+            rows, dist = _scan_into(words, qwords[q], k, scratch)
         out_rows[q, :rows.shape[0]] = rows
         out_dist[q, :rows.shape[0]] = dist
     return out_rows, out_dist

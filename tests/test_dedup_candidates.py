@@ -1,5 +1,6 @@
 """Dedup's candidate pairs (the band join of :mod:`imgstore.bandjoin`) against their definition:
-some band of the two codes within the probe radius and the whole codes within the distance."""
+some band of the two codes within the probe radius and the whole codes within the distance; and
+the join on sets of equal bands against every pair within the distance."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgstore.bandjoin import BandTable, band_join
+from imgstore.bandjoin import BandTable, band_join, band_set_join, equal_band_sets
 from imgstore.codecache import CodeCache
 from imgstore.dedup import IndexPairs, Rule
 from imgstore.errors import ConfigError
@@ -74,6 +75,41 @@ def test_join_pieces_are_bounded_and_add_up(n: int, held: int, seed: int) -> Non
     assert got == sorted(by_definition(codes, 2, 16, 1, 32))
     everything = list(band_join(table.bands, table.words, keys, table, keys, 16, 1, 32))
     assert sorted((int(a), int(b)) for qi, di, _ in everything for a, b in zip(qi, di)) == got
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_q=st.integers(0, 70), n_d=st.integers(0, 70), same=st.booleans(),
+       layout=st.sampled_from([(64, 4), (64, 8), (48, 3), (128, 4), (128, 8), (96, 3), (32, 1)]),
+       max_distance=st.integers(0, 7), held=st.sampled_from([1, 7, 1 << 22]), centres=st.integers(1, 5),
+       seed=st.integers(0, 2**32 - 1))
+def test_band_set_join_is_every_pair_within_the_distance(n_q: int, n_d: int, same: bool, layout: tuple[int, int],
+                                                         max_distance: int, held: int, centres: int, seed: int) -> None:
+    """Any two sets (or one set with itself), keys packed side by side (<= 64 bits) or mixed
+    (128-bit codes, 3 bands of 32), any bound on a piece: each pair within the distance once."""
+    n_bits, m = layout
+    w = n_bits // m
+    rng = np.random.default_rng(seed)
+    codes = clustered(rng, n_q + n_d, n_bits // 8, centres, 0.03)
+    q_codes, d_codes = (codes[:n_d], codes[:n_d]) if same else (codes[:n_q], codes[n_q:])
+    q_keys = rng.permutation(len(q_codes) * 2)[: len(q_codes)].astype(np.int64)
+    d_keys = q_keys if same else rng.permutation(len(d_codes) * 2)[: len(d_codes)].astype(np.int64)
+    q_bands, d_bands = band_values(q_codes, m, w), band_values(d_codes, m, w)
+    if same:
+        q_bands = d_bands
+    q_words, d_words = as_words(q_codes), as_words(d_codes)
+    if max_distance >= m:
+        assert equal_band_sets(m, max_distance) == []
+        with pytest.raises(ConfigError, match="below the"):
+            list(band_set_join(q_bands, q_words, q_keys, d_bands, d_words, d_keys, w, max_distance))
+        return
+    got: list[tuple[int, int, int]] = []
+    for qi, di, dist in band_set_join(q_bands, q_words, q_keys, d_bands, d_words, d_keys, w, max_distance, held=held):
+        assert len(qi) <= max(held, len(d_codes))
+        got += zip(qi.tolist(), di.tolist(), dist.tolist())
+    dist_all = np.bitwise_count(q_words[:, None, :] ^ d_words[None, :, :]).sum(axis=2) if len(q_codes) and len(d_codes) \
+        else np.zeros((len(q_codes), len(d_codes)), np.int64)
+    want = sorted((i, j, int(dist_all[i, j])) for i, j in zip(*np.nonzero(dist_all <= max_distance)) if q_keys[i] < d_keys[j])
+    assert sorted(got) == want  # each pair once, with its distance
 
 
 def test_a_probe_radius_wider_than_a_band_is_refused() -> None:
