@@ -380,6 +380,7 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
     stats = RunStats(codes=shards.n_codes)
     names = [s.name for s in shards.shards]
     blocks = [Block("pairs", q, d) for i, d in enumerate(names) for q in names[: i + 1]]
+    blocks.sort(key=lambda b: b.query == b.data)  # the larger blocks (two shards to sort) first: a shorter tail
     every = probe_radius is None
     results = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
                          f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)

@@ -1,10 +1,11 @@
 """Browsing the collection: one page of its images in a chosen order, narrowed by a search
 filter (the same conditions as every search: :func:`imgstore.filters.conditions`).
 
-A page is one ``LIMIT``/``OFFSET`` statement and one count over ``images``, the filter's
-conditions inline (a browse is one look, not a search repeated with the same filter, so the
-allowed sets :mod:`imgstore.filters` keeps for searches are not used). Images whose every file
-went stale are left out, as searches leave them out, unless asked for.
+A page is one ``LIMIT``/``OFFSET`` statement (sorted by folder: joined to one aggregate of the
+images' first current paths) and one count over ``images``, the filter's conditions inline (a
+browse is one look, not a search repeated with the same filter, so the allowed sets
+:mod:`imgstore.filters` keeps for searches are not used). Images whose every file went stale
+are left out, as searches leave them out, unless asked for.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, case, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Subquery, case, func, or_, select
 
 from .catalog import path_rows
 from .errors import ConfigError
@@ -72,25 +73,38 @@ def _whole(value: object, name: str, low: int, high: int) -> int:
     return value
 
 
-def _not_stale() -> ColumnElement[bool]:
-    """Images with a current file, or added without any file (never stale)."""
+def _not_stale(first_path: ColumnElement[Any] | None = None) -> ColumnElement[bool]:
+    """Images with a current file, or added without any file (never stale), for a page (its
+    LIMIT lets the database stop early). ``first_path``: the joined first current path, when the
+    page has it (then not NULL is "has a current file", without a look-up)."""
     any_path = select(ImagePath.id).where(ImagePath.image_id == Image.id).exists()
+    if first_path is not None:
+        return or_(first_path.is_not(None), ~any_path)
     current = select(ImagePath.id).where(ImagePath.image_id == Image.id, ImagePath.is_current.is_(True)).exists()
     return or_(~any_path, current)
 
 
-def _order(dialect: str, sort: str, descending: bool) -> list[ColumnElement[Any]]:
-    """ORDER BY of a sort: missing values last in either direction, then the id (a total order,
-    so pages never repeat or skip an image)."""
-    key: Any  # a column, or the correlated first path
-    if sort == "taken":
-        key = Image.captured_at
-    elif sort == "added":
-        key = Image.ingested_at
-    else:
-        path = ImagePath.path.collate("C") if dialect == "postgresql" else ImagePath.path  # bytewise: folders together
-        key = (select(func.min(path)).where(ImagePath.image_id == Image.id, ImagePath.is_current.is_(True))
-               .correlate(Image).scalar_subquery())
+def _not_stale_count() -> ColumnElement[bool]:
+    """:func:`_not_stale` for the count: not among the images whose every file is stale, one
+    aggregate over ``image_paths`` the databases run once (a hashed set), where the two
+    per-image look-ups joined by OR are run for every image."""
+    current = case((ImagePath.is_current.is_(True), 1), else_=0)
+    stale = select(ImagePath.image_id).group_by(ImagePath.image_id).having(func.max(current) == 0)
+    return Image.id.not_in(stale)
+
+
+def _first_paths(dialect: str) -> Subquery:
+    """Each image's first current path (its bytewise smallest: folders together, then file
+    names), one row per image with a current file. One aggregate over ``image_paths`` that a
+    page joins, planned once (a hash or sorted aggregate), rather than a look-up per image."""
+    path = ImagePath.path.collate("C") if dialect == "postgresql" else ImagePath.path  # SQLite compares bytes
+    return (select(ImagePath.image_id.label("image_id"), func.min(path).label("path"))
+            .where(ImagePath.is_current.is_(True)).group_by(ImagePath.image_id).subquery("first_path"))
+
+
+def _order(key: ColumnElement[Any], descending: bool) -> list[ColumnElement[Any]]:
+    """ORDER BY a sort's key: missing values last in either direction, then the id (a total
+    order, so pages never repeat or skip an image)."""
     missing = case((key.is_(None), 1), else_=0)
     return [missing.asc(), key.desc() if descending else key.asc(), Image.id.desc() if descending else Image.id.asc()]
 
@@ -106,12 +120,21 @@ def browse(conn: Connection, search_filter: SearchFilter | None = None, *, sort:
     page = _whole(page, "page", 1, MAX_PAGE)
     per_page = _whole(per_page, "per_page", 1, MAX_PER_PAGE)
     where = conditions(conn.dialect.name, search_filter) if search_filter else []
+    total = int(conn.scalar(select(func.count()).select_from(Image)
+                            .where(*where, *([] if include_stale else [_not_stale_count()]))) or 0)
+    stmt = select(Image.id, Image.width, Image.height, Image.captured_at, Image.ingested_at).select_from(Image)
+    key: ColumnElement[Any]
+    first: Subquery | None = None
+    if sort == "folder":
+        first = _first_paths(conn.dialect.name)
+        stmt = stmt.outerjoin(first, first.c.image_id == Image.id)
+        key = first.c.path
+    else:
+        key = (Image.captured_at if sort == "taken" else Image.ingested_at).expression
     if not include_stale:
-        where.append(_not_stale())
-    total = int(conn.scalar(select(func.count()).select_from(Image).where(*where)) or 0)
+        where.append(_not_stale(None if first is None else first.c.path))
     rows = conn.execute(
-        select(Image.id, Image.width, Image.height, Image.captured_at, Image.ingested_at).where(*where)
-        .order_by(*_order(conn.dialect.name, sort, order == "desc")).limit(per_page).offset((page - 1) * per_page)
+        stmt.where(*where).order_by(*_order(key, order == "desc")).limit(per_page).offset((page - 1) * per_page)
     ).all()
     paths = path_rows(conn, [int(r[0]) for r in rows])
     items = [BrowseItem(int(image_id), [p.path for p in paths.get(int(image_id), []) if p.is_current], int(width),

@@ -22,7 +22,7 @@ from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pill
 from .errors import ImgStoreError, NotFoundError
 from .features import RUNTIME_ENV, RUNTIMES, embeds_text, space_name
 from .ingest import IngestSummary
-from .labels import class_ids
+from .labels import ImageLabel, class_ids
 from .paths import counted, printable
 from .repository import ImageStore
 from .types import SearchFilter
@@ -542,22 +542,40 @@ def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str |
 # --- ingest -----------------------------------------------------------------------------------
 
 
+def ingest_options(*, recursive_help: str, extractor_help: str, meta_help: str) -> Callable[[F], F]:
+    """Add the options of the commands that ingest (``ingest``, ``watch``): sub-folders, the
+    extractor, batch size, decoding threads, tags and fields added to every image found, the
+    automatic index and the resnet50 weights. Each command says in its own words what
+    sub-folders, the extractor's default and a field mean for it."""
+    options = (
+        click.option("--recursive/--no-recursive", default=True, show_default=True, help=recursive_help),
+        click.option("--extractor", default=None, metavar="NAME", help=extractor_help),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
+                     help="Images per model batch and per transaction."),
+        click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core]."),
+        click.option("--tag", "tags", multiple=True, metavar="TAG",
+                     help="Add a tag to every image found (repeatable; joins its tags list)."),
+        click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
+                     help=meta_help),
+        click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically."),
+        _weights_option,
+    )
+
+    def add(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return add
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
-@click.option("--extractor", default=None, metavar="NAME",
-              help="Feature extractor [default: efficientnet-lite0], or clip:ARCH:PATH: a CLIP model of open_clip with "
-                   "its weights file (clip:ViT-B-32:/models/vit_b32.bin).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="Images per model batch and per transaction.")
-@click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
-@click.option("--tag", "tags", multiple=True, metavar="TAG",
-              help="Add a tag to every image found (repeatable; joins its tags list).")
-@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
-              help="Set a metadata field on every image found, stored before or not (repeatable).")
+@ingest_options(recursive_help="Descend into sub-folders.",
+                extractor_help="Feature extractor [default: efficientnet-lite0], or clip:ARCH:PATH: a CLIP model of "
+                               "open_clip with its weights file (clip:ViT-B-32:/models/vit_b32.bin).",
+                meta_help="Set a metadata field on every image found, stored before or not (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
 @click.option("--dry-run", is_flag=True, help="Only count what would be ingested.")
-@click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
@@ -566,7 +584,6 @@ def export(obj: Context, fmt: str, as_json: bool, neighbours: int, output: str |
               help="Read and extract on a Dask cluster: tcp://host:8786, or local[:N] for N worker processes here.")
 @click.option("--worker-db", default=None, metavar="URL",
               help="The database URL as the cluster's workers reach it [default: --db]; never 127.0.0.1 for remote workers.")
-@_weights_option
 @click.pass_obj
 @friendly_errors
 def ingest(obj: Context, paths: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
@@ -666,22 +683,13 @@ class _ProgressBar:
 
 @cli.command()
 @click.argument("folders", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Watch sub-folders too.")
-@click.option("--extractor", default=None, metavar="NAME",
-              help="Feature extractor [default: the one the store searches with, else efficientnet-lite0].")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 4096),
-              help="Images per model batch and per transaction.")
-@click.option("--workers", default=None, type=click.IntRange(1, 64), help="Decoding threads [default: one per core].")
-@click.option("--tag", "tags", multiple=True, metavar="TAG",
-              help="Add a tag to every image found (repeatable; joins its tags list).")
-@click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _pairs(v),
-              help="Set a metadata field on every image found (repeatable).")
+@ingest_options(recursive_help="Watch sub-folders too.",
+                extractor_help="Feature extractor [default: the one the store searches with, else efficientnet-lite0].",
+                meta_help="Set a metadata field on every image found (repeatable).")
 @click.option("--settle", default=2.0, show_default=True, type=click.FloatRange(0.1, 3600), metavar="SECONDS",
               help="How long a file never closed after writing (moved in from another disk) must stay unchanged "
                    "before it is read; also how long a new folder settles before it is walked.")
-@click.option("--no-auto-index", is_flag=True, help="Do not build the default index automatically.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per batch (JSON lines).")
-@_weights_option
 @click.pass_obj
 @friendly_errors
 def watch(obj: Context, folders: tuple[str, ...], recursive: bool, extractor: str | None, batch_size: int,
@@ -905,7 +913,7 @@ def index_drop(obj: Context, index_id: int) -> None:
               help="Bits flipped per band when probing.")
 @click.option("--rerank/--no-rerank", default=None,
               help="Re-rank the best Hamming candidates by float-feature cosine [default: on].")
-@click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one].")
+@click.option("--index", "index_id", type=int, default=None, help="Search this index [default: the active one; not with --text].")
 @click.option("--include-stale", is_flag=True, help="Also show images whose files all changed or vanished.")
 @click.option("--extractor", default=None, metavar="NAME",
               help="With --text: the feature space searched (clip:ARCH:PATH, or efficientnet-lite0) [default: a CLIP "
@@ -940,6 +948,9 @@ def query(obj: Context, images: tuple[str, ...], words: str | None, k: int, exac
     if words is not None:
         if images:
             raise click.UsageError("give IMAGES or --text WORDS, not both")
+        if index_id is not None:
+            raise click.UsageError("--index is for IMAGES: a word search scores every image's stored features, through "
+                                   "no index (--extractor chooses its feature space)")
         _query_words(obj, words, k, include_stale, as_json, search_filter, extractor)
         return
     if not images:
@@ -992,13 +1003,25 @@ def _query_words(obj: Context, words: str, k: int, include_stale: bool, as_json:
         return
     understood = ", ".join(f"{u.label} {u.prob:.0%}" for u in found.understood[:3])
     click.echo(f"words: {found.text}  (understood as {understood})" if understood else f"words: {found.text}")
-    click.echo(f"  {'rank':>4}  {'id':>6}  {'score':>6}  path")
+    # the match score orders the hits; the best-matching label says what was matched (its
+    # probability is of that class alone, so it is left out: it would not fall down the list)
+    width = max([len(BEST_LABEL), *(len(_best_label(hit.labels)) for hit in found.hits)])
+    click.echo(f"  {'rank':>4}  {'id':>6}  {'match':>6}  {BEST_LABEL:<{width}}  path")
     for n, hit in enumerate(found.hits, 1):
         path = printable(hit.paths[0]) if hit.paths else "(no current path)"
         more = f" (+{len(hit.paths) - 1} more)" if len(hit.paths) > 1 else ""
-        click.echo(f"  {n:>4}  {hit.image_id:>6}  {hit.score:>6.3f}  {path}{more}")
+        click.echo(f"  {n:>4}  {hit.image_id:>6}  {hit.score:>6.3f}  {_best_label(hit.labels):<{width}}  {path}{more}")
     if not found.hits:
         click.echo("  no image carries those labels" if found.understood else "  no image found")
+
+
+#: The word search table's column of each hit's best-matching label.
+BEST_LABEL = "best label"
+
+
+def _best_label(found: list[ImageLabel]) -> str:
+    """A hit's best-matching label (its most probable among the words' classes), or "-"."""
+    return found[0].label if found else "-"
 
 
 def _numbered(path: str, n: int) -> str:

@@ -45,7 +45,7 @@ from .bandjoin import BandTable, band_join
 from .catalog import keeper_path, path_rows, stale_among
 from .codecache import CodeCache, caches
 from .decode import load_image
-from .errors import ConfigError, ImgStoreError, NotFoundError
+from .errors import ClusterError, ConfigError, ImgStoreError, NotFoundError
 from .geometry import CHECK_VERSION, COPY, DIFFERENT, MIN_SIDE, UNKNOWN, WORK_SIDE, PairVerifier
 from .hashing import make_hasher, min_samples
 from .hashing.bits import band_values, default_n_bands, pack_bits
@@ -110,6 +110,8 @@ TEMPORARY_INDEX_SAMPLE = 20_000
 #: its images in parallel, then compares its pairs in parallel; a larger slice wastes less at
 #: its end, a smaller one reports more often).
 CHECK_SLICE = 64
+#: Pairs one cluster task checks (in id order: a task reads most of its images once).
+REMOTE_SLICE = 256
 
 #: ``progress(phase, done, total)``: how far a duplicate search is. ``total`` may grow while a
 #: phase runs (candidate pairs are found, and checked, a chunk of the store at a time), and a
@@ -537,8 +539,12 @@ class GeometricCheck:
     fresh: dict[tuple[str, str], int] = field(default_factory=dict)
     stored_hits: int = 0
     progress: Progress = no_progress
-    #: pairs compared on their files so far, and pairs to compare found so far (the progress)
+    #: a ``distributed.Client``: pairs are compared on its workers, each reading the files at the
+    #: paths the store has (a filesystem they share); None: here
+    cluster: Any = None
+    #: pairs compared on their files so far (of them on the cluster), and pairs to compare found so far
     checked: int = 0
+    checked_remotely: int = 0
     to_check: int = 0
     _paths: dict[int, list[str]] = field(default_factory=dict)
     _sha: dict[int, str] = field(default_factory=dict)
@@ -551,12 +557,12 @@ class GeometricCheck:
 
     @classmethod
     def for_store(cls, conn: Connection, known: dict[tuple[str, str], int] | None = None,
-                  max_pixels: int | None = None, progress: Progress = no_progress) -> GeometricCheck:
+                  max_pixels: int | None = None, progress: Progress = no_progress, cluster: Any = None) -> GeometricCheck:
         large = conn.execute(
             select(Image.id).where(Image.width >= MIN_SIDE, Image.height >= MIN_SIDE).order_by(Image.id)
         ).scalars().all()
         return cls(conn, np.array(large, dtype=np.int64), known=known if known is not None else {}, max_pixels=max_pixels,
-                   progress=progress)
+                   progress=progress, cluster=cluster)
 
     def large(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         if not len(self.large_ids):
@@ -595,7 +601,9 @@ class GeometricCheck:
             self._paths.update(_current_paths(self.conn, need)[0])  # read here: the loader runs on threads
             self.to_check += len(todo)
             todo = todo[np.lexsort((b[todo], a[todo]))]  # the order the verifier reads images in
-            for start in range(0, len(todo), CHECK_SLICE):
+            if self.cluster is not None:
+                self._on_cluster(a, b, todo, verdict)
+            for start in range(0, len(todo) if self.cluster is None else 0, CHECK_SLICE):
                 pairs = todo[start:start + CHECK_SLICE]
                 verdict[pairs] = self.verifier.verdicts(a[pairs], b[pairs])
                 self.checked += len(pairs)
@@ -643,12 +651,64 @@ class GeometricCheck:
                     self.stored_hits += 1
 
     def _load(self, image_id: int) -> PILImage.Image | None:
-        for path in self._paths.get(image_id, []):
-            try:
-                return load_image(path, max_pixels=self.max_pixels, draft_size=(WORK_SIDE, WORK_SIDE)).image
-            except (ImgStoreError, OSError) as exc:
-                logger.info("geometric check: %s: %s", printable(path), exc)
-        return None
+        return _first_readable(self._paths.get(image_id, []), self.max_pixels)
+
+    def _on_cluster(self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], todo: npt.NDArray[np.intp],
+                    verdict: npt.NDArray[np.int8]) -> None:
+        """Verdicts of the pairs ``todo`` (in id order) from the cluster's workers, a task per
+        :data:`REMOTE_SLICE` pairs with the paths of its images, filled in as tasks finish."""
+        from distributed import as_completed
+
+        futures = {}
+        for start in range(0, len(todo), REMOTE_SLICE):
+            part = todo[start:start + REMOTE_SLICE]
+            pa, pb = a[part].tolist(), b[part].tolist()
+            paths = {i: self._paths.get(i, []) for i in {*pa, *pb}}
+            futures[self.cluster.submit(check_on_worker, pa, pb, paths, self.max_pixels, pure=False)] = part
+        st = self.verifier.stats
+        try:
+            for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]  # distributed is not annotated
+                part = futures[future]
+                got, images_read, unreadable = future.result()
+                verdict[part] = got
+                st.pairs += len(part)
+                st.copies += int((got == COPY).sum())
+                st.different += int((got == DIFFERENT).sum())
+                st.unknown += int((got == UNKNOWN).sum())
+                st.images_read += images_read
+                st.unreadable += unreadable
+                self.checked += len(part)
+                self.checked_remotely += len(part)
+                self.progress(CHECKING, self.checked, self.to_check)
+        except ImgStoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run
+            for future in futures:
+                future.cancel()
+            raise ClusterError(f"the geometric check on the cluster stopped ({type(exc).__name__}: {exc}); "
+                               "run the same command again (verdicts already stored are kept)") from None
+
+
+def _first_readable(paths: list[str], max_pixels: int | None) -> PILImage.Image | None:
+    """The image at the first of ``paths`` that decodes, at the check's working size."""
+    for path in paths:
+        try:
+            return load_image(path, max_pixels=max_pixels, draft_size=(WORK_SIDE, WORK_SIDE)).image
+        except (ImgStoreError, OSError) as exc:
+            logger.info("geometric check: %s: %s", printable(path), exc)
+    return None
+
+
+def check_on_worker(ids_a: list[int], ids_b: list[int], paths: dict[int, list[str]],
+                    max_pixels: int | None) -> tuple[npt.NDArray[np.int8], int, int]:
+    """The geometric check of pairs ``(ids_a[i], ids_b[i])`` as a cluster task: each image read
+    from the first of its ``paths`` this machine can read (the store's paths, on a filesystem the
+    workers share), a pair with an image no path gives UNKNOWN (the rule's answer stands).
+    Returns the verdicts, the images read and those unreadable. One thread: the cluster runs
+    tasks side by side."""
+    verifier = PairVerifier(lambda image_id: _first_readable(paths.get(image_id, []), max_pixels), workers=1)
+    got = verifier.verdicts(ids_a, ids_b)
+    return got, verifier.stats.images_read, verifier.stats.unreadable
 
 
 #: Signatures are also hashed (random hyperplanes, fixed seed) into short codes probed like an
@@ -843,10 +903,12 @@ def find_duplicates(
     geometry: bool = True,
     progress: Progress | None = None,
     candidates: CandidatePairs | None = None,
+    check_cluster: Any = None,
 ) -> list[DuplicateGroup]:
     """Groups of duplicate images, largest first (see ``ImageStore.find_duplicates``);
     ``progress(phase, done, total)`` follows the work (:data:`PHASES`); ``candidates`` computes
-    an index's candidate pairs instead of probing it here (it needs an index)."""
+    an index's candidate pairs instead of probing it here (it needs an index); ``check_cluster``
+    (a ``distributed.Client``) runs the geometric check's comparisons on its workers."""
     if keep not in RULES:
         raise ConfigError(f"unknown keeper rule {keep!r}; choose one of {', '.join(RULES)}")
     min_c = DEFAULT_MIN_COSINE if min_cosine is None else min_cosine
@@ -862,7 +924,7 @@ def find_duplicates(
         index = find_index(list_indexes(conn, with_counts=False), index_id)
         edges: list[Edge] = []
         ids: list[int] = []
-        check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels, report)
+        check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels, report, check_cluster)
                  if geometry and rule.min_cosine is not None else None)
         if index is not None:
             cache = caches(ctx).code_cache(conn, index)
@@ -896,9 +958,9 @@ def find_duplicates(
     if check is not None and (check.verifier.stats.pairs or check.stored_hits):
         st = check.verifier.stats
         logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
-                    "%d images read (%d unreadable), %.1f s; %d verdicts kept from earlier runs",
-                    st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds,
-                    check.stored_hits)
+                    "%d images read (%d unreadable), %.1f s; %d verdicts kept from earlier runs; %d pairs compared "
+                    "on the cluster's workers", st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable,
+                    st.seconds, check.stored_hits, check.checked_remotely)
     if check is not None and check.fresh:
         save_verdicts(ctx, check.fresh)
     if borders.fresh:

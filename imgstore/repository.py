@@ -33,7 +33,7 @@ from . import (
 from . import shards as shard_files
 from .browse import BrowsePage
 from .catalog import Counts, ImageRecord, IngestErrorRecord, Removal
-from .cluster import ClusterIngest
+from .cluster import ClusterIngest, connect
 from .codecache import CodeCache, caches
 from .context import open_context
 from .db import sqlite_file
@@ -373,29 +373,29 @@ class ImageStore:
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         said = " ".join(words.split())
+        if not said:
+            raise ConfigError("a word search needs some words, e.g. --text \"a dog on the beach\"")
         wanted = space_name(extractor) if extractor is not None else None  # a clip:ARCH:PATH reads its file's digest
+        # everything that can be wrong is found before a model loads (seconds): the space, and the
+        # filter's allowed set (a label that is no class is refused there, with the closest names)
         with self.ctx.read("find the feature space to search by words") as conn:
             space = self._words_space(conn, wanted)
+            allowed = filters.allowed(self.ctx, conn, filter)
         if embeds_text(space.extractor):
-            if not said:
-                raise ConfigError("a word search needs some words, e.g. --text \"a dog on the beach\"")
             ex = self.ctx.extractor(space.extractor)
             if not isinstance(ex, TextEmbedder):
                 raise ConfigError(f"the {space.extractor} extractor embeds no words")
             query = ex.embed_text([said])[0]
             with self.ctx.read("search by words") as conn:
-                allowed = filters.allowed(self.ctx, conn, filter) if filter else None
                 return wordsearch.search_embedding(conn, space, query, said, k, include_stale=include_stale,
                                                    allowed=allowed)
         from . import text  # the sentence model: only word searches load it
 
-        weights = text.class_weights(words, labels.imagenet_classes())
+        weights = text.class_weights(said, labels.imagenet_classes())
         head = labels.head_of(self.ctx.extractor(space.extractor))
         assert head is not None, "a labelled space's extractor has a classifier"
         with self.ctx.read("search by words") as conn:
-            allowed = filters.allowed(self.ctx, conn, filter) if filter else None
-            return wordsearch.search(conn, space, head, said, weights, k, include_stale=include_stale,
-                                     allowed=allowed)
+            return wordsearch.search(conn, space, head, said, weights, k, include_stale=include_stale, allowed=allowed)
 
     def _words_space(self, conn: Connection, extractor: str | None) -> SpaceInfo:
         """The space a word search reads: ``extractor``'s (a space name), else the largest CLIP
@@ -734,20 +734,30 @@ class ImageStore:
         them in words), from the thread that runs the search. With ``cluster`` (``"local[:N]"``,
         a scheduler address or a ``distributed.Client``) the index's candidate pairs are found
         over its shards (``shards``: see :meth:`shards_folder`) on the cluster's workers
-        (:func:`imgstore.batch.near_pairs`): the same pairs, so the same groups; ``shards``
-        alone does the same in this process.
+        (:func:`imgstore.batch.near_pairs`): the same pairs, so the same groups, and the
+        geometric check compares its pairs there too, each worker reading the files at the
+        store's paths (a filesystem they share; a file a worker cannot read leaves the rule's
+        answer); ``shards`` alone does the same in this process.
         """
         candidates = None
+        client, close = None, None
+        if cluster is not None:  # one connection (one LocalCluster) for the candidates and the check
+            client, close, _ = connect(cluster)
         if cluster is not None or shards is not None:
             def candidates(cache: CodeCache, max_d: int, radius: int) -> tuple[Any, Any]:
                 exported = self.export_shards(shards, index_id=cache.index.id)
                 found = batch.near_pairs(exported.shards, max_d, probe_radius=radius,
-                                         workdir=exported.shards.folder / "work", cluster=cluster)
+                                         workdir=exported.shards.folder / "work", cluster=client)
                 return found.a, found.b
 
-        return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
-                                     min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
-                                     keep=keep, geometry=geometry, progress=progress, candidates=candidates)
+        try:
+            return dedup.find_duplicates(self.ctx, max_distance=max_distance, min_cosine=min_cosine,
+                                         min_signature=min_signature, index_id=index_id, probe_radius=probe_radius,
+                                         keep=keep, geometry=geometry, progress=progress, candidates=candidates,
+                                         check_cluster=client)
+        finally:
+            if close is not None:
+                close()
 
     def duplicates_state(self) -> DuplicatesState:
         """A small value that changes whenever what :meth:`find_duplicates` reads changes

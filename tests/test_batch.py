@@ -270,9 +270,13 @@ def test_client_killed_then_rerun(sqlite_url: str, tmp_path: Path) -> None:
     assert all(len(r["neighbours"]) == 4 and r["distances"] == sorted(r["distances"]) for r in rows)
 
 
-def test_dedup_through_a_cluster_groups_as_without(tmp_path: Path, dask_client: Any) -> None:
-    """Real photos and their edits: the groups of dedup with candidates from shards on a cluster
-    are those of a plain dedup (the same candidates, the same rule and check)."""
+def test_dedup_through_a_cluster_groups_as_without(tmp_path: Path, dask_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Real photos and their edits: the groups of dedup with candidates from shards on a cluster,
+    and the geometric check's comparisons run on its workers, are those of a plain dedup (the
+    same candidates, the same rule, the same verdicts); two copies of one store, so that neither
+    run reads the other's stored verdicts."""
+    import shutil
+
     folder = tmp_path / "photos"
     for name in ("chelsea", "rocket", "coffee", "astronaut"):
         write_variants(photo(name), folder / name, name, 4)
@@ -280,8 +284,13 @@ def test_dedup_through_a_cluster_groups_as_without(tmp_path: Path, dask_client: 
     with ImageStore(url) as store:
         store.ingest([folder], auto_index=False)
         store.create_index("lsh", 64, n_bands=4)
+    shutil.copy(tmp_path / "photos.db", tmp_path / "copy.db")
+    with ImageStore(f"sqlite:///{tmp_path / 'copy.db'}") as store, caplog.at_level("INFO", logger="imgstore.dedup"):
+        through = store.find_duplicates(cluster=dask_client, shards=tmp_path / "s2")
+    remote = [r.getMessage() for r in caplog.records if "compared on the cluster's workers" in r.getMessage()]
+    assert remote and not remote[-1].endswith(" 0 pairs compared on the cluster's workers"), remote
+    with ImageStore(url) as store:
         plain = store.find_duplicates()
-        through = store.find_duplicates(cluster=dask_client, shards=tmp_path / "s")
         here = store.find_duplicates(shards=tmp_path / "s")
     assert plain, "the photos' edits are found as duplicates"
     assert [g.as_dict() for g in through] == [g.as_dict() for g in plain]
@@ -289,3 +298,16 @@ def test_dedup_through_a_cluster_groups_as_without(tmp_path: Path, dask_client: 
     result = CliRunner().invoke(cli, ["--db", url, "dedup", "--json", "--shards", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == json.loads(json.dumps([g.as_dict() for g in plain], default=str))
+
+
+def test_the_check_on_a_worker_reads_what_it_can(tmp_path: Path) -> None:
+    """The task a worker runs: a copy and its edit are a copy; a pair with an image no path of
+    which this machine can read stays undecided (UNKNOWN: the rule's answer stands), counted."""
+    from imgstore.dedup import check_on_worker
+    from imgstore.geometry import COPY, UNKNOWN
+
+    a, b = write_variants(photo("chelsea"), tmp_path, "cat", 2)
+    verdicts, read, unreadable = check_on_worker([1, 1], [2, 3], {1: [str(a)], 2: [str(tmp_path / "gone.jpg"), str(b)],
+                                                                  3: [str(tmp_path / "gone.jpg")]}, None)
+    assert verdicts.tolist() == [COPY, UNKNOWN]
+    assert (read, unreadable) == (3, 1)  # three images asked for, one of them unreadable

@@ -22,12 +22,12 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imgstore import SearchFilter
+from imgstore import ImageStore, SearchFilter
 from imgstore.browse import MAX_PER_PAGE, SORTS
 from imgstore.errors import ConfigError
-from imgstore.models import Image
+from imgstore.models import Image, ImagePath
 from imgstore.serve import Thumbnails, create_app
-from sqlalchemy import Connection, bindparam, update
+from sqlalchemy import Connection, bindparam, delete, insert, update
 
 from .test_filters import START, Synthetic, build, filters
 
@@ -186,3 +186,52 @@ def test_cli_export_filters(synthetic: tuple[Synthetic, dict[int, datetime]], db
     assert ("Invalid value for '--label': 'retriever' is not an ImageNet label; did you mean 'golden retriever'"
             in refused.stderr), refused.stderr
     assert not never.exists()  # refused before any database was opened
+
+
+#: Path characters whose order a linguistic collation changes (it ignores spaces, dashes and
+#: dots, folds case and accents): bytewise, a folder's files stay together, "/a b/x" before
+#: "/a-b/x" before "/a/x" ("/" sorts after space, "-" and ".").
+PATH_CHARS = st.sampled_from(["a", "b", "B", "-", " ", ".", "_", "é", "É", "~", "0"])
+SEGMENT = st.text(PATH_CHARS, min_size=1, max_size=3)
+FILES = st.lists(st.tuples(st.lists(SEGMENT, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts)),
+                           st.booleans()), max_size=3)  # an image's files: (path, current)
+
+
+def test_folder_order_is_bytewise_whatever_the_names(db_url: str) -> None:
+    """Sorted by folder, images follow their bytewise smallest current path (folders together:
+    every file under a folder before the next folder), ties by id; images without a current
+    file last; the same on SQLite and PostgreSQL, whatever characters the names hold, and every
+    page is its slice of that order."""
+    with ImageStore(db_url) as store:
+
+        @given(images=st.lists(FILES, min_size=1, max_size=14), per_page=st.sampled_from([1, 3, 500]))
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+                  derandomize=bool(os.environ.get("CI")))
+        def check(images: list[list[tuple[str, bool]]], per_page: int) -> None:
+            files = {i: dict(found) for i, found in enumerate(images, 1)}  # one row per (path, image)
+
+            def fill(conn: Connection) -> None:
+                conn.execute(delete(ImagePath))
+                conn.execute(delete(Image))
+                conn.execute(insert(Image), [{"id": i, "sha256": f"{i:064x}", "width": 1, "height": 1, "format": None,
+                                              "byte_size": 1, "meta": {}} for i in files])
+                rows = [{"path": p, "image_id": i, "file_size": 1, "mtime_ns": 1, "is_current": cur}
+                        for i, found in files.items() for p, cur in found.items()]
+                if rows:
+                    conn.execute(insert(ImagePath), rows)
+
+            store.transaction(fill)
+            for include_stale in (False, True):
+                shown = {i for i, found in files.items() if include_stale or not found or any(found.values())}
+                first = {i: min((p.encode() for p, cur in files[i].items() if cur), default=None) for i in shown}
+                for order in ("asc", "desc"):
+                    desc = order == "desc"
+                    want = sorted((i for i in shown if first[i] is not None), key=lambda i: (first[i], i), reverse=desc)
+                    want += sorted((i for i in shown if first[i] is None), reverse=desc)
+                    pages = -(-len(want) // per_page)
+                    got = [item.image_id for page in range(1, pages + 1)
+                           for item in store.browse(sort="folder", order=order, page=page, per_page=per_page,
+                                                    include_stale=include_stale).items]
+                    assert got == want, (order, include_stale, {i: sorted(files[i].items()) for i in want})
+
+        check()

@@ -311,6 +311,17 @@ def test_find_by_words(browser: Any, site: tuple[str, ImageStore, Path]) -> None
     assert len(names) == 20 and "chelsea" in names[0], names[:6]
     assert sum("chelsea" in n for n in names[:6]) >= 5, names[:6]  # the cat and her copies
     assert browser.find_element(By.ID, "words").get_attribute("value") == "a cat"
+    # each card shows the match score that orders the results (never rising down the grid) and
+    # its best-matching label as words, with no class probability beside it
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    matches = [card.find_element(By.CSS_SELECTOR, ".match").text for card in cards]
+    assert all(re.fullmatch(r"match [\d.e-]+", m) for m in matches), matches
+    values = [float(m.split()[1]) for m in matches]
+    assert values == sorted(values, reverse=True), matches
+    labels = [e.text for card in cards[:6] for e in card.find_elements(By.CSS_SELECTOR, ".label")]
+    assert labels and all(labels) and not any("%" in label for label in labels), labels
+    assert "cat" in labels[0], labels  # chelsea, a tabby (or tiger or Egyptian cat)
+    assert "best match first" in understood.text
     shot(browser, "7-words")
 
 

@@ -196,3 +196,22 @@ def test_small_answers_are_never_blank_or_all(sqlite_url: str, tmp_path: Path) -
     assert run("--db", sqlite_url, "errors", "--limit", "1").output.count("\n") == 1
     with ImageStore(sqlite_url) as store:
         assert store.errors(0) == [] and len(store.errors()) == 1
+
+
+def test_ingest_and_watch_take_the_same_ingest_options() -> None:
+    """The options both commands ingest with are declared once (``ingest_options``): the same
+    names, types, defaults and callbacks; only the help of --recursive, --extractor and --meta is
+    each command's own."""
+    shared = ("recursive", "extractor", "batch_size", "workers", "tags", "meta", "no_auto_index", "weights")
+
+    def options(name: str) -> dict[str, dict[str, object]]:
+        command = cli.commands[name]
+        return {p.name: {"opts": (tuple(p.opts), tuple(p.secondary_opts)), "type": p.type.to_info_dict(), "default": p.default,
+                         "multiple": p.multiple, "flag": getattr(p, "is_flag", False),
+                         "callback": p.callback is not None}
+                for p in command.params if p.name in shared}
+
+    assert options("ingest") == options("watch") and set(options("ingest")) == set(shared)
+    parsed = cli.commands["watch"].make_context("watch", ["f", "--meta", "trip=alps", "--tag", "a", "--batch-size", "8"])
+    assert parsed.params["meta"] == {"trip": "alps"} and parsed.params["tags"] == ("a",)
+    assert parsed.params["batch_size"] == 8 and parsed.params["recursive"] is True

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from imgstore import ImageStore
+from imgstore.cli import cli
 from imgstore.errors import ConfigError, NotFoundError
 from imgstore.labels import imagenet_classes
 from imgstore.serve import Thumbnails, create_app
@@ -51,6 +53,14 @@ def test_words_find_the_picture(db_url: str, photo_folder: Path) -> None:
         cat.unlink()
         assert store.prune() == [str(cat)]
         assert all(str(cat) not in h.paths for h in store.search_text("a cat", k=5).hits)
+        # the command's table: the match score (what orders it) and each hit's best label
+        table = CliRunner().invoke(cli, ["--db", db_url, "query", "--text", "a cat", "-k", "5"])
+        assert table.exit_code == 0, table.output
+        header, *rows = table.output.splitlines()[1:]
+        assert header.split()[:5] == ["rank", "id", "match", "best", "label"]
+        expected = store.search_text("a cat", k=5).hits
+        assert [(int(r.split()[1]), r.split()[2]) for r in rows] == [(h.image_id, f"{h.score:.3f}") for h in expected]
+        assert all(h.labels[0].label in r for r, h in zip(rows, expected) if h.labels)
         with pytest.raises(ConfigError, match="needs some words"):
             store.search_text("   ")
         with pytest.raises(ConfigError, match="k must be"):
@@ -140,7 +150,18 @@ def test_words_over_http_and_on_the_page(db_url: str, photo_folder: Path, tmp_pa
         understood = page.text.split('id="understood"', 1)[1].split("</section>", 1)[0]
         assert "understood as" in understood and "/collection?label=" in understood
         assert re.search(r'name="text"[^>]* value="a cat"', page.text)
-        assert re.search(r'class="label"[^>]*>[^<]+ \d+%</span>', grid)  # the matched label and its probability
+        # each card shows the match score the results are ordered by, so it never rises down the
+        # list, and its best-matching label as words: no class probability that would not fall
+        hits = store.search_text("a cat", k=10).hits
+        matches = re.findall(r'<span class="match"[^>]*>match ([^<]+)</span>', grid)
+        assert matches == [f"{h.score:.2g}" for h in hits]
+        assert [float(m) for m in matches] == sorted((float(m) for m in matches), reverse=True)
+        best = re.findall(r'<span class="label"[^>]*>([^<]+)</span>', grid)
+        assert best == [h.labels[0].label for h in hits if h.labels] and best and not any("%" in b for b in best)
+        assert "best match first" in understood
+        spec_hit = spec["components"]["schemas"]["WordHitOut"]["properties"]
+        assert "orders the results" in spec_hit["score"]["description"]
+        assert "best-matching label" in spec_hit["labels"]["description"]
         # words typed, then the image search's button: the search by those words, at its own address
         posted = web.post("/", data={"text": " a cat ", "k": "10", "tag": ""}, follow_redirects=False,
                           headers={"Accept": "text/html"})
@@ -155,3 +176,103 @@ def test_words_over_http_and_on_the_page(db_url: str, photo_folder: Path, tmp_pa
         assert refused.status_code == 404 and "no labels" in refused.json()["error"]
         page = web.get("/", params={"text": "a cat"}, headers={"Accept": "text/html"})
         assert page.status_code == 404 and "no labels" in page.text and 'value="a cat"' in page.text
+
+
+#: Run in a new process: a store with a labelled feature space of synthetic vectors (no model
+#: ever made them), then every wrong word search through the library, the CLI and HTTP. Each
+#: must be refused with its one-line error while neither the sentence model nor the CNN was
+#: imported: proof that the checks come before any model loads, whatever the machine's speed.
+_CHECKS_FIRST = r'''
+import sys
+import numpy as np
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from hypothesis import given, settings, strategies as st
+from imgstore import ImageStore, SearchFilter
+from imgstore.cli import cli
+from imgstore.errors import ConfigError
+from imgstore.labels import imagenet_classes
+from imgstore.models import Image
+from imgstore.serve import Thumbnails, create_app
+from imgstore.sqlhelpers import insert_ignore
+from imgstore.vectors import features_table, get_or_create_space, vector_to_bytes
+
+MODELS = {"imgstore.text", "tokenizers", "safetensors", "onnxruntime", "torch"}
+url, thumbs = sys.argv[1], sys.argv[2]
+
+def unloaded(what):
+    loaded = MODELS & set(sys.modules)
+    assert not loaded, f"{what}: {sorted(loaded)} loaded before the error"
+
+def fill(conn):
+    space = get_or_create_space(conn, "efficientnet-lite0", 1280, "synthetic")
+    insert_ignore(conn, Image.__table__, [{"sha256": f"{i:064x}", "width": 1, "height": 1, "format": None,
+                                           "byte_size": 1, "meta": {}} for i in range(5)])
+    ids = [i for (i,) in conn.exec_driver_sql("SELECT id FROM images ORDER BY id")]
+    vectors = np.random.default_rng(0).normal(size=(len(ids), 1280)).astype(np.float32)
+    insert_ignore(conn, features_table, [{"space_id": space, "image_id": i, "vector": vector_to_bytes(v)}
+                                         for i, v in zip(ids, vectors)])
+
+with ImageStore(url) as store:
+    store.ctx.write(fill, doing="store synthetic features")
+    unloaded("setup")
+    # the library: a label that is no class, with the closest names
+    try:
+        store.search_text("a cat", filter=SearchFilter(labels="tabby cat"))
+        raise AssertionError("a label that is no class was accepted")
+    except ConfigError as exc:
+        assert "did you mean 'tabby'" in str(exc) and "\n" not in str(exc), exc
+    unloaded("search_text with a wrong label")
+    known = {n.casefold() for n in imagenet_classes()}
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(st.text(min_size=1, max_size=30))
+    def any_wrong_label(name):
+        try:
+            f = SearchFilter(labels=name)
+        except ValueError:
+            return  # refused when the filter is made: nothing searched at all
+        if f.labels[0] in known:
+            return
+        try:
+            store.search_text("a cat", filter=f)
+            raise AssertionError(f"{name!r} was accepted")
+        except ConfigError as exc:
+            assert "is not an ImageNet label" in str(exc) and "\n" not in str(exc), exc
+        unloaded(f"search_text with label {name!r}")
+
+    any_wrong_label()
+    # the command: each wrong option is a one-line usage error
+    for args, message in ((["--label", "nosuchlabel"], "'nosuchlabel' is not an ImageNet label"),
+                          (["--under", "a\x00b"], "NUL"),
+                          (["--where", "nokey"], "is not KEY=VALUE"),
+                          (["--taken-after", "2024-13"], "is not a date or time"),
+                          (["--index", "99"], "--index is for IMAGES")):
+        got = CliRunner().invoke(cli, ["--db", url, "query", "--text", "a dog on the beach", *args])
+        assert got.exit_code == 2, (args, got.output)
+        assert message in got.output and got.output.strip().splitlines()[-1].startswith("Error:"), got.output
+        unloaded(f"imgstore query --text ... {' '.join(args)}")
+    # HTTP: 422 with one line, and the page says the same
+    web = TestClient(create_app(store, thumbnails=Thumbnails(store, thumbs)))
+    for params, message in (({"label": "nosuchlabel"}, "'nosuchlabel' is not an ImageNet label"),
+                            ({"under": "a\x00b"}, "NUL"), ({"where": "nokey"}, "is not KEY=VALUE"),
+                            ({"taken_after": "2024-13"}, "is not a date or time"),
+                            ({"index": "99"}, "index: a word search scores every image")):
+        got = web.get("/api/search", params={"text": "a dog on the beach", **params})
+        assert got.status_code == 422 and message in got.json()["error"], (params, got.text)
+        assert "\n" not in got.json()["error"]
+        unloaded(f"GET /api/search?text=...&{params}")
+    page = web.get("/", params={"text": "a dog", "label": "nosuchlabel"}, headers={"Accept": "text/html"})
+    assert page.status_code == 422 and "is not an ImageNet label" in page.text, page.text[-500:]
+    unloaded("the search page with a wrong label")
+print("ok")
+'''
+
+
+def test_a_wrong_word_search_fails_before_any_model_loads(db_url: str, tmp_path: Path) -> None:
+    """Wrong filters, a wrong label, an index given to a word search: refused at once, through
+    the library, the CLI and HTTP, before the sentence model or the CNN is imported (checked in
+    a new process on ``sys.modules``, not by timing)."""
+    out = subprocess.run([sys.executable, "-c", _CHECKS_FIRST, db_url, str(tmp_path / "thumbs")], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-4000:])

@@ -217,6 +217,9 @@ async def search_by_id(request: Request) -> Response:
         if (image_id is None) == (words is None):
             raise ValueError("give id (a stored image) or text (words), one of them")
         options = search_options(given)
+        if words is not None and options.index_id is not None:
+            raise ValueError("index: a word search scores every image's stored features, through no index; "
+                             "leave index out")
     except ValueError as exc:
         return error_response(request, 422, f"bad argument: {exc}")
     store = service.store

@@ -110,7 +110,8 @@ ID_PARAM = Param("id", int, None, "the stored image to search from (or give text
 MAX_TEXT = 1000
 TEXT_PARAM = Param("text", str, None, "words to find images by instead of an image id, e.g. a dog on the beach "
                    "(through what the classifier sees in them); the answer is then an object that also says what the "
-                   "words were understood as", maximum=MAX_TEXT)
+                   "words were understood as; not with index (a word search scores every image, through no index)",
+                   maximum=MAX_TEXT)
 
 _TRUE = frozenset({"1", "true", "on", "yes", "t", "y"})
 _FALSE = frozenset({"0", "false", "off", "no", "f", "n"})

@@ -37,11 +37,14 @@ class SearchHit(Model):
 
 class WordHitOut(Model):
     image_id: int
-    score: float = Field(description="how well the image matches the words: 0..1 through labels (the weighted geometric "
-                                     "mean of its probabilities of the classes the words were understood as); in a CLIP "
-                                     "feature space the cosine of the image's and the words' embeddings, -1..1")
+    score: float = Field(description="its match score, which orders the results (highest first): how well the image "
+                                     "matches the words as a whole, 0..1 through labels (the weighted geometric mean of its "
+                                     "probabilities of the classes the words were understood as); in a CLIP feature space "
+                                     "the cosine of the image's and the words' embeddings, -1..1")
     paths: list[str] = Field(description="the image's current files")
-    labels: list[ImageLabel] = Field(description="the image's labels among the classes the words were understood as")
+    labels: list[ImageLabel] = Field(description="the image's labels among the classes the words were understood as, most "
+                                                 "probable first (the first is its best-matching label); each probability "
+                                                 "is of that class alone: the results are ordered by score, not by these")
 
 
 class UnderstoodOut(Model):
