@@ -50,6 +50,15 @@ IMAGE_EXTENSIONS = frozenset(
 
 ProgressFn = Callable[["IngestProgress"], None]
 
+#: Images per model run when the model runs on a CPU. A transaction still holds ``batch_size``
+#: images (consecutive runs joined, :func:`_joined`). A short run starts the model after a few
+#: decodes instead of a whole batch and keeps it overlapped with the decode threads up to the last
+#: file (the run left alone at the end is short), and its activations are a quarter of a 64-image
+#: run's: less memory, fewer page faults on the first run (benchmarks/results/ingest_photos.md).
+#: ONNX Runtime computes each image on its own, so the features do not depend on the run's size
+#: (tests/test_ingest.py). On a GPU, which wants large batches, a run is the whole batch.
+CPU_MODEL_RUN = 16
+
 #: What a folder walk passes over without trying it: a symbolic link (not followed), a file
 #: whose extension is not an image's, a sub-folder (not descended: ``recursive=False``).
 SkipKind = Literal["symlink", "non-image", "folder"]
@@ -265,6 +274,8 @@ class Ingester:
         self.label_head = labels.head_of(extractor)
         self.batch_size = batch_size
         self.write_size = max(1, write_size or batch_size)
+        #: images per model run (transactions still join ``write_size``)
+        self.model_run = model_run_size(extractor, batch_size)
         self.workers = workers
         self.metadata = dict(metadata or {})
         self.progress = progress
@@ -382,7 +393,7 @@ class Ingester:
         """Read, decode, extract and write ``tasks`` (planned by :meth:`plan`, or a cluster
         worker's partition), adding to ``summary``."""
         self._known = self._known_hashes() if self.preload_known else set()
-        batches = extract_stream(tasks, self.load, self.extractor, self.batch_size, self.workers)
+        batches = extract_stream(tasks, self.load, self.extractor, self.model_run, self.workers)
         return self.write_results(batches, len(tasks), summary, started)
 
     def write_results(self, batches: Iterable[list[StreamResult[Task]]], total: int, summary: IngestSummary,
@@ -579,6 +590,14 @@ class Ingester:
             _record_errors(conn, [e for e, _ in recorded], None, [x for _, x in recorded])
         finish_encoding(conn, deferred)
         return BatchOutcome(added, len(resolved) + (len(ok) - added), errors, unresolved)
+
+
+def model_run_size(extractor: Extractor, batch_size: int) -> int:
+    """Images per model run: :data:`CPU_MODEL_RUN` at most on a CPU, ``batch_size`` on a GPU
+    (an extractor's ``device`` other than ``"cpu"``)."""
+    if getattr(extractor, "device", "cpu") != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_MODEL_RUN))
 
 
 def _joined(batches: Iterable[list[StreamResult[Task]]], size: int) -> Iterator[list[StreamResult[Task]]]:

@@ -210,3 +210,59 @@ def test_writes_join_batches_and_keep_blas_on_one_thread(tmp_path: Path) -> None
             check_consistent(store)
         assert blas() == before
     assert results[2] == results[1000]
+
+
+def test_each_file_is_read_once_and_the_model_run_size_changes_no_feature(tmp_path: Path) -> None:
+    """Issue 27: an ingest opens each image file once (the content hash and the decode both come
+    from those bytes), and the short model runs of a CPU ingest (16 images, transactions still of
+    64) store the very features, labels and signatures that one run of the whole batch stores."""
+    import sys
+    import threading
+    from collections import Counter
+    from typing import Any
+
+    from imgstore.features import get_extractor
+    from imgstore.ingest import CPU_MODEL_RUN, Ingester
+    from imgstore.models import Label
+    from imgstore.vectors import get_or_create_space
+
+    from .helpers import PHOTOS
+
+    folder = tmp_path / "photos"
+    files = [p for name in PHOTOS[:4] for p in write_variants(photo(name), folder, name, 6)]
+    assert len(files) > CPU_MODEL_RUN  # several runs in one transaction
+    opened: list[str] = []
+    recording = threading.Event()
+
+    def count_opens(event: str, args: tuple[Any, ...]) -> None:  # a process's audit hook stays: it only counts while asked
+        if event == "open" and recording.is_set() and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.path.abspath(os.fsdecode(args[0])))
+
+    sys.addaudithook(count_opens)
+    ex = get_extractor("efficientnet-lite0")
+    stored = {}
+    for run in (CPU_MODEL_RUN, 64):
+        with ImageStore(tmp_path / f"run{run}.db") as store:
+            space_id = store.transaction(lambda conn: get_or_create_space(conn, ex.name, ex.dim, ex.preprocess_version))
+            job = Ingester(store.ctx, ex, space_id, batch_size=64)
+            assert job.model_run == CPU_MODEL_RUN
+            job.model_run = run
+            opened.clear()
+            recording.set()
+            try:
+                summary = job.run([folder])
+            finally:
+                recording.clear()
+            assert summary.added == len(files) and summary.failed == 0
+            reads = Counter(opened)
+            assert all(reads[str(p)] == 1 for p in files), {p: reads[str(p)] for p in files}
+            with store.engine.connect() as conn:
+                stored[run] = (
+                    conn.execute(select(ImageRow.sha256, Feature.vector).join(Feature, Feature.image_id == ImageRow.id)
+                                 .order_by(ImageRow.sha256)).all(),
+                    conn.execute(select(ImageRow.sha256, ImageRow.signature, ImageRow.width, ImageRow.height)
+                                 .order_by(ImageRow.sha256)).all(),
+                    conn.execute(select(ImageRow.sha256, Label.rank, Label.class_id, Label.prob)
+                                 .join(Label, Label.image_id == ImageRow.id).order_by(ImageRow.sha256, Label.rank)).all(),
+                )
+    assert stored[CPU_MODEL_RUN] == stored[64]
