@@ -310,7 +310,7 @@ def report(res: dict[str, Any]) -> str:
         rss = f"{row['peak_rss_mb']:.0f}" + (f" / {', '.join(f'{w:.0f}' for w in row['workers_peak_rss_mb'])}"
                                                if row["workers_peak_rss_mb"] else "")
         ex = row.get("exact")
-        exact = f"{ex['mismatches']} mismatches in {ex['sampled']:,}" if ex else "same output as one process" if row["same"] else "DIFFERENT"
+        exact = f"{ex['mismatches']} mismatches in {ex['sampled']:,}" if ex else "same output as the checked run" if row["same"] else "DIFFERENT"
         lines.append(f"| {row['n']:,} | {row['task']} | {row['mode']} | {row['seconds']:.1f} | {row['n'] / row['seconds']:,.0f} | "
                      f"{up} | {rss} | {exact} |")
     if res.get("export"):
@@ -318,6 +318,14 @@ def report(res: dict[str, Any]) -> str:
                   "re-reads only the open last range):", "", "| database | codes | codes/s | again, s |", "|---|---:|---:|---:|"]
         for kind, e in res["export"].items():
             lines.append(f"| {kind} | {e['codes']:,} | {e['codes_per_s']:,.0f} | {e['again_unchanged_s']:.1f} |")
+    notes = [f"- {row['n']:,} {row['task']}, {row['mode']}: {row['note']}" for row in res["runs"] if row.get("note")]
+    if notes:
+        lines += ["", "Notes on single rows:", "", *notes]
+    ab = res.get("join_ab")
+    if ab:
+        lines += ["", f"The join itself, before and after sets of equal bands ({ab['what']}): before {ab['before_s']:.2f} s, "
+                  f"after {ab['after_s']:.2f} s (medians of {ab['rounds']}, interleaved; the same pairs, digest "
+                  f"{ab['digest']}): {ab['before_s'] / ab['after_s']:.1f}x."]
     proj = res.get("projection")
     if proj:
         lines += ["", "## 1B codes, projected from these figures", "", proj]
@@ -339,8 +347,10 @@ def projection(res: dict[str, Any]) -> str:
         per = cost * (target / shard) ** max(alpha, 0.0)
         blocks_per_query = 50 if task == "knn" else 25.5
         core_h = 1e9 * blocks_per_query * per / 3600
-        out.append(f"- {task}: {cost * 1e6:.2f} us per code and block at {shard:,}-code shards; cost grows as shard size^{alpha:.2f} "
-                   f"between the sizes measured, so ~{per * 1e6:.1f} us at 20M-code shards; 1B codes = 50 shards, "
+        growth = (f"cost grows as shard size^{alpha:.2f} between the sizes measured" if len(pts) > 1
+                  else "one size measured, so the cost is taken as growing with the shard (a full scan's bound)")
+        out.append(f"- {task}: {cost * 1e6:.2f} us per code and block at {shard:,}-code shards; {growth}, "
+                   f"so ~{per * 1e6:.1f} us at 20M-code shards; 1B codes = 50 shards, "
                    f"{blocks_per_query:g} blocks per code: ~{core_h:,.0f} core-hours, ~{core_h / (20 * 16):,.1f} h on 20 machines "
                    "of 16 cores.")
     out.append("- memory: a worker holds one data shard's cache at a time (~90 B a code: 20M codes ~ 1.8 GB) and the "
@@ -393,9 +403,9 @@ def main() -> None:
                 print(f"{n:,} {task} {mode}: {r['seconds']:.1f} s ({n / r['seconds']:,.0f} codes/s), peak {r['peak_rss_mb']:.0f} MB "
                       f"workers {r['workers_peak_rss_mb']}, {row.get('exact', 'same' if row['same'] else 'DIFFERENT')}", flush=True)
                 shutil.rmtree(work, ignore_errors=True)
-            res["projection"] = projection(res)
-            out_json.write_text(json.dumps(res, indent=2))
-            (RESULTS / "batch.md").write_text(report(res))
+                res["projection"] = projection(res)  # saved after every run: a long one is not lost to a later one
+                out_json.write_text(json.dumps(res, indent=2))
+                (RESULTS / "batch.md").write_text(report(res))
     if not args.skip_export:
         res["export"] = export_rates(args.export_n)
     out_json.write_text(json.dumps(res, indent=2))

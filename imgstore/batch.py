@@ -213,10 +213,10 @@ def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
         return empty
     out_a, out_b, out_d = [], [], []
     if probe_radius is None and equal_band_sets(m, max_distance):
-        d_bands = _small(band_values(d_codes, m, w), w)
+        d_bands = _small_bands(d_codes, m, w)
         d_words = np.ascontiguousarray(as_words(d_codes))
         same = query == data
-        q_bands = d_bands if same else _small(band_values(q_codes, m, w), w)
+        q_bands = d_bands if same else _small_bands(q_codes, m, w)
         q_words = d_words if same else np.ascontiguousarray(as_words(q_codes))
         for qi, di, dist in band_set_join(q_bands, q_words, q_ids, d_bands, d_words, d_ids, w, max_distance):
             out_a.append(q_ids[qi])
@@ -239,13 +239,20 @@ def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
     return a[order], b[order], d[order]
 
 
-def _small(bands: npt.NDArray[np.int64], band_width: int) -> npt.NDArray[np.unsignedinteger]:
-    """Band values in the smallest unsigned type that holds them (a 25M-code shard's 4 bands:
-    200 MB instead of 800)."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if band_width <= np.iinfo(dtype).bits:
-            return bands.astype(dtype)
-    return bands.astype(np.uint64)
+#: Codes whose band values are computed at once (``band_values`` holds ~160 bytes a code while
+#: it works: a 25M-code shard at once peaked at 11.5 GB).
+BAND_ROWS = 1 << 20
+
+
+def _small_bands(codes: npt.NDArray[np.uint8], n_bands: int, band_width: int) -> npt.NDArray[np.unsignedinteger]:
+    """Band values in the smallest unsigned type that holds them (a 25M-code shard's 4 bands of
+    16 bits: 200 MB instead of 800), computed :data:`BAND_ROWS` codes at a time."""
+    dtype: type[np.unsignedinteger] = next((t for t in (np.uint8, np.uint16, np.uint32) if band_width <= np.iinfo(t).bits),
+                                           np.uint64)
+    out = np.empty((len(codes), n_bands), dtype=dtype)
+    for start in range(0, len(codes), BAND_ROWS):
+        out[start : start + BAND_ROWS] = band_values(codes[start : start + BAND_ROWS], n_bands, band_width)
+    return out
 
 
 # --- running blocks ----------------------------------------------------------------------------
