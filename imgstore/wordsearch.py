@@ -16,6 +16,7 @@ an image scores the cosine of its features to them (:func:`search_embedding`); n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +37,11 @@ SLACK = 16
 
 @dataclass(frozen=True)
 class WordHit:
-    """One image a word search found: its current paths, its score (0..1: the weighted geometric
-    mean of its probabilities of the text's classes; in a CLIP space the cosine, -1..1) and its
-    labels among those classes (none in a CLIP space)."""
+    """One image a word search found: its current paths, its score (what hits are ordered by;
+    0..1: the weighted geometric mean of its probabilities of the text's classes; in a CLIP space
+    the cosine, -1..1) and its labels among those classes, most probable first (the first is its
+    best-matching label; none in a CLIP space). A label's probability is of that class alone:
+    two hits' first labels need not be in the order of their scores."""
 
     image_id: int
     paths: list[str]
@@ -72,25 +75,18 @@ def scores(conn: Connection, space: SpaceInfo, head: Head, weights: dict[int, fl
     w = np.array([weights[int(c)] for c in classes], dtype=np.float64)
     direction = (w @ weight[classes].astype(np.float64)).astype(np.float32)
     offset = float(w @ bias[classes].astype(np.float64))
-    all_ids: list[npt.NDArray[np.int64]] = []
-    all_scores: list[npt.NDArray[np.float64]] = []
-    for ids, vectors in iter_features(conn, space.id, space.dim):
-        if allowed is not None:
-            keep = allowed.contains(ids)
-            ids, vectors = ids[keep], vectors[keep]
-            if not len(ids):
-                continue
+
+    def score(ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         stored = dict(conn.execute(select(LabelNorm.image_id, LabelNorm.logsumexp).where(
             LabelNorm.space_id == space.id, LabelNorm.image_id >= int(ids[0]), LabelNorm.image_id <= int(ids[-1]))).all())
         lse = np.array([stored.get(int(i), np.nan) for i in ids], dtype=np.float64)
         missing = np.isnan(lse)
         if missing.any():  # stored before labels existed: computed here (`imgstore labels --update` stores them)
             lse[missing] = log_normalisers(vectors[missing], head)
-        all_ids.append(ids)
-        all_scores.append(vectors @ direction + offset - lse)
-    if not all_ids:
-        return np.zeros(0, np.int64), np.zeros(0, np.float64)
-    return np.concatenate(all_ids), np.concatenate(all_scores)
+        out: npt.NDArray[np.float64] = vectors @ direction + offset - lse
+        return out
+
+    return _score_features(conn, space, allowed, score)
 
 
 def search(conn: Connection, space: SpaceInfo, head: Head, text: str, weights: dict[int, float], k: int, *,
@@ -121,19 +117,37 @@ def search_embedding(conn: Connection, space: SpaceInfo, query: npt.NDArray[np.f
     if direction.shape != (space.dim,) or not norm:
         raise ValueError(f"a query embedding must be a non-zero ({space.dim},) vector, got shape {direction.shape}")
     direction /= norm
+
+    def cosine(_ids: npt.NDArray[np.int64], vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        lengths = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        out: npt.NDArray[np.float64] = (vectors @ direction) / np.where(lengths > 0, lengths, 1.0)
+        return out
+
+    ids, score = _score_features(conn, space, allowed, cosine)
+    if not len(ids):
+        return WordSearch(text, [], [])
+    return WordSearch(text, _hits(conn, _best(conn, ids, score, k, include_stale), {}), [])
+
+
+def _score_features(conn: Connection, space: SpaceInfo, allowed: Allowed | None,
+                    score: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float32]], npt.NDArray[np.float64]]
+                    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Every image of ``space`` that ``allowed`` allows (all when None) with ``score`` of its
+    features, in id order: one pass over the stored vectors, a chunk at a time (``score`` gets
+    a chunk's (n,) ids and (n, dim) vectors, never an empty one, and gives (n,) scores)."""
     all_ids: list[npt.NDArray[np.int64]] = []
     all_scores: list[npt.NDArray[np.float64]] = []
     for ids, vectors in iter_features(conn, space.id, space.dim):
         if allowed is not None:
             keep = allowed.contains(ids)
             ids, vectors = ids[keep], vectors[keep]
-        lengths = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        if not len(ids):
+            continue
         all_ids.append(ids)
-        all_scores.append((vectors @ direction) / np.where(lengths > 0, lengths, 1.0))
+        all_scores.append(score(ids, vectors))
     if not all_ids:
-        return WordSearch(text, [], [])
-    kept = _best(conn, np.concatenate(all_ids), np.concatenate(all_scores), k, include_stale)
-    return WordSearch(text, _hits(conn, kept, {}), [])
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    return np.concatenate(all_ids), np.concatenate(all_scores)
 
 
 def _best(conn: Connection, ids: npt.NDArray[np.int64], score: npt.NDArray[np.float64], k: int,
