@@ -958,9 +958,10 @@ def find_duplicates(
     if check is not None and (check.verifier.stats.pairs or check.stored_hits):
         st = check.verifier.stats
         logger.info("geometric check: %d pairs (%d copies, %d different, %d undecided), "
-                    "%d images read (%d unreadable), %.1f s; %d verdicts kept from earlier runs; %d pairs compared "
-                    "on the cluster's workers", st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable,
-                    st.seconds, check.stored_hits, check.checked_remotely)
+                    "%d images read (%d unreadable), %.1f s; %d verdicts kept from earlier runs%s",
+                    st.pairs, st.copies, st.different, st.unknown, st.images_read, st.unreadable, st.seconds,
+                    check.stored_hits,
+                    f"; {check.checked_remotely} pairs compared on the cluster's workers" if check.checked_remotely else "")
     if check is not None and check.fresh:
         save_verdicts(ctx, check.fresh)
     if borders.fresh:
