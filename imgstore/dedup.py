@@ -603,11 +603,12 @@ class GeometricCheck:
             todo = todo[np.lexsort((b[todo], a[todo]))]  # the order the verifier reads images in
             if self.cluster is not None:
                 self._on_cluster(a, b, todo, verdict)
-            for start in range(0, len(todo) if self.cluster is None else 0, CHECK_SLICE):
-                pairs = todo[start:start + CHECK_SLICE]
-                verdict[pairs] = self.verifier.verdicts(a[pairs], b[pairs])
-                self.checked += len(pairs)
-                self.progress(CHECKING, self.checked, self.to_check)
+            else:
+                for start in range(0, len(todo), CHECK_SLICE):
+                    pairs = todo[start:start + CHECK_SLICE]
+                    verdict[pairs] = self.verifier.verdicts(a[pairs], b[pairs])
+                    self.checked += len(pairs)
+                    self.progress(CHECKING, self.checked, self.to_check)
             if len(self.known) > KNOWN_VERDICTS_MAX:
                 self.known.clear()
                 self._asked.clear()
@@ -671,10 +672,7 @@ class GeometricCheck:
                 part = futures[future]
                 got, images_read, unreadable = future.result()
                 verdict[part] = got
-                st.pairs += len(part)
-                st.copies += int((got == COPY).sum())
-                st.different += int((got == DIFFERENT).sum())
-                st.unknown += int((got == UNKNOWN).sum())
+                st.count(got)
                 st.images_read += images_read
                 st.unreadable += unreadable
                 self.checked += len(part)

@@ -421,6 +421,13 @@ class VerifyStats:
     unreadable: int = 0
     seconds: float = 0.0  # wall time spent reading images and comparing pairs
 
+    def count(self, verdicts: npt.NDArray[np.int8]) -> None:
+        """Add pairs decided as ``verdicts`` (COPY, DIFFERENT or UNKNOWN each)."""
+        self.pairs += len(verdicts)
+        self.copies += int((verdicts == COPY).sum())
+        self.different += int((verdicts == DIFFERENT).sum())
+        self.unknown += int((verdicts == UNKNOWN).sum())
+
 
 @dataclass
 class PairVerifier:
@@ -460,10 +467,7 @@ class PairVerifier:
                     self._put((image_id, False), feats)
                 for k, match in zip(part, pool.map(lambda k: self._compare(*pairs[k]), part)):
                     out[k] = match.verdict
-        self.stats.pairs += len(pairs)
-        self.stats.copies += int((out == COPY).sum())
-        self.stats.different += int((out == DIFFERENT).sum())
-        self.stats.unknown += int((out == UNKNOWN).sum())
+        self.stats.count(out)
         self.stats.seconds += time.perf_counter() - started
         return out
 

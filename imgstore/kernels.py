@@ -266,13 +266,12 @@ def knn_batch(
         s = 0
         while s < flip_starts.shape[0] - 1 and not done:
             f = flips[flip_starts[s]:flip_starts[s + 1]]
-            if s > 0:
-                expected = probe_count(seg_keys, seg_dir, shift, n, qbytes[q], m, w, f)
-                if seen + expected + m * f.shape[0] > budget:
-                    break
-                seen += expected
             los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes[q], m, w, f)
-            need = int((his - los).sum())
+            need = int((his - los).sum())  # the entries this round visits (probe_count's figure)
+            if s > 0:
+                if seen + need + m * f.shape[0] > budget:
+                    break
+                seen += need
             if need > buf.shape[0]:
                 buf = np.empty(max(need, 2 * buf.shape[0]), np.int64)
             r, d, _ = _probe_into(seg_rows, seg_words, n, qwords[q], band_masks, f.shape[0], s, s, k, empty, los, his, buf)
