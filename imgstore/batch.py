@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from .bandjoin import BandTable, band_join, band_set_join, equal_band_sets
 from .cluster import connect
-from .codecache import CACHE_SCAN_FRACTION, CodeCache, probe_values
+from .codecache import CodeCache, probe_values
 from .errors import ClusterError, ConfigError, ImgStoreError
 from .hashing.bits import as_words, band_values
 from .search import MAX_PROBES_PER_BAND
@@ -50,6 +50,10 @@ from .shards import Shard, ShardSet, load_shard, read_manifest
 PAIR_ROWS = 65_536
 #: Queries per compiled call in a neighbours block.
 QUERY_BATCH = 4096
+#: Entries a neighbours query may visit, as a fraction of the data shard's codes, before it scans
+#: the shard instead. Higher than the interactive cache's 0.02: the batch search stops band by band,
+#: and probing on measured cheaper than a scan up to here (bench_batch).
+KNN_SCAN_FRACTION = 0.2
 #: Data-shard caches a worker process keeps (each ~90 bytes a code).
 KEPT_CACHES = 2
 #: Distance that pads a neighbour list shorter than k (fewer than k other codes exist).
@@ -136,9 +140,10 @@ def _shard(shards: ShardSet, name: str) -> Shard:
 
 def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
     """For each code of shard ``query``, its ``k`` nearest codes in shard ``data`` (itself left
-    out), exact, by (distance, id): ``(n_query, k)`` ids (-1 padded) and distances. The rounds
-    of the cache's exact search, run for a batch of queries at a time in one compiled call
-    (:func:`imgstore.kernels.knn_batch`)."""
+    out), exact, by (distance, id): ``(n_query, k)`` ids (-1 padded) and distances. The cache's
+    multi-index search, band by band, for a batch of queries at a time in one compiled call
+    (:func:`imgstore.kernels.knn_batch`); queries run in the order of their codes, so neighbouring
+    queries probe the same buckets while they are still in the CPU's caches."""
     q_ids, q_codes = load_shard(shards, _shard(shards, query))
     cache = shard_cache(shards, _shard(shards, data))
     same = query == data
@@ -151,24 +156,27 @@ def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDAr
 
     index = shards.index
     flips, starts = _round_flips(index.band_width, index.n_bands)
-    budget = CACHE_SCAN_FRACTION * len(cache)  # the cache's own rule; probing longer ran slower (bench_batch)
+    budget = KNN_SCAN_FRACTION * len(cache)
+    q_words = as_words(np.asarray(q_codes))
+    order = np.lexsort(q_words.T[::-1])
     for start in range(0, len(q_ids), QUERY_BATCH):
-        part = np.ascontiguousarray(q_codes[start : start + QUERY_BATCH])
+        at = order[start : start + QUERY_BATCH]
+        part = np.ascontiguousarray(q_codes[at])
         rows, dist = kernels.knn_batch(cache.seg_keys, cache.seg_dir, cache.dir_shift, cache.seg_rows, cache.seg_words,
-                                       cache.words, part, np.ascontiguousarray(as_words(part)), cache.band_masks,
+                                       cache.words, part, np.ascontiguousarray(q_words[at]), cache.band_masks,
                                        index.band_width, flips, starts, want, budget)
         ids = np.where(rows >= 0, cache.image_ids[np.maximum(rows, 0)], -1)
         if same:  # the query itself is among its own results: drop it, keep the order
-            mine = q_ids[start : start + len(part), None]
+            mine = np.asarray(q_ids)[at, None]
             keep = ids != mine
-            order = np.argsort(~keep, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, 1)
-            dist = np.take_along_axis(dist, order, 1)
-            ids[~np.take_along_axis(keep, order, 1)] = -1
+            order_in = np.argsort(~keep, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order_in, 1)
+            dist = np.take_along_axis(dist, order_in, 1)
+            ids[~np.take_along_axis(keep, order_in, 1)] = -1
         n = min(k, ids.shape[1])
         got = ids[:, :n] >= 0
-        out_ids[start : start + len(part), :n] = np.where(got, ids[:, :n], -1)
-        out_dist[start : start + len(part), :n] = np.where(got, dist[:, :n], NO_DISTANCE)
+        out_ids[at, :n] = np.where(got, ids[:, :n], -1)
+        out_dist[at, :n] = np.where(got, dist[:, :n], NO_DISTANCE)
     return out_ids, out_dist
 
 

@@ -81,29 +81,39 @@ def _ranges(
     seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, n: int, qbytes: npt.NDArray[np.uint8],
     m: int, w: int, flips: I64,
 ) -> tuple[I64, I64]:
-    """Start and end (exclusive) in ``seg_keys`` of every probe, band by band: the directory
-    gives the run of keys sharing the probe's top bits (exactly its bucket when ``shift`` is 0),
-    a binary search inside that run the rest."""
+    """Start and end (exclusive) in ``seg_keys`` of every probe, band by band (:func:`_band_ranges`)."""
     nf = flips.shape[0]
     los = np.empty(m * nf, np.int64)
     his = np.empty(m * nf, np.int64)
     for j in range(m):
-        qb = _query_band(qbytes, j, w)
-        seg = seg_keys[j * n : (j + 1) * n]
-        for f in range(nf):
-            v = qb ^ flips[f]
-            top = v >> shift
-            lo = np.int64(seg_dir[j, top])
-            hi = np.int64(seg_dir[j, top + 1])
-            if shift > 0:
-                lo = lo + np.searchsorted(seg[lo:hi], v)
-                end = hi
-                hi = lo
-                while hi < end and seg[hi] == v:
-                    hi += 1
-            los[j * nf + f] = j * n + lo
-            his[j * nf + f] = j * n + hi
+        _band_ranges(seg_keys, seg_dir, shift, n, qbytes, j, w, flips, los[j * nf : (j + 1) * nf], his[j * nf : (j + 1) * nf])
     return los, his
+
+
+@nb.njit(cache=True, nogil=True)
+def _band_ranges(
+    seg_keys: npt.NDArray[np.uint32], seg_dir: npt.NDArray[np.int32], shift: int, n: int, qbytes: npt.NDArray[np.uint8],
+    j: int, w: int, flips: I64, los: I64, his: I64,
+) -> None:
+    """Into ``los``/``his``: start and end (exclusive) in ``seg_keys`` of band ``j``'s probes
+    (the query's band XOR each of ``flips``). The directory gives the run of keys sharing the
+    probe's top bits (exactly its bucket when ``shift`` is 0), a binary search inside that run
+    the rest."""
+    qb = _query_band(qbytes, j, w)
+    seg = seg_keys[j * n : (j + 1) * n]
+    for f in range(flips.shape[0]):
+        v = qb ^ flips[f]
+        top = v >> shift
+        lo = np.int64(seg_dir[j, top])
+        hi = np.int64(seg_dir[j, top + 1])
+        if shift > 0:
+            lo = lo + np.searchsorted(seg[lo:hi], v)
+            end = hi
+            hi = lo
+            while hi < end and seg[hi] == v:
+                hi += 1
+        los[f] = j * n + lo
+        his[f] = j * n + hi
 
 
 @nb.njit(cache=True, nogil=True)
@@ -159,33 +169,42 @@ def probe_rank(
     """
     los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes, band_masks.shape[0], w, flips)
     keys = np.empty(int((his - los).sum()), np.int64)
-    return _probe_into(seg_rows, seg_words, n, qwords, band_masks, flips.shape[0], s_lo, s_hi, k, allow, los, his, keys)
+    return _probe_into(seg_rows, seg_words, n, qwords, band_masks, flips.shape[0], s_lo, s_hi, k, allow, los, his, keys, 0,
+                       qwords.shape[0] * 64)
 
 
 @nb.njit(cache=True, nogil=True)
 def _probe_into(
     seg_rows: npt.NDArray[np.int32], seg_words: U64, n: int, qwords: U64, band_masks: U64, nf: int, s_lo: int, s_hi: int,
-    k: int, allow: npt.NDArray[np.uint8], los: I64, his: I64, keys: I64,
+    k: int, allow: npt.NDArray[np.uint8], los: I64, his: I64, keys: I64, j0: int, bound: int,
 ) -> tuple[I64, I64, int]:
     """:func:`probe_rank` over the probes' ranges ``los``/``his`` (from :func:`_ranges`), with
     ``keys`` (at least as long as the ranges together) as its scratch space: a caller that runs
     many queries passes one buffer, not a fresh allocation per query (a large one is an mmap and
-    its page faults each time: see :func:`_scan_into`)."""
+    its page faults each time: see :func:`_scan_into`). The ranges are band ``j0``'s probes, then
+    band ``j0 + 1``'s, ... (``nf`` a band). Codes farther than ``bound`` bits are left out before
+    anything else is read of them (the caller's k-th distance so far: they cannot be among the
+    k nearest), and counted in none of the results."""
     m = band_masks.shape[0]
     nw = qwords.shape[0]
     filtered = allow.shape[0] > 0
     hist = np.zeros(nw * 64 + 1, np.int64)
     x = np.empty(nw, np.uint64)
     c = 0
-    for i in range(m * nf):
-        j = i // nf
+    for i in range(los.shape[0]):
+        j = j0 + i // nf
+        bands = m if s_lo > 0 else j  # at radius 0 only the bands before j can have found it already
         for p in range(los[i], his[i]):
             if filtered and allow[seg_rows[p]] == 0:
                 continue
+            d = 0
             for t in range(nw):
                 x[t] = seg_words[p, t] ^ qwords[t]
+                d += _popcount(x[t])
+            if d > bound:
+                continue
             first = True
-            for jj in range(m):
+            for jj in range(bands):
                 dj = 0
                 for t in range(nw):
                     dj += _popcount(x[t] & band_masks[jj, t])
@@ -194,9 +213,6 @@ def _probe_into(
                     break
             if not first:
                 continue
-            d = 0
-            for t in range(nw):
-                d += _popcount(x[t])
             keys[c] = d * n + seg_rows[p]
             hist[d] += 1
             c += 1
@@ -243,45 +259,64 @@ def knn_batch(
     flip_starts: I64, k: int, budget: float,
 ) -> tuple[I64, I64]:
     """Exact top-k rows of every query (``qbytes`` ``(nq, n_bytes)``, ``qwords`` ``(nq, n_words)``)
-    by (distance, row): the rounds of :func:`imgstore.search.hamming_search` in exact mode run
-    here for a whole batch, so a batch of queries costs no Python per query. Round ``s`` probes
-    the flips of radius ``s`` (``flips[flip_starts[s]:flip_starts[s + 1]]``), reporting only codes
-    no earlier round found; a query stops once its k-th distance is below ``m * (s + 1)`` (no
-    unseen code can be closer), and scans every code instead once the entries it has visited
-    plus those the next round would visit exceed ``budget``, or the radii given run out. Returns ``(nq, k)`` rows and
-    distances (-1 where fewer than k codes exist)."""
+    by (distance, row), a whole batch in one call (no Python per query).
+
+    Multi-index search, band by band: round ``s`` probes the flips of radius ``s``
+    (``flips[flip_starts[s]:flip_starts[s + 1]]``) in band 0, then band 1, ..., reporting only
+    codes no earlier probe found. Once round ``s`` is done in bands ``0..j``, a code not yet found
+    has those bands at least ``s + 1`` bits from the query's and the others at least ``s``: its
+    distance is at least ``m * s + j + 1``, so a query stops as soon as its k-th distance is below
+    that (not only at the end of a round: a k-th distance of 8 in 4 bands stops after band 0 of
+    round 2, a quarter of that round's probes). A query scans every code instead once the
+    entries it has visited plus those its next band would visit exceed ``budget``, or the radii
+    given run out. Returns ``(nq, k)`` rows and distances (-1 where fewer than k codes exist)."""
     nq = qbytes.shape[0]
     n = words.shape[0]
     m = band_masks.shape[0]
+    n_rounds = flip_starts.shape[0] - 1
     out_rows = np.full((nq, k), -1, np.int64)
     out_dist = np.full((nq, k), -1, np.int64)
     empty = np.zeros(0, np.uint8)
+    widest = 0
+    for s in range(n_rounds):
+        widest = max(widest, flip_starts[s + 1] - flip_starts[s])
+    los = np.empty(widest, np.int64)
+    his = np.empty(widest, np.int64)
     buf = np.empty(1024, np.int64)  # the probes' scratch, grown as needed and kept across queries
     scratch = np.empty(0, np.int64)  # a scan's distances, allocated at the first scan
+    want = min(k, n)
+    nbits = qwords.shape[1] * 64
     for q in range(nq):
         rows = np.zeros(0, np.int64)
         dist = np.zeros(0, np.int64)
         seen = 0.0
         done = False
+        over = False
         s = 0
-        while s < flip_starts.shape[0] - 1 and not done:
+        while s < n_rounds and not done and not over:
             f = flips[flip_starts[s]:flip_starts[s + 1]]
-            los, his = _ranges(seg_keys, seg_dir, shift, n, qbytes[q], m, w, f)
-            need = int((his - los).sum())  # the entries this round visits (probe_count's figure)
-            if s > 0:
-                if seen + need + m * f.shape[0] > budget:
+            nf = f.shape[0]
+            for j in range(m):
+                _band_ranges(seg_keys, seg_dir, shift, n, qbytes[q], j, w, f, los[:nf], his[:nf])
+                need = int((his[:nf] - los[:nf]).sum())  # the entries this band's probes visit
+                if s > 0:
+                    if seen + need + nf > budget:
+                        over = True
+                        break
+                    seen += need
+                if need > buf.shape[0]:
+                    buf = np.empty(max(need, 2 * buf.shape[0]), np.int64)
+                bound = dist[-1] if rows.shape[0] == want else nbits
+                r, d, _ = _probe_into(seg_rows, seg_words, n, qwords[q], band_masks, nf, s, s, k, empty,
+                                      los[:nf], his[:nf], buf, j, bound)
+                if r.shape[0] > 0:
+                    keys = np.concatenate((dist * n + rows, d * n + r))
+                    keys = np.sort(keys)[:k]
+                    rows = keys % n
+                    dist = keys // n
+                if rows.shape[0] == want and (want == n or dist[-1] < m * s + j + 1):
+                    done = True
                     break
-                seen += need
-            if need > buf.shape[0]:
-                buf = np.empty(max(need, 2 * buf.shape[0]), np.int64)
-            r, d, _ = _probe_into(seg_rows, seg_words, n, qwords[q], band_masks, f.shape[0], s, s, k, empty, los, his, buf)
-            if r.shape[0] > 0:
-                keys = np.concatenate((dist * n + rows, d * n + r))
-                keys = np.sort(keys)[:k]
-                rows = keys % n
-                dist = keys // n
-            if rows.shape[0] == min(k, n) and (rows.shape[0] == n or dist[-1] < m * (s + 1)):
-                done = True
             s += 1
         if not done:
             if scratch.shape[0] < n:
@@ -290,4 +325,3 @@ def knn_batch(
         out_rows[q, :rows.shape[0]] = rows
         out_dist[q, :rows.shape[0]] = dist
     return out_rows, out_dist
-

@@ -1,15 +1,20 @@
 """The in-memory cache's compiled probes (imgstore.kernels through CodeCache) against numpy
 brute force, without a database: which codes a probe finds, each once, their top-k by
 (distance, image id), exact search, scans and probe counts, over several code layouts
-(bands that cross bytes, leave bits uncovered, or span several 64-bit words)."""
+(bands that cross bytes, leave bits uncovered, or span several 64-bit words), and the batch
+search that stops band by band (hypothesis)."""
 
 from __future__ import annotations
 
 import datetime
+import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from imgstore import batch, kernels
 from imgstore.hashing.bits import as_words, band_values, band_word_masks
 from imgstore.indexing import IndexInfo
 from imgstore.codecache import CodeCache
@@ -113,3 +118,34 @@ def test_band_word_masks_measure_band_distances(layout: tuple[int, int, int]) ->
     masks = band_word_masks(n_bits, m, w)
     via_masks = np.stack([np.bitwise_count(x & masks[j]).sum(axis=1) for j in range(m)], axis=1)
     assert (via_masks == band_distances(cache, q)).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=st.sampled_from(LAYOUTS), n=st.integers(1, 3000), nq=st.integers(1, 30), k=st.integers(1, 12),
+       noise=st.sampled_from([0.01, 0.05, 0.15, 0.5]), budget=st.sampled_from([0.0, 30.0, 1e3, math.inf]),
+       seed=st.integers(0, 2**32 - 1))
+def test_batch_knn_stops_band_by_band_exactly(layout: tuple[int, int, int], n: int, nq: int, k: int, noise: float,
+                                               budget: float, seed: int) -> None:
+    """The batch search (:func:`imgstore.kernels.knn_batch`) stops after any band of any round,
+    skips codes past its k-th distance so far, probes to its last radius or scans mid-round when
+    the budget runs out: always the exact k nearest rows by (distance, row)."""
+    n_bits, n_bands, band_width = layout
+    rng = np.random.default_rng(seed)
+    n_bytes = n_bits // 8
+    centres = rng.integers(0, 256, size=(max(1, n // 50), n_bytes), dtype=np.uint8)
+    codes = centres[rng.integers(0, len(centres), n)] ^ np.packbits(rng.random((n, n_bits)) < noise, axis=1)
+    queries = np.concatenate([codes[rng.integers(0, n, nq // 2)],
+                              rng.integers(0, 256, size=(nq - nq // 2, n_bytes), dtype=np.uint8)])
+    info = IndexInfo(1, "test-uid", "lsh", n_bits, n_bands, band_width, "test", 1, True, n, n, 0,
+                     datetime.datetime.now(datetime.timezone.utc), {})
+    cache = CodeCache(info, 0, np.arange(1, n + 1, dtype=np.int64), np.ascontiguousarray(codes))
+    flips, starts = batch._round_flips(band_width, n_bands)
+    rows, dist = kernels.knn_batch(cache.seg_keys, cache.seg_dir, cache.dir_shift, cache.seg_rows, cache.seg_words,
+                                   cache.words, queries, np.ascontiguousarray(as_words(queries)), cache.band_masks,
+                                   band_width, flips, starts, k, budget)
+    want = min(k, n)
+    for i, q in enumerate(queries):
+        d = distances(cache, q)
+        order = np.lexsort((np.arange(n), d))[:want]
+        assert rows[i, :want].tolist() == order.tolist() and dist[i, :want].tolist() == d[order].tolist()
+        assert (rows[i, want:] == -1).all()
