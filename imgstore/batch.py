@@ -20,7 +20,10 @@ Each finished block is saved in the work folder under a name holding the shard s
 (:meth:`ShardSet.token`), written under a temporary name and renamed: a rerun after a killed
 client loads the finished blocks and computes only the rest; shards exported again (another
 token) start afresh. A worker killed mid-block makes Dask run the block again elsewhere; blocks
-are deterministic, so the output is the same.
+are deterministic, so the output is the same. The client holds one block at a time: a finished
+block goes to its file and the worker drops it, neighbours are merged one query shard at a time
+into the graph's files, memory-mapped for the caller (100M codes' graph at k = 10 is ~10 GB, its
+blocks ~40 GB: neither needs to fit in the client's memory).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 import os
 import threading
 import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -289,31 +293,53 @@ def _save_block(path: Path, result: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _load_block(path: Path) -> dict[str, np.ndarray] | None:
+def _load_block(path: Path) -> dict[str, np.ndarray]:
+    """A saved block (one :func:`run_blocks` listed: it was readable a moment ago)."""
     try:
         with np.load(path) as z:
             return {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError):
-        path.unlink(missing_ok=True)  # a damaged block is computed again
-        return None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"the block file {path} can no longer be read ({exc}); run the same command again") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _readable(path: Path) -> bool:
+    """Whether a saved block opens with every array whole; a damaged one is removed (and computed again)."""
+    try:
+        with np.load(path) as z:
+            for name in z.files:
+                z[name]
+        return True
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        path.unlink(missing_ok=True)
+        return False
 
 
 def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], param_tag: str, workdir: Path,
-               cluster: Any, progress: Progress | None, stats: RunStats) -> dict[Block, dict[str, np.ndarray]]:
-    """Every block's result: loaded when the work folder holds it, else computed (here, or on the
-    cluster) and saved there as it finishes."""
+               cluster: Any, progress: Progress | None, stats: RunStats) -> dict[Block, Path]:
+    """Where every block's result is saved: a readable file the work folder holds already, else
+    computed (here, or on the cluster) and saved there as it finishes. The client holds one
+    block at a time, never the whole result (a 100M-code graph is ~40 GB of blocks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     token = shards.token()
     for old in workdir.glob("*_*_*_*_*.npz"):  # blocks of shards since exported again
         if old.name.split("_")[2] != token:
             old.unlink(missing_ok=True)
-    results: dict[Block, dict[str, np.ndarray]] = {}
+    results: dict[Block, Path] = {}
     todo: list[Block] = []
     for block in blocks:
         path = workdir / block.file_name(token, param_tag)
-        got = _load_block(path) if path.exists() else None
-        if got is not None:
-            results[block] = got
+        if path.exists() and _readable(path):
+            results[block] = path
         else:
             todo.append(block)
     stats.blocks, stats.blocks_reused = len(blocks), len(results)
@@ -322,9 +348,9 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
     folder = str(shards.folder)
     if cluster is None:
         for block in todo:
-            result = _run_block(folder, token, block, params)
-            _save_block(workdir / block.file_name(token, param_tag), result)
-            results[block] = result
+            path = workdir / block.file_name(token, param_tag)
+            _save_block(path, _run_block(folder, token, block, params))
+            results[block] = path
             report(len(results), len(blocks))
         return results
     client, close, _threads = connect(cluster)
@@ -338,9 +364,10 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
         try:
             for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]
                 block = futures[future]
-                result = future.result()
-                _save_block(workdir / block.file_name(token, param_tag), result)
-                results[block] = result
+                path = workdir / block.file_name(token, param_tag)
+                _save_block(path, future.result())
+                future.release()  # the worker may drop it: the file is the result now
+                results[block] = path
                 report(len(results), len(blocks))
         except ImgStoreError:
             raise
@@ -354,26 +381,65 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
 
 def neighbours(shards: ShardSet, k: int, *, workdir: str | os.PathLike[str], cluster: Any = None,
                progress: Progress | None = None) -> Neighbours:
-    """Every code's exact ``k`` nearest other codes (see the module)."""
+    """Every code's exact ``k`` nearest other codes (see the module). The blocks of one query
+    shard are merged at a time, two by two, into the graph's files in the work folder
+    (``graph-k{k}-{token}-*.npy``, rows in id order, written under temporary names, then
+    renamed); the result's arrays are those files memory-mapped, so no process holds the whole
+    graph (a rerun with the graph already written reads it directly)."""
     if k < 1:
         raise ConfigError(f"k must be at least 1, got {k}")
     started = time.perf_counter()
     stats = RunStats(codes=shards.n_codes)
     names = [s.name for s in shards.shards]
     blocks = [Block("knn", q, d) for d in names for q in names]  # by data shard: a worker's next block reuses its cache
-    results = run_blocks(shards, blocks, {"k": k}, f"k{k}", Path(workdir), cluster, progress, stats)
-    all_ids, all_nbr, all_dist = [], [], []
+    folder = Path(workdir)
+    token = shards.token()
+    final = {part: folder / f"graph-k{k}-{token}-{part}.npy" for part in ("ids", "neighbours", "distances")}
+    if not all(p.exists() for p in final.values()):
+        paths = run_blocks(shards, blocks, {"k": k}, f"k{k}", folder, cluster, progress, stats)
+        _write_graph(shards, names, paths, k, final)
+    else:
+        stats.blocks = stats.blocks_reused = len(blocks)
+        if progress is not None:
+            progress(len(blocks), len(blocks))
+    for old in folder.glob("graph-k*-*-*.npy"):  # graphs of shards since exported again
+        if old.name.split("-")[2] != token:
+            old.unlink(missing_ok=True)
+    stats.seconds = time.perf_counter() - started
+    return Neighbours(np.load(final["ids"], mmap_mode="r"), np.load(final["neighbours"], mmap_mode="r"),
+                      np.load(final["distances"], mmap_mode="r"), stats)
+
+
+def _write_graph(shards: ShardSet, names: list[str], paths: dict[Block, Path], k: int, final: dict[str, Path]) -> None:
+    n = shards.n_codes
+    for stale in next(iter(final.values())).parent.glob(".graph-k*.tmp"):  # left by a client killed while writing
+        if not _alive(int(stale.name.rsplit(".", 2)[-2])):
+            stale.unlink(missing_ok=True)
+    tmp = {name: p.with_name(f".{p.name}.{os.getpid()}.tmp") for name, p in final.items()}
+    out_ids = np.lib.format.open_memmap(tmp["ids"], mode="w+", dtype=np.int64, shape=(n,))
+    out_nbr = np.lib.format.open_memmap(tmp["neighbours"], mode="w+", dtype=np.int64, shape=(n, k))
+    out_dist = np.lib.format.open_memmap(tmp["distances"], mode="w+", dtype=np.int16, shape=(n, k))
+    row = 0
     for s in shards.shards:
         ids, _ = load_shard(shards, s)
-        ids_part, dist_part = merge_knn([(results[Block("knn", s.name, d)]["ids"], results[Block("knn", s.name, d)]["dist"])
-                                         for d in names], k)
-        all_ids.append(np.asarray(ids))
-        all_nbr.append(ids_part)
-        all_dist.append(dist_part)
-    stats.seconds = time.perf_counter() - started
-    return Neighbours(np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64),
-                      np.concatenate(all_nbr) if all_nbr else np.zeros((0, k), np.int64),
-                      np.concatenate(all_dist) if all_dist else np.zeros((0, k), np.int16), stats)
+        merged: tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]] | None = None
+        for d in names:
+            got = _load_block(paths[Block("knn", s.name, d)])
+            block = (got["ids"], got["dist"])
+            merged = block if merged is None else merge_knn([merged, block], k)
+        size = len(ids)
+        out_ids[row : row + size] = ids
+        if merged is not None:
+            out_nbr[row : row + size] = merged[0]
+            out_dist[row : row + size] = merged[1]
+        row += size
+    for arr in (out_ids, out_nbr, out_dist):
+        arr.flush()
+    del out_ids, out_nbr, out_dist
+    for name, p in tmp.items():
+        with open(p, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(p, final[name])
 
 
 def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None = None, workdir: str | os.PathLike[str],
@@ -397,11 +463,12 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
     blocks = [Block("pairs", q, d) for i, d in enumerate(names) for q in names[: i + 1]]
     blocks.sort(key=lambda b: b.query == b.data)  # the larger blocks (two shards to sort) first: a shorter tail
     every = probe_radius is None
-    results = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
-                         f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
-    a = np.concatenate([results[b]["a"] for b in blocks]) if blocks else np.zeros(0, np.int64)
-    b_ = np.concatenate([results[b]["b"] for b in blocks]) if blocks else np.zeros(0, np.int64)
-    d = np.concatenate([results[b]["dist"] for b in blocks]) if blocks else np.zeros(0, np.int16)
+    paths = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
+                       f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
+    results = [_load_block(paths[b]) for b in blocks]
+    a = np.concatenate([r["a"] for r in results]) if results else np.zeros(0, np.int64)
+    b_ = np.concatenate([r["b"] for r in results]) if results else np.zeros(0, np.int64)
+    d = np.concatenate([r["dist"] for r in results]) if results else np.zeros(0, np.int16)
     order = np.lexsort((b_, a))
     stats.seconds = time.perf_counter() - started
     return Pairs(a[order], b_[order], d[order], stats)

@@ -102,6 +102,32 @@ def test_neighbours_and_pairs_equal_brute_force(n: int, shard: int, k: int, radi
         assert again.stats.blocks_reused == again.stats.blocks and graph_of(again) == graph_of(graph)
 
 
+def test_the_graph_lives_in_files_not_in_the_client(tmp_path: Path) -> None:
+    """The merged graph is written to the work folder and memory-mapped, a rerun reads it without
+    merging again, a graph file a killed client left half-written is cleaned up, and a damaged
+    block is computed again: the same graph each time."""
+    rng = np.random.default_rng(7)
+    codes = clustered_codes(rng, 400, centres=8)
+    ids = np.arange(5, 405, dtype=np.int64) * 3
+    got = shards.write_arrays(tmp_path / "s", layout(), ids, codes, shard_codes=150)
+    work = tmp_path / "w"
+    first = batch.neighbours(got, 4, workdir=work)
+    assert isinstance(first.neighbours, np.memmap) and graph_of(first) == brute_neighbours(ids, codes, 4)
+    graph_files = sorted(p.name for p in work.glob("graph-k4-*.npy"))
+    assert [n.rsplit("-", 1)[1] for n in graph_files] == ["distances.npy", "ids.npy", "neighbours.npy"]
+    stale = work / f".{graph_files[0]}.{4_194_305}.tmp"  # above Linux's largest pid: its writer is gone
+    stale.write_bytes(b"half a graph")
+    for name in graph_files:
+        (work / name).unlink()
+    block = next(work.glob("knn_*.npz"))
+    block.write_bytes(block.read_bytes()[:100])  # a damaged block
+    again = batch.neighbours(got, 4, workdir=work)
+    assert not stale.exists() and again.stats.blocks_reused == again.stats.blocks - 1
+    assert graph_of(again) == graph_of(first)
+    third = batch.neighbours(got, 4, workdir=work)  # from the graph's files
+    assert third.stats.blocks_reused == third.stats.blocks and graph_of(third) == graph_of(first)
+
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(2, 150), shard=st.integers(1, 160), probe=st.integers(0, 2), max_distance=st.integers(0, 20),
        seed=st.integers(0, 2**32 - 1))
