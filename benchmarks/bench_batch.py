@@ -229,6 +229,60 @@ def _within(words: np.ndarray, sample: np.ndarray, radius: int) -> tuple[np.ndar
     return scan(words, sample, radius)  # type: ignore[no-any-return]
 
 
+# --- kNN cost on a sample of queries (sizes whose whole graph takes hours here) ----------------------
+
+
+def knn_sample(n: int, sample: int, k: int, checked: int = 200) -> dict[str, Any]:
+    """``sample`` codes drawn at random from all N against every data shard, in this process
+    (the blocks' own code: ``batch.shard_cache`` and ``batch.knn_codes``): seconds per query and
+    block (CPU time of the search, the cache's build apart), the blocks' tops merged, and
+    ``checked`` of them against a full compiled scan of all N codes. The sample's queries are
+    spread over the whole set, so neighbouring queries share fewer buckets than a whole shard's
+    do: the per-query figure is on the pessimistic side."""
+    from imgstore import batch, kernels, shards
+    from imgstore.hashing.bits import as_words
+
+    got = shards.read_manifest(shard_set(n))
+    rng = np.random.default_rng(11)
+    pick = np.sort(rng.choice(n, size=sample, replace=False))
+    q_ids, q_codes, offset = [], [], 0
+    for s in got.shards:
+        ids, codes = shards.load_shard(got, s)
+        mine = pick[(pick >= offset) & (pick < offset + len(ids))] - offset
+        q_ids.append(np.asarray(ids)[mine])
+        q_codes.append(np.asarray(codes)[mine])
+        offset += len(ids)
+    qi, qc = np.concatenate(q_ids), np.ascontiguousarray(np.concatenate(q_codes))
+    blocks, parts = [], []
+    for s in got.shards:
+        started = time.process_time()
+        cache = batch.shard_cache(got, s)
+        built = time.process_time() - started
+        batch.knn_codes(cache, qi[:10], qc[:10], k, exclude_self=True)  # the compiled kernels loaded, not timed
+        started = time.process_time()
+        parts.append(batch.knn_codes(cache, qi, qc, k, exclude_self=True))  # a query's own id is in one shard only
+        searched = time.process_time() - started
+        blocks.append({"shard": s.name, "codes": len(cache), "build_s": built, "us_per_query": searched / sample * 1e6})
+        print(f"  {n:,} kNN sample: shard {s.name} ({len(cache):,} codes): cache {built:.1f} s, "
+              f"{searched / sample * 1e6:.1f} us a query", flush=True)
+        del cache
+    nbr, dist = batch.merge_knn(parts, k)
+    words = np.ascontiguousarray(as_words(np.concatenate([np.asarray(shards.load_shard(got, s)[1]) for s in got.shards])))
+    all_ids = np.concatenate([np.asarray(shards.load_shard(got, s)[0]) for s in got.shards])
+    mismatches = 0
+    qw = as_words(qc)
+    for i in rng.choice(sample, size=min(checked, sample), replace=False):
+        rows, d = kernels.scan_rank(words, qw[i], k + 1)
+        keep = all_ids[rows] != qi[i]
+        if not (np.array_equal(nbr[i], all_ids[rows][keep][:k]) and np.array_equal(dist[i].astype(np.int64), d[keep][:k])):
+            mismatches += 1
+    per_block = float(np.mean([b["us_per_query"] for b in blocks]))
+    builds = len(blocks) ** 2 * float(np.mean([b["build_s"] for b in blocks]))  # a cache per block at worst
+    return {"n": n, "sample": sample, "blocks": blocks, "us_per_query_block": per_block,
+            "projected_one_core_s": n * len(blocks) * per_block / 1e6 + builds,
+            "exact": {"sampled": int(min(checked, sample)), "mismatches": mismatches}}
+
+
 # --- shard export from a store ------------------------------------------------------------------------
 
 
@@ -318,6 +372,16 @@ def report(res: dict[str, Any]) -> str:
                   "re-reads only the open last range):", "", "| database | codes | codes/s | again, s |", "|---|---:|---:|---:|"]
         for kind, e in res["export"].items():
             lines.append(f"| {kind} | {e['codes']:,} | {e['codes_per_s']:,.0f} | {e['again_unchanged_s']:.1f} |")
+    ks = res.get("knn_sample")
+    if ks:
+        lines += ["", f"kNN graph of {ks['n']:,} codes on a sample ({ks['sample']:,} queries drawn from all of them, every "
+                  "data shard, one process, CPU time; `--knn-sample`): the whole graph takes hours on these 2 cores.", "",
+                  "| data shard | codes | cache build, s | us a query |", "|---|---:|---:|---:|"]
+        lines += [f"| {b['shard']} | {b['codes']:,} | {b['build_s']:.1f} | {b['us_per_query']:.1f} |" for b in ks["blocks"]]
+        ex = ks["exact"]
+        lines += ["", f"Merged tops: {ex['mismatches']} mismatches in {ex['sampled']:,} checked against a full scan. "
+                  f"The whole graph on one core: ~{ks['projected_one_core_s'] / 3600:.1f} h (queries x blocks x the "
+                  "figure above, plus a cache build per block)."]
     notes = [f"- {row['n']:,} {row['task']}, {row['mode']}: {row['note']}" for row in res["runs"] if row.get("note")]
     if notes:
         lines += ["", "Notes on single rows:", "", *notes]
@@ -339,6 +403,9 @@ def projection(res: dict[str, Any]) -> str:
     for task in ("knn", "pairs"):
         pts = sorted((r["n"] // 4, r["seconds"] / (r["n"] * 4 if task == "knn" else r["n"] * 2.5))
                      for r in res["runs"] if r["task"] == task and r["mode"] == "local:1")
+        ks = res.get("knn_sample")
+        if task == "knn" and ks:  # the sampled size: CPU time of the search alone, so a little below a run's wall time
+            pts = sorted([*pts, (ks["n"] // 4, ks["us_per_query_block"] / 1e6)])
         if not pts:
             continue
         shard, cost = pts[-1]
@@ -354,8 +421,9 @@ def projection(res: dict[str, Any]) -> str:
                    f"{blocks_per_query:g} blocks per code: ~{core_h:,.0f} core-hours, ~{core_h / (20 * 16):,.1f} h on 20 machines "
                    "of 16 cores.")
     out.append("- memory: a worker holds one data shard's cache at a time (~90 B a code: 20M codes ~ 1.8 GB) and the "
-               "memory-mapped query shard; the client holds the merged output (kNN: 10 bytes x k per code, 100 GB at 1B "
-               "codes and k = 10: write it per query shard instead, not done yet).")
+               "memory-mapped query shard; the client holds one block at a time and merges the graph one query shard "
+               "at a time into memory-mapped files (kNN: 10 bytes x k per code on disk, 100 GB at 1B codes and k = 10); "
+               "pairs are held whole (their number, not the codes', sets the size).")
     return "\n".join(out)
 
 
@@ -369,6 +437,8 @@ def main() -> None:
     parser.add_argument("--export-n", type=int, default=1_000_000)
     parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--tasks", default="pairs,knn")
+    parser.add_argument("--knn-sample", default=None, metavar="N:QUERIES",
+                        help="also time the kNN blocks of N codes on a sample of queries (sizes whose whole graph takes hours)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
@@ -386,6 +456,7 @@ def main() -> None:
         old = json.loads(out_json.read_text())
         res["runs"] = old.get("runs", [])
         res["export"] = old.get("export")
+        res["knn_sample"] = old.get("knn_sample")
     for n in [int(s) for s in args.sizes.split(",")]:
         folder = shard_set(n)
         for task in args.tasks.split(","):
@@ -406,6 +477,12 @@ def main() -> None:
                 res["projection"] = projection(res)  # saved after every run: a long one is not lost to a later one
                 out_json.write_text(json.dumps(res, indent=2))
                 (RESULTS / "batch.md").write_text(report(res))
+    if args.knn_sample:
+        n_s, q_s = (int(x) for x in args.knn_sample.split(":"))
+        res["knn_sample"] = knn_sample(n_s, q_s, args.k)
+        res["projection"] = projection(res)
+        out_json.write_text(json.dumps(res, indent=2))
+        (RESULTS / "batch.md").write_text(report(res))
     if not args.skip_export:
         res["export"] = export_rates(args.export_n)
     out_json.write_text(json.dumps(res, indent=2))

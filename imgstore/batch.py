@@ -144,24 +144,31 @@ def _shard(shards: ShardSet, name: str) -> Shard:
 
 def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
     """For each code of shard ``query``, its ``k`` nearest codes in shard ``data`` (itself left
-    out), exact, by (distance, id): ``(n_query, k)`` ids (-1 padded) and distances. The cache's
-    multi-index search, band by band, for a batch of queries at a time in one compiled call
-    (:func:`imgstore.kernels.knn_batch`); queries run in the order of their codes, so neighbouring
-    queries probe the same buckets while they are still in the CPU's caches."""
+    out), exact, by (distance, id): ``(n_query, k)`` ids (-1 padded) and distances
+    (:func:`knn_codes` on the data shard's cache)."""
     q_ids, q_codes = load_shard(shards, _shard(shards, query))
-    cache = shard_cache(shards, _shard(shards, data))
-    same = query == data
-    want = min(k + 1 if same else k, len(cache))
+    return knn_codes(shard_cache(shards, _shard(shards, data)), np.asarray(q_ids), np.asarray(q_codes), k,
+                     exclude_self=query == data)
+
+
+def knn_codes(cache: CodeCache, q_ids: npt.NDArray[np.int64], q_codes: npt.NDArray[np.uint8], k: int, *,
+              exclude_self: bool) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """For each query code, its ``k`` nearest codes in ``cache`` by (distance, id), exact (the
+    query's own id left out when ``exclude_self``): ``(n_query, k)`` ids (-1 padded) and
+    distances. The cache's multi-index search, band by band, for a batch of queries at a time in
+    one compiled call (:func:`imgstore.kernels.knn_batch`); queries run in the order of their
+    codes, so neighbouring queries probe the same buckets while they are still in the CPU's caches."""
+    want = min(k + 1 if exclude_self else k, len(cache))
     out_ids = np.full((len(q_ids), k), -1, dtype=np.int64)
     out_dist = np.full((len(q_ids), k), NO_DISTANCE, dtype=np.int16)
     if want == 0 or len(q_ids) == 0:
         return out_ids, out_dist
     from . import kernels  # numba: only batch work and the code cache load it, never a plain CLI command
 
-    index = shards.index
+    index = cache.index
     flips, starts = _round_flips(index.band_width, index.n_bands)
     budget = KNN_SCAN_FRACTION * len(cache)
-    q_words = as_words(np.asarray(q_codes))
+    q_words = as_words(q_codes)
     order = np.lexsort(q_words.T[::-1])
     for start in range(0, len(q_ids), QUERY_BATCH):
         at = order[start : start + QUERY_BATCH]
@@ -170,9 +177,8 @@ def knn_block(shards: ShardSet, query: str, data: str, k: int) -> tuple[npt.NDAr
                                        cache.words, part, np.ascontiguousarray(q_words[at]), cache.band_masks,
                                        index.band_width, flips, starts, want, budget)
         ids = np.where(rows >= 0, cache.image_ids[np.maximum(rows, 0)], -1)
-        if same:  # the query itself is among its own results: drop it, keep the order
-            mine = np.asarray(q_ids)[at, None]
-            keep = ids != mine
+        if exclude_self:  # the query itself is among its own results: drop it, keep the order
+            keep = ids != q_ids[at, None]
             order_in = np.argsort(~keep, axis=1, kind="stable")
             ids = np.take_along_axis(ids, order_in, 1)
             dist = np.take_along_axis(dist, order_in, 1)
