@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import closing
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from imgstore import ImageStore
+from imgstore.cluster import connect
 
 import bench_dedup
 from bench_dedup_scale import EDITS, build
@@ -74,10 +76,20 @@ def prepare(work: Path, n_originals: int) -> dict[str, Any]:
 # --- one run, in its own process ------------------------------------------------------------------
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (``VmHWM``: ``ru_maxrss`` would count
+    the RSS of the parent it was forked from, which after an ingest is larger than a search)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one(db: Path, mode: str, geometry: bool, out: Path) -> None:
     """One search on ``db`` (a fresh copy): timed, its groups and stored verdicts written to ``out``."""
-    from imgstore.cluster import connect
-
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     client = close = None
     start_s = 0.0
@@ -99,14 +111,14 @@ def one(db: Path, mode: str, geometry: bool, out: Path) -> None:
         seconds = time.perf_counter() - t0
     workers_rss: list[float] = []
     if client is not None:
-        workers_rss = sorted(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
+        workers_rss = sorted(client.run(peak_rss_mb).values())
         assert close is not None
         close()
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn:
         verdicts = conn.execute("SELECT sha_a, sha_b, verdict FROM pair_verdicts ORDER BY sha_a, sha_b").fetchall()
     out.write_text(json.dumps({
         "seconds": seconds, "cluster_start_seconds": start_s, "phases": phases,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "workers_peak_rss_mb": workers_rss,
+        "peak_rss_mb": peak_rss_mb(), "workers_peak_rss_mb": workers_rss,
         "check": log.stats, "groups": [g.as_dict() for g in groups], "verdicts": verdicts,
     }))
 
@@ -117,7 +129,7 @@ def run_one(built: Path, work: Path, mode: str, geometry: bool) -> dict[str, Any
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     db = runs / "run.db"
-    with sqlite3.connect(f"file:{built}?mode=ro", uri=True) as src, sqlite3.connect(db) as dst:
+    with closing(sqlite3.connect(f"file:{built}?mode=ro", uri=True)) as src, closing(sqlite3.connect(db)) as dst:
         src.backup(dst)  # the whole store, its write-ahead log included
     out = runs / "result.json"
     cmd = [sys.executable, __file__, "--one", str(db), "--mode", mode, "--result", str(out)]
@@ -264,7 +276,13 @@ def main() -> None:
     checks = {k: v["check"][ONE] for k, v in result["settings"].items()}
     lines += ["", f"Medians of {args.rounds} round(s); every time: {json.dumps(times)}.",
               f"Check counts (one process, first round): {json.dumps(checks)}.",
-              f"Load average after each run: {'; '.join(loads)}."]
+              f"Load average after each run: {'; '.join(loads)}.",
+              "", "Where the time went (first round; seconds from the search's start to the first and the last "
+              "progress report of each phase: the check runs inside the candidate and layout phases and again in "
+              "grouping):", ""]
+    for setting, s in result["settings"].items():
+        for mode, spans in s["phases_first_run"].items():
+            lines.append(f"- {setting}, {mode}: " + ", ".join(f"{p} {a}-{b}" for p, (a, b) in spans.items()))
     (RESULTS_DIR / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

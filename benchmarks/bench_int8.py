@@ -2,8 +2,10 @@
 0.01 of fp32 (issue 27: an int8 model is offered only as its own feature space, and only then),
 and how much faster than the fp32 model it runs.
 
-    .venv/bin/python benchmarks/bench_int8.py                  # everything (~25 min on 2 quiet cores)
-    .venv/bin/python benchmarks/bench_int8.py --rounds 3       # fewer speed rounds
+    .venv/bin/python benchmarks/bench_int8.py --rounds 9       # everything (32 min on 2 cores at load 4-6)
+    .venv/bin/python benchmarks/bench_int8.py --only int8-channel-percentile --calibration-offset 50 \
+        --out /tmp/int8-other-calibration                       # one variant, calibrated on other images
+    .venv/bin/python benchmarks/bench_int8.py --subset 1000 --calibration-n 50 --rounds 1 --out /tmp/x   # a smoke test
 
 The fp32 model is the one imgstore exports and caches (built through ``get_extractor``, never
 exported here). Its int8 variants are made with ``onnxruntime.quantization`` (static, QDQ format,
@@ -189,12 +191,12 @@ def subset(split: common.CifarSplit, pixels: npt.NDArray[np.uint8], n: int) -> t
     return small, np.asarray(pixels[np.concatenate([q_rows, n_q + db_rows])])
 
 
-def calibration_indices(split: common.CifarSplit, n: int) -> npt.NDArray[np.int64]:
-    """Rows of :func:`protocol_pixels` to calibrate on: the first ``n / classes`` database images
-    of every class (never a query)."""
+def calibration_indices(split: common.CifarSplit, n: int, offset: int = 0) -> npt.NDArray[np.int64]:
+    """Rows of :func:`protocol_pixels` to calibrate on: ``n / classes`` database images of every
+    class (never a query), the first ones after ``offset``."""
     per_class = n // len(split.classes)
     n_q = len(split.q_paths)
-    rows = [n_q + np.flatnonzero(split.db_labels == label)[:per_class] for label in range(len(split.classes))]
+    rows = [n_q + np.flatnonzero(split.db_labels == label)[offset:offset + per_class] for label in range(len(split.classes))]
     return np.concatenate(rows)
 
 
@@ -290,6 +292,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--calibration-n", type=int, default=500, help="CIFAR-10 database images to calibrate on")
     parser.add_argument("--calibration-batch", type=int, default=10)
+    parser.add_argument("--calibration-offset", type=int, default=0,
+                        help="skip this many database images of each class before the calibration images (another set)")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="measure only these int8 variants (and fp32)")
     parser.add_argument("--subset", type=int, default=0,
                         help="a quick check: only this many protocol images (a tenth of them queries); 0: all 10,000")
     parser.add_argument("--out", default="int8")
@@ -311,11 +316,13 @@ def main() -> None:
     pixels = protocol_pixels(ex, split)
     if args.subset:
         split, pixels = subset(split, pixels, args.subset)
-    calib_rows = calibration_indices(split, args.calibration_n)
+    calib_rows = calibration_indices(split, args.calibration_n, args.calibration_offset)
+    per_class, skip = len(calib_rows) // len(split.classes), args.calibration_offset
     result["n_images"] = {"queries": len(split.q_paths), "database": len(split.db_paths)}
-    result["calibration"] = {"n_images": len(calib_rows), "images": "the first "
-                             f"{len(calib_rows) // len(split.classes)} database images of each class (no query)",
-                             "batch": args.calibration_batch}
+    result["calibration"] = {
+        "n_images": len(calib_rows), "batch": args.calibration_batch, "offset": skip,
+        "images": (f"database images {skip + 1} to {skip + per_class} of each class" if skip
+                   else f"the first {per_class} database images of each class") + ", no query"}
     reader = _Calibration(np.asarray(pixels[calib_rows]), args.calibration_batch)
 
     work = common.cache_dir() / "int8" / ex.path.stem
@@ -323,7 +330,7 @@ def main() -> None:
     prepared = work / "fp32-prepared.onnx"
     if not prepared.exists():
         quant_pre_process(str(ex.path), str(prepared))
-    calib_key = f"{len(calib_rows)}x{args.calibration_batch}"
+    calib_key = f"{len(calib_rows)}x{args.calibration_batch}+{args.calibration_offset}"
 
     fp32_feats, fp32_s = features(ex, pixels)
     result["fp32"] = {"file_mb": ex.path.stat().st_size / 1e6, "features_s": fp32_s,
@@ -346,11 +353,16 @@ def main() -> None:
         log.info("%s: %s", variant.name,
                  {k: v for k, v in made[variant.name].items() if k not in ("settings", "nodes_kept_fp32")})
 
-    for variant in FIRST_VARIANTS:
+    variants = [*FIRST_VARIANTS, *(replace(base, name=f"{base.name}-{method}", calibration=method)
+                                   for base in FIRST_VARIANTS if base.name in CALIBRATION_CANDIDATES
+                                   for method in ("percentile", "entropy"))]
+    if args.only:
+        unknown = set(args.only) - {v.name for v in variants}
+        if unknown:
+            parser.error(f"unknown variants {', '.join(sorted(unknown))}; known: {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in args.only]
+    for variant in variants:
         run(variant)
-    for base in (v for v in FIRST_VARIANTS if v.name in CALIBRATION_CANDIDATES):
-        for method in ("percentile", "entropy"):
-            run(replace(base, name=f"{base.name}-{method}", calibration=method))
     result["loadavg"]["after_quality"] = loadavg()
 
     speed: dict[str, dict[str, float]] = {}
@@ -414,7 +426,19 @@ def report(r: dict[str, Any]) -> str:
               + f" (fp32 alone {fp['mAP_float']:.4f}).",
               "", "Percentile (two-sided, 99.999%) and Entropy (2048 bins, thresholds clamped to the values seen) "
               f"calibration were tried on {' and '.join(CALIBRATION_CANDIDATES)}; the others use MinMax.",
-              "", "## Conclusion", "", conclusion(r)]
+              "", "## Conclusion", "", conclusion(r), "", machine_note(m["flags"])]
+    if "calibration_set_check" in r:  # a second run's results, copied into this run's JSON by hand
+        c = r["calibration_set_check"]
+        lines += ["", "## Another calibration set", "",
+                  f"`{c['command']}` ({c['calibration']['images']}; a separate run, load average at its start "
+                  f"{'/'.join(f'{x:.2f}' for x in c['loadavg']['start'])}): the same variants calibrated on other images.", "",
+                  "| model | " + " | ".join(f"x fp32, batch {s}" for s in c["model_alone_images_per_s"])
+                  + " | cosine min / mean | mAP float (delta) | mAP ITQ-64 (delta) |",
+                  "|---|" + "---:|" * len(c["model_alone_images_per_s"]) + "---:|---:|---:|"]
+        for name, v in c["variants"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{x:.2f}x" for x in v["speed_ratio_to_fp32"].values())
+                         + f" | {v['cosine_min']:.3f} / {v['cosine_mean']:.4f} | {v['mAP_float']:.4f} "
+                         f"({v['delta_mAP_float']:+.4f}) | {v['mAP_itq64']:.4f} ({v['delta_mAP_itq64']:+.4f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -431,7 +455,20 @@ def conclusion(r: dict[str, Any]) -> str:
             f"{name} ({v['settings']['description']}), runs "
             + " and ".join(f"{v['speed_ratio_to_fp32'][s]:.2f}x fp32's images/s at batch {s}" for s in sizes)
             + f" (mAP float {v['delta_mAP_float']:+.4f}, ITQ-64 {v['delta_mAP_itq64']:+.4f}; feature cosine to fp32 "
-            f"mean {v['cosine_mean']:.4f}, min {v['cosine_min']:.3f}, so its own feature space, not fp32's).")
+            f"mean {v['cosine_mean']:.4f}, min {v['cosine_min']:.3f}, so its own feature space, not fp32's). Not within: "
+            + ", ".join(f"{n} ({o['delta_mAP_float']:+.4f} / {o['delta_mAP_itq64']:+.4f})"
+                        for n, o in r["variants"].items() if not o["qualifies"]) + ".")
+
+
+def machine_note(flags: dict[str, bool]) -> str:
+    """What the ranking depends on: how this CPU multiplies uint8 by int8."""
+    if flags.get("avx512_vnni") or flags.get("avx_vnni"):
+        return ("This CPU has VNNI: uint8 x int8 products accumulate straight into 32 bits, without the 16-bit "
+                "saturation of AVX2's pairwise multiply-add, so reduce_range only costs precision here. On an AVX2 CPU "
+                "without VNNI (the issue's earlier machine, where plain U8S8 gave feature cosine 0.815) the ranking may "
+                "differ and reduce_range or S8S8 may be needed: measure there before offering int8 there.")
+    return ("This CPU has no VNNI: uint8 x int8 products pass through AVX2's 16-bit saturating multiply-add, "
+            "which reduce_range (7-bit weights) avoids; a VNNI CPU may rank the variants differently.")
 
 
 if __name__ == "__main__":
