@@ -12,7 +12,7 @@ cache. For each N:
   **dedup pairs** (every pair within ``--radius`` bits, ``imgstore.batch.near_pairs``), each
   run in a new process: in that process (no Dask), ``local:1`` and ``local:2`` (LocalCluster
   worker processes, one thread each), each from an empty work folder. Seconds, codes per
-  second, peak RSS of the process and of each worker (``ru_maxrss``).
+  second, peak RSS of the process and of each worker (``VmHWM``).
 - **Exactness**: for ``--sample`` codes drawn at random, the graph's row and the pairs holding
   that code against a full scan of all N codes (compiled popcount, ties by id): mismatches must
   be 0; and the three runs' outputs must be identical.
@@ -138,12 +138,22 @@ def one(task: str, folder: str, mode: str, k: int, radius: int, out: str) -> Non
         saved = {"a": pairs.a, "b": pairs.b, "dist": pairs.distances}
     seconds = time.perf_counter() - started
     if client is not None:
-        workers_rss = sorted(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
+        workers_rss = sorted(client.run(_peak_mb).values())
         assert close is not None
         close()
     np.savez(work / "result.npz", **saved)
-    print(json.dumps({"seconds": seconds, "digest": digest, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds, "digest": digest, "peak_rss_mb": _peak_mb(),
                       "workers_peak_rss_mb": workers_rss, "n_pairs": int(len(saved.get("a", [])))}))
+
+
+def _peak_mb() -> float:
+    """This process's peak resident memory (``VmHWM``), MB. Not ``ru_maxrss``: Linux carries that
+    over from the parent across fork and exec, so a child of a large process reads the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -177,7 +187,8 @@ def check(folder: Path, work: Path, task: str, args: argparse.Namespace) -> dict
     words = np.ascontiguousarray(as_words(np.concatenate([np.asarray(load_shard(got, s)[1]) for s in got.shards])))
     rng = np.random.default_rng(7)
     sample = rng.choice(len(ids), size=min(args.sample, len(ids)), replace=False)
-    res = np.load(work / "result.npz")
+    with np.load(work / "result.npz") as z:  # each z[name] reads the whole array again: once here
+        res = {name: z[name] for name in z.files}
     mismatches = 0
     if task == "knn":
         for row in sample:

@@ -207,13 +207,18 @@ def _round_flips(band_width: int, n_bands: int) -> tuple[npt.NDArray[np.int64], 
 
 def merge_knn(parts: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]],
               k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-    """Top-k by (distance, id) across the blocks of one query shard (each row's lists side by side)."""
-    ids = np.concatenate([p[0] for p in parts], axis=1)
-    dist = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
-    big = np.iinfo(np.int64).max // 4
-    key_ids = np.where(ids < 0, big, ids)
-    order = np.lexsort((key_ids, dist), axis=1)[:, :k]
-    return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1).astype(np.int16)
+    """Top-k by (distance, id) across the blocks of one query shard: each block's rows are sorted,
+    so two at a time merge linearly (:func:`imgstore.kernels.merge_topk`; sorting the rows side by
+    side took 4.9 s for 2.5M rows, on the client, while the workers waited)."""
+    from . import kernels
+
+    ids, dist = np.ascontiguousarray(parts[0][0]), np.ascontiguousarray(parts[0][1], dtype=np.int16)
+    if len(parts) == 1:
+        return kernels.merge_topk(ids, dist, ids[:, :0], dist[:, :0], k)
+    for other_ids, other_dist in parts[1:]:
+        ids, dist = kernels.merge_topk(ids, dist, np.ascontiguousarray(other_ids),
+                                       np.ascontiguousarray(other_dist, dtype=np.int16), k)
+    return ids, dist
 
 
 def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,

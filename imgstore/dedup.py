@@ -32,6 +32,7 @@ comparing files, so a server runs it in the background and shows these numbers m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -667,6 +668,7 @@ class GeometricCheck:
             paths = {i: self._paths.get(i, []) for i in {*pa, *pb}}
             futures[self.cluster.submit(check_on_worker, pa, pb, paths, self.max_pixels, pure=False)] = part
         st = self.verifier.stats
+        started = time.perf_counter()  # the wall time of the workers' reading and comparing, as the local check counts it
         try:
             for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]  # distributed is not annotated
                 part = futures[future]
@@ -677,7 +679,9 @@ class GeometricCheck:
                 st.unreadable += unreadable
                 self.checked += len(part)
                 self.checked_remotely += len(part)
+                st.seconds += time.perf_counter() - started
                 self.progress(CHECKING, self.checked, self.to_check)
+                started = time.perf_counter()
         except ImgStoreError:
             raise
         except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run

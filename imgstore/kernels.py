@@ -325,3 +325,39 @@ def knn_batch(
         out_rows[q, :rows.shape[0]] = rows
         out_dist[q, :rows.shape[0]] = dist
     return out_rows, out_dist
+
+
+@nb.njit(cache=True, nogil=True)
+def merge_topk(a_ids: I64, a_dist: npt.NDArray[np.int16], b_ids: I64, b_dist: npt.NDArray[np.int16],
+               k: int) -> tuple[I64, npt.NDArray[np.int16]]:
+    """Row by row, the first ``k`` of two lists each sorted by (distance, id) (``(n, ka)`` and
+    ``(n, kb)``; an id of -1 pads a short list and sorts after every real id at its distance):
+    a linear merge, where a sort of the rows side by side costs ~50x more."""
+    n = a_ids.shape[0]
+    ka, kb = a_ids.shape[1], b_ids.shape[1]
+    out_ids = np.empty((n, k), np.int64)
+    out_dist = np.empty((n, k), np.int16)
+    for r in range(n):
+        i = 0
+        j = 0
+        for t in range(k):
+            take_a = j >= kb
+            if i < ka and j < kb:
+                da, db = a_dist[r, i], b_dist[r, j]
+                if da != db:
+                    take_a = da < db
+                else:
+                    ia, ib = a_ids[r, i], b_ids[r, j]
+                    take_a = ib < 0 or (ia >= 0 and ia <= ib)
+            if take_a and i < ka:
+                out_ids[r, t] = a_ids[r, i]
+                out_dist[r, t] = a_dist[r, i]
+                i += 1
+            elif j < kb:
+                out_ids[r, t] = b_ids[r, j]
+                out_dist[r, t] = b_dist[r, j]
+                j += 1
+            else:
+                out_ids[r, t] = -1
+                out_dist[r, t] = np.iinfo(np.int16).max
+    return out_ids, out_dist

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,8 @@ def test_dedup_through_a_cluster_groups_as_without(tmp_path: Path, dask_client: 
         through = store.find_duplicates(cluster=dask_client, shards=tmp_path / "s2")
     remote = [r.getMessage() for r in caplog.records if "compared on the cluster's workers" in r.getMessage()]
     assert remote, "the check's comparisons ran on the workers"
+    seconds = float(re.search(r"unreadable\), ([0-9.]+) s;", remote[0]).group(1))  # type: ignore[union-attr]
+    assert seconds > 0, f"the workers' check time is counted: {remote[0]}"
     with ImageStore(url) as store:
         plain = store.find_duplicates()
         here = store.find_duplicates(shards=tmp_path / "s")

@@ -149,3 +149,28 @@ def test_batch_knn_stops_band_by_band_exactly(layout: tuple[int, int, int], n: i
         order = np.lexsort((np.arange(n), d))[:want]
         assert rows[i, :want].tolist() == order.tolist() and dist[i, :want].tolist() == d[order].tolist()
         assert (rows[i, want:] == -1).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), ka=st.integers(0, 6), kb=st.integers(0, 6), k=st.integers(1, 14), seed=st.integers(0, 2**32 - 1))
+def test_merge_topk_equals_a_sort(n: int, ka: int, kb: int, k: int, seed: int) -> None:
+    """Merging two rows sorted by (distance, id), -1 padding last, equals sorting them together."""
+    rng = np.random.default_rng(seed)
+    pad = np.iinfo(np.int16).max
+
+    def side(width: int) -> tuple[np.ndarray, np.ndarray]:
+        dist = rng.integers(0, 5, (n, width)).astype(np.int16)
+        ids = rng.integers(0, 8, (n, width)).astype(np.int64)
+        short = rng.random((n, width)) < 0.2
+        ids[short], dist[short] = -1, pad
+        order = np.lexsort((np.where(ids < 0, 1 << 40, ids), dist), axis=1)
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+
+    (ai, ad), (bi, bd) = side(ka), side(kb)
+    ids, dist = kernels.merge_topk(ai, ad, bi, bd, k)
+    all_ids, all_dist = np.concatenate([ai, bi], axis=1), np.concatenate([ad, bd], axis=1)
+    for r in range(n):
+        want = sorted(zip(all_dist[r].tolist(), np.where(all_ids[r] < 0, 1 << 40, all_ids[r]).tolist()))[:k]
+        want += [(pad, 1 << 40)] * (k - len(want))
+        got = list(zip(dist[r].tolist(), np.where(ids[r] < 0, 1 << 40, ids[r]).tolist()))
+        assert got == want
