@@ -468,7 +468,7 @@ def main() -> None:
         res["runs"] = old.get("runs", [])
         res["export"] = old.get("export")
         res["knn_sample"] = old.get("knn_sample")
-    for n in [int(s) for s in args.sizes.split(",")]:
+    for n in [int(s) for s in args.sizes.split(",") if s]:  # --sizes "" with --knn-sample: the sample alone
         folder = shard_set(n)
         for task in args.tasks.split(","):
             digests = {}
