@@ -34,7 +34,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,20 +205,23 @@ def _round_flips(band_width: int, n_bands: int) -> tuple[npt.NDArray[np.int64], 
     return np.concatenate(parts).astype(np.int64), starts
 
 
-def merge_knn(parts: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]],
+def merge_knn(parts: Iterable[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]],
               k: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-    """Top-k by (distance, id) across the blocks of one query shard: each block's rows are sorted,
-    so two at a time merge linearly (:func:`imgstore.kernels.merge_topk`; sorting the rows side by
-    side took 4.9 s for 2.5M rows, on the client, while the workers waited)."""
+    """Top-k by (distance, id) across the blocks of one query shard (at least one; an iterator is
+    read a block at a time): each block's rows are sorted, so each merges linearly into the
+    running top-k (:func:`imgstore.kernels.merge_topk`; sorting the rows side by side took 4.9 s
+    for 2.5M rows, on the client, while the workers waited)."""
     from . import kernels
 
-    ids, dist = np.ascontiguousarray(parts[0][0]), np.ascontiguousarray(parts[0][1], dtype=np.int16)
-    if len(parts) == 1:
-        return kernels.merge_topk(ids, dist, ids[:, :0], dist[:, :0], k)
-    for other_ids, other_dist in parts[1:]:
-        ids, dist = kernels.merge_topk(ids, dist, np.ascontiguousarray(other_ids),
-                                       np.ascontiguousarray(other_dist, dtype=np.int16), k)
-    return ids, dist
+    it = iter(parts)
+    ids, dist = next(it)
+    top = (np.zeros((len(ids), 0), np.int64), np.zeros((len(ids), 0), np.int16))
+    while True:
+        top = kernels.merge_topk(*top, np.ascontiguousarray(ids), np.ascontiguousarray(dist, dtype=np.int16), k)
+        try:
+            ids, dist = next(it)
+        except StopIteration:
+            return top
 
 
 def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
@@ -304,12 +307,18 @@ def _save_block(path: Path, result: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
+#: What reading a damaged or truncated block file raises.
+_DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+
+
 def _load_block(path: Path) -> dict[str, np.ndarray]:
-    """A saved block (one :func:`run_blocks` listed: it was readable a moment ago)."""
+    """A saved block (one :func:`run_blocks` listed); a file damaged inside is removed, so the
+    rerun the message asks for computes it again."""
     try:
         with np.load(path) as z:
             return {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except _DAMAGED as exc:
+        path.unlink(missing_ok=True)
         raise ConfigError(f"the block file {path} can no longer be read ({exc}); run the same command again") from None
 
 
@@ -324,13 +333,13 @@ def _alive(pid: int) -> bool:
 
 
 def _readable(path: Path) -> bool:
-    """Whether a saved block opens with every array whole; a damaged one is removed (and computed again)."""
+    """Whether a saved block opens (its archive's directory is whole: what a truncated file
+    lacks); one that does not is removed and computed again. Its arrays are read once, later."""
     try:
         with np.load(path) as z:
-            for name in z.files:
-                z[name]
+            z.files  # noqa: B018  # listing them reads the archive's directory
         return True
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+    except _DAMAGED:
         path.unlink(missing_ok=True)
         return False
 
@@ -433,17 +442,12 @@ def _write_graph(shards: ShardSet, names: list[str], paths: dict[Block, Path], k
     row = 0
     for s in shards.shards:
         ids, _ = load_shard(shards, s)
-        merged: tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]] | None = None
-        for d in names:
-            got = _load_block(paths[Block("knn", s.name, d)])
-            block = (got["ids"], got["dist"])
-            merged = block if merged is None else merge_knn([merged, block], k)
-        size = len(ids)
-        out_ids[row : row + size] = ids
-        if merged is not None:
-            out_nbr[row : row + size] = merged[0]
-            out_dist[row : row + size] = merged[1]
-        row += size
+        blocks = (_load_block(paths[Block("knn", s.name, d)]) for d in names)
+        nbr, dist = merge_knn(((b["ids"], b["dist"]) for b in blocks), k)
+        out_ids[row : row + len(ids)] = ids
+        out_nbr[row : row + len(ids)] = nbr
+        out_dist[row : row + len(ids)] = dist
+        row += len(ids)
     for arr in (out_ids, out_nbr, out_dist):
         arr.flush()
     del out_ids, out_nbr, out_dist

@@ -277,9 +277,7 @@ def knn_batch(
     out_rows = np.full((nq, k), -1, np.int64)
     out_dist = np.full((nq, k), -1, np.int64)
     empty = np.zeros(0, np.uint8)
-    widest = 0
-    for s in range(n_rounds):
-        widest = max(widest, flip_starts[s + 1] - flip_starts[s])
+    widest = np.max(flip_starts[1:] - flip_starts[:-1])
     los = np.empty(widest, np.int64)
     his = np.empty(widest, np.int64)
     buf = np.empty(1024, np.int64)  # the probes' scratch, grown as needed and kept across queries
