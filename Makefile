@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo lint test bench clean
+.PHONY: setup browser emulator demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,12 +37,21 @@ browser:
 	  || echo "could not install chromium; the browser tests will say so"; \
 	else echo "chromium and chromedriver are missing (Debian: apt-get install chromium chromium-driver); the browser tests will skip"; fi
 
+# The int8 extractor's refusal test runs a CPU without int8 dot products (a Haswell: AVX2, no
+# VNNI) under QEMU's user-mode emulation (Debian's qemu-user); installed when missing, as root.
+emulator:
+	@if command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null) \
+	  || echo "could not install qemu-user; the int8 refusal test will say so"; \
+	else echo "qemu-user is missing (Debian: apt-get install qemu-user); the int8 refusal test will skip"; fi
+
 # Lint and type-check the package (configuration in pyproject.toml); `make test` runs it first.
 lint: $(STAMP)
 	$(BIN)/ruff check imgstore
 	$(BIN)/mypy
 
-test: $(STAMP) browser lint
+test: $(STAMP) browser emulator lint
 	$(BIN)/python -m pytest
 
 clean:

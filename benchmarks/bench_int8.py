@@ -263,6 +263,29 @@ def quantise(variant: Variant, prepared: Path, ranges: Path, work: Path) -> tupl
     return out, excluded
 
 
+#: the variant imgstore offers as efficientnet-lite0-int8 (imgstore/features/int8.py quantises the same way)
+SHIPPED = "int8-channel-percentile"
+SHIPPED_CALIBRATION = "percentile"
+
+
+def ship(ranges: Path, fp32: Path) -> None:
+    """Copy ``ranges`` to imgstore's data folder and write the reference features of the model
+    imgstore makes from them (on this CPU, which must have int8 dot products)."""
+    import shutil
+
+    from imgstore.features import int8
+
+    if not int8.cpu_int8_flags():
+        raise SystemExit("--ship needs a CPU with int8 dot products (VNNI, AMX): the reference is what such CPUs give")
+    shutil.copyfile(ranges, int8.RANGES)
+    with tempfile.TemporaryDirectory(prefix="bench-int8-ship-") as tmp:
+        model = Path(tmp) / "int8.onnx"
+        int8.quantise(fp32, int8.RANGES, model, Path(tmp))
+        doc = int8.write_reference(model)
+    log.info("shipped %s and %s (onnxruntime %s, CPU flags %s)", int8.RANGES, int8.REFERENCE, doc["onnxruntime"],
+             doc["cpu_flags"])
+
+
 def features(model: Any, pixels: npt.NDArray[np.uint8], batch_size: int = 64) -> tuple[npt.NDArray[np.float32], float]:
     """Features (n, 1280) float32 of preprocessed pixels, and the seconds they took."""
     start = time.perf_counter()
@@ -298,6 +321,9 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=0,
                         help="a quick check: only this many protocol images (a tenth of them queries); 0: all 10,000")
     parser.add_argument("--out", default="int8")
+    parser.add_argument("--ship", action="store_true",
+                        help="also write what imgstore's efficientnet-lite0-int8 is made from: the ranges of "
+                             f"{SHIPPED} into imgstore/data, and the reference features of the model made from them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger().setLevel(logging.INFO)
@@ -363,6 +389,8 @@ def main() -> None:
         variants = [v for v in variants if v.name in args.only]
     for variant in variants:
         run(variant)
+    if args.ship:
+        ship(work / f"ranges-{calib_key}-{SHIPPED_CALIBRATION}.json", ex.path)
     result["loadavg"]["after_quality"] = loadavg()
 
     speed: dict[str, dict[str, float]] = {}

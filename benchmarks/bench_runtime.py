@@ -1,15 +1,22 @@
-"""What runs the CNN: PyTorch fp32 against ONNX Runtime fp32 (the default on a CPU), side by side.
+"""What runs the CNN, and in what precision: EfficientNet-Lite0 in fp32 on PyTorch ("torch") and on
+ONNX Runtime ("onnx", the default on a CPU), and efficientnet-lite0-int8 on ONNX Runtime ("int8",
+a feature space of its own), side by side.
 
-    .venv/bin/python benchmarks/bench_runtime.py                 # everything (~20 min on 2 cores)
-    .venv/bin/python benchmarks/bench_runtime.py --skip-map      # speed and cold starts only
+    .venv/bin/python benchmarks/bench_runtime.py                         # everything (~30 min on 2 cores)
+    .venv/bin/python benchmarks/bench_runtime.py --skip-map              # speed and cold starts only
+    .venv/bin/python benchmarks/bench_runtime.py --contenders onnx int8  # some of the contenders only
 
-Every figure compares the runtimes in the same run on the same machine, interleaved round by round
-(medians): the model alone on CIFAR-10 batches; end-to-end `imgstore ingest` of a CIFAR-10 subset
-and of full-size photos; decoding alone on the same cores (the ceiling of an ingest of photos);
-each runtime's cold start to its first batch (time, peak memory); the cold CLI (a photo query on
-each runtime, a query by id, `info`: wall and peak RSS, median of 5); CIFAR-10 mAP@ALL (float
-cosine and ITQ-64) of each runtime's features and how far the two runtimes' features are apart.
-Writes benchmarks/results/runtime.json and runtime.md.
+Every figure compares the contenders in the same run on the same machine, interleaved round by
+round (medians): the model alone on CIFAR-10 batches; end-to-end `imgstore ingest` of a CIFAR-10
+subset and of full-size photos (`imgstore --runtime R ingest [--extractor efficientnet-lite0-int8]
+FOLDER`); decoding alone on the same cores (the ceiling of an ingest of photos); each contender's
+cold start to its first batch (time, peak memory); the cold CLI (a photo query on each runtime of a
+store ingested with efficientnet-lite0, a photo query of a store ingested with the int8 extractor, a
+query by id, `info`: wall and peak RSS, median of the rounds); CIFAR-10 mAP@ALL (float cosine and
+ITQ-64) of each contender's features, how far the two fp32 runtimes' features are apart (one feature
+space) and how far int8's are from fp32's (its own feature space). The machine's int8 dot-product
+flags and its 1-minute load average at the start and the end are recorded beside the figures.
+Writes benchmarks/results/runtime.json and runtime.md (--out chooses the name).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from imgstore.decode import DecodedImage, load_image
 from imgstore.evaluation import cosine_distances, evaluate_distances
 from imgstore.features import get_extractor
+from imgstore.features.int8 import cpu_int8_flags
 from imgstore.features.pipeline import default_workers, extract_stream
 from imgstore.hashing import make_hasher
 from imgstore.hashing.bits import as_words, hamming_distances_batch
@@ -45,16 +53,37 @@ from imgstore.hashing.bits import as_words, hamming_distances_batch
 import common
 
 log = logging.getLogger("bench_runtime")
-RUNTIMES = ("torch", "onnx")
 EXTRACTOR = "efficientnet-lite0"
+INT8 = "efficientnet-lite0-int8"
+#: contender -> (extractor, runtime): the fp32 model on each runtime, and the int8 model (its own feature space)
+CONTENDERS: dict[str, tuple[str, str]] = {"torch": (EXTRACTOR, "torch"), "onnx": (EXTRACTOR, "onnx"),
+                                          "int8": (INT8, "onnx")}
+#: how the report names each contender's column
+LABELS = {"torch": "torch fp32", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
+#: the ratio columns of the report: (numerator, denominator)
+RATIOS = (("onnx", "torch"), ("int8", "torch"), ("int8", "onnx"))
+#: issue 27's floors for the default runtime (reported for int8 too): a CIFAR-10 ingest at least this many times torch fp32's ...
+FLOOR_CIFAR_VS_TORCH = 2.5
+#: ... and an ingest of photos at least this fraction of decoding alone
+FLOOR_PHOTOS_VS_DECODE = 0.8
 
 
-def build(runtime: str) -> Any:
-    return get_extractor(EXTRACTOR, runtime=runtime, precision="fp32")
+def precision_of(contender: str) -> str | None:
+    """The precision asked of ``contender``'s extractor: fp32 for efficientnet-lite0, None (its
+    own, int8) for efficientnet-lite0-int8, which takes no other."""
+    return "fp32" if CONTENDERS[contender][0] == EXTRACTOR else None
+
+
+def build(contender: str) -> Any:
+    extractor, runtime = CONTENDERS[contender]
+    precision = precision_of(contender)
+    if precision is None:
+        return get_extractor(extractor, runtime=runtime)
+    return get_extractor(extractor, runtime=runtime, precision=precision)
 
 
 def model_alone(extractors: dict[str, Any], batch: npt.NDArray[np.uint8], rounds: int) -> dict[str, float]:
-    """Images/s of ``extract_arrays`` on one preprocessed batch, runtimes interleaved per round."""
+    """Images/s of ``extract_arrays`` on one preprocessed batch, contenders interleaved per round."""
     for ex in extractors.values():
         ex.extract_arrays(batch[:8])  # warm-up: kernels chosen, memory arenas grown
     rates: dict[str, list[float]] = {name: [] for name in extractors}
@@ -85,18 +114,26 @@ def imgstore_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgstore.cli", *args]
 
 
-def ingest_rounds(folder: Path, n_files: int, rounds: int, work: Path) -> dict[str, Any]:
-    """`imgstore --runtime R ingest FOLDER` into a new SQLite file, runtimes interleaved per round."""
-    walls: dict[str, list[float]] = {r: [] for r in RUNTIMES}
+def ingest_cmd(db: Path, contender: str, folder: Path) -> list[str]:
+    """`imgstore --db DB --runtime R ingest [--extractor NAME] FOLDER --no-progress` for ``contender``
+    (--extractor only for another extractor than the default, efficientnet-lite0)."""
+    extractor, runtime = CONTENDERS[contender]
+    chosen = ["--extractor", extractor] if extractor != EXTRACTOR else []
+    return imgstore_cmd("--db", str(db), "--runtime", runtime, "ingest", *chosen, str(folder), "--no-progress")
+
+
+def ingest_rounds(folder: Path, n_files: int, rounds: int, work: Path, contenders: Sequence[str]) -> dict[str, Any]:
+    """`imgstore ingest FOLDER` of each contender into a new SQLite file, contenders interleaved per round."""
+    walls: dict[str, list[float]] = {c: [] for c in contenders}
     for i in range(rounds):
-        for runtime in RUNTIMES:
-            db = work / f"ingest-{runtime}-{i}.db"
-            wall, _ = measured(imgstore_cmd("--db", str(db), "--runtime", runtime, "ingest", str(folder), "--no-progress"))
-            walls[runtime].append(wall)
+        for contender in contenders:
+            db = work / f"ingest-{contender}-{i}.db"
+            wall, _ = measured(ingest_cmd(db, contender, folder))
+            walls[contender].append(wall)
             db.unlink()
-            log.info("ingest %s round %d: %.1f s (%.1f images/s)", runtime, i, wall, n_files / wall)
-    return {r: {"seconds": statistics.median(w), "images_per_s": n_files / statistics.median(w), "all_s": w}
-            for r, w in walls.items()}
+            log.info("ingest %s round %d: %.1f s (%.1f images/s)", contender, i, wall, n_files / wall)
+    return {c: {"seconds": statistics.median(w), "images_per_s": n_files / statistics.median(w), "all_s": w}
+            for c, w in walls.items()}
 
 
 class _NoModel:
@@ -129,22 +166,35 @@ def decode_alone(paths: list[Path], extractor: Any, rounds: int) -> float:
     return statistics.median(rates)
 
 
-def cold_start(runtime: str, rounds: int) -> dict[str, float]:
-    """A new process: build the extractor and run its first batch of 16; wall and peak RSS."""
+def cold_start(contender: str, rounds: int) -> dict[str, float]:
+    """A new process: build the contender's extractor (its model already cached) and run its first
+    batch of 16; wall and peak RSS."""
+    extractor, runtime = CONTENDERS[contender]
+    precision = precision_of(contender)
+    options = f"runtime={runtime!r}" + (f", precision={precision!r}" if precision is not None else "")
     code = ("import numpy as np\nfrom imgstore.features import get_extractor\n"
-            f"ex = get_extractor({EXTRACTOR!r}, runtime={runtime!r}, precision='fp32')\n"
+            f"ex = get_extractor({extractor!r}, {options})\n"
             "ex.extract_arrays(np.zeros((16, 224, 224, 3), np.uint8))\n")
     results = [measured([sys.executable, "-c", code]) for _ in range(rounds)]
     return {"seconds": statistics.median(r[0] for r in results), "peak_rss_mb": statistics.median(r[1] for r in results)}
 
 
-def cold_cli(db: Path, photo: Path, rounds: int) -> dict[str, dict[str, float]]:
-    commands = {
-        "photo query (onnx, default)": imgstore_cmd("--db", str(db), "query", str(photo), "-k", "10"),
-        "photo query (--runtime torch)": imgstore_cmd("--db", str(db), "--runtime", "torch", "query", str(photo), "-k", "10"),
-        "query by id": imgstore_cmd("--db", str(db), "query", "1", "-k", "10"),
-        "info": imgstore_cmd("--db", str(db), "info"),
-    }
+def cold_cli(db: Path, db_int8: Path | None, photo: Path, rounds: int,
+             contenders: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Wall and peak RSS of new CLI processes, commands interleaved per round: a photo query of
+    ``db`` (ingested with efficientnet-lite0) on each fp32 runtime chosen, a photo query of
+    ``db_int8`` (ingested with the int8 extractor, which the query then uses by itself), a query by
+    id and `info` of ``db``."""
+    commands: dict[str, list[str]] = {}
+    if "onnx" in contenders:
+        commands["photo query (onnx, default)"] = imgstore_cmd("--db", str(db), "query", str(photo), "-k", "10")
+    if "torch" in contenders:
+        commands["photo query (--runtime torch)"] = imgstore_cmd("--db", str(db), "--runtime", "torch", "query",
+                                                                 str(photo), "-k", "10")
+    if db_int8 is not None:
+        commands["photo query (int8 store)"] = imgstore_cmd("--db", str(db_int8), "query", str(photo), "-k", "10")
+    commands["query by id"] = imgstore_cmd("--db", str(db), "query", "1", "-k", "10")
+    commands["info"] = imgstore_cmd("--db", str(db), "info")
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(rounds):
         for name, cmd in commands.items():
@@ -153,21 +203,33 @@ def cold_cli(db: Path, photo: Path, rounds: int) -> dict[str, dict[str, float]]:
             for name, rs in runs.items()}
 
 
-def cifar_feats(runtime: str, split: common.CifarSplit) -> tuple[npt.NDArray[np.float32], float]:
-    """Features of the 10,000 protocol images on ``runtime``, cached per runtime (and timed when made)."""
-    ex = build(runtime)
-    path = common.cache_dir() / f"features-{EXTRACTOR}-{runtime}-fp32.npz"
+def cifar_feats(contender: str, split: common.CifarSplit) -> tuple[npt.NDArray[np.float32], float]:
+    """Features of the 10,000 protocol images by ``contender``, cached per contender (and timed
+    when made); the int8 contender's cache also holds its model's file name, which changes with its
+    ranges, quantisation settings and onnxruntime version."""
+    extractor, runtime = CONTENDERS[contender]
+    precision = precision_of(contender)
+    ex = build(contender)
+    model = Path(ex.path).name if precision is None else ""
+    path = common.cache_dir() / f"features-{extractor}-{runtime}{'-' + precision if precision else ''}.npz"
     if path.exists():
         with np.load(path) as z:
-            if str(z["preprocess_version"]) == ex.preprocess_version:
+            if (str(z["preprocess_version"]) == ex.preprocess_version
+                    and (str(z["model"]) if "model" in z else "") == model):
                 return z["feats"], float(z["seconds"])
     start = time.perf_counter()
     feats = common.extract_paths(ex, split.q_paths + split.db_paths)
     seconds = time.perf_counter() - start
     np.savez(path.with_suffix(".tmp.npz"), feats=feats, seconds=np.array(seconds),
-             preprocess_version=np.array(ex.preprocess_version))
+             preprocess_version=np.array(ex.preprocess_version), model=np.array(model))
     path.with_suffix(".tmp.npz").replace(path)
     return feats, seconds
+
+
+def cosines(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> dict[str, float]:
+    """Min and mean cosine between the rows of ``a`` and ``b`` (the same images' features)."""
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"min": float(cos.min()), "mean": float(cos.mean())}
 
 
 def retrieval(feats: npt.NDArray[np.float32], split: common.CifarSplit) -> dict[str, float]:
@@ -186,22 +248,31 @@ def main() -> None:
     parser.add_argument("--ingest-rounds", type=int, default=3)
     parser.add_argument("--ingest-n", type=int, default=2000, help="CIFAR-10 images in the ingest test")
     parser.add_argument("--photos", type=int, default=60, help="full-size photos in the ingest test")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
+                        metavar="NAME", help=f"which to measure, of {', '.join(CONTENDERS)} [default: all]")
     parser.add_argument("--skip-map", action="store_true")
     parser.add_argument("--out", default="runtime")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    contenders = [c for c in CONTENDERS if c in args.contenders]  # the table's order, each once
 
     split = common.cifar_split()
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "decode_workers": default_workers(), "python": platform.python_version()},
+                    "decode_workers": default_workers(), "python": platform.python_version(),
+                    "cpu_int8_flags": cpu_int8_flags(), "load_1min_start": os.getloadavg()[0]},
         "command": " ".join(["benchmarks/bench_runtime.py", *sys.argv[1:]]),
+        "contenders": {c: {"extractor": CONTENDERS[c][0], "runtime": CONTENDERS[c][1],
+                           "precision": precision_of(c) or "int8"} for c in contenders},
     }
-    extractors = {r: build(r) for r in RUNTIMES}
-    batch = np.stack([extractors["onnx"].preprocess(load_image(p).image) for p in split.db_paths[:64]])
+    # built here first, so that any model missing from the cache is made (exported, quantised)
+    # before anything is timed: the cold starts and the CLI find every model cached
+    extractors = {c: build(c) for c in contenders}
+    first = extractors[contenders[0]]  # every contender preprocesses alike (224 pixels, the same resizing)
+    batch = np.stack([first.preprocess(load_image(p).image) for p in split.db_paths[:64]])
     result["model_alone_images_per_s"] = model_alone(extractors, batch, args.rounds)
     log.info("model alone: %s", result["model_alone_images_per_s"])
-    result["cold_start"] = {r: cold_start(r, 3) for r in RUNTIMES}
+    result["cold_start"] = {c: cold_start(c, 3) for c in contenders}
     log.info("cold start: %s", result["cold_start"])
 
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
@@ -215,7 +286,7 @@ def main() -> None:
             for p in files:
                 shutil.copy(p, cifar_dir / name / p.name)
             chosen += files
-        result["ingest_cifar"] = ingest_rounds(cifar_dir, len(chosen), args.ingest_rounds, work)
+        result["ingest_cifar"] = ingest_rounds(cifar_dir, len(chosen), args.ingest_rounds, work, contenders)
         result["ingest_cifar"]["n_images"] = len(chosen)
 
         photos = common.photo_folder(args.photos)
@@ -223,28 +294,37 @@ def main() -> None:
         photo_dir.mkdir()
         for p in photos:
             shutil.copy(p, photo_dir / p.name)
-        result["ingest_photos"] = ingest_rounds(photo_dir, len(photos), args.ingest_rounds, work)
+        result["ingest_photos"] = ingest_rounds(photo_dir, len(photos), args.ingest_rounds, work, contenders)
         result["ingest_photos"]["n_images"] = len(photos)
         result["ingest_photos"]["megapixels_median"] = statistics.median(
             load_image(p).image.width * load_image(p).image.height / 1e6 for p in photos[:10])
-        result["decode_alone_photos_images_per_s"] = decode_alone(photos, extractors["onnx"], args.ingest_rounds)
+        result["decode_alone_photos_images_per_s"] = decode_alone(photos, first, args.ingest_rounds)
 
         demo = work / "demo"
         subprocess.run([sys.executable, "-m", "imgstore.samples", str(demo)], check=True, capture_output=True)
         db = work / "demo.db"
         measured(imgstore_cmd("--db", str(db), "ingest", str(demo), "--no-progress"))
-        result["cold_cli"] = cold_cli(db, demo / "originals" / "chelsea.png", args.rounds)
+        db_int8: Path | None = None
+        if "int8" in contenders:
+            db_int8 = work / "demo-int8.db"
+            measured(ingest_cmd(db_int8, "int8", demo))
+        result["cold_cli"] = cold_cli(db, db_int8, demo / "originals" / "chelsea.png", args.rounds, contenders)
         log.info("cold CLI: %s", result["cold_cli"])
 
     if not args.skip_map:
-        feats = {r: cifar_feats(r, split) for r in RUNTIMES}
-        a, b = feats["torch"][0], feats["onnx"][0]
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        result["features"] = {"cosine_torch_onnx_min": float(cos.min()), "cosine_torch_onnx_mean": float(cos.mean()),
-                              "n_images": len(a)}
-        result["retrieval"] = {r: {**retrieval(f, split), "extract_s_10k": s} for r, (f, s) in feats.items()}
+        feats = {c: cifar_feats(c, split) for c in contenders}
+        n_images = len(next(iter(feats.values()))[0])
+        result["features"] = {"n_images": n_images}
+        if "torch" in feats and "onnx" in feats:
+            cos = cosines(feats["torch"][0], feats["onnx"][0])
+            result["features"] |= {"cosine_torch_onnx_min": cos["min"], "cosine_torch_onnx_mean": cos["mean"]}
+        if "onnx" in feats and "int8" in feats:
+            cos = cosines(feats["onnx"][0], feats["int8"][0])
+            result["features"] |= {"cosine_onnx_int8_min": cos["min"], "cosine_onnx_int8_mean": cos["mean"]}
+        result["retrieval"] = {c: {**retrieval(f, split), "extract_s_10k": s} for c, (f, s) in feats.items()}
         log.info("retrieval: %s", result["retrieval"])
 
+    result["machine"]["load_1min_end"] = os.getloadavg()[0]
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (common.RESULTS_DIR / f"{args.out}.json").write_text(json.dumps(result, indent=2))
     (common.RESULTS_DIR / f"{args.out}.md").write_text(report(result))
@@ -252,45 +332,73 @@ def main() -> None:
 
 
 def report(r: dict[str, Any]) -> str:
+    contenders = [c for c in CONTENDERS if c in r["model_alone_images_per_s"]]
+    ratios = [(a, b) for a, b in RATIOS if a in contenders and b in contenders]
     m = r["model_alone_images_per_s"]
     ic, ip = r["ingest_cifar"], r["ingest_photos"]
+    machine = r["machine"]
+    flags = machine["cpu_int8_flags"]
+    flag_words = "unknown" if flags is None else (", ".join(flags) or "none")
+
+    def row(label: str, values: dict[str, float], fmt: str, with_ratios: bool = True) -> str:
+        cells = [format(values[c], fmt) for c in contenders]
+        cells += [f"{values[a] / values[b]:.2f}x" if with_ratios else "" for a, b in ratios]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
     lines = [
-        "# Inference runtime: PyTorch fp32 vs ONNX Runtime fp32 (EfficientNet-Lite0)",
+        "# Inference runtime and precision: PyTorch fp32, ONNX Runtime fp32 and int8 (EfficientNet-Lite0)",
         "",
-        f"`{r['command']}` on {r['machine']['cores']} cores ({r['machine']['cpu']}), every pair measured in the same "
-        "run, interleaved round by round; medians.",
+        f"`{r['command']}` on {machine['cores']} cores ({machine['cpu']}; int8 dot-product flags: {flag_words}), "
+        "every contender measured in the same run, interleaved round by round; medians. Load average (1 min) "
+        f"{machine['load_1min_start']:.2f} at the start, {machine['load_1min_end']:.2f} at the end.",
         "",
-        "| | torch fp32 | ONNX Runtime fp32 | ratio |",
-        "|---|---:|---:|---:|",
-        f"| model alone, images/s (batch 64, CIFAR-10) | {m['torch']:.1f} | {m['onnx']:.1f} | {m['onnx'] / m['torch']:.2f}x |",
-        f"| `imgstore ingest` of {ic['n_images']} CIFAR-10 JPEGs, images/s | {ic['torch']['images_per_s']:.1f} | "
-        f"{ic['onnx']['images_per_s']:.1f} | {ic['onnx']['images_per_s'] / ic['torch']['images_per_s']:.2f}x |",
-        f"| `imgstore ingest` of {ip['n_images']} photos ({ip['megapixels_median']:.1f} MP median), images/s | "
-        f"{ip['torch']['images_per_s']:.2f} | {ip['onnx']['images_per_s']:.2f} | "
-        f"{ip['onnx']['images_per_s'] / ip['torch']['images_per_s']:.2f}x |",
-        f"| cold start to the first batch, s | {r['cold_start']['torch']['seconds']:.2f} | "
-        f"{r['cold_start']['onnx']['seconds']:.2f} | |",
-        f"| cold start peak RSS, MB | {r['cold_start']['torch']['peak_rss_mb']:.0f} | "
-        f"{r['cold_start']['onnx']['peak_rss_mb']:.0f} | |",
+        "| | " + " | ".join(LABELS[c] for c in contenders) + "".join(f" | {a}/{b}" for a, b in ratios) + " |",
+        "|---|" + "---:|" * (len(contenders) + len(ratios)),
+        row("model alone, images/s (batch 64, CIFAR-10)", m, ".1f"),
+        row(f"`imgstore ingest` of {ic['n_images']} CIFAR-10 JPEGs, images/s",
+            {c: ic[c]["images_per_s"] for c in contenders}, ".1f"),
+        row(f"`imgstore ingest` of {ip['n_images']} photos ({ip['megapixels_median']:.1f} MP median), images/s",
+            {c: ip[c]["images_per_s"] for c in contenders}, ".2f"),
+        row("cold start to the first batch, s", {c: r["cold_start"][c]["seconds"] for c in contenders}, ".2f",
+            with_ratios=False),
+        row("cold start peak RSS, MB", {c: r["cold_start"][c]["peak_rss_mb"] for c in contenders}, ".0f",
+            with_ratios=False),
     ]
     if "retrieval" in r:
         rt = r["retrieval"]
         lines += [
-            f"| CIFAR-10 mAP@ALL, float cosine | {rt['torch']['mAP_float']:.4f} | {rt['onnx']['mAP_float']:.4f} | |",
-            f"| CIFAR-10 mAP@ALL, ITQ-64 | {rt['torch']['mAP_itq64']:.4f} | {rt['onnx']['mAP_itq64']:.4f} | |",
+            row("CIFAR-10 mAP@ALL, float cosine", {c: rt[c]["mAP_float"] for c in contenders}, ".4f", with_ratios=False),
+            row("CIFAR-10 mAP@ALL, ITQ-64", {c: rt[c]["mAP_itq64"] for c in contenders}, ".4f", with_ratios=False),
         ]
     decode = r["decode_alone_photos_images_per_s"]
+    reached = ", ".join(f"{LABELS[c]} {ip[c]['images_per_s'] / decode:.2f}" for c in contenders)
     lines += [
         "",
         f"Photos: decoding and preprocessing alone (the same pipeline and threads, no model) run {decode:.2f} images/s; "
-        f"an ingest on ONNX Runtime reaches {ip['onnx']['images_per_s'] / decode:.2f} of that "
-        f"(torch {ip['torch']['images_per_s'] / decode:.2f}).",
+        f"an ingest reaches, of that: {reached}.",
     ]
+    floors = []
+    for c in (c for c in ("onnx", "int8") if c in contenders):
+        parts = []
+        if "torch" in contenders:
+            x = ic[c]["images_per_s"] / ic["torch"]["images_per_s"]
+            parts.append(f"CIFAR-10 ingest {x:.2f}x torch fp32 ({'met' if x >= FLOOR_CIFAR_VS_TORCH else 'not met'})")
+        share = ip[c]["images_per_s"] / decode
+        parts.append(f"photos {share:.2f} of decoding alone ({'met' if share >= FLOOR_PHOTOS_VS_DECODE else 'not met'})")
+        floors.append(f"{LABELS[c]}{' (the default)' if c == 'onnx' else ''}: " + ", ".join(parts))
+    if floors:
+        lines += ["", f"Issue 27's floors (the default's ingest of CIFAR-10 >= {FLOOR_CIFAR_VS_TORCH}x torch fp32's; "
+                  f"of photos >= {FLOOR_PHOTOS_VS_DECODE} of decoding alone): " + "; ".join(floors) + "."]
     if "features" in r:
         f = r["features"]
-        lines += ["", f"Features of the {f['n_images']} CIFAR-10 images: cosine between the runtimes min "
-                  f"{f['cosine_torch_onnx_min']:.7f}, mean {f['cosine_torch_onnx_mean']:.7f} (one feature space)."]
-    lines += ["", "## Cold CLI (a new process each, median of the rounds; the ONNX export already cached)", "",
+        if "cosine_torch_onnx_min" in f:
+            lines += ["", f"Features of the {f['n_images']} CIFAR-10 images: cosine between the fp32 runtimes min "
+                      f"{f['cosine_torch_onnx_min']:.7f}, mean {f['cosine_torch_onnx_mean']:.7f} (one feature space)."]
+        if "cosine_onnx_int8_min" in f:
+            lines += ["", f"Features of the {f['n_images']} CIFAR-10 images: cosine between ONNX Runtime fp32 and int8 "
+                      f"min {f['cosine_onnx_int8_min']:.4f}, mean {f['cosine_onnx_int8_mean']:.4f} (int8 is its own "
+                      "feature space: a store keeps its features apart from fp32's)."]
+    lines += ["", "## Cold CLI (a new process each, median of the rounds; every model already cached)", "",
               "| command | wall, s | peak RSS, MB |", "|---|---:|---:|"]
     for name, v in r["cold_cli"].items():
         lines.append(f"| {name} | {v['seconds']:.2f} | {v['peak_rss_mb']:.0f} |")

@@ -87,6 +87,12 @@ class WeightsNotFoundError(ExtractorError):
     """Pretrained weights are needed and none could be found or downloaded."""
 
 
+class UnsupportedCpuError(ExtractorError):
+    """The extractor's arithmetic on this CPU differs from that of the CPUs its feature space was
+    made on (an int8 model without int8 dot-product instructions): its features would not be
+    comparable with those stored, so it refuses to run."""
+
+
 class ClusterError(ImgStoreError):
     """The Dask cluster an ingest ran on went away mid-run (its scheduler lost). What the
     workers finished is stored; rerunning the same command does the rest."""

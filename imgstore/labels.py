@@ -32,7 +32,7 @@ TOP = 5
 #: a class after the first is kept only at this probability or more (the first always is)
 MIN_PROB = 0.05
 #: extractors whose classifier names ImageNet-1k's classes
-IMAGENET_EXTRACTORS = ("efficientnet-lite0", "efficientnet-lite2")
+IMAGENET_EXTRACTORS = ("efficientnet-lite0", "efficientnet-lite2", "efficientnet-lite0-int8")
 #: images whose labels are computed per transaction by :func:`update_labels`
 UPDATE_CHUNK = 2048
 

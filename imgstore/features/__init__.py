@@ -79,6 +79,17 @@ def _lite(variant: str) -> Callable[..., Extractor]:
     return factory
 
 
+def _lite0_int8(runtime: str | None = None, **options: Any) -> Extractor:
+    if (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower() == "torch":
+        raise ConfigError("efficientnet-lite0-int8 runs on ONNX Runtime only: use --runtime auto or onnx (torch runs "
+                          "efficientnet-lite0 in fp32 or bf16)")
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError("efficientnet-lite0-int8 needs onnxruntime and onnx: `pip install onnxruntime onnx`")
+    from .int8 import int8_extractor
+
+    return int8_extractor(**options)
+
+
 def _resnet50(runtime: str | None = None, **options: Any) -> Extractor:
     if runtime == "onnx":
         raise ConfigError("resnet50 runs on --runtime torch only (the onnx runtime serves efficientnet-lite0 and -lite2)")
@@ -110,6 +121,7 @@ def _clip(spec: str, runtime: str | None = None, **options: Any) -> Extractor:
 _FACTORIES: dict[str, Callable[..., Extractor]] = {
     "efficientnet-lite0": _lite("lite0"),
     "efficientnet-lite2": _lite("lite2"),
+    "efficientnet-lite0-int8": _lite0_int8,
     "resnet50": _resnet50,
     "color": _color,
 }

