@@ -56,12 +56,17 @@ log = logging.getLogger("bench_runtime")
 EXTRACTOR = "efficientnet-lite0"
 INT8 = "efficientnet-lite0-int8"
 #: contender -> (extractor, runtime): the fp32 model on each runtime, and the int8 model (its own feature space)
-CONTENDERS: dict[str, tuple[str, str]] = {"torch": (EXTRACTOR, "torch"), "onnx": (EXTRACTOR, "onnx"),
-                                          "int8": (INT8, "onnx")}
+CONTENDERS: dict[str, tuple[str, str]] = {"torch": (EXTRACTOR, "torch"), "bf16": (EXTRACTOR, "torch"),
+                                          "onnx": (EXTRACTOR, "onnx"), "int8": (INT8, "onnx")}
+#: the precision asked of each (None: the extractor's own, int8); every command of a contender
+#: runs with IMGSTORE_PRECISION set to it, so "torch" is fp32 even on a CPU where auto means bf16
+PRECISIONS: dict[str, str | None] = {"torch": "fp32", "bf16": "bf16", "onnx": "fp32", "int8": None}
+#: measured unless --contenders says otherwise (bf16: where the CPU computes it natively)
+DEFAULT_CONTENDERS = ("torch", "onnx", "int8")
 #: how the report names each contender's column
-LABELS = {"torch": "torch fp32", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
+LABELS = {"torch": "torch fp32", "bf16": "torch bf16", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
 #: the ratio columns of the report: (numerator, denominator)
-RATIOS = (("onnx", "torch"), ("int8", "torch"), ("int8", "onnx"))
+RATIOS = (("bf16", "torch"), ("onnx", "torch"), ("int8", "torch"), ("int8", "onnx"))
 #: issue 27's floors for the default runtime (reported for int8 too): a CIFAR-10 ingest at least this many times torch fp32's ...
 FLOOR_CIFAR_VS_TORCH = 2.5
 #: ... and an ingest of photos at least this fraction of decoding alone
@@ -71,7 +76,7 @@ FLOOR_PHOTOS_VS_DECODE = 0.8
 def precision_of(contender: str) -> str | None:
     """The precision asked of ``contender``'s extractor: fp32 for efficientnet-lite0, None (its
     own, int8) for efficientnet-lite0-int8, which takes no other."""
-    return "fp32" if CONTENDERS[contender][0] == EXTRACTOR else None
+    return PRECISIONS[contender]
 
 
 def build(contender: str) -> Any:
@@ -114,6 +119,12 @@ def imgstore_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "imgstore.cli", *args]
 
 
+def precision_env(contender: str) -> dict[str, str]:
+    """IMGSTORE_PRECISION for a command of ``contender`` (none for int8, whose precision is its own)."""
+    precision = PRECISIONS[contender]
+    return {"IMGSTORE_PRECISION": precision} if precision else {}
+
+
 def ingest_cmd(db: Path, contender: str, folder: Path) -> list[str]:
     """`imgstore --db DB --runtime R ingest [--extractor NAME] FOLDER --no-progress` for ``contender``
     (--extractor only for another extractor than the default, efficientnet-lite0)."""
@@ -128,7 +139,7 @@ def ingest_rounds(folder: Path, n_files: int, rounds: int, work: Path, contender
     for i in range(rounds):
         for contender in contenders:
             db = work / f"ingest-{contender}-{i}.db"
-            wall, _ = measured(ingest_cmd(db, contender, folder))
+            wall, _ = measured(ingest_cmd(db, contender, folder), env=precision_env(contender))
             walls[contender].append(wall)
             db.unlink()
             log.info("ingest %s round %d: %.1f s (%.1f images/s)", contender, i, wall, n_files / wall)
@@ -248,8 +259,9 @@ def main() -> None:
     parser.add_argument("--ingest-rounds", type=int, default=3)
     parser.add_argument("--ingest-n", type=int, default=2000, help="CIFAR-10 images in the ingest test")
     parser.add_argument("--photos", type=int, default=60, help="full-size photos in the ingest test")
-    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
-                        metavar="NAME", help=f"which to measure, of {', '.join(CONTENDERS)} [default: all]")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(DEFAULT_CONTENDERS),
+                        metavar="NAME", help=f"which to measure, of {', '.join(CONTENDERS)} "
+                             f"[default: {' '.join(DEFAULT_CONTENDERS)}]")
     parser.add_argument("--skip-map", action="store_true")
     parser.add_argument("--out", default="runtime")
     args = parser.parse_args()
