@@ -99,6 +99,12 @@ def test_neighbours_and_pairs_equal_brute_force(n: int, shard: int, k: int, radi
         pairs = batch.near_pairs(got, radius, workdir=Path(tmp) / "w")
         assert set(zip(pairs.a.tolist(), pairs.b.tolist())) == brute_pairs(ids, codes, radius)
         assert len(pairs.a) == len(set(zip(pairs.a.tolist(), pairs.b.tolist())))  # each pair once
+        listed = list(zip(pairs.a.tolist(), pairs.b.tolist()))
+        assert listed == sorted(listed)  # in (a, b) order, merged from the blocks
+        at = {int(i): j for j, i in enumerate(ids)}
+        words = as_words(codes)
+        assert all(int(np.bitwise_count(words[at[x]] ^ words[at[y]]).sum()) == dist
+                   for x, y, dist in zip(pairs.a.tolist(), pairs.b.tolist(), pairs.distances.tolist()))
         again = batch.neighbours(got, k, workdir=Path(tmp) / "w")  # from the saved blocks
         assert again.stats.blocks_reused == again.stats.blocks and graph_of(again) == graph_of(graph)
 
