@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import threading
 import time
 import zipfile
@@ -298,6 +299,28 @@ def _run_block(folder: str, token: str, block: Block, params: dict[str, int]) ->
     return {"a": a, "b": b, "dist": d}
 
 
+def _run_block_into(folder: str, token: str, block: Block, params: dict[str, int], out: str, mark: str,
+                    mark_value: str) -> dict[str, np.ndarray] | str:
+    """A block as a cluster task: computed, then saved by the worker itself to ``out`` when it
+    sees the client's work folder (the mark file there holds ``mark_value``: the same folder, not
+    one of the same name on another machine), returning the path; else the arrays, which the
+    client saves. Blocks then never travel through the scheduler's connections: at 10M codes a
+    pairs block is ~100 MB, and the client receiving and saving ten of them on the workers' cores
+    made each block 1.2x slower on two workers."""
+    result = _run_block(folder, token, block, params)
+    try:
+        shared = Path(mark).read_text(encoding="ascii") == mark_value
+    except (OSError, UnicodeDecodeError):
+        shared = False
+    if not shared:
+        return result
+    try:
+        _save_block(Path(out), result)
+    except OSError:  # seen but not writable from here: the client saves it
+        return result
+    return out
+
+
 def _save_block(path: Path, result: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
@@ -377,15 +400,28 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
     try:
         stats.workers = len(client.scheduler_info().get("workers", {})) or 1
         stats.where = str(cluster) if isinstance(cluster, str) else "a Dask cluster"
-        futures = {client.submit(_run_block, folder, token, block, params, key=f"imgstore-{block.file_name(token, param_tag)}",
-                                 pure=False): block for block in todo}
+        for old in workdir.glob(".client-*"):  # marks of clients killed mid-run
+            pid = old.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                old.unlink(missing_ok=True)
+        mark, mark_value = workdir / f".client-{os.getpid()}-{secrets.token_hex(4)}", secrets.token_hex(16)
+        mark.write_text(mark_value, encoding="ascii")
+        futures = {client.submit(_run_block_into, folder, token, block, params,
+                                 str((workdir / block.file_name(token, param_tag)).resolve()), str(mark.resolve()), mark_value,
+                                 key=f"imgstore-{block.file_name(token, param_tag)}", pure=False): block for block in todo}
         from distributed import as_completed
 
         try:
             for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]
                 block = futures[future]
                 path = workdir / block.file_name(token, param_tag)
-                _save_block(path, future.result())
+                got = future.result()
+                if isinstance(got, str):  # the worker saved it here
+                    if not _readable(path):
+                        raise ClusterError(f"a worker saved block {path.name} but it cannot be read here; run the same "
+                                           "command again")
+                else:
+                    _save_block(path, got)
                 future.release()  # the worker may drop it: the file is the result now
                 results[block] = path
                 report(len(results), len(blocks))
@@ -394,8 +430,13 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
         except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run
             raise ClusterError(f"the batch on {stats.where} stopped ({type(exc).__name__}: {exc}); the finished "
                                f"blocks are kept in {workdir}: run the same command again to do the rest") from None
+        finally:
+            mark.unlink(missing_ok=True)
     finally:
         close()
+    for block in blocks:  # every block is saved: what a worker killed mid-save left is garbage
+        for tmp in workdir.glob(f".{block.file_name(token, param_tag)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     return results
 
 

@@ -135,6 +135,37 @@ def test_the_graph_lives_in_files_not_in_the_client(tmp_path: Path) -> None:
     assert third.stats.blocks_reused == third.stats.blocks and graph_of(third) == graph_of(first)
 
 
+def test_a_worker_saves_its_block_only_into_the_clients_own_folder(tmp_path: Path) -> None:
+    """A cluster task writes its block straight into the work folder when the client's mark there
+    holds the value it was given (the same folder), and hands the arrays back otherwise (a folder
+    of the same name on another machine, or none): the same block either way."""
+    rng = np.random.default_rng(3)
+    codes = clustered_codes(rng, 300, centres=6)
+    got = shards.write_arrays(tmp_path / "s", layout(), np.arange(1, 301, dtype=np.int64), codes, shard_codes=120)
+    block = batch.Block("pairs", got.shards[0].name, got.shards[1].name)
+    params = {"max_distance": 3, "probe_radius": -1}
+    expected = batch._run_block(str(got.folder), got.token(), block, params)
+    assert len(expected["a"]) > 0
+    work = tmp_path / "w"
+    work.mkdir()
+    out = work / block.file_name(got.token(), "r3all")
+    mark = work / ".client-1-ab"
+    mark.write_text("right")
+    for seen, value in ((False, "wrong"), (False, None), (True, "right")):
+        if value is None:
+            mark.unlink()
+        result = batch._run_block_into(str(got.folder), got.token(), block, params, str(out), str(mark), value or "right")
+        if seen:
+            assert result == str(out) and out.exists()
+            result = batch._load_block(out)
+        else:
+            assert isinstance(result, dict) and not out.exists()
+        assert all(np.array_equal(result[name], expected[name]) for name in ("a", "b", "dist"))
+        if value is None:
+            mark.write_text("right")
+    assert not list(work.glob("*.tmp"))
+
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(2, 150), shard=st.integers(1, 160), probe=st.integers(0, 2), max_distance=st.integers(0, 20),
        seed=st.integers(0, 2**32 - 1))

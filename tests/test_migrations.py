@@ -168,6 +168,9 @@ def test_wheel_ships_migrations_and_they_run(tmp_path: Path) -> None:
     # the pages of `imgstore serve` need their templates and script in the wheel
     for name in ("templates/base.html", "templates/search.html", "templates/duplicates.html", "static/app.js", "static/style.css"):
         assert f"imgstore/web/{name}" in names
+    # the label names and what the int8 extractor is made from and checked against
+    for name in ("imagenet_classes.txt", "efficientnet-lite0-int8-ranges.json", "efficientnet-lite0-int8-reference.json"):
+        assert f"imgstore/data/{name}" in names
     unpacked = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(unpacked)
     db = tmp_path / "w.db"
