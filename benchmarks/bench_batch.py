@@ -362,14 +362,28 @@ def _load_index(store: Any, codes: np.ndarray) -> None:
 # --- report -------------------------------------------------------------------------------------------
 
 
+def measured_at() -> str:
+    """The day and the commit a row was measured at (rows of earlier runs stay in the table)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "?"
+    return f"{time.strftime('%Y-%m-%d')} {rev}"
+
+
 def report(res: dict[str, Any]) -> str:
     lines = ["# Batch kNN and dedup pairs over shards (imgstore.batch)", "",
              f"`python benchmarks/bench_batch.py` on {res['cores']} cores ({res['machine']}), bench_scale's 64-bit codes "
              "(4 bands of 16 bits), 4 shards per size; each run a new process from an empty work folder; "
-             f"k = {res['k']}, pairs within {res['radius']} bits. One run per cell (these take minutes).", "",
-             "| codes | task | where | seconds | codes/s | speed-up over local:1 | peak RSS, MB (process / workers) | exact (sampled) |",
-             "|---:|---|---|---:|---:|---:|---|---|"]
-    for row in res["runs"]:
+             f"k = {res['k']}, pairs within {res['radius']} bits. One run per cell (these take minutes). Rows come "
+             "from several runs, on machines that differ: compare speeds only within one run (the same day and "
+             "commit); the speed-up is over the local:1 row of the same size and task.", "",
+             "| codes | task | where | seconds | codes/s | speed-up over local:1 | peak RSS, MB (process / workers) | exact (sampled) "
+             "| measured |",
+             "|---:|---|---|---:|---:|---:|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODES)}
+    for row in sorted(res["runs"], key=lambda r: (r["n"], r["task"], order.get(r["mode"], 99))):
         base = next((r for r in res["runs"] if r["n"] == row["n"] and r["task"] == row["task"] and r["mode"] == "local:1"), None)
         up = f"{base['seconds'] / row['seconds']:.2f}x" if base else ""
         rss = f"{row['peak_rss_mb']:.0f}" + (f" / {', '.join(f'{w:.0f}' for w in row['workers_peak_rss_mb'])}"
@@ -377,7 +391,7 @@ def report(res: dict[str, Any]) -> str:
         ex = row.get("exact")
         exact = f"{ex['mismatches']} mismatches in {ex['sampled']:,}" if ex else "same output as the checked run" if row["same"] else "DIFFERENT"
         lines.append(f"| {row['n']:,} | {row['task']} | {row['mode']} | {row['seconds']:.1f} | {row['n'] / row['seconds']:,.0f} | "
-                     f"{up} | {rss} | {exact} |")
+                     f"{up} | {rss} | {exact} | {row.get('measured', 'an earlier session')} |")
     if res.get("export"):
         lines += ["", "Shard export of a store's index (`ImageStore.export_shards`, 4 shards; again with nothing changed "
                   "re-reads only the open last range):", "", "| database | codes | codes/s | again, s |", "|---|---:|---:|---:|"]
@@ -475,7 +489,7 @@ def main() -> None:
             for mode in [m for m in MODES if m in args.modes.split(",")]:
                 work = CACHE / f"work-{n}-{task}-{mode.replace(':', '')}".replace(" ", "-")
                 r = run_one(task, folder, mode, args, work)
-                row = {"n": n, "task": task, "mode": mode, **r}
+                row = {"n": n, "task": task, "mode": mode, "measured": measured_at(), **r}
                 digests[mode] = r["digest"]
                 first = next(iter(digests))
                 if mode == first:  # the first mode run is checked against brute force, the others against it
