@@ -67,13 +67,15 @@ COMPARED = {
 }
 
 
-def ingest_once(root: Path | None, folder: Path, db: Path) -> tuple[float, float, dict[str, Any]]:
+def ingest_once(root: Path | None, folder: Path, db: Path,
+                extractor: str = "efficientnet-lite0") -> tuple[float, float, dict[str, Any]]:
     """Wall seconds and peak RSS (MB, read by GNU time) of one `imgstore ingest` (a new process)
     with ``root``'s code (None: this checkout), and its --json summary."""
     env = dict(os.environ)
     if root is not None:
         env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "imgstore.cli", "--db", str(db), "ingest", str(folder), "--no-progress", "--json"]
+    cmd = [sys.executable, "-m", "imgstore.cli", "--db", str(db), "ingest", str(folder), "--extractor", extractor,
+           "--no-progress", "--json"]
     with tempfile.NamedTemporaryFile(suffix=".time") as report:
         start = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd], capture_output=True, text=True,
@@ -110,19 +112,22 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="root of another checkout to compare with")
     parser.add_argument("--note", default="", help="what the checkouts differ in, for the report")
     parser.add_argument("--out", default="ingest_photos")
+    parser.add_argument("--extractor", default="efficientnet-lite0",
+                        help="what the ingests and the model-alone row use (efficientnet-lite0-int8: the int8 model)")
     args = parser.parse_args()
 
     photos = common.photo_folder(args.photos)
     trees: dict[str, Path | None] = {"this checkout": None}
     if args.before is not None:
         trees = {"before": args.before.resolve(), "after": None}
-    extractor = get_extractor("efficientnet-lite0")
+    extractor = get_extractor(args.extractor)
     load_before = os.getloadavg()[0]
     result: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "decode_workers": default_workers(), "python": platform.python_version()},
         "command": " ".join(["benchmarks/bench_ingest_photos.py", *(a for a in sys.argv[1:] if a != args.note)]),
         "n_photos": len(photos),
+        "extractor": args.extractor,
         "note": args.note,
         "megapixels_median": statistics.median(
             (lambda im: im.width * im.height / 1e6)(load_image(p).image) for p in photos[:10]),
@@ -148,7 +153,7 @@ def main() -> None:
             model_rates.append(len(batch) / (time.perf_counter() - start))
             for name, root in (trees.items() if i % 2 == 0 else reversed(trees.items())):
                 db = work / f"{name.replace(' ', '-')}-{i}.db"
-                wall, peak, summary = ingest_once(root, folder, db)
+                wall, peak, summary = ingest_once(root, folder, db, args.extractor)
                 if summary["added"] != len(photos):
                     raise RuntimeError(f"{name}: added {summary['added']} of {len(photos)}: {summary.get('errors')}")
                 walls[name].append(wall)
@@ -191,7 +196,8 @@ def report(r: dict[str, Any]) -> str:
         "# `imgstore ingest` of full-size photos (issue 27)",
         "",
         f"`{r['command']}` on {r['machine']['cores']} cores ({r['machine']['cpu']}): {r['n_photos']} JPEGs "
-        f"({r['megapixels_median']:.1f} MP median) into a new SQLite file, each run a new process; checkouts "
+        f"({r['megapixels_median']:.1f} MP median) into a new SQLite file with {r.get('extractor', 'efficientnet-lite0')}, "
+        "each run a new process; checkouts "
         f"interleaved round by round, medians. 1-minute load average {r['load_average_1min'][0]} at the start, "
         f"{r['load_average_1min'][1]} at the end.",
         *(["", r["note"]] if r.get("note") else []),
