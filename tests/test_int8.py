@@ -80,8 +80,17 @@ def test_the_int8_model_is_made_once_and_again_when_damaged(tmp_path: Path, monk
     assert first.path.stat().st_mtime_ns == made
     np.testing.assert_array_equal(again.extract(photos[:2]), expected)
     first.path.write_bytes(first.path.read_bytes()[:5000])  # truncated
+    # work folders of quantisations killed mid-way: an hour-old one is removed, a recent one kept
+    abandoned, running = (first.path.parent / f".{first.path.stem}.{tag}" for tag in ("dead", "live"))
+    for folder in (abandoned, running):
+        folder.mkdir()
+        (folder / "prepared.onnx").write_bytes(b"x" * 1000)
+    os.utime(abandoned, (made / 1e9 - 2 * int8.ABANDONED_S, made / 1e9 - 2 * int8.ABANDONED_S))
+    os.utime(running, None)
     healed = get_extractor(NAME)
     np.testing.assert_array_equal(healed.extract(photos[:2]), expected)
+    assert not abandoned.exists() and running.exists()
+    shutil.rmtree(running)
     # no temporary files left beside the models
     assert sorted(p.suffix for p in (tmp_path / "cache" / "models").iterdir()) == [".npz", ".npz", ".onnx", ".onnx"]
 

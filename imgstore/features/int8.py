@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def make_int8(fp32: Path, dest: Path, ranges: Path = RANGES) -> None:
     _check_quantiser()
     cached_model(fp32, lambda p: fp32_export(VARIANT, None, IMAGE_SIZE, p), lambda p: open_session(p, 1))
     log.info("quantising %s to int8 (once per export and onnxruntime version): %s", fp32.name, dest)
+    _remove_abandoned(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.stem}.", dir=dest.parent))
@@ -134,6 +136,21 @@ def make_int8(fp32: Path, dest: Path, ranges: Path = RANGES) -> None:
         os.replace(work / "int8.onnx", dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+#: a work folder of a quantisation this old was left by a killed process (one takes seconds)
+ABANDONED_S = 3600
+
+
+def _remove_abandoned(dest: Path) -> None:
+    """Remove the work folders (``.NAME.*``, ~25 MB each) that quantisations killed mid-way left
+    beside ``dest``: those untouched for :data:`ABANDONED_S`; a running one is younger."""
+    for old in dest.parent.glob(f".{dest.stem}.*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > ABANDONED_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def quantise(fp32: Path, ranges: Path, out: Path, work: Path) -> None:
