@@ -28,9 +28,11 @@ blocks ~40 GB: neither needs to fit in the client's memory).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import secrets
+import socket
 import threading
 import time
 import zipfile
@@ -106,10 +108,12 @@ class RunStats:
     seconds: float = 0.0
     workers: int = 1
     where: str = "this process"
+    saved_by_workers: int = 0  # blocks a worker wrote into the work folder itself (the rest came back to the client)
 
     def as_dict(self) -> dict[str, Any]:
         return {"blocks": self.blocks, "blocks_reused": self.blocks_reused, "codes": self.codes,
-                "seconds": round(self.seconds, 3), "workers": self.workers, "where": self.where}
+                "seconds": round(self.seconds, 3), "workers": self.workers, "where": self.where,
+                "saved_by_workers": self.saved_by_workers}
 
 
 # --- one block ---------------------------------------------------------------------------------
@@ -400,11 +404,13 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
     try:
         stats.workers = len(client.scheduler_info().get("workers", {})) or 1
         stats.where = str(cluster) if isinstance(cluster, str) else "a Dask cluster"
-        for old in workdir.glob(".client-*"):  # marks of clients killed mid-run
-            pid = old.name.split("-")[1]
+        host = _host_tag()
+        for old in workdir.glob(f".client-{host}-*"):  # marks of this machine's clients killed mid-run
+            pid = old.name.split("-")[2]
             if pid.isdigit() and not _alive(int(pid)):
                 old.unlink(missing_ok=True)
-        mark, mark_value = workdir / f".client-{os.getpid()}-{secrets.token_hex(4)}", secrets.token_hex(16)
+        mark = workdir / f".client-{host}-{os.getpid()}-{secrets.token_hex(4)}"
+        mark_value = secrets.token_hex(16)
         mark.write_text(mark_value, encoding="ascii")
         futures = {client.submit(_run_block_into, folder, token, block, params,
                                  str((workdir / block.file_name(token, param_tag)).resolve()), str(mark.resolve()), mark_value,
@@ -412,14 +418,20 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
         from distributed import as_completed
 
         try:
-            for future in as_completed(list(futures)):  # type: ignore[no-untyped-call]
+            done = as_completed(list(futures))  # type: ignore[no-untyped-call]
+            for future in done:
                 block = futures[future]
                 path = workdir / block.file_name(token, param_tag)
                 got = future.result()
                 if isinstance(got, str):  # the worker saved it here
-                    if not _readable(path):
-                        raise ClusterError(f"a worker saved block {path.name} but it cannot be read here; run the same "
-                                           "command again")
+                    if not _readable(path):  # not (yet) seen here, e.g. a network filesystem's cached lookup
+                        again = client.submit(_run_block, folder, token, block, params, pure=False,
+                                              key=f"imgstore-again-{block.file_name(token, param_tag)}")
+                        futures[again] = block
+                        done.add(again)  # type: ignore[no-untyped-call]
+                        future.release()
+                        continue
+                    stats.saved_by_workers += 1
                 else:
                     _save_block(path, got)
                 future.release()  # the worker may drop it: the file is the result now
@@ -434,10 +446,23 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
             mark.unlink(missing_ok=True)
     finally:
         close()
-    for block in blocks:  # every block is saved: what a worker killed mid-save left is garbage
+    for block in blocks:  # every block is saved: what a worker killed mid-save left is garbage once old
         for tmp in workdir.glob(f".{block.file_name(token, param_tag)}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+            try:
+                if time.time() - tmp.stat().st_mtime > ABANDONED_S:
+                    tmp.unlink(missing_ok=True)
+            except OSError:
+                continue
     return results
+
+
+#: a half-saved block this old was left by a killed process (another client's may be in progress)
+ABANDONED_S = 3600
+
+
+def _host_tag() -> str:
+    """This machine, in a work folder's mark names (a pid means something only on its host)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def neighbours(shards: ShardSet, k: int, *, workdir: str | os.PathLike[str], cluster: Any = None,

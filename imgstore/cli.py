@@ -571,8 +571,9 @@ def ingest_options(*, recursive_help: str, extractor_help: str, meta_help: str) 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @ingest_options(recursive_help="Descend into sub-folders.",
-                extractor_help="Feature extractor [default: efficientnet-lite0], or clip:ARCH:PATH: a CLIP model of "
-                               "open_clip with its weights file (clip:ViT-B-32:/models/vit_b32.bin).",
+                extractor_help="Feature extractor [default: the one the store searches with, else efficientnet-lite0], "
+                               "or clip:ARCH:PATH: a CLIP model of open_clip with its weights file "
+                               "(clip:ViT-B-32:/models/vit_b32.bin).",
                 meta_help="Set a metadata field on every image found, stored before or not (repeatable).")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are detected).")
 @click.option("--dry-run", is_flag=True, help="Only count what would be ingested.")

@@ -87,6 +87,11 @@ class WeightsNotFoundError(ExtractorError):
     """Pretrained weights are needed and none could be found or downloaded."""
 
 
+class ModelCacheError(ExtractorError):
+    """A model in the model cache cannot be loaded as written (damaged since, or partly
+    written by a process killed mid-way): it is made again."""
+
+
 class UnsupportedCpuError(ExtractorError):
     """The extractor's arithmetic on this CPU differs from that of the CPUs its feature space was
     made on (an int8 model without int8 dot-product instructions): its features would not be

@@ -454,6 +454,10 @@ class ImageStore:
         reading them; content already stored is recorded as a new path only. Bad files are
         recorded (``imgstore errors``) and counted, and the ingest goes on.
 
+        ``extractor``: a registered name (``imgstore.features.available_extractors()``) or
+        ``clip:ARCH:PATH``; None: the one the store searches with (:meth:`searched_extractor`),
+        else efficientnet-lite0, so a second ingest adds to the space the first made.
+
         ``device``: ``auto`` (a CUDA device when torch sees one, else the CPU), ``cpu`` or
         ``cuda``, for the CNN extractors. ``cluster``: run the reading and extraction on a Dask
         cluster (:mod:`imgstore.cluster`): ``"local"`` or ``"local:N"`` (N worker processes on
@@ -467,7 +471,7 @@ class ImageStore:
         if missing:
             raise NotFoundError(f"no such file or folder: {', '.join(printable(p) for p in missing)}")
         options = {"device": device} if device else {}
-        ex = self.ctx.extractor(extractor, **options)
+        ex = self.ctx.extractor(extractor or self.searched_extractor(), **options)
         space_id = self._space_id(ex)
         meta = dict(metadata or {})
         if tags:
@@ -510,7 +514,7 @@ class ImageStore:
     ) -> tuple[IngestSummary, list[int | None]]:
         """Add many images, each of a kind :meth:`add` takes; returns (summary, image id or None
         per source, in order)."""
-        ex = self.ctx.extractor(extractor)
+        ex = self.ctx.extractor(extractor or self.searched_extractor())
         space_id = self._space_id(ex)
         job = Ingester(self.ctx, ex, space_id, batch_size=batch_size, metadata=metadata)
         summary, ids = job.add_items([as_source(s) for s in sources])
@@ -555,6 +559,15 @@ class ImageStore:
         and, with :meth:`start_refresher` running, is answered from its last look."""
         with self.ctx.read("list indexes") as conn:
             return indexing.list_indexes(conn) if with_counts else caches(self.ctx).indexes(conn)
+
+    def searched_extractor(self) -> str | None:
+        """The extractor of the feature space queries search (the active index's; without an
+        index, the space with the most vectors), or None for a store without features: what an
+        ingest that names no extractor uses, so new images join the space that is searched."""
+        try:
+            return self.index_space().extractor
+        except NotFoundError:
+            return None
 
     def index_space(self, index_id: int | None = None) -> SpaceInfo:
         """The feature space the index ``index_id`` (default: the active one; without any index,

@@ -463,7 +463,7 @@ class Watcher:
     def run(self) -> None:
         """Watch until :meth:`stop`: rescan the folders first (``rescan``), then ingest what the
         events ask for, batch by batch."""
-        name = self.extractor or self._searched_extractor()
+        name = self.extractor or self.store.searched_extractor()
         ex = self.store.extractor(name)
         self.extractor = ex.name
         space_id = self.store.transaction(lambda conn: get_or_create_space(conn, ex.name, ex.dim, ex.preprocess_version),
@@ -526,13 +526,6 @@ class Watcher:
         for root in live:
             self.add(Change("lost", root))
         return observer
-
-    def _searched_extractor(self) -> str | None:
-        """The extractor of the feature space the store searches (None: an empty store)."""
-        try:
-            return self.store.index_space().extractor
-        except NotFoundError:
-            return None
 
     def _next_batch(self) -> Batch:
         """The next due batch, or an empty one after a second with nothing due."""

@@ -270,6 +270,8 @@ def test_cluster_equals_this_process(db_url: str, tmp_path: Path, dask_client: A
         store.export_shards(tmp_path / "c", shard_codes=250)
         there = store.neighbour_graph(5, cluster=dask_client, shards=tmp_path / "c")
         assert there.stats.workers == 2 and there.stats.blocks_reused == 0
+        assert there.stats.saved_by_workers == there.stats.blocks  # the workers see the work folder: they save
+        assert not list((tmp_path / "c").rglob(".client-*")) and not list((tmp_path / "c").rglob("*.tmp"))
         assert graph_of(there) == graph_of(here)
         pairs_here = batch.near_pairs(shards.read_manifest(tmp_path / "s"), 6, workdir=tmp_path / "s" / "work")
         pairs_there = batch.near_pairs(shards.read_manifest(tmp_path / "c"), 6, workdir=tmp_path / "c" / "work",

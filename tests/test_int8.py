@@ -9,6 +9,7 @@ ONNX Runtime picks its AVX2 kernels as it would on such a laptop.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ from PIL import Image
 from .helpers import PHOTOS, photo, photo_path
 
 NAME = "efficientnet-lite0-int8"
+#: of int8.reference_pictures(): the shipped reference features are of exactly these pixels
+REFERENCE_PICTURES_SHA256 = "e8d407f676c3b0f8"
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -91,8 +94,40 @@ def test_the_int8_model_is_made_once_and_again_when_damaged(tmp_path: Path, monk
     np.testing.assert_array_equal(healed.extract(photos[:2]), expected)
     assert not abandoned.exists() and running.exists()
     shutil.rmtree(running)
+    # damaged inside where ONNX Runtime may still load it: its digest says so, and it is made again
+    data = bytearray(healed.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    healed.path.write_bytes(bytes(data))
+    again = get_extractor(NAME)
+    np.testing.assert_array_equal(again.extract(photos[:2]), expected)
+    assert int8.digest_path(again.path).read_text() == hashlib.sha256(again.path.read_bytes()).hexdigest()
     # no temporary files left beside the models
-    assert sorted(p.suffix for p in (tmp_path / "cache" / "models").iterdir()) == [".npz", ".npz", ".onnx", ".onnx"]
+    assert sorted(p.suffix for p in (tmp_path / "cache" / "models").iterdir()) == [".npz", ".npz", ".onnx", ".onnx",
+                                                                                  ".sha256"]
+
+
+def test_a_broken_reference_is_said_and_the_model_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable reference (a damaged install) is said in one line naming the fix, and the
+    cached model is not thrown away and made again for it."""
+    monkeypatch.setenv("IMGSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    made = get_extractor(NAME)
+    assert isinstance(made, int8.Int8Extractor)
+    stamp = made.path.stat().st_mtime_ns
+    broken = tmp_path / "reference.json"
+    broken.write_text('{"features": [[1, 2]]}')
+    monkeypatch.setattr(int8, "REFERENCE", broken)
+    with pytest.raises(ExtractorError, match="reinstall imgstore") as info:
+        get_extractor(NAME)
+    assert "\n" not in str(info.value) and not isinstance(info.value, UnsupportedCpuError)
+    assert made.path.stat().st_mtime_ns == stamp
+
+
+def test_the_reference_pictures_are_fixed() -> None:
+    """Integer arithmetic only: the same bytes on every numpy (the reference was made of these)."""
+    pictures = int8.reference_pictures()
+    assert pictures.shape == (4, 224, 224, 3) and pictures.dtype == np.uint8
+    assert hashlib.sha256(pictures.tobytes()).hexdigest()[:16] == REFERENCE_PICTURES_SHA256
+    assert 100 < pictures.mean() < 156 and pictures.std() > 40  # structured, not flat
 
 
 def test_other_ranges_are_another_model(tmp_path: Path) -> None:
@@ -110,7 +145,7 @@ def test_other_ranges_are_another_model(tmp_path: Path) -> None:
         int8.int8_model_path(fp32)
 
 
-def test_a_model_that_disagrees_with_the_reference_is_refused(tmp_path: Path) -> None:
+def test_a_model_that_disagrees_with_the_reference_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check every load makes: features of the test pictures against the shipped ones. A
     reference from another arithmetic (here: the same pictures' features slightly rotated, as
     saturating sums move them) is refused in one line naming what to use instead."""
@@ -126,6 +161,14 @@ def test_a_model_that_disagrees_with_the_reference_is_refused(tmp_path: Path) ->
     with pytest.raises(UnsupportedCpuError, match="use efficientnet-lite0") as info:
         int8.Int8Extractor(ex.path, resize="squash", resample="bilinear", num_threads=1, reference=other)
     assert "\n" not in str(info.value)
+    # the reason given: no int8 dot products; another onnxruntime (with the version that agrees)
+    monkeypatch.setattr(int8, "cpu_int8_flags", lambda: [])
+    with pytest.raises(UnsupportedCpuError, match="no int8 dot-product instructions"):
+        int8.check_reference(ex._session, other)
+    monkeypatch.setattr(int8, "cpu_int8_flags", lambda: ["avx512_vnni"])
+    other.write_text(json.dumps({**doc, "onnxruntime": "0.0.1", "features": moved.tolist()}))
+    with pytest.raises(UnsupportedCpuError, match=r"pip install onnxruntime==0\.0\.1` may agree\); or use efficientnet"):
+        int8.check_reference(ex._session, other)
     # the shipped reference itself: this machine's features agree
     assert int8.check_reference(ex._session) >= int8.MIN_REFERENCE_COSINE
     broken = tmp_path / "broken.json"
@@ -167,8 +210,18 @@ def test_a_store_of_int8_features_through_the_cli(tmp_path: Path) -> None:
         assert [s.extractor for s in spaces] == [NAME]
     labels = _run("--db", db, "labels", "--json")
     assert labels.returncode == 0 and json.loads(labels.stdout), labels.stderr
-    # the fp32 space beside it: a second space, not mixed into the first
-    out = _run("--db", db, "ingest", str(folder), "--no-progress")
+    # a later ingest that names no extractor adds to the space the store searches: int8's
+    later = tmp_path / "later"
+    later.mkdir()
+    newcomer = Path(shutil.copy(photo_path(PHOTOS[6]), later / photo_path(PHOTOS[6]).name))
+    out = _run("--db", db, "ingest", str(later), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    with ImageStore(db) as store:
+        assert [(s.extractor, s.n_features) for s in store.feature_spaces()] == [(NAME, 7)]
+    got = _run("--db", db, "query", str(newcomer), "-k", "1", "--json")
+    assert got.returncode == 0 and json.loads(got.stdout)[0]["results"][0]["paths"] == [str(newcomer)], got.stderr
+    # the fp32 space beside it, when asked for: a second space, not mixed into the first
+    out = _run("--db", db, "ingest", str(folder), "--extractor", "efficientnet-lite0", "--no-progress")
     assert out.returncode == 0, out.stderr
     with ImageStore(db) as store:
         assert sorted(s.extractor for s in store.feature_spaces()) == ["efficientnet-lite0", NAME]
@@ -208,3 +261,17 @@ def test_a_cpu_without_int8_dot_products_refuses(tmp_path: Path) -> None:
     if db.exists():
         with ImageStore(str(db)) as store:
             assert store.feature_spaces() == [] or all(not s.n_features for s in store.feature_spaces())
+
+
+def test_making_the_model_leaves_the_root_logger_alone(tmp_path: Path) -> None:
+    """ONNX Runtime's quantiser logs through ``logging.info``, which would give the root logger a
+    stderr handler; a library must leave that to the application (its basicConfig must still work)."""
+    code = ("import logging\nfrom imgstore.features import get_extractor\n"
+            "get_extractor('efficientnet-lite0-int8')\n"
+            "print(len(logging.getLogger().handlers), logging.getLogger('onnxruntime').level)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "IMGSTORE_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0"], out.stdout
+    assert "Increased scale" not in out.stderr and "Performing symbolic" not in out.stderr, out.stderr
+    assert list((tmp_path / "cache" / "models").glob("efficientnet-lite0-int8-*.onnx"))

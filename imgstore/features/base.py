@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -128,3 +130,20 @@ class SquareInput:
 
     def extract(self, images: Sequence[Image.Image]) -> npt.NDArray[np.float32]:
         return self.extract_arrays(stack_preprocessed(self, images))
+
+
+@contextmanager
+def no_root_handler() -> Iterator[None]:
+    """Libraries that log through the root logger's functions (``logging.info``: open_clip,
+    ONNX Runtime's quantiser) install a stderr handler when the root has none, and a library must
+    not (an application's own ``basicConfig`` would then do nothing). A NullHandler stands in
+    meanwhile."""
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)

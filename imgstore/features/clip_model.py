@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, ExtractorError
 from . import _torch
+from .base import no_root_handler
 from .clip import EXAMPLE_ARCHS, ClipWeights
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,11 @@ def model_config(arch: str) -> dict[str, Any]:
     return config
 
 
-@contextmanager
-def _no_root_handler() -> Iterator[None]:
-    """open_clip logs through the root logger's functions (``logging.info``), which install a
-    stderr handler when the root has none: a library must not. A NullHandler stands in meanwhile."""
-    root = logging.getLogger()
-    guard = None if root.handlers else logging.NullHandler()
-    if guard is not None:
-        root.addHandler(guard)
-    try:
-        yield
-    finally:
-        if guard is not None:
-            root.removeHandler(guard)
-
-
 def load_model(weights: ClipWeights) -> nn.Module:
     """The CLIP model of ``weights.arch`` with the file's weights, in eval mode on the CPU."""
     model_config(weights.arch)
     path = weights.path
-    with _no_root_handler():
+    with no_root_handler():
         model: nn.Module = open_clip.create_model(
             weights.arch, pretrained=None, load_weights=False, pretrained_image=False, pretrained_text=False,
             precision="fp32", device="cpu",

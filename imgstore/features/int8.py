@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError, ExtractorError, UnsupportedCpuError
+from ..errors import ConfigError, ExtractorError, ModelCacheError, UnsupportedCpuError
+from .base import no_root_handler
 from .lite import head_path
 from .onnxrt import INPUT_NAME, OnnxExtractor, cache_dir, cached_model, fp32_export, fp32_model_path, open_session
 
@@ -70,7 +71,8 @@ class Int8Extractor(OnnxExtractor):
     precision = "int8"
 
     def __init__(self, path: Path, *, resize: str, resample: str, num_threads: int | None,
-                 reference: Path = REFERENCE) -> None:
+                 reference: Path | None = None) -> None:
+        check_digest(path)
         super().__init__(NAME, 1280, path, image_size=IMAGE_SIZE, resize=resize, resample=resample,
                          scaling="x127d128", num_threads=num_threads)
         self.reference_cosine = check_reference(self._session, reference)
@@ -131,11 +133,43 @@ def make_int8(fp32: Path, dest: Path, ranges: Path = RANGES) -> None:
                              "IMGSTORE_CACHE_DIR to a writable folder") from None
     try:
         quantise(fp32, ranges, work / "int8.onnx", work)
-        shutil.copyfile(head_path(fp32), work / "head.npz")
-        os.replace(work / "head.npz", head_path(dest))
-        os.replace(work / "int8.onnx", dest)
+        try:
+            shutil.copyfile(head_path(fp32), work / "head.npz")
+            (work / "digest").write_text(_sha256(work / "int8.onnx"), encoding="ascii")
+            os.replace(work / "head.npz", head_path(dest))
+            os.replace(work / "digest", digest_path(dest))
+            os.replace(work / "int8.onnx", dest)
+        except OSError as exc:
+            raise ExtractorError(f"cannot write the int8 model into {dest.parent}: {exc.strerror or exc}; free some "
+                                 "space there, or set IMGSTORE_CACHE_DIR to another folder") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def digest_path(model: Path) -> Path:
+    """Where the SHA-256 of a made int8 model is kept: beside it, written before it."""
+    return model.with_suffix(".sha256")
+
+
+def check_digest(model: Path) -> None:
+    """ModelCacheError (the model is made again) when ``model`` is not the file that was made:
+    damaged inside in a way ONNX Runtime might still load, whose features would then be blamed
+    on the CPU."""
+    try:
+        expected = digest_path(model).read_text(encoding="ascii").strip()
+        got = _sha256(model)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelCacheError(f"cannot check the cached int8 model {model}: {exc}") from None
+    if got != expected:
+        raise ModelCacheError(f"the cached int8 model {model} is not the file that was made (SHA-256 differs)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 #: a work folder of a quantisation this old was left by a killed process (one takes seconds)
@@ -170,7 +204,8 @@ def quantise(fp32: Path, ranges: Path, out: Path, work: Path) -> None:
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=cache)
     except OSError as exc:
-        raise ExtractorError(f"cannot quantise {fp32.name} in {work}: {exc.strerror or exc}") from None
+        raise ExtractorError(f"cannot quantise {fp32.name} in {work}: {exc.strerror or exc}; free some space there, "
+                             "or set IMGSTORE_CACHE_DIR to another folder") from None
     except Exception as exc:  # onnxruntime's and onnx's own untyped errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractorError(f"ONNX Runtime could not quantise {fp32.name} to int8: {first}; use efficientnet-lite0, "
@@ -192,17 +227,27 @@ def _quiet_quantiser() -> Iterator[None]:
     root.addFilter(quiet)
     own.setLevel(logging.ERROR)
     try:
-        yield
+        with no_root_handler():  # its root-logger calls must not install a stderr handler
+            yield
     finally:
         root.removeFilter(quiet)
         own.setLevel(level)
 
 
 def reference_pictures() -> npt.NDArray[np.uint8]:
-    """The fixed test pictures the reference features are of (n, 224, 224, 3) uint8."""
-    from .onnx_export import check_pictures
-
-    return check_pictures(IMAGE_SIZE, REFERENCE_PICTURES)
+    """The fixed test pictures the reference features are of: (4, 224, 224, 3) uint8 made by
+    integer arithmetic alone (colour fields, edges, blocks and hashed noise), so that no numpy
+    version's random streams or float rounding can change a pixel."""
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.int64)
+    out = np.empty((REFERENCE_PICTURES, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    for i in range(REFERENCE_PICTURES):
+        for c in range(3):
+            period = 24 + 17 * ((i + 2 * c) % 5)  # stripes and ramps of several widths per picture
+            field = ((x * (c + 1) + y * (i + 1)) % period) * 255 // period
+            blocks = ((x // (16 + 8 * i)) + (y // (12 + 4 * c))) % 2 * 90
+            noise = ((x * 73856093) ^ (y * 19349663) ^ ((i * 3 + c + 1) * 83492791)) % 61
+            out[i, :, :, c] = ((field + blocks + noise) % 256).astype(np.uint8)
+    return out
 
 
 def reference_features(session: Any) -> npt.NDArray[np.float32]:
@@ -210,7 +255,7 @@ def reference_features(session: Any) -> npt.NDArray[np.float32]:
     return np.asarray(session.run(["features"], {INPUT_NAME: reference_pictures()})[0], dtype=np.float32)
 
 
-def write_reference(model: Path, dest: Path = REFERENCE) -> dict[str, Any]:
+def write_reference(model: Path, dest: Path | None = None) -> dict[str, Any]:
     """Write this machine's features of the test pictures by ``model`` as the reference (run on
     a CPU with int8 dot products, by ``benchmarks/bench_int8.py --ship``)."""
     import onnxruntime as ort
@@ -220,13 +265,15 @@ def write_reference(model: Path, dest: Path = REFERENCE) -> dict[str, Any]:
                     "products; every load compares its own with these",
            "quant_version": QUANT_VERSION, "onnxruntime": ort.__version__, "cpu_flags": cpu_int8_flags(),
            "features": [[float(f"{x:.7g}") for x in row] for row in feats]}
-    dest.write_text(json.dumps(doc, indent=None) + "\n", encoding="utf-8")
+    (dest or REFERENCE).write_text(json.dumps(doc, indent=None) + "\n", encoding="utf-8")
     return doc
 
 
-def check_reference(session: Any, reference: Path = REFERENCE) -> float:
-    """The least cosine between ``session``'s features of the test pictures and the reference's;
-    UnsupportedCpuError below :data:`MIN_REFERENCE_COSINE`."""
+def check_reference(session: Any, reference: Path | None = None) -> float:
+    """The least cosine between ``session``'s features of the test pictures and the reference's
+    (``reference``: a file of :func:`write_reference`; None: the one shipped); UnsupportedCpuError
+    below :data:`MIN_REFERENCE_COSINE`."""
+    reference = reference or REFERENCE
     try:
         doc = json.loads(reference.read_text(encoding="utf-8"))
         expected = np.asarray(doc["features"], dtype=np.float32)
@@ -239,12 +286,20 @@ def check_reference(session: Any, reference: Path = REFERENCE) -> float:
     norms = np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1), 1e-12)
     least = float(((got * expected).sum(1) / norms).min())
     if least < MIN_REFERENCE_COSINE:
-        flags = cpu_int8_flags()
-        why = ("this CPU has no int8 dot-product instructions (VNNI, AMX), so ONNX Runtime's int8 sums saturate"
-               if flags == [] else "this CPU's or this onnxruntime's int8 arithmetic differs from the reference's")
+        import onnxruntime as ort
+
+        made_with = str(doc.get("onnxruntime", ""))
+        if cpu_int8_flags() == []:
+            why = "this CPU has no int8 dot-product instructions (VNNI, AMX), so ONNX Runtime's int8 sums saturate"
+        elif made_with and made_with != ort.__version__:
+            why = (f"the reference was made with onnxruntime {made_with}, this is {ort.__version__} (`pip install "
+                   f"onnxruntime=={made_with}` may agree)")
+        else:
+            why = "this CPU's int8 arithmetic differs from the reference's"
         raise UnsupportedCpuError(f"{NAME} gives other features here than those of its feature space (cosine "
-                                  f"{least:.3f} < {MIN_REFERENCE_COSINE} on the test pictures): {why}; use "
-                                  "efficientnet-lite0 (fp32, the same on every CPU)")
+                                  f"{least:.3f} < {MIN_REFERENCE_COSINE} on the test pictures): {why}; "
+                                  f"{'or ' if 'pip install' in why else ''}use efficientnet-lite0 (fp32, the same on "
+                                  "every CPU)")
     return least
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from ..errors import ConfigError, ExtractorError, UnsupportedCpuError, WeightsNotFoundError
+from ..errors import ConfigError, ExtractorError, ModelCacheError, WeightsNotFoundError
 from .base import SquareInput, stack_preprocessed
 from .lite import VARIANTS, default_weights_path, head_path
 
@@ -96,7 +96,7 @@ def open_session(path: Path, num_threads: int | None = None) -> Any:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExtractorError(f"ONNX Runtime cannot load {path}: {first}") from exc
+        raise ModelCacheError(f"ONNX Runtime cannot load {path}: {first}") from exc
 
 
 class OnnxExtractor(SquareInput):
@@ -196,16 +196,15 @@ def fp32_export(variant: str, weights: str | os.PathLike[str] | None, size: int,
 
 def cached_model(path: Path, make: Callable[[Path], None], load: Callable[[Path], T]) -> T:
     """``load(path)`` of a cached model and its classifier head, after ``make(path)`` when either
-    is missing, or when loading raised ExtractorError (a file damaged since it was written: made
-    again once). One thread of this process makes it at a time; another process making the same
-    file at once writes its own temporary file and renames it over this one (the same bytes)."""
+    is missing, or when loading raised ModelCacheError (a file damaged since it was written: made
+    again once; any other error is the caller's). One thread of this process makes it at a time;
+    another process making the same file at once writes its own temporary file and renames it
+    over this one (the same bytes)."""
     with _export_lock:
         if path.is_file() and head_path(path).is_file():
             try:
                 return load(path)
-            except UnsupportedCpuError:
-                raise
-            except ExtractorError as exc:  # damaged since it was written: made again below
+            except ModelCacheError as exc:  # damaged since it was written: made again below
                 log.warning("%s", exc)
                 path.unlink(missing_ok=True)
         make(path)
