@@ -3,7 +3,9 @@ synthetic feature vectors stored as images, brute-force Hamming kNN, and a bucke
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import NoReturn
 
 import skimage
 import io
@@ -11,6 +13,7 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 from PIL import Image, ImageEnhance
 from sqlalchemy import text
 
@@ -124,3 +127,11 @@ def png_with_header(width: int, height: int) -> bytes:
     crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
     data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)
+
+
+def missing_tool(message: str, tests: str) -> NoReturn:
+    """A program some tests drive is not installed: they fail in CI (``CI`` set), where they must
+    run, and skip elsewhere, saying so either way."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must run {tests}")
+    pytest.skip(message)

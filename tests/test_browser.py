@@ -26,6 +26,7 @@ from imgstore import ImageStore
 from imgstore.samples import TRANSFORMS, write_samples
 from imgstore.serve import Thumbnails, create_app
 
+from .helpers import missing_tool
 from .test_serve import running
 
 ARTIFACTS = Path(os.environ.get("IMGSTORE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts")) / "browser"
@@ -43,10 +44,8 @@ def _browser_binaries() -> tuple[str, str] | None:
 def browser() -> Iterator[Any]:
     found = _browser_binaries()
     if found is None:
-        message = "Debian's chromium and chromium-driver are not installed (`make test` installs them)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must run the browser tests")
-        pytest.skip(message)
+        missing_tool("Debian's chromium and chromium-driver are not installed (`make test` installs them)",
+                     "the browser tests")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

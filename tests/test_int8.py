@@ -27,7 +27,7 @@ from imgstore.features import int8
 from imgstore.labels import head_of
 from PIL import Image
 
-from .helpers import PHOTOS, photo, photo_path
+from .helpers import PHOTOS, missing_tool, photo, photo_path
 
 NAME = "efficientnet-lite0-int8"
 #: of int8.reference_pictures(): the shipped reference features are of exactly these pixels
@@ -236,14 +236,11 @@ def _qemu() -> str | None:
 
 def test_a_cpu_without_int8_dot_products_refuses(tmp_path: Path) -> None:
     """On an AVX2 CPU without VNNI (QEMU's Haswell, a real process of the emulated CPU) the same
-    model file gives other features (cosine ~0.87-0.93 to the reference, measured): an ingest is
+    model file gives other features (cosine 0.855-0.949 to the reference, measured): an ingest is
     refused in one line, and nothing is written to the store."""
     qemu = _qemu()
     if qemu is None:
-        message = "qemu-user is not installed (`make test` installs it) or this is not x86_64"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must run the int8 refusal test")
-        pytest.skip(message)
+        missing_tool("qemu-user is not installed (`make test` installs it) or this is not x86_64", "the int8 refusal test")
     ex = get_extractor(NAME)  # made on this CPU, in this session's cache
     assert isinstance(ex, int8.Int8Extractor)
     folder = tmp_path / "photos"
