@@ -41,7 +41,7 @@ def _served(setting: str, tmp: Path) -> Iterator[Any]:
     write_variants(photo("chelsea"), root / "again", "cat", 1)  # the same bytes as cat_000: a duplicate group
     store = ImageStore(str(tmp / "fuzz.db"), cache_codes=True)
     store.ingest([root], extractor="color")
-    store.ingest([root / "cat"], auto_index=False)  # the default extractor's labels: word searches (?text=) answer
+    store.ingest([root / "cat"], extractor="efficientnet-lite0", auto_index=False)  # its labels: ?text= answers
     store.search_text("a cat", k=1)  # the sentence model loaded now: no fuzzed request waits seconds for it
     store.create_index("lsh", 32, extractor="color")
     writes = setting != "read-only"
