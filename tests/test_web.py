@@ -249,10 +249,10 @@ def test_duplicates_are_found_in_the_background(store: ImageStore, tmp_path: Pat
         assert http.get("/duplicates").status_code == 200
         assert [j["id"] for j in http.get("/api/jobs").json() if j["kind"] == "duplicates"] == [job]
 
-        # a new image: the groups are found again
+        # a new image (in another feature space: the groups stay as they were): they are found again
         buf = io.BytesIO()
         photo("coffee").resize((200, 150)).save(buf, format="JPEG")
-        store.add(buf.getvalue())
+        store.add(buf.getvalue(), extractor="efficientnet-lite0")
         assert followed(http).status_code == 200
         assert len([j for j in http.get("/api/jobs").json() if j["kind"] == "duplicates"]) == 2
         # a script waits for the groups instead of following the job
