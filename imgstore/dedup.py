@@ -929,7 +929,9 @@ def find_duplicates(
         check = (GeometricCheck.for_store(conn, ctx.part(PairVerdicts).known, ctx.max_pixels, report, check_cluster)
                  if geometry and rule.min_cosine is not None else None)
         if index is not None:
-            cache = caches(ctx).code_cache(conn, index)
+            # the codes as of this read, not as of a server's last background refresh: a search
+            # started after a write must see what was written
+            cache = caches(ctx).code_cache(conn, index, refresh=True)
             max_d = default_max_distance(index.n_bits) if max_distance is None else max_distance
             edges = near_edges(conn, cache, get_space(conn, index.space_id), rule, max_d, probe_radius, check, report,
                                candidates)
