@@ -155,13 +155,17 @@ def check_digest(model: Path) -> None:
     """ModelCacheError (the model is made again) when ``model`` is not the file that was made:
     damaged inside in a way ONNX Runtime might still load, whose features would then be blamed
     on the CPU."""
+    if not digest_path(model).is_file():
+        raise ModelCacheError(f"the cached int8 model {model.name} has no digest beside it (an older imgstore made "
+                              "it, or it was copied alone): making it again")
     try:
         expected = digest_path(model).read_text(encoding="ascii").strip()
         got = _sha256(model)
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelCacheError(f"cannot check the cached int8 model {model}: {exc}") from None
+        raise ModelCacheError(f"cannot check the cached int8 model {model.name} ({exc}): making it again") from None
     if got != expected:
-        raise ModelCacheError(f"the cached int8 model {model} is not the file that was made (SHA-256 differs)")
+        raise ModelCacheError(f"the cached int8 model {model.name} is not the file that was made (its SHA-256 "
+                              "differs): making it again")
 
 
 def _sha256(path: Path) -> str:
