@@ -73,18 +73,10 @@ FLOOR_CIFAR_VS_TORCH = 2.5
 FLOOR_PHOTOS_VS_DECODE = 0.8
 
 
-def precision_of(contender: str) -> str | None:
-    """The precision asked of ``contender``'s extractor: fp32 for efficientnet-lite0, None (its
-    own, int8) for efficientnet-lite0-int8, which takes no other."""
-    return PRECISIONS[contender]
-
-
 def build(contender: str) -> Any:
     extractor, runtime = CONTENDERS[contender]
-    precision = precision_of(contender)
-    if precision is None:
-        return get_extractor(extractor, runtime=runtime)
-    return get_extractor(extractor, runtime=runtime, precision=precision)
+    precision = PRECISIONS[contender]
+    return get_extractor(extractor, runtime=runtime, **({"precision": precision} if precision else {}))
 
 
 def model_alone(extractors: dict[str, Any], batch: npt.NDArray[np.uint8], rounds: int) -> dict[str, float]:
@@ -181,7 +173,7 @@ def cold_start(contender: str, rounds: int) -> dict[str, float]:
     """A new process: build the contender's extractor (its model already cached) and run its first
     batch of 16; wall and peak RSS."""
     extractor, runtime = CONTENDERS[contender]
-    precision = precision_of(contender)
+    precision = PRECISIONS[contender]
     options = f"runtime={runtime!r}" + (f", precision={precision!r}" if precision is not None else "")
     code = ("import numpy as np\nfrom imgstore.features import get_extractor\n"
             f"ex = get_extractor({extractor!r}, {options})\n"
@@ -219,7 +211,7 @@ def cifar_feats(contender: str, split: common.CifarSplit) -> tuple[npt.NDArray[n
     when made); the int8 contender's cache also holds its model's file name, which changes with its
     ranges, quantisation settings and onnxruntime version."""
     extractor, runtime = CONTENDERS[contender]
-    precision = precision_of(contender)
+    precision = PRECISIONS[contender]
     ex = build(contender)
     model = Path(ex.path).name if precision is None else ""
     path = common.cache_dir() / f"features-{extractor}-{runtime}{'-' + precision if precision else ''}.npz"
@@ -275,7 +267,7 @@ def main() -> None:
                     "cpu_int8_flags": cpu_int8_flags(), "load_1min_start": os.getloadavg()[0]},
         "command": " ".join(["benchmarks/bench_runtime.py", *sys.argv[1:]]),
         "contenders": {c: {"extractor": CONTENDERS[c][0], "runtime": CONTENDERS[c][1],
-                           "precision": precision_of(c) or "int8"} for c in contenders},
+                           "precision": PRECISIONS[c] or "int8"} for c in contenders},
     }
     # built here first, so that any model missing from the cache is made (exported, quantised)
     # before anything is timed: the cold starts and the CLI find every model cached
