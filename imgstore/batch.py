@@ -265,9 +265,31 @@ def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
                 out_d.append(dist.astype(np.int16))
     if not out_a:
         return empty
-    a, b, d = np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d)
-    order = np.lexsort((b, a))
-    return a[order], b[order], d[order]
+    return sort_pairs(np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d))
+
+
+def sort_pairs(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64],
+               d: npt.NDArray[np.int16]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+    """Pairs in (a, b) order. A block's ids span two shards' ranges: where ``a``'s and ``b``'s
+    offsets and the distance fit 64 bits together, they are packed into one word and sorted as
+    plain integers (the 5.3M pairs of a 10M-code block, shuffled: 0.42 s against 2.6 s for a
+    lexsort); else a lexsort."""
+    if not len(a):
+        return a, b, d
+    a0, b0 = int(a.min()), int(b.min())
+    a_bits, b_bits = (int(a.max()) - a0).bit_length(), (int(b.max()) - b0).bit_length()
+    d_bits = max(int(d.max()), 0).bit_length() if int(d.min()) >= 0 else 64
+    if a_bits + b_bits + d_bits > 64:
+        order = np.lexsort((b, a))
+        return a[order], b[order], d[order]
+    packed = (a - a0).astype(np.uint64) << np.uint64(b_bits + d_bits)
+    packed |= (b - b0).astype(np.uint64) << np.uint64(d_bits)
+    packed |= d.astype(np.uint64)
+    packed.sort()
+    d_mask, b_mask = np.uint64((1 << d_bits) - 1), np.uint64((1 << b_bits) - 1)
+    return ((packed >> np.uint64(b_bits + d_bits)).astype(np.int64) + a0,
+            ((packed >> np.uint64(d_bits)) & b_mask).astype(np.int64) + b0,
+            (packed & d_mask).astype(np.int16))
 
 
 #: Codes whose band values are computed at once (``band_values`` holds ~160 bytes a code while
@@ -554,11 +576,10 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
 
 def _merge_pairs(shards: ShardSet, blocks: list[Block],
                  paths: dict[Block, Path]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-    """Every block's pairs in (a, b) order. Each block is sorted by (a, b) already and shards are
-    id ranges: within one query shard, its blocks taken in their data shards' order hold
-    ascending b for any a, so a stable sort by a alone merges them (a merge of sorted runs, not
-    the lexsort of every pair on two keys, which left the workers idle for ~10 s at 10M codes);
-    the query shards then follow one another in id order."""
+    """Every block's pairs in (a, b) order: shards are id ranges, so the query shards follow one
+    another in id order, and the pairs of one query shard are sorted as packed words
+    (:func:`sort_pairs`; a lexsort of every pair on two keys left the workers idle for ~10 s at
+    10M codes, a stable sort by a alone for ~4 s)."""
     start = {s.name: s.first_id for s in shards.shards}
     out: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]] = []
     for query in sorted(start, key=start.__getitem__):
@@ -566,10 +587,8 @@ def _merge_pairs(shards: ShardSet, blocks: list[Block],
         loaded = [_load_block(paths[blk]) for blk in mine]
         if not loaded:
             continue
-        a = np.concatenate([r["a"] for r in loaded])
-        order = np.argsort(a, kind="stable")
-        out.append((a[order], np.concatenate([r["b"] for r in loaded])[order],
-                    np.concatenate([r["dist"] for r in loaded])[order]))
+        out.append(sort_pairs(np.concatenate([r["a"] for r in loaded]), np.concatenate([r["b"] for r in loaded]),
+                              np.concatenate([r["dist"] for r in loaded])))
     if not out:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16)
     return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),

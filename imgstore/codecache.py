@@ -26,6 +26,7 @@ import numpy.typing as npt
 from sqlalchemy import Connection, func, select
 
 from .bandindex import scan_codes
+from .bandjoin import sort_keys
 from .errors import NotFoundError
 from .filters import filter_sets
 from .hashing.bits import as_words, band_values, band_word_masks, flip_neighbours
@@ -117,9 +118,12 @@ class CodeCache:
         self.words = np.ascontiguousarray(as_words(self.codes))
         n, m, w = len(self.codes), self.index.n_bands, self.index.band_width
         bands = band_values(self.codes, m, w) if n else np.zeros((0, m), dtype=np.int64)
-        order = np.argsort(bands, axis=0, kind="stable")  # per band; equal values keep row order
-        self.seg_keys = np.ascontiguousarray(np.take_along_axis(bands, order, 0).T).reshape(-1).astype(np.uint32)
-        self.seg_rows = np.ascontiguousarray(order.T).reshape(-1).astype(np.int32)
+        self.seg_keys = np.empty(m * n, dtype=np.uint32)
+        self.seg_rows = np.empty(m * n, dtype=np.int32)
+        for j in range(m):  # per band; equal values keep row order
+            rows, keys = sort_keys(bands[:, j].astype(np.uint64), w)
+            self.seg_rows[j * n : (j + 1) * n] = rows
+            self.seg_keys[j * n : (j + 1) * n] = keys
         self.seg_words = np.ascontiguousarray(self.words[self.seg_rows])
         self.band_masks = band_word_masks(self.codes.shape[1] * 8, m, w)
         self.seg_dir, self.dir_shift = directory(self.seg_keys, n, m, w)

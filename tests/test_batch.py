@@ -379,3 +379,22 @@ def test_the_check_on_a_worker_reads_what_it_can(tmp_path: Path) -> None:
                                                                   3: [str(tmp_path / "gone.jpg")]}, None)
     assert verdicts.tolist() == [COPY, UNKNOWN]
     assert (read, unreadable) == (3, 1)  # three images asked for, one of them unreadable
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), span=st.sampled_from([1, 1000, 1 << 31, 1 << 62]))
+def test_sort_pairs_is_the_lexsort(data: st.DataObject, span: int) -> None:
+    """Packed into one word where ids and distances fit 64 bits, a lexsort where not (ids spread
+    over 2**62): the same (a, b) order, the distance carried along."""
+    n = data.draw(st.integers(min_value=0, max_value=200))
+    base = data.draw(st.integers(min_value=-(1 << 62), max_value=(1 << 62) - span))
+    pairs = data.draw(st.lists(st.tuples(st.integers(base, base + span - 1), st.integers(base, base + span - 1)),
+                               min_size=n, max_size=n, unique=True))
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    d = np.array(data.draw(st.lists(st.integers(0, 512), min_size=n, max_size=n)), dtype=np.int16)
+    got = batch.sort_pairs(a, b, d)
+    order = np.lexsort((b, a))
+    for g, want in zip(got, (a[order], b[order], d[order]), strict=True):
+        assert g.dtype == want.dtype
+        np.testing.assert_array_equal(g, want)

@@ -134,6 +134,21 @@ def test_band_values_match_naive(rng: np.random.Generator, n_bits: int, n_bands:
     assert got.min() >= 0 and got[0].max() == (1 << band_width) - 1
 
 
+@settings(max_examples=300, deadline=None)
+@given(n_bytes=st.integers(min_value=1, max_value=40), data=st.data())
+def test_band_values_any_layout(n_bytes: int, data: st.DataObject) -> None:
+    """Any width 1..32 and any number of bands that fits, the last band ending anywhere (mid-byte,
+    or bytes before the code's end): the same values as reading the bits one by one."""
+    band_width = data.draw(st.integers(min_value=1, max_value=min(32, n_bytes * 8)))
+    n_bands = data.draw(st.integers(min_value=1, max_value=n_bytes * 8 // band_width))
+    n = data.draw(st.integers(min_value=0, max_value=5))
+    raw = data.draw(st.binary(min_size=n * n_bytes, max_size=n * n_bytes))
+    codes = np.frombuffer(raw, dtype=np.uint8).reshape(n, n_bytes)
+    got = band_values(codes, n_bands, band_width)
+    assert got.shape == (n, n_bands) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, _naive_bands(np.unpackbits(codes, axis=1).astype(bool), n_bands, band_width))
+
+
 def test_band_values_rejects_bad_layout() -> None:
     codes = np.zeros((2, 8), dtype=np.uint8)
     for n_bands, band_width in [(3, 33), (9, 8), (3, 32), (0, 8)]:

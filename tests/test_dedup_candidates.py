@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imgstore.bandjoin import BandTable, band_join, band_set_join, equal_band_sets
+from imgstore.bandjoin import BandTable, band_join, band_set_join, equal_band_sets, sort_keys
 from imgstore.codecache import CodeCache
 from imgstore.dedup import IndexPairs, Rule
 from imgstore.errors import ConfigError
@@ -110,6 +110,20 @@ def test_band_set_join_is_every_pair_within_the_distance(n_q: int, n_d: int, sam
         else np.zeros((len(q_codes), len(d_codes)), np.int64)
     want = sorted((i, j, int(dist_all[i, j])) for i, j in zip(*np.nonzero(dist_all <= max_distance)) if q_keys[i] < d_keys[j])
     assert sorted(got) == want  # each pair once, with its distance
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), key_bits=st.sampled_from([1, 8, 16, 31, 32, 48, 62, 63, 64]))
+def test_sort_keys_is_a_stable_argsort(data: st.DataObject, key_bits: int) -> None:
+    """Packed or not (a key and a row number past 64 bits fall back to argsort), the rows come in
+    key order with equal keys in row order, and the keys with them."""
+    top = (1 << key_bits) - 1
+    keys = np.array(data.draw(st.lists(st.one_of(st.just(0), st.just(top), st.integers(0, top)), max_size=300)),
+                    dtype=np.uint64)
+    order, by_key = sort_keys(keys, key_bits)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(by_key, keys[order])
+    assert by_key.dtype == np.uint64 and order.dtype == np.intp
 
 
 def test_a_probe_radius_wider_than_a_band_is_refused() -> None:

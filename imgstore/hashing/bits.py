@@ -283,8 +283,11 @@ def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDAr
     """Band values of packed codes: ``(n, n_bytes)`` uint8 -> ``(n, n_bands)`` int64, all >= 0.
 
     Band ``j`` is bits ``[j * band_width, (j + 1) * band_width)``, the first the most significant.
-    Each band spans at most 5 bytes (``band_width <= 32``), so it is gathered as one 40-bit
-    big-endian integer, shifted and masked; vectorised over rows and bands.
+    Each band spans at most 5 bytes (``band_width <= 32``): the bytes it touches are gathered,
+    one byte position at a time for every row and band, into a big-endian integer, then shifted
+    and masked. (Gathering all 5 bytes into an ``(n, bands, 5)`` array instead took 4.8x as long
+    and ~160 bytes a code: 0.62 s against 0.13 s for 2.5M 64-bit codes in 16-bit bands; the code
+    cache, dedup and batch pairs compute these for every code.)
     """
     arr = _as_codes(codes)
     n, n_bytes = arr.shape
@@ -296,14 +299,21 @@ def band_values(codes: npt.ArrayLike, n_bands: int, band_width: int) -> npt.NDAr
         raise ConfigError(f"{n_bands} bands of {band_width} bits exceed the {n_bytes * 8}-bit code")
     starts = np.arange(n_bands) * band_width  # first bit of each band
     first_byte = starts // 8
-    padded = np.zeros((n, n_bytes + 5), dtype=np.uint64)
-    padded[:, :n_bytes] = arr
-    gather = first_byte[:, None] + np.arange(5)[None, :]  # (n_bands, 5)
-    byte_shift = np.array([32, 24, 16, 8, 0], dtype=np.uint64)
-    window: npt.NDArray[np.uint64] = np.bitwise_or.reduce(padded[:, gather] << byte_shift, axis=2)  # (n, n_bands) 40 bits
-    right_shift = (40 - (starts % 8) - band_width).astype(np.uint64)
+    span = int(((starts % 8) + band_width + 7).max() // 8)  # bytes a band touches, at most 5
+    window = np.zeros((n, n_bands), dtype=np.uint64)
+    for i in range(span):
+        at = first_byte + i
+        inside = at < n_bytes  # the last band may end before this byte position
+        byte = arr[:, np.minimum(at, n_bytes - 1)].astype(np.uint64)
+        if not inside.all():
+            byte[:, ~inside] = 0
+        window <<= np.uint64(8)
+        window |= byte
+    right_shift = (8 * span - (starts % 8) - band_width).astype(np.uint64)
     mask = np.uint64((1 << band_width) - 1)
-    return ((window >> right_shift) & mask).astype(np.int64)
+    window >>= right_shift
+    window &= mask
+    return window.astype(np.int64)
 
 
 def band_word_masks(n_bits: int, n_bands: int, band_width: int) -> npt.NDArray[np.uint64]:
