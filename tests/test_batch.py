@@ -398,3 +398,27 @@ def test_sort_pairs_is_the_lexsort(data: st.DataObject, span: int) -> None:
     for g, want in zip(got, (a[order], b[order], d[order]), strict=True):
         assert g.dtype == want.dtype
         np.testing.assert_array_equal(g, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), n_runs=st.integers(min_value=1, max_value=4), spread=st.sampled_from([5, 100, 1 << 40]))
+def test_merge_runs_interleaves_runs_by_a(data: st.DataObject, n_runs: int, spread: int) -> None:
+    """Runs sorted by (a, b), each run's b above the runs' before it (a query shard's blocks):
+    merged in (a, b) order, placed by counting, or sorted where the a values spread over far
+    more ids than there are pairs (2**40)."""
+    base = data.draw(st.integers(min_value=-1000, max_value=1000))
+    runs = []
+    for r in range(n_runs):
+        pairs = data.draw(st.lists(st.tuples(st.integers(base, base + spread), st.integers(0, 999)), max_size=60,
+                                   unique=True))  # a pair is found once
+        a = np.array([p[0] for p in pairs], dtype=np.int64)
+        b = np.array([p[1] for p in pairs], dtype=np.int64) + 1000 * r
+        d = np.array(data.draw(st.lists(st.integers(0, 64), min_size=len(pairs), max_size=len(pairs))), dtype=np.int16)
+        order = np.lexsort((b, a))
+        runs.append((a[order], b[order], d[order]))
+    got = batch.merge_runs(runs)
+    a, b, d = (np.concatenate([r[i] for r in runs]) for i in range(3))
+    order = np.lexsort((b, a))
+    for g, want in zip(got, (a[order], b[order], d[order]), strict=True):
+        assert g.dtype == want.dtype
+        np.testing.assert_array_equal(g, want)
