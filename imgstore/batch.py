@@ -394,10 +394,12 @@ def _readable(path: Path) -> bool:
 
 
 def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], param_tag: str, workdir: Path,
-               cluster: Any, progress: Progress | None, stats: RunStats) -> dict[Block, Path]:
+               cluster: Any, progress: Progress | None, stats: RunStats,
+               saved: Callable[[Block, Path], None] | None = None) -> dict[Block, Path]:
     """Where every block's result is saved: a readable file the work folder holds already, else
-    computed (here, or on the cluster) and saved there as it finishes. The client holds one
-    block at a time, never the whole result (a 100M-code graph is ~40 GB of blocks)."""
+    computed (here, or on the cluster) and saved there as it finishes; ``saved`` is told of each
+    block once its file is there (those found first), while the rest still run. The client holds
+    one block at a time, never the whole result (a 100M-code graph is ~40 GB of blocks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     token = shards.token()
     for old in workdir.glob("*_*_*_*_*.npz"):  # blocks of shards since exported again
@@ -415,6 +417,10 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
     stats.blocks, stats.blocks_reused = len(blocks), len(results)
     report = progress or (lambda done, total: None)
     report(len(results), len(blocks))
+    tell = saved or (lambda block, path: None)
+    for block in blocks:
+        if block in results:
+            tell(block, results[block])
     folder = str(shards.folder)
     if cluster is None:
         for block in todo:
@@ -422,6 +428,7 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
             _save_block(path, _run_block(folder, token, block, params))
             results[block] = path
             report(len(results), len(blocks))
+            tell(block, path)
         return results
     client, close, _threads = connect(cluster)
     try:
@@ -460,6 +467,7 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
                 future.release()  # the worker may drop it: the file is the result now
                 results[block] = path
                 report(len(results), len(blocks))
+                tell(block, path)
         except ImgStoreError:
             raise
         except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run
@@ -563,36 +571,49 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
                           "give a smaller distance or an index with more bands")
     started = time.perf_counter()
     stats = RunStats(codes=shards.n_codes)
-    names = [s.name for s in shards.shards]
-    blocks = [Block("pairs", q, d) for i, d in enumerate(names) for q in names[: i + 1]]
-    blocks.sort(key=lambda b: b.query == b.data)  # the larger blocks (two shards to sort) first: a shorter tail
+    names = [s.name for s in sorted(shards.shards, key=lambda s: s.first_id)]
+    # By query shard, so each is merged while later ones run; within one, the diagonal block
+    # (one shard to sort) last, so the run ends on the smaller blocks.
+    blocks = [Block("pairs", q, d) for i, q in enumerate(names) for d in [*names[i + 1 :], q]]
     every = probe_radius is None
-    paths = run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
-                       f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats)
-    a, b_, d = _merge_pairs(shards, blocks, paths)
+    merger = _PairsMerger(names, blocks)
+    run_blocks(shards, blocks, {"max_distance": max_distance, "probe_radius": -1 if every else radius},
+               f"r{max_distance}all" if every else f"r{max_distance}p{radius}", Path(workdir), cluster, progress, stats,
+               saved=merger.saved)
+    a, b_, d = merger.result()
     stats.seconds = time.perf_counter() - started
     return Pairs(a, b_, d, stats)
 
 
-def _merge_pairs(shards: ShardSet, blocks: list[Block],
-                 paths: dict[Block, Path]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
-    """Every block's pairs in (a, b) order: shards are id ranges, so the query shards follow one
-    another in id order, and the blocks of one query shard, taken in their data shards' order,
-    are runs to interleave by a alone (:func:`merge_runs`, no sort: a lexsort of every pair on two
-    keys left the workers idle for ~10 s at 10M codes, a stable sort by a alone for ~4 s)."""
-    start = {s.name: s.first_id for s in shards.shards}
-    out: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]] = []
-    for query in sorted(start, key=start.__getitem__):
-        mine = sorted((blk for blk in blocks if blk.query == query), key=lambda blk: start[blk.data])
-        if mine:
-            out.append(merge_runs([_pair_arrays(_load_block(paths[blk])) for blk in mine]))
-    if not out:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16)
-    return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
-            np.concatenate([o[2] for o in out]))
-
-
 PairArrays = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]
+
+
+class _PairsMerger:
+    """Every block's pairs in (a, b) order, merged a query shard at a time as soon as its last
+    block is saved (on a cluster, while the workers run the later shards' blocks). Shards are id
+    ranges, so the query shards follow one another in id order, and the blocks of one, taken in
+    their data shards' order, are runs to interleave by a alone (:func:`merge_runs`, no sort: a
+    lexsort of every pair on two keys left the workers idle for ~10 s at 10M codes, a stable
+    sort by a for ~4 s, counting ~1 s)."""
+
+    def __init__(self, names: list[str], blocks: list[Block]) -> None:
+        self.names = names  # in id order
+        rank = {name: i for i, name in enumerate(names)}
+        self.mine = {q: sorted((blk for blk in blocks if blk.query == q), key=lambda blk: rank[blk.data]) for q in names}
+        self.paths: dict[Block, Path] = {}
+        self.merged: dict[str, PairArrays] = {}
+
+    def saved(self, block: Block, path: Path) -> None:
+        self.paths[block] = path
+        mine = self.mine[block.query]
+        if all(blk in self.paths for blk in mine):
+            self.merged[block.query] = merge_runs([_pair_arrays(_load_block(self.paths[blk])) for blk in mine])
+
+    def result(self) -> PairArrays:
+        parts = [self.merged[q] for q in self.names if q in self.merged]
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
 def _pair_arrays(block: dict[str, np.ndarray]) -> PairArrays:
