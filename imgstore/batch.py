@@ -633,21 +633,22 @@ def merge_runs(runs: list[PairArrays]) -> PairArrays:
     span = max(int(r[0][-1]) for r in runs if len(r[0])) - lo + 1
     if span > max(4 * n, 1 << 20):
         return sort_pairs(*(np.concatenate([r[i] for r in runs]) for i in range(3)))
-    counts = [np.bincount(r[0] - lo, minlength=span) for r in runs]
-    total = counts[0].copy()
-    for count in counts[1:]:
-        total += count
+    total = np.zeros(span, dtype=np.int64)
+    for r in runs:  # counted again below: one count at a time in memory (a shard's 50 blocks at 1B codes)
+        total += np.bincount(r[0] - lo, minlength=span)
     place = np.zeros(span, dtype=np.int64)  # where the next pair of each a goes
     np.cumsum(total[:-1], out=place[1:])
+    del total
     out_a, out_b = np.empty(n, np.int64), np.empty(n, np.int64)
     out_d = np.empty(n, np.int16)
-    for (a, b, d), count in zip(runs, counts, strict=True):
+    for a, b, d in runs:
         if len(a):
             rel = a - lo
+            count = np.bincount(rel, minlength=span)
             first = np.cumsum(count) - count  # where each a's run begins in this block
             at = place[rel] + (np.arange(len(a)) - first[rel])
             out_a[at], out_b[at], out_d[at] = a, b, d
-        place += count
+            place += count
     return out_a, out_b, out_d
 
 
