@@ -20,10 +20,11 @@ Each finished block is saved in the work folder under a name holding the shard s
 (:meth:`ShardSet.token`), written under a temporary name and renamed: a rerun after a killed
 client loads the finished blocks and computes only the rest; shards exported again (another
 token) start afresh. A worker killed mid-block makes Dask run the block again elsewhere; blocks
-are deterministic, so the output is the same. The client holds one block at a time: a finished
-block goes to its file and the worker drops it, neighbours are merged one query shard at a time
-into the graph's files, memory-mapped for the caller (100M codes' graph at k = 10 is ~10 GB, its
-blocks ~40 GB: neither needs to fit in the client's memory).
+are deterministic, so the output is the same. A finished block goes to its file and the worker
+drops it; neighbours are merged one query shard at a time into the graph's files, memory-mapped
+for the caller (100M codes' graph at k = 10 is ~10 GB, its blocks ~40 GB: neither needs to fit
+in the client's memory); pairs are merged one query shard at a time as its last block is saved
+(the client holds that shard's blocks and the pairs merged so far: the result, held whole).
 """
 
 from __future__ import annotations
@@ -430,6 +431,7 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
             report(len(results), len(blocks))
             tell(block, path)
         return results
+    told: Exception | None = None  # what ``saved`` raised
     client, close, _threads = connect(cluster)
     try:
         stats.workers = len(client.scheduler_info().get("workers", {})) or 1
@@ -467,7 +469,11 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
                 future.release()  # the worker may drop it: the file is the result now
                 results[block] = path
                 report(len(results), len(blocks))
-                tell(block, path)
+                try:
+                    tell(block, path)
+                except Exception as exc:  # noqa: BLE001  # the caller's own work failed, not the cluster: raised as it is, below
+                    told = exc
+                    break
         except ImgStoreError:
             raise
         except Exception as exc:  # noqa: BLE001  # Dask raises the worker's error or its own; both end the run
@@ -477,6 +483,8 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
             mark.unlink(missing_ok=True)
     finally:
         close()
+    if told is not None:
+        raise told
     for block in blocks:  # every block is saved: what a worker killed mid-save left is garbage once old
         for tmp in workdir.glob(f".{names[block]}.*.tmp"):
             try:
@@ -610,10 +618,20 @@ class _PairsMerger:
             self.merged[block.query] = merge_runs([_pair_arrays(_load_block(self.paths[blk])) for blk in mine])
 
     def result(self) -> PairArrays:
-        parts = [self.merged[q] for q in self.names if q in self.merged]
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16)
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+        """The query shards' pairs one after the other; each shard's part is let go once copied
+        (the output's pages are taken as they are written: about one copy of the pairs at a time)."""
+        missing = [q for q in self.names if q not in self.merged]
+        if missing:  # every block was saved, so every query shard was merged: a bug, not bad input
+            raise RuntimeError(f"query shards {missing} were not merged")
+        n = sum(len(self.merged[q][0]) for q in self.names)
+        out_a, out_b, out_d = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int16)
+        at = 0
+        for q in self.names:
+            a, b, d = self.merged.pop(q)
+            out_a[at : at + len(a)], out_b[at : at + len(a)], out_d[at : at + len(a)] = a, b, d
+            at += len(a)
+            del a, b, d
+        return out_a, out_b, out_d
 
 
 def _pair_arrays(block: dict[str, np.ndarray]) -> PairArrays:
@@ -623,32 +641,36 @@ def _pair_arrays(block: dict[str, np.ndarray]) -> PairArrays:
 def merge_runs(runs: list[PairArrays]) -> PairArrays:
     """Pairs of several runs in (a, b) order, where each run is sorted by (a, b) and every b of a
     run is below every b of the runs after it (a query shard's blocks in their data shards'
-    order): for each a, its pairs of the first run, then of the second, ... Placed by counting
-    (each pair's place from the number of pairs of smaller a and of its a in earlier runs), not
-    sorted; where the a values spread over far more ids than there are pairs, sorted instead."""
+    order): for each a, its pairs of the first run, then of the second, ... Placed by counting,
+    not sorted: each pair goes after the pairs of smaller a and those of its a in earlier runs.
+    A run costs its own length (its a values are sorted: each a's pairs lie side by side), the
+    shard one pass over its id span; where the a values spread over far more ids than there are
+    pairs, the pairs are sorted instead."""
     n = sum(len(r[0]) for r in runs)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int16)
-    lo = min(int(r[0][0]) for r in runs if len(r[0]))
-    span = max(int(r[0][-1]) for r in runs if len(r[0])) - lo + 1
+    full = [r for r in runs if len(r[0])]
+    if len(full) == 1:
+        return full[0]
+    lo = min(int(r[0][0]) for r in full)
+    span = max(int(r[0][-1]) for r in full) - lo + 1
     if span > max(4 * n, 1 << 20):
-        return sort_pairs(*(np.concatenate([r[i] for r in runs]) for i in range(3)))
-    total = np.zeros(span, dtype=np.int64)
-    for r in runs:  # counted again below: one count at a time in memory (a shard's 50 blocks at 1B codes)
-        total += np.bincount(r[0] - lo, minlength=span)
-    place = np.zeros(span, dtype=np.int64)  # where the next pair of each a goes
-    np.cumsum(total[:-1], out=place[1:])
-    del total
+        return sort_pairs(*(np.concatenate([r[i] for r in full]) for i in range(3)))
+    groups = []
+    place = np.zeros(span + 1, dtype=np.int64)  # pairs of each a (at a + 1), then where the next goes
+    for a, _, _ in full:
+        rel = a - lo
+        starts = np.flatnonzero(np.concatenate(([True], rel[1:] != rel[:-1])))  # each a's first pair in the run
+        counts = np.diff(starts, append=len(rel))
+        place[rel[starts] + 1] += counts
+        groups.append((rel, starts, counts))
+    np.cumsum(place, out=place)
     out_a, out_b = np.empty(n, np.int64), np.empty(n, np.int64)
     out_d = np.empty(n, np.int16)
-    for a, b, d in runs:
-        if len(a):
-            rel = a - lo
-            count = np.bincount(rel, minlength=span)
-            first = np.cumsum(count) - count  # where each a's run begins in this block
-            at = place[rel] + (np.arange(len(a)) - first[rel])
-            out_a[at], out_b[at], out_d[at] = a, b, d
-            place += count
+    for (a, b, d), (rel, starts, counts) in zip(full, groups, strict=True):
+        at = place[rel] + (np.arange(len(rel)) - np.repeat(starts, counts))
+        out_a[at], out_b[at], out_d[at] = a, b, d
+        place[rel[starts]] += counts
     return out_a, out_b, out_d
 
 

@@ -135,6 +135,28 @@ def test_the_graph_lives_in_files_not_in_the_client(tmp_path: Path) -> None:
     assert third.stats.blocks_reused == third.stats.blocks and graph_of(third) == graph_of(first)
 
 
+def test_pairs_rerun_from_saved_blocks(tmp_path: Path, dask_client: Any) -> None:
+    """Pairs of a rerun come from the blocks the work folder holds (each query shard merged from
+    them, here or beside a cluster's remaining blocks): all reused, or one damaged and computed
+    again on the cluster; the same pairs, in the same order, each time."""
+    rng = np.random.default_rng(11)
+    codes = clustered_codes(rng, 500, centres=6)
+    ids = np.arange(10, 510, dtype=np.int64) * 7
+    got = shards.write_arrays(tmp_path / "s", layout(), ids, codes, shard_codes=130)
+    work = tmp_path / "w"
+    first = batch.near_pairs(got, 3, workdir=work)
+    assert set(zip(first.a.tolist(), first.b.tolist())) == brute_pairs(ids, codes, 3) and len(first.a)
+    again = batch.near_pairs(got, 3, workdir=work)
+    assert again.stats.blocks_reused == again.stats.blocks == 10
+    block = sorted(work.glob("pairs_*.npz"))[3]
+    block.write_bytes(block.read_bytes()[:200])  # damaged: computed again
+    third = batch.near_pairs(got, 3, workdir=work, cluster=dask_client)
+    assert third.stats.blocks_reused == third.stats.blocks - 1
+    for run in (again, third):
+        for got_part, want in zip((run.a, run.b, run.distances), (first.a, first.b, first.distances), strict=True):
+            np.testing.assert_array_equal(got_part, want)
+
+
 def test_a_worker_saves_its_block_only_into_the_clients_own_folder(tmp_path: Path) -> None:
     """A cluster task writes its block straight into the work folder when the client's mark there
     holds the value it was given (the same folder), and hands the arrays back otherwise (a folder
@@ -382,12 +404,12 @@ def test_the_check_on_a_worker_reads_what_it_can(tmp_path: Path) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.data(), span=st.sampled_from([1, 1000, 1 << 31, 1 << 62]))
+@given(data=st.data(), span=st.sampled_from([2, 1000, 1 << 31, 1 << 62, 1 << 63]))
 def test_sort_pairs_is_the_lexsort(data: st.DataObject, span: int) -> None:
     """Packed into one word where ids and distances fit 64 bits, a lexsort where not (ids spread
-    over 2**62): the same (a, b) order, the distance carried along."""
-    n = data.draw(st.integers(min_value=0, max_value=200))
-    base = data.draw(st.integers(min_value=-(1 << 62), max_value=(1 << 62) - span))
+    over 2**62 and more, up to int64's ends): the same (a, b) order, the distance carried along."""
+    n = data.draw(st.integers(min_value=0, max_value=min(200, span * span)))
+    base = data.draw(st.integers(min_value=-(1 << 63), max_value=(1 << 63) - span))
     pairs = data.draw(st.lists(st.tuples(st.integers(base, base + span - 1), st.integers(base, base + span - 1)),
                                min_size=n, max_size=n, unique=True))
     a = np.array([p[0] for p in pairs], dtype=np.int64)

@@ -79,13 +79,16 @@ def test_join_pieces_are_bounded_and_add_up(n: int, held: int, seed: int) -> Non
 
 @settings(max_examples=40, deadline=None)
 @given(n_q=st.integers(0, 70), n_d=st.integers(0, 70), same=st.booleans(),
-       layout=st.sampled_from([(64, 4), (64, 8), (48, 3), (128, 4), (128, 8), (96, 3), (32, 1)]),
+       layout=st.sampled_from([(64, 4), (64, 8), (48, 3), (128, 4), (128, 8), (96, 3), (32, 1), (64, 3), (128, 5)]),
        max_distance=st.integers(0, 7), held=st.sampled_from([1, 7, 1 << 22]), centres=st.integers(1, 5),
-       seed=st.integers(0, 2**32 - 1))
+       ordered=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_band_set_join_is_every_pair_within_the_distance(n_q: int, n_d: int, same: bool, layout: tuple[int, int],
-                                                         max_distance: int, held: int, centres: int, seed: int) -> None:
+                                                         max_distance: int, held: int, centres: int, ordered: bool,
+                                                         seed: int) -> None:
     """Any two sets (or one set with itself), keys packed side by side (<= 64 bits) or mixed
-    (128-bit codes, 3 bands of 32), any bound on a piece: each pair within the distance once."""
+    (128-bit codes, 3 bands of 32), bands that leave bits of the code out (3 of 21 in 64), the
+    query keys all below the data keys (shards in id order) or not, any bound on a piece: each
+    pair within the distance once."""
     n_bits, m = layout
     w = n_bits // m
     rng = np.random.default_rng(seed)
@@ -93,6 +96,8 @@ def test_band_set_join_is_every_pair_within_the_distance(n_q: int, n_d: int, sam
     q_codes, d_codes = (codes[:n_d], codes[:n_d]) if same else (codes[:n_q], codes[n_q:])
     q_keys = rng.permutation(len(q_codes) * 2)[: len(q_codes)].astype(np.int64)
     d_keys = q_keys if same else rng.permutation(len(d_codes) * 2)[: len(d_codes)].astype(np.int64)
+    if ordered and not same:
+        d_keys = d_keys + len(q_codes) * 2
     q_bands, d_bands = band_values(q_codes, m, w), band_values(d_codes, m, w)
     if same:
         q_bands = d_bands
