@@ -4,6 +4,7 @@ synthetic feature vectors stored as images, brute-force Hamming kNN, and a bucke
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import NoReturn
 
@@ -135,3 +136,11 @@ def missing_tool(message: str, tests: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI must run {tests}")
     pytest.skip(message)
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` of a child a test sends Ctrl-C: SIGINT back to its default disposition. An
+    ignored SIGINT is inherited across exec (a background job of a non-interactive shell starts
+    so, and so does the pytest process after some tests), and Python in the child then installs
+    no KeyboardInterrupt handler: the child would run on through the test's interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

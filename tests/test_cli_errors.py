@@ -21,7 +21,7 @@ from sqlalchemy import text
 from imgstore import ImageStore
 from imgstore.cli import cli
 
-from .helpers import make_collection, photo, png_with_header, write_variants
+from .helpers import ctrl_c_default, make_collection, photo, png_with_header, write_variants
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -137,12 +137,9 @@ def test_ctrl_c_exits_130_and_the_rerun_completes(sqlite_url: str, tmp_path: Pat
     expected = make_collection(root, per_photo=40)
     cmd = [sys.executable, "-m", "imgstore.cli", "--db", sqlite_url, "ingest", str(root), "--extractor", "color",
            "--batch-size", "2", "--workers", "1", "--no-progress"]
-    # the child gets Ctrl-C's default disposition: an ignored SIGINT is inherited across exec, and
-    # in the full suite something before this test leaves it ignored in the pytest process (the
-    # ingest then ran to the end through the interrupt), so Python in the child would install no
-    # KeyboardInterrupt handler
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (in the full suite something before this test leaves SIGINT ignored in the pytest process:
+    # the ingest then ran to the end through the interrupt)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if _images_so_far(sqlite_url) >= 4:  # a plain read-only look: opening a store takes longer

@@ -35,7 +35,7 @@ from imgstore.watch import Change, Pending, Watcher, is_under, watched_folders
 from PIL import Image, ImageEnhance
 from sqlalchemy import select
 
-from .helpers import PHOTOS, photo
+from .helpers import PHOTOS, ctrl_c_default, photo
 
 EXE = str(Path(sys.executable).with_name("imgstore"))
 #: Generous: a deadline only bounds a wait for a condition, it never decides an outcome.
@@ -111,7 +111,7 @@ class Process:
     """An ``imgstore`` command as a process, its stdout and stderr read by threads as they come."""
 
     def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
