@@ -61,7 +61,7 @@ class BandTable:
         values = np.empty((n_bands, len(codes)), dtype=np.int64)
         for j in range(n_bands):
             order[j], by_value = sort_keys(bands[:, j].astype(np.uint64), band_width)
-            values[j] = by_value.astype(np.int64)
+            values[j] = by_value  # cast on assignment
         return cls(bands, np.ascontiguousarray(as_words(codes)), order, values)
 
     def __len__(self) -> int:
@@ -193,21 +193,22 @@ def band_set_join(q_bands: Bands, q_words: npt.NDArray[np.uint64], q_keys: npt.N
     same = q_bands is d_bands
     key_bits = len(sets[0]) * band_width
     exact_keys = key_bits <= 64
+    sort_bits = min(key_bits, 64)  # mixed keys use all 64
     # The candidates' own bands are compared through their codes' XOR: band j is equal where no
     # bit of its mask is set (two gathers of words, not of words and of bands).
     masks = band_word_masks(q_words.shape[1] * 64, m, band_width)
     # Shards are id ranges: a query shard wholly below the data shard needs no a < b filter.
     ordered = not same and int(q_keys.max()) < int(d_keys.min())
     for s, band_set in enumerate(sets):
-        d_order, d_sorted = sort_keys(band_set_keys(d_bands, band_set, band_width), min(key_bits, 64), stable=False)
+        d_order, d_sorted = sort_keys(band_set_keys(d_bands, band_set, band_width), sort_bits, stable=False)
         if same:
             q_order, q_sorted = d_order, d_sorted
         else:  # sorted needles: searchsorted walks both arrays once
-            q_order, q_sorted = sort_keys(band_set_keys(q_bands, band_set, band_width), min(key_bits, 64), stable=False)
+            q_order, q_sorted = sort_keys(band_set_keys(q_bands, band_set, band_width), sort_bits, stable=False)
         lo = np.searchsorted(d_sorted, q_sorted, "left")
         sizes = np.searchsorted(d_sorted, q_sorted, "right") - lo
         for qpos, di in _matches(lo, sizes, d_order, held):
-            qi = q_order[qpos].astype(np.intp)
+            qi = q_order[qpos]
             if not ordered:
                 keep = q_keys[qi] < d_keys[di]
                 qi, di = qi[keep], di[keep]

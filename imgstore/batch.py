@@ -68,6 +68,8 @@ KEPT_CACHES = 2
 NO_DISTANCE = np.iinfo(np.int16).max
 
 Progress = Callable[[int, int], None]
+#: Pairs as arrays: a, b (image ids) and their codes' distances.
+PairArrays = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]
 
 
 @dataclass(frozen=True)
@@ -230,8 +232,7 @@ def merge_knn(parts: Iterable[tuple[npt.NDArray[np.int64], npt.NDArray[np.int16]
             return top
 
 
-def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
-                probe_radius: int | None) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int, probe_radius: int | None) -> PairArrays:
     """Pairs (a in ``query``, b in ``data``, a < b) whose whole codes are within ``max_distance``
     and that share a band within ``probe_radius`` bits, or, with ``probe_radius=None``, every such
     pair; sorted by (a, b). See the module."""
@@ -269,8 +270,7 @@ def pairs_block(shards: ShardSet, query: str, data: str, max_distance: int,
     return sort_pairs(np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_d))
 
 
-def sort_pairs(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64],
-               d: npt.NDArray[np.int16]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]:
+def sort_pairs(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], d: npt.NDArray[np.int16]) -> PairArrays:
     """Pairs in (a, b) order. A block's ids span two shards' ranges: where ``a``'s and ``b``'s
     offsets and the distance fit 64 bits together, they are packed into one word and sorted as
     plain integers (the 5.3M pairs of a 10M-code block, shuffled: 0.42 s against 2.6 s for a
@@ -399,8 +399,8 @@ def run_blocks(shards: ShardSet, blocks: list[Block], params: dict[str, int], pa
                saved: Callable[[Block, Path], None] | None = None) -> dict[Block, Path]:
     """Where every block's result is saved: a readable file the work folder holds already, else
     computed (here, or on the cluster) and saved there as it finishes; ``saved`` is told of each
-    block once its file is there (those found first), while the rest still run. The client holds
-    one block at a time, never the whole result (a 100M-code graph is ~40 GB of blocks)."""
+    block once its file is there (those found first), while the rest still run. Blocks come back
+    as files, never held here together (a 100M-code graph is ~40 GB of blocks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     token = shards.token()
     for old in workdir.glob("*_*_*_*_*.npz"):  # blocks of shards since exported again
@@ -591,9 +591,6 @@ def near_pairs(shards: ShardSet, max_distance: int, *, probe_radius: int | None 
     a, b_, d = merger.result()
     stats.seconds = time.perf_counter() - started
     return Pairs(a, b_, d, stats)
-
-
-PairArrays = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int16]]
 
 
 class _PairsMerger:
