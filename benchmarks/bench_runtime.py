@@ -144,7 +144,7 @@ class _NoModel:
 
     def __init__(self, real: Any) -> None:
         self.real = real
-        self.name, self.dim, self.draft_size = real.name, 1, real.draft_size
+        self.name, self.dim, self.draft_size, self.thumbnail_size = real.name, 1, real.draft_size, real.thumbnail_size
         self.preprocess_version = real.preprocess_version
 
     def preprocess(self, img: Any) -> Any:
@@ -159,7 +159,7 @@ def decode_alone(paths: list[Path], extractor: Any, rounds: int) -> float:
     no_model = _NoModel(extractor)
 
     def load(p: Path) -> DecodedImage:
-        return load_image(p, draft_size=no_model.draft_size)
+        return load_image(p, draft_size=no_model.draft_size, thumbnail_size=no_model.thumbnail_size)
 
     rates = []
     for _ in range(rounds):

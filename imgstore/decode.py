@@ -18,6 +18,13 @@ whole factor) to the smallest size that still covers ``draft_size`` before its m
 converted, so a 144 MP PNG takes one full-size buffer for the time of its decode, and what is
 kept is a few hundred pixels a side.
 
+A HEIC/HEIF usually carries a small thumbnail its encoder made (a few hundred pixels a side). With
+``thumbnail_size`` it is decoded instead of the image when it covers that size in both
+directions and is a scaled copy of the image (pillow-heif checks its aspect ratio, crop,
+rotation, mirroring and colour profile): a 12 MP HEIC's HEVC decode takes 0.1-1 s, its
+thumbnail's a few milliseconds. Callers ask for it where a picture of that size is all they
+use (an extractor's input, a page's thumbnail), never where detail matters (the geometric check).
+
 Formats: Pillow's own (JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP, ...), HEIC/HEIF through the
 ``pillow-heif`` plugin, and camera RAW files through :mod:`imgstore.rawphoto` (by their name, or
 by LibRaw recognising bytes that Pillow does not).
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import stat
 import struct
@@ -111,7 +119,8 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image
 class DecodedImage:
     """A decoded image, ready for an extractor.
 
-    image: RGB, fully loaded, EXIF orientation applied (possibly reduced by a JPEG draft).
+    image: RGB, fully loaded, EXIF orientation applied (possibly reduced by a JPEG draft, or a
+    HEIC's embedded thumbnail: see ``thumbnail_size``).
     width, height: pixels after orientation, at the file's full resolution (not the draft's).
     format: Pillow's format name (``"JPEG"``, ``"PNG"``, ...) or None for an in-memory image.
     captured_at: EXIF DateTimeOriginal (else DateTime), naive local time as the camera wrote it;
@@ -207,6 +216,7 @@ def decode_bytes(
     path: str | os.PathLike[str] | None = None,
     max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
+    thumbnail_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode an encoded image (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to an RGB :class:`DecodedImage`.
 
@@ -216,8 +226,10 @@ def decode_bytes(
     needs: a JPEG decodes at a reduced DCT scale (1/2, 1/4 or 1/8) that still covers it, several
     times faster, and an image still above :data:`REDUCE_FROM_PIXELS` is then reduced by a whole
     factor (a box average) to the smallest size that still covers it, so that a large photo's
-    full-size pixels are freed at once. ``path`` is used in error messages, and its extension
-    tells a camera RAW file.
+    full-size pixels are freed at once. ``thumbnail_size`` (width, height): a HEIC/HEIF's
+    embedded thumbnail at least this big, a scaled copy of the image, is decoded instead of it
+    (see the module doc); ``width`` and ``height`` stay the image's. ``path`` is used in error
+    messages, and its extension tells a camera RAW file.
     """
     limit = resolve_max_pixels(max_pixels)
     if is_raw_name(path):
@@ -228,7 +240,15 @@ def decode_bytes(
         if exc.reason != _UNRECOGNISED or not _looks_raw(data):
             raise
         return _decode_raw(data, path, limit, draft_size)  # a RAW file without its name (an upload)
-    return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True)
+    try:
+        return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
+    except ImageTooLargeError:
+        raise
+    except DecodeError:
+        if thumbnail_size is None or img.format != "HEIF":
+            raise
+        # a damaged thumbnail must not cost a readable image: the whole image, as without one
+        return _finish(_open(data, path), path=path, max_pixels=limit, draft_size=draft_size, owned=True)
 
 
 def _looks_raw(data: bytes | bytearray | memoryview) -> bool:
@@ -341,10 +361,11 @@ def load_image(
     max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    thumbnail_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
 
-    ``max_pixels`` and ``draft_size`` as :func:`decode_bytes` says (None: the process's limit,
+    ``max_pixels``, ``draft_size`` and ``thumbnail_size`` as :func:`decode_bytes` says (None: the process's limit,
     :func:`default_max_pixels`; a store passes its own). A PIL image is taken as it is (its
     EXIF orientation applied, its mode converted, reduced as a decoded file would be, so that
     it gives the features its PNG would); it is not modified in place.
@@ -354,12 +375,25 @@ def load_image(
     if isinstance(source, Image.Image):
         return _finish(source, path=None, max_pixels=resolve_max_pixels(max_pixels), draft_size=draft_size, owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size)
+        return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size)
     if isinstance(source, (str, os.PathLike)):
         data = read_file(source, max_bytes=max_bytes)
-        return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size)
+        return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size)
     raise ConfigError(f"an image is a path, bytes, a file-like object, a PIL image or a uint8 array, "
                       f"not {type(source).__name__}")
+
+
+def load_fitted(path: str | os.PathLike[str], box: int, *, max_pixels: int | None = None) -> Image.Image:
+    """The picture of an image file fitted within ``box`` x ``box`` pixels (to show it), decoded
+    the cheapest way that still covers that size: a JPEG's draft, a HEIC's embedded thumbnail
+    (a 320 x 240 one serves a 256-pixel box of a 4:3 photo), else the whole image."""
+    data = read_file(path)
+    width, height = check_size(data, path=path, max_pixels=max_pixels)
+    scale = min(box / width, box / height, 1.0)
+    fitted = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+    img = decode_bytes(data, path=path, max_pixels=max_pixels, draft_size=(box, box), thumbnail_size=fitted).image
+    img.thumbnail((box, box))
+    return img
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -502,10 +536,12 @@ def _finish(
     draft_size: tuple[int, int] | None,
     owned: bool,
     orientation: int | None = None,
+    thumbnail_size: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Check the size, read EXIF, decode, reduce, orient and convert to RGB. ``img`` is
     header-only or loaded; ``owned``: we opened it, so its full-size pixels may be freed here;
-    ``orientation``: the EXIF orientation to apply instead of the image's own (a RAW's)."""
+    ``orientation``: the EXIF orientation to apply instead of the image's own (a RAW's);
+    ``thumbnail_size``: a HEIF's embedded thumbnail at least this big may stand in for it."""
     _check_pixels(img, path, max_pixels)
     width, height = img.size
     fmt = img.format
@@ -514,6 +550,10 @@ def _finish(
     try:
         if owned and draft_size is not None and fmt in ("JPEG", "MPO"):  # never a caller's image: in place
             img.draft("RGB", (max(1, int(draft_size[0])), max(1, int(draft_size[1]))))
+        elif owned and thumbnail_size is not None and fmt == "HEIF":
+            # pillow-heif's draft picks the smallest embedded thumbnail that covers the size and is
+            # a scaled copy of the image (aspect, crop, rotation, mirroring, colour profile), or none
+            img.draft(None, (max(1, int(thumbnail_size[0])), max(1, int(thumbnail_size[1]))))
         img.load()
         # only large images are reduced: below REDUCE_FROM_PIXELS the pixels an extractor sees stay
         # what they always were (a stored feature and a query's agree exactly)

@@ -446,7 +446,8 @@ class Ingester:
     def load(self, task: Task) -> DecodedImage | None:
         """Worker thread: read, hash, skip known content, decode."""
         if task.path is None and not isinstance(task.source, (bytes, bytearray, memoryview)):
-            decoded = load_image(task.source, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size)  # a PIL image
+            decoded = load_image(task.source, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size,
+                                 thumbnail_size=self.extractor.thumbnail_size)  # a PIL image
             task.data_sha256 = digest = image_sha256(task.source)
             task.byte_size = 0
             if self._claim(digest):
@@ -462,7 +463,8 @@ class Ingester:
             return None
         try:
             shown = printable(task.path) if task.path is not None else None
-            decoded = decode_bytes(data, path=shown, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size)
+            decoded = decode_bytes(data, path=shown, max_pixels=self.max_pixels, draft_size=self.extractor.draft_size,
+                                   thumbnail_size=self.extractor.thumbnail_size)
             task.signature = signature_bytes(thumb_signature(decoded.image))
             return decoded
         except ImgStoreError:

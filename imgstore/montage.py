@@ -71,7 +71,7 @@ def contact_sheet(tiles: Sequence[Tile], path: str | os.PathLike[str], *, column
         try:
             if tile.source is None:
                 raise ImgStoreError("no file")
-            thumb = load_image(tile.source, max_pixels=max_pixels, draft_size=(THUMB, THUMB)).image
+            thumb = load_image(tile.source, max_pixels=max_pixels, draft_size=(THUMB, THUMB), thumbnail_size=(THUMB, THUMB)).image
             thumb.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
             sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
         except (ImgStoreError, OSError) as exc:

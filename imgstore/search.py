@@ -561,7 +561,8 @@ def query_vectors(
                 f"re-ingest the folders (imgstore ingest FOLDER --extractor {space.extractor}) and index the new "
                 f"features (imgstore index create --extractor {space.extractor}), or query by stored image id"
             )
-        images = [load_image(q, max_pixels=ctx.max_pixels, draft_size=ex.draft_size).image for _, q in to_embed]
+        images = [load_image(q, max_pixels=ctx.max_pixels, draft_size=ex.draft_size, thumbnail_size=ex.thumbnail_size).image
+                  for _, q in to_embed]
         for (i, _), f in zip(to_embed, ex.extract(images)):
             vectors[i] = f
     codes: list[npt.NDArray[np.uint8] | None] = [stored.get(i) for i in range(len(queries))]

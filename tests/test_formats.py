@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from PIL.TiffImagePlugin import ImageFileDirectory_v2
 
 from imgstore import ImageStore
 from imgstore.cli import cli
-from imgstore.decode import check_size, decode_bytes, load_image
+from imgstore.decode import check_size, decode_bytes, load_fitted, load_image
 from imgstore.errors import DecodeError, ImageTooLargeError
 
 from .helpers import photo
@@ -93,6 +95,93 @@ def test_a_dng_is_developed_upright_with_its_capture_time(tmp_path: Path) -> Non
     assert check_size(data) == (img.width, img.height)
 
 
+def test_a_heic_thumbnail_stands_in_only_when_it_covers_the_size(tmp_path: Path) -> None:
+    """A phone's HEIC carries a small thumbnail its encoder made (here 320 px on the long side):
+    asked for at most that, the decode returns it, upright like the image, with the image's
+    own size; asked for more, or without ``thumbnail_size``, the whole image."""
+    img = photo("chelsea").convert("RGB").resize((1600, 1200))
+    path = write_heic(img, tmp_path / "IMG_0001.HEIC", exif=exif(6), thumbnails=[320])
+    full = load_image(path)
+    small = load_image(path, thumbnail_size=(224, 224))
+    assert full.image.size == (1200, 1600) and small.image.size == (240, 320)
+    assert (small.width, small.height, small.format, small.captured_at) == (1200, 1600, "HEIF", full.captured_at)
+    assert mean_abs(small.image, full.image) < 8  # the same picture, the same way round
+    assert mean_abs(small.image, full.image.transpose(Image.Transpose.ROTATE_180)) > 20  # (which this would tell)
+    assert load_image(path, thumbnail_size=(241, 241)).image.size == (1200, 1600)  # it does not cover 241
+    assert load_image(path, draft_size=(224, 224)).image.size == (1200, 1600)  # a draft is for JPEGs only
+    plain = write_heic(img, tmp_path / "plain.heic")  # no thumbnail
+    assert load_image(plain, thumbnail_size=(32, 32)).image.size == (1600, 1200)
+
+
+def test_a_page_thumbnail_of_a_heic_comes_from_its_own_thumbnail(tmp_path: Path) -> None:
+    """A 256-pixel box of a 4:3 photo is 256 x 192: a phone's 320 x 240 thumbnail covers it, so
+    the page's thumbnail is made from that (the same pixels as resizing it), not from the image."""
+    img = photo("chelsea").convert("RGB").resize((1600, 1200))
+    path = write_heic(img, tmp_path / "IMG_0002.HEIC", thumbnails=[320])
+    shown = load_fitted(path, 256)
+    assert shown.size == (256, 192)
+    embedded = load_image(path, thumbnail_size=(256, 192)).image
+    assert embedded.size == (320, 240)
+    embedded.thumbnail((256, 256))
+    assert np.array_equal(np.asarray(shown), np.asarray(embedded))
+    whole = load_image(path).image
+    whole.thumbnail((256, 256))
+    assert not np.array_equal(np.asarray(shown), np.asarray(whole))
+    assert load_fitted(path, 512).size == (512, 384)  # more than the thumbnail: from the image
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(width=st.integers(120, 700), height=st.integers(120, 700), box=st.sampled_from([64, 100, 160, 256]),
+       orientation=st.integers(1, 8), want=st.integers(16, 300))
+def test_any_heic_thumbnail_used_covers_the_size_and_shows_the_image(tmp_path: Path, width: int, height: int, box: int,
+                                                                    orientation: int, want: int) -> None:
+    """Whatever the image's shape, its thumbnail's box, its orientation and the size asked for:
+    the picture decoded is the whole image, or a thumbnail that covers the size in both
+    directions, has the image's aspect ratio and shows it the same way round."""
+    img = photo("astronaut").convert("RGB").resize((width, height))
+    path = write_heic(img, tmp_path / "x.heic", exif=exif(orientation), thumbnails=[box])
+    full = load_image(path)
+    got = load_image(path, thumbnail_size=(want, want))
+    assert (got.width, got.height) == (full.width, full.height) == full.image.size
+    w, h = got.image.size
+    if (w, h) != full.image.size:
+        assert w >= want and h >= want and max(w, h) <= box
+        assert abs(w * full.height - h * full.width) <= 2 * max(full.width, full.height)
+        others = [full.image.transpose(op) for op in Image.Transpose]  # the image any other way round
+        closest_wrong = min(mean_abs(got.image, o) for o in others if o.size == full.image.size)
+        assert mean_abs(got.image, full.image) < closest_wrong / 2
+
+
+@pytest.fixture(scope="module")
+def heic_with_thumbnail() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    write_heic(photo("coffee").convert("RGB").resize((400, 300)), buf, thumbnails=[200])  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(damage=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8))
+def test_a_damaged_heic_reads_with_a_thumbnail_whenever_it_reads_without(heic_with_thumbnail: bytes,
+                                                                       damage: list[tuple[float, int]]) -> None:
+    """Bytes of a HEIC overwritten anywhere (its boxes, the image's data, the thumbnail's): asking
+    for the thumbnail fails only as a DecodeError, and never where decoding the whole image works."""
+    data = bytearray(heic_with_thumbnail)
+    for where, value in damage:
+        data[int(where * len(data))] = value
+    try:
+        whole = load_image(bytes(data))
+    except DecodeError:
+        whole = None
+    try:
+        small = load_image(bytes(data), thumbnail_size=(100, 100))
+    except DecodeError:
+        assert whole is None
+    else:
+        assert whole is None or (small.width, small.height) == (whole.width, whole.height)
+
+
 def test_one_limit_for_raw_and_heic(tmp_path: Path) -> None:
     img = photo("coffee").convert("RGB")
     small = img.width * img.height - 1
@@ -122,7 +211,7 @@ def test_a_phone_folder_ingests_and_searches(tmp_path: Path) -> None:
     pics = {n: photo(n).convert("RGB") for n in names}
     pics["chelsea"].save(folder / "IMG_0001.JPG", quality=90)
     pics["coffee"].save(folder / "IMG_0002.PNG")
-    write_heic(pics["astronaut"], folder / "IMG_0003.HEIC")
+    write_heic(pics["astronaut"], folder / "IMG_0003.HEIC", thumbnails=[320])  # as a phone writes it
     pics["rocket"].save(folder / "IMG_0004.avif", quality=90)
     pics["coins"].save(folder / "IMG_0005.webp", quality=90)
     write_dng(pics["horse"], folder / "IMG_0006.DNG")
@@ -141,3 +230,5 @@ def test_a_phone_folder_ingests_and_searches(tmp_path: Path) -> None:
         query = write_heic(pics["astronaut"], tmp_path / "query.heic")
         hits = store.search(query, k=3)
         assert hits[0].paths == [str(folder / "IMG_0003.HEIC")]
+        pics["astronaut"].save(tmp_path / "twin.png")  # its PNG twin finds it too (ingested from its thumbnail)
+        assert store.search(tmp_path / "twin.png", k=3)[0].paths == [str(folder / "IMG_0003.HEIC")]

@@ -111,7 +111,10 @@ class Process:
     """An ``imgstore`` command as a process, its stdout and stderr read by threads as they come."""
 
     def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default)
+        # PYTHONFAULTHANDLER: a child that outlives its deadline is sent SIGABRT, and prints every
+        # thread's stack before it dies (see interrupt)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default,
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         self.out: list[str] = []
         self.err: list[str] = []
         self.readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
@@ -125,10 +128,22 @@ class Process:
             lines.append(line)
 
     def interrupt(self) -> int:
-        """Ctrl-C; returns the exit status."""
+        """Ctrl-C; returns the exit status. A process still running after :data:`DEADLINE_S`
+        fails the test with every one of its threads' stacks (faulthandler's, on SIGABRT)."""
         self.proc.send_signal(signal.SIGINT)
         try:
             status = self.proc.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc.kill()
+            for reader in self.readers:
+                reader.join(timeout=60)
+            raise AssertionError(f"{self.proc.args!r:.200} did not exit within {DEADLINE_S} s of Ctrl-C; its output "
+                                 f"and its threads' stacks then:\n{self.output[-30000:]}") from None
         finally:
             self.proc.kill()
         for reader in self.readers:

@@ -37,12 +37,16 @@ class Extractor(Protocol):
         features can say which preprocessing made them.
     draft_size: (width, height) a JPEG may be draft-decoded down to without hurting the
         features, or None.
+    thumbnail_size: (width, height) an encoder-made thumbnail embedded in the file (a HEIC's)
+        must cover to stand in for the image: what ``preprocess`` resizes to, so nothing is
+        enlarged; or None (always the image itself).
     """
 
     name: str
     dim: int
     preprocess_version: str
     draft_size: tuple[int, int] | None
+    thumbnail_size: tuple[int, int] | None
 
     def preprocess(self, img: Image.Image) -> npt.NDArray[np.generic]:
         """One RGB image to one model input array (same shape and dtype for every image)."""
@@ -119,6 +123,10 @@ class SquareInput:
         # JPEG drafts (1/2..1/8 DCT scaling) no smaller than twice the input: the resize still
         # has real pixels to filter from
         self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
+        # an embedded thumbnail was filtered down by its encoder: covering what the resize keeps
+        # is enough (squash and crop: the input's side; crop875: the shorter side it resizes to)
+        side = self.image_size if self.resize != "crop875" else round(self.image_size / 0.875)
+        self.thumbnail_size: tuple[int, int] | None = (side, side)
         self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-{scaling}-v1"
 
     def preprocess(self, img: Image.Image) -> npt.NDArray[np.uint8]:

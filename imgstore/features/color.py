@@ -87,6 +87,7 @@ class ColorExtractor:
     dim = 464
     preprocess_version = "hsv8x4x4-q8x2x2-hog8g4-lbp10r12g2-s64-v2"
     draft_size: tuple[int, int] | None = (2 * _SIZE, 2 * _SIZE)
+    thumbnail_size: tuple[int, int] | None = (_SIZE, _SIZE)
 
     def __repr__(self) -> str:
         return "ColorExtractor()"

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image as PILImage
 
-from ..decode import check_size, load_image, read_file, resolve_max_pixels
+from ..decode import check_size, load_fitted, load_image, read_file, resolve_max_pixels
 from ..dedup import DuplicateGroup, DuplicatesState, describe_progress
 from ..dedup_apply import ApplyReport, UndoReport, journals
 from ..errors import ConfigError, DecodeError, NotFoundError
@@ -158,8 +158,7 @@ class Thumbnails:
             return path.read_bytes()
         if found.path is None:
             raise NotFoundError(f"image {image_id} has no current file to make a thumbnail from")
-        img = load_image(found.path, max_pixels=self.store.max_pixels, draft_size=(size, size)).image
-        img.thumbnail((size, size))
+        img = load_fitted(found.path, size, max_pixels=self.store.max_pixels)  # a JPEG's draft, a HEIC's own thumbnail
         buf = io.BytesIO()
         img.convert("RGB").save(buf, format="JPEG", quality=85)
         data = buf.getvalue()
@@ -250,7 +249,8 @@ class Service:
         batcher, extractor = self.batcher_for(index_id)
         batcher.announce()  # a batch forming now may wait for this image while it decodes
         try:
-            image = load_image(data, max_pixels=self.max_pixels, draft_size=extractor.draft_size).image
+            image = load_image(data, max_pixels=self.max_pixels, draft_size=extractor.draft_size,
+                               thumbnail_size=extractor.thumbnail_size).image
         except BaseException:
             batcher.withdraw()
             raise
