@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_ingest_photos.py                          # this checkout
     .venv/bin/python benchmarks/bench_ingest_photos.py --before /tmp/before     # and an older one, interleaved
+    .venv/bin/python benchmarks/bench_ingest_photos.py --heic --out ingest_heic  # the photos as a phone's HEICs
 
 Issue 27 ("a real photo library on a laptop"): bench_runtime's photo row compares a whole
 `imgstore ingest` (a new process: start-up, model load, database creation, then the work) with
@@ -20,7 +21,11 @@ Checkouts alternate round by round (``PYTHONPATH`` names the other one's root; s
 and packages); medians. The stores the two checkouts make must hold the same rows (features,
 codes, labels, signatures, sizes, capture times, paths): checked at the end, byte for byte.
 
-Writes benchmarks/results/ingest_photos.json and ingest_photos.md.
+``--heic``: the same photos cropped to 4:3 (3:4 when upright), as a phone shoots them, and
+written as HEIC (quality 90) with the 320-px thumbnail a phone embeds. Their stores differ
+between checkouts when one reads the thumbnails and the other does not.
+
+Writes benchmarks/results/ingest_photos.json and ingest_photos.md (``--out`` names others).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -114,9 +120,10 @@ def main() -> None:
     parser.add_argument("--out", default="ingest_photos")
     parser.add_argument("--extractor", default="efficientnet-lite0",
                         help="what the ingests and the model-alone row use (efficientnet-lite0-int8: the int8 model)")
+    parser.add_argument("--heic", action="store_true", help="the photos as a phone's HEICs (4:3, a 320-px thumbnail)")
     args = parser.parse_args()
 
-    photos = common.photo_folder(args.photos)
+    photos = heic_folder(common.photo_folder(args.photos)) if args.heic else common.photo_folder(args.photos)
     trees: dict[str, Path | None] = {"this checkout": None}
     if args.before is not None:
         trees = {"before": args.before.resolve(), "after": None}
@@ -127,12 +134,14 @@ def main() -> None:
                     "decode_workers": default_workers(), "python": platform.python_version()},
         "command": " ".join(["benchmarks/bench_ingest_photos.py", *(a for a in sys.argv[1:] if a != args.note)]),
         "n_photos": len(photos),
+        "format": "HEIC, 4:3, 320-px thumbnail" if args.heic else "JPEG",
         "extractor": args.extractor,
         "note": args.note,
         "megapixels_median": statistics.median(
             (lambda im: im.width * im.height / 1e6)(load_image(p).image) for p in photos[:10]),
     }
-    batch = np.stack([extractor.preprocess(load_image(p, draft_size=extractor.draft_size).image) for p in photos[:64]])
+    batch = np.stack([extractor.preprocess(load_image(p, draft_size=extractor.draft_size,
+                                                      thumbnail_size=extractor.thumbnail_size).image) for p in photos[:64]])
     extractor.extract_arrays(batch[:8])  # warm-up
     walls: dict[str, list[float]] = {name: [] for name in trees}
     inner: dict[str, list[float]] = {name: [] for name in trees}
@@ -190,12 +199,36 @@ def main() -> None:
     print(report(result))
 
 
+def heic_folder(photos: list[Path]) -> list[Path]:
+    """The photos cropped to 4:3 (3:4 when upright) and written as HEIC with a 320-px thumbnail,
+    made once (see the module doc)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    folder = common.cache_dir() / f"heic-{photos[0].parent.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in photos:
+        target = folder / f"{p.stem}.heic"
+        if not target.exists():
+            with Image.open(p) as im:
+                w, h = im.size
+                cw, ch = (min(w, h * 4 // 3), min(h, w * 3 // 4)) if w >= h else (min(w, h * 3 // 4), min(h, w * 4 // 3))
+                left, top = (w - cw) // 2, (h - ch) // 2
+                tmp = target.with_suffix(".part")
+                im.convert("RGB").crop((left, top, left + cw, top + ch)).save(tmp, format="HEIF", quality=90, thumbnails=[320])
+                os.replace(tmp, target)
+        out.append(target)
+    return out
+
+
 def report(r: dict[str, Any]) -> str:
     decode = r["decode_alone_images_per_s"]
     lines = [
         "# `imgstore ingest` of full-size photos (issue 27)",
         "",
-        f"`{r['command']}` on {r['machine']['cores']} cores ({r['machine']['cpu']}): {r['n_photos']} JPEGs "
+        f"`{r['command']}` on {r['machine']['cores']} cores ({r['machine']['cpu']}): {r['n_photos']} "
+        f"{r.get('format', 'JPEG')} photos "
         f"({r['megapixels_median']:.1f} MP median) into a new SQLite file with {r.get('extractor', 'efficientnet-lite0')}, "
         "each run a new process; checkouts "
         f"interleaved round by round, medians. 1-minute load average {r['load_average_1min'][0]} at the start, "
