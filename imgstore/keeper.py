@@ -91,14 +91,13 @@ def measure_border(path: str | None, max_pixels: int | None = None) -> float | N
     content, so it is not kept."""
     if path is None:
         return None
-    from .decode import load_image
+    from .decode import load_fitted
 
     try:
-        img = load_image(path, max_pixels=max_pixels, draft_size=(BORDER_SIDE, BORDER_SIDE)).image
+        img = load_fitted(path, BORDER_SIDE, max_pixels=max_pixels)  # a HEIC's own thumbnail serves
     except Exception as exc:  # noqa: BLE001 - a file that moved or broke just gets no border
         log.debug("border of %s: %s", path, exc)
         return None
-    img.thumbnail((BORDER_SIDE, BORDER_SIDE))
     return rotation_border(np.asarray(img.convert("L"), dtype=np.int16))
 
 

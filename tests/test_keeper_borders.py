@@ -67,3 +67,18 @@ def test_dedup_keeps_the_border_and_reads_it_back(db_url: str, tmp_path: Path) -
             row = conn.execute(select(ImageRow.border_fraction, ImageRow.border_version)
                                .where(ImageRow.id == rotated)).one()
         assert tuple(row) == (stored[rotated], BORDER_VERSION)
+
+
+def test_a_heic_border_is_measured_on_its_own_thumbnail_as_on_the_image(tmp_path: Path) -> None:
+    """A rotated photo's black corners, measured on a HEIC's embedded thumbnail (what the measure
+    reads now: its 128-pixel box is covered) and on the same picture as PNG, agree."""
+    from .test_formats import write_heic
+
+    rotated = photo("chelsea").convert("RGB").resize((1200, 800)).rotate(20, expand=True)
+    canvas = Image.new("RGB", (rotated.width, rotated.width * 3 // 4))
+    canvas.paste(rotated, (0, (canvas.height - rotated.height) // 2))
+    canvas.save(tmp_path / "twin.png")
+    heic = write_heic(canvas, tmp_path / "IMG_0001.HEIC", thumbnails=[320])
+    png_border, heic_border = measure_border(str(tmp_path / "twin.png")), measure_border(str(heic))
+    assert png_border is not None and heic_border is not None
+    assert png_border > 0.2 and abs(png_border - heic_border) < 0.02, (png_border, heic_border)
