@@ -383,11 +383,12 @@ def load_image(
                       f"not {type(source).__name__}")
 
 
-def load_fitted(path: str | os.PathLike[str], box: int, *, max_pixels: int | None = None) -> Image.Image:
-    """The picture of an image file fitted within ``box`` x ``box`` pixels (to show it), decoded
-    the cheapest way that still covers that size: a JPEG's draft, a HEIC's embedded thumbnail
-    (a 320 x 240 one serves a 256-pixel box of a 4:3 photo), else the whole image."""
-    data = read_file(path)
+def load_fitted(source: str | os.PathLike[str] | bytes, box: int, *, max_pixels: int | None = None) -> Image.Image:
+    """The picture of an image file (a path, or its bytes) fitted within ``box`` x ``box``
+    pixels (to show it), decoded the cheapest way that still covers that size: a JPEG's draft, a
+    HEIC's embedded thumbnail (a 320 x 240 one serves a 256-pixel box of a 4:3 photo), else the
+    whole image."""
+    path, data = (None, source) if isinstance(source, bytes) else (source, read_file(source))
     width, height = check_size(data, path=path, max_pixels=max_pixels)
     scale = min(box / width, box / height, 1.0)
     fitted = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))

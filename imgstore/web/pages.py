@@ -24,7 +24,7 @@ from starlette.datastructures import FormData, ImmutableMultiDict
 
 from ..browse import MAX_PAGE, BrowsePage
 from ..browse import SORTS as BROWSE_SORTS
-from ..decode import load_image
+from ..decode import load_fitted
 from ..dedup import DuplicateGroup, DuplicateMember
 from ..errors import ImgStoreError, NotFoundError
 from ..hashing import available_methods
@@ -52,8 +52,7 @@ def _query_preview(data: bytes, max_pixels: int) -> str | None:
     """The uploaded query as a small JPEG data URL, to show beside its results (decoded as every
     upload is: the server's pixel limit, formats that need no external program, a draft)."""
     try:
-        img = load_image(data, max_pixels=max_pixels, draft_size=(256, 256)).image
-        img.thumbnail((256, 256))
+        img = load_fitted(data, 256, max_pixels=max_pixels)  # a JPEG's draft, a HEIC's own thumbnail
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=80)
     except Exception:  # noqa: BLE001 - the preview is a nicety; the search reports real errors
