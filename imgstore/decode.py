@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import stat
 import struct
@@ -240,15 +239,30 @@ def decode_bytes(
         if exc.reason != _UNRECOGNISED or not _looks_raw(data):
             raise
         return _decode_raw(data, path, limit, draft_size)  # a RAW file without its name (an upload)
-    try:
-        return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
-    except ImageTooLargeError:
-        raise
-    except DecodeError:
-        if thumbnail_size is None or img.format != "HEIF":
-            raise
-        # a damaged thumbnail must not cost a readable image: the whole image, as without one
-        return _finish(_open(data, path), path=path, max_pixels=limit, draft_size=draft_size, owned=True)
+    if thumbnail_size is not None and img.format == "HEIF" and not _boxes_whole(data):
+        thumbnail_size = None  # a cut-off copy: decoded whole, it fails as it always did (never read from what is left)
+    return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
+
+
+def _boxes_whole(data: bytes | bytearray | memoryview) -> bool:
+    """Whether an ISO base media file (HEIF) holds each of its top-level boxes whole, its media
+    data (``mdat``) among them: a copy cut off mid-way (an interrupted transfer) does not, even
+    where what is left still holds a decodable thumbnail. Reads only the boxes' headers."""
+    view = memoryview(data)
+    pos, end, media = 0, len(view), False
+    while pos + 8 <= end:
+        size = int.from_bytes(view[pos : pos + 4], "big")
+        media = media or bytes(view[pos + 4 : pos + 8]) == b"mdat"
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > end:
+                return False
+            size = int.from_bytes(view[pos + 8 : pos + 16], "big")
+        elif size == 0:  # the box runs to the end of the file
+            return media
+        if size < 8 or pos + size > end:
+            return False
+        pos += size
+    return media and pos == end
 
 
 def _looks_raw(data: bytes | bytearray | memoryview) -> bool:
@@ -383,15 +397,21 @@ def load_image(
                       f"not {type(source).__name__}")
 
 
-def load_fitted(source: str | os.PathLike[str] | bytes, box: int, *, max_pixels: int | None = None) -> Image.Image:
+def load_fitted(source: str | os.PathLike[str] | bytes | bytearray | memoryview, box: int, *,
+                max_pixels: int | None = None) -> Image.Image:
     """The picture of an image file (a path, or its bytes) fitted within ``box`` x ``box``
     pixels (to show it), decoded the cheapest way that still covers that size: a JPEG's draft, a
     HEIC's embedded thumbnail (a 320 x 240 one serves a 256-pixel box of a 4:3 photo), else the
     whole image."""
-    path, data = (None, source) if isinstance(source, bytes) else (source, read_file(source))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        path, data = None, source
+    else:
+        path, data = source, read_file(source)
     width, height = check_size(data, path=path, max_pixels=max_pixels)
-    scale = min(box / width, box / height, 1.0)
-    fitted = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+    long_side = max(width, height)
+    # what Image.thumbnail((box, box)) keeps, rounded up, in whole numbers (never above box)
+    fitted = (width, height) if long_side <= box else (max(1, -(-width * box // long_side)),
+                                                        max(1, -(-height * box // long_side)))
     img = decode_bytes(data, path=path, max_pixels=max_pixels, draft_size=(box, box), thumbnail_size=fitted).image
     img.thumbnail((box, box))
     return img

@@ -37,6 +37,7 @@ from datetime import datetime
 import numpy as np
 import numpy.typing as npt
 
+from .decode import load_fitted
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ BORDER_MATCH = 0.08
 #: The version of the border measure (:func:`measure_border`): a measure is a property of a
 #: file's content, so a store keeps it (``images.border_fraction``) with this version and a
 #: measure of another version is taken again. Bump it whenever the measure's result changes.
-BORDER_VERSION = 1
+#: 2: a HEIC is measured on its embedded thumbnail when that covers BORDER_SIDE.
+BORDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,6 @@ def measure_border(path: str | None, max_pixels: int | None = None) -> float | N
     content, so it is not kept."""
     if path is None:
         return None
-    from .decode import load_fitted
-
     try:
         img = load_fitted(path, BORDER_SIDE, max_pixels=max_pixels)  # a HEIC's own thumbnail serves
     except Exception as exc:  # noqa: BLE001 - a file that moved or broke just gets no border

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 
 import skimage
 import io
@@ -144,3 +144,13 @@ def ctrl_c_default() -> None:
     so, and so does the pytest process after some tests), and Python in the child then installs
     no KeyboardInterrupt handler: the child would run on through the test's interrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def write_heic(img: Image.Image, path: Path | BinaryIO, **kw: object) -> Path | BinaryIO:
+    """``img`` as a HEIC (quality 92) at ``path`` (a file name or a binary stream), through
+    pillow-heif; ``thumbnails=[320]`` embeds a thumbnail as a phone does."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    img.save(path, format="HEIF", quality=92, **kw)
+    return path

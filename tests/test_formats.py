@@ -10,6 +10,7 @@ exercised by a real file.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -23,10 +24,10 @@ from PIL.TiffImagePlugin import ImageFileDirectory_v2
 
 from imgstore import ImageStore
 from imgstore.cli import cli
-from imgstore.decode import check_size, decode_bytes, load_fitted, load_image
+from imgstore.decode import _boxes_whole, check_size, decode_bytes, load_fitted, load_image
 from imgstore.errors import DecodeError, ImageTooLargeError
 
-from .helpers import photo
+from .helpers import photo, write_heic
 
 ORIENT_6 = Image.Transpose.ROTATE_270  # EXIF orientation 6: turn 90 degrees clockwise to view
 
@@ -36,14 +37,6 @@ def exif(orientation: int = 1, when: str = "2020:01:02 03:04:05") -> bytes:
     e[0x0112] = orientation
     e[0x0132] = when
     return e.tobytes()
-
-
-def write_heic(img: Image.Image, path: Path, **kw: object) -> Path:
-    import pillow_heif
-
-    pillow_heif.register_heif_opener()
-    img.save(path, format="HEIF", quality=92, **kw)
-    return path
 
 
 def write_dng(img: Image.Image, path: Path, *, orientation: int = 1, when: str = "2021:07:04 10:20:30") -> Path:
@@ -154,8 +147,6 @@ def test_any_heic_thumbnail_used_covers_the_size_and_shows_the_image(tmp_path: P
 
 @pytest.fixture(scope="module")
 def heic_with_thumbnail() -> bytes:
-    import io
-
     buf = io.BytesIO()
     write_heic(photo("coffee").convert("RGB").resize((400, 300)), buf, thumbnails=[200])  # type: ignore[arg-type]
     return buf.getvalue()
@@ -180,6 +171,39 @@ def test_a_damaged_heic_reads_with_a_thumbnail_whenever_it_reads_without(heic_wi
         assert whole is None
     else:
         assert whole is None or (small.width, small.height) == (whole.width, whole.height)
+
+
+@settings(max_examples=50, deadline=None)
+@given(cut=st.floats(0, 1, exclude_max=True))
+def test_a_cut_off_heic_is_never_read_from_its_thumbnail(heic_with_thumbnail: bytes, cut: float) -> None:
+    """An interrupted copy (the file cut off anywhere): what is left is read as it would be without
+    a thumbnail (refused, or what libheif makes of the whole image's remains), never from a
+    thumbnail that survived the cut; the whole file reads from its thumbnail."""
+    data = heic_with_thumbnail[: int(cut * len(heic_with_thumbnail))]
+    assert not _boxes_whole(data)
+    try:
+        got = load_image(data, thumbnail_size=(100, 100))
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            load_image(data)
+    else:
+        assert got.image.size == load_image(data).image.size == (400, 300)
+    assert _boxes_whole(heic_with_thumbnail)
+    assert load_image(heic_with_thumbnail, thumbnail_size=(100, 100)).image.size == (200, 150)
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(1, 400), height=st.integers(1, 400), box=st.integers(1, 300))
+def test_load_fitted_fits_the_box_as_a_thumbnail_of_the_image_would(width: int, height: int, box: int) -> None:
+    """Any size of image and of box: what load_fitted returns has the size Image.thumbnail gives
+    the whole decoded image, never a side above the box."""
+    img = photo("coffee").convert("RGB").resize((width, height))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    shown = load_fitted(bytearray(buf.getvalue()), box)
+    expected = img.copy()
+    expected.thumbnail((box, box))
+    assert shown.size == expected.size and max(shown.size) <= box
 
 
 def test_one_limit_for_raw_and_heic(tmp_path: Path) -> None:
@@ -230,5 +254,5 @@ def test_a_phone_folder_ingests_and_searches(tmp_path: Path) -> None:
         query = write_heic(pics["astronaut"], tmp_path / "query.heic")
         hits = store.search(query, k=3)
         assert hits[0].paths == [str(folder / "IMG_0003.HEIC")]
-        pics["astronaut"].save(tmp_path / "twin.png")  # its PNG twin finds it too (ingested from its thumbnail)
+        pics["astronaut"].save(tmp_path / "twin.png")  # its PNG twin finds it too (the HEIC has a thumbnail that covers the input)
         assert store.search(tmp_path / "twin.png", k=3)[0].paths == [str(folder / "IMG_0003.HEIC")]

@@ -13,7 +13,7 @@ from imgstore import ImageStore
 from imgstore.keeper import BORDER_VERSION, Borders, Candidate, border_fraction, measure_border
 from imgstore.models import Image as ImageRow
 
-from .helpers import photo
+from .helpers import photo, write_heic
 from .test_keeper import copies, group_of
 
 
@@ -70,10 +70,9 @@ def test_dedup_keeps_the_border_and_reads_it_back(db_url: str, tmp_path: Path) -
 
 
 def test_a_heic_border_is_measured_on_its_own_thumbnail_as_on_the_image(tmp_path: Path) -> None:
-    """A rotated photo's black corners, measured on a HEIC's embedded thumbnail (what the measure
-    reads now: its 128-pixel box is covered) and on the same picture as PNG, agree."""
-    from .test_formats import write_heic
-
+    """A rotated photo's black corners, measured on a HEIC that embeds a 320-px thumbnail (which
+    covers the measure's 128-pixel box: test_formats shows load_fitted reads it) and on the same
+    picture as PNG, agree."""
     rotated = photo("chelsea").convert("RGB").resize((1200, 800)).rotate(20, expand=True)
     canvas = Image.new("RGB", (rotated.width, rotated.width * 3 // 4))
     canvas.paste(rotated, (0, (canvas.height - rotated.height) // 2))

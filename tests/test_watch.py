@@ -7,6 +7,7 @@ tested on its own, against a model file system, with hypothesis."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -135,10 +136,8 @@ class Process:
             status = self.proc.wait(timeout=DEADLINE_S)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
             self.proc.kill()
             for reader in self.readers:
                 reader.join(timeout=60)
