@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, and_, select, update
 
 from .catalog import merge_meta, merged_meta
-from .errors import ConfigError, NotFoundError
+from .decode import load_image
+from .errors import ConfigError, ImgStoreError, NotFoundError
 from .models import Image, ImagePath
 from .paths import from_stored, printable, to_stored
 
@@ -214,9 +215,16 @@ def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGro
               n: int) -> None:
     """Announce, move and record each planned file; ``n``: the journal's last move id so far."""
     keeper_meta_saved: set[int] = set()
+    unreadable: dict[int, str | None] = {}  # keeper -> why its file does not decode, or None
     with ctx.read("plan the moves") as conn:
         plan = _plan(conn, groups)
-    for src, root, image_id, keeper, member_tags in plan:
+    for src, root, image_id, keeper, keeper_path, member_tags in plan:
+        if keeper not in unreadable:
+            unreadable[keeper] = _undecodable(keeper_path, ctx.max_pixels)
+        if unreadable[keeper] is not None:
+            report.failed.append((src, f"the file kept in its group, {printable(keeper_path)}, {unreadable[keeper]}; "
+                                       "nothing of the group was moved"))
+            continue
         if not os.path.lexists(src):
             report.failed.append((src, "the file is gone (run `imgstore prune`)"))
             continue
@@ -239,8 +247,22 @@ def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGro
         report.moved.append((src, dst))
 
 
-def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str, str | None, int, int, list[str]]]:
-    """(path, its ingest root, its image, the keeper, the image's tags) for every file to move."""
+def _undecodable(path: str, max_pixels: int) -> str | None:
+    """Why the file a group keeps does not decode whole (gone, damaged since it was stored, or
+    stored from a HEIC's thumbnail while its own image is broken), or None. Checked before any
+    other file of the group is moved: the copies are never moved away from an unreadable keeper."""
+    try:
+        load_image(path, max_pixels=max_pixels, draft_size=(512, 512))  # every byte decoded; no thumbnail
+    except ImgStoreError as exc:
+        return f"does not decode ({getattr(exc, 'reason', None) or exc})"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str, str | None, int, int, str, list[str]]]:
+    """(path, its ingest root, its image, the keeper, the keeper's file, the image's tags) for
+    every file to move."""
     out = []
     for group in groups:
         if group.keeper_path is None:
@@ -257,7 +279,7 @@ def _plan(conn: Connection, groups: Sequence[DuplicateGroup]) -> list[tuple[str,
                 real = from_stored(path)
                 if real != group.keeper_path:
                     out.append((real, from_stored(root) if root else None, int(member.image_id), int(group.keeper),
-                                tags if member.image_id != group.keeper else []))
+                                group.keeper_path, tags if member.image_id != group.keeper else []))
     return out
 
 

@@ -80,6 +80,33 @@ def test_apply_moves_copies_and_undo_puts_them_back(db_url: str, tmp_path: Path)
     assert again.exit_code == 0 and "0 files put back, 0 not" in again.output
 
 
+@pytest.mark.parametrize("harm", ["damaged", "gone"])
+def test_copies_are_never_moved_away_from_a_kept_file_that_does_not_decode(db_url: str, tmp_path: Path, harm: str) -> None:
+    """The file a group keeps is damaged (or deleted) after it was stored: apply moves none of its
+    copies, says why for each, and still moves what other groups allow."""
+    files = collection(tmp_path / "photos")
+    other_copy = tmp_path / "photos" / "c" / "rocket-copy.png"
+    shutil.copyfile(files["other"], other_copy)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--db", db_url, "ingest", str(tmp_path / "photos"), "--no-progress"]).exit_code == 0
+    with ImageStore(db_url) as store:
+        groups = store.find_duplicates()
+    kept = {Path(g.keeper_path).name for g in groups if g.keeper_path}
+    assert kept == {"cat.png", "rocket.png"} or kept == {"cat.png", "rocket-copy.png"}, kept
+    if harm == "damaged":
+        files["original"].write_bytes(files["original"].read_bytes()[:300])
+    else:
+        files["original"].unlink()
+    out = runner.invoke(cli, ["--db", db_url, "dedup", "--apply", "--move-to", str(tmp_path / "dups"), "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    failed = {Path(f["path"]).name: f["reason"] for f in report["failed"]}
+    assert set(failed) == {"cat-half.jpg", "cat-copy.png"}, report
+    assert all("cat.png" in reason and "nothing of the group was moved" in reason for reason in failed.values())
+    assert files["half"].exists() and files["copy"].exists()
+    assert [Path(m["from"]).name for m in report["moved"]] in (["rocket-copy.png"], ["rocket.png"])
+
+
 def test_an_interrupted_apply_is_finished_by_the_next(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = collection(tmp_path / "photos")
     bin_ = tmp_path / "dups"
