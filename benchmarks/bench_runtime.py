@@ -259,6 +259,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     contenders = [c for c in CONTENDERS if c in args.contenders]  # the table's order, each once
+    if "int8" in contenders and cpu_int8_flags() == []:  # the model is refused on such a CPU (UnsupportedCpuError)
+        if args.contenders != list(DEFAULT_CONTENDERS):
+            parser.error("int8: this CPU has no int8 dot-product instructions (VNNI, AMX): imgstore refuses the model here")
+        log.info("int8 left out: this CPU has no int8 dot-product instructions (VNNI, AMX), where imgstore refuses it")
+        contenders.remove("int8")
 
     split = common.cifar_split()
     result: dict[str, Any] = {
