@@ -222,8 +222,11 @@ def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGro
     # keeper -> why its file does not decode, or None; decoded side by side (Pillow and libheif
     # release the GIL: a HEIC keeper is a 0.3 s decode, and an apply of a phone's library has
     # hundreds of groups)
-    with ThreadPoolExecutor(max_workers=_decode_threads()) as pool:
+    pool = ThreadPoolExecutor(max_workers=_decode_threads())
+    try:
         unreadable = dict(zip(keepers, pool.map(lambda path: _undecodable(path, ctx.max_pixels), keepers.values())))
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C: only the decodes running are waited for
     for src, root, image_id, keeper, keeper_path, member_tags in plan:
         if unreadable[keeper] is not None:
             report.failed.append((src, f"the file kept in its group, {printable(keeper_path)}, {unreadable[keeper]}; "
