@@ -34,6 +34,7 @@ from sqlalchemy import Connection, and_, select, update
 from .catalog import merge_meta, merged_meta
 from .decode import load_image
 from .errors import ConfigError, ImgStoreError, NotFoundError
+from .features.pipeline import default_workers
 from .models import Image, ImagePath
 from .paths import from_stored, printable, to_stored
 
@@ -222,7 +223,7 @@ def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGro
     # keeper -> why its file does not decode, or None; decoded side by side (Pillow and libheif
     # release the GIL: a HEIC keeper is a 0.3 s decode, and an apply of a phone's library has
     # hundreds of groups)
-    pool = ThreadPoolExecutor(max_workers=_decode_threads())
+    pool = ThreadPoolExecutor(max_workers=default_workers())
     try:
         unreadable = dict(zip(keepers, pool.map(lambda path: _undecodable(path, ctx.max_pixels), keepers.values())))
     finally:
@@ -252,13 +253,6 @@ def _move_all(ctx: StoreContext, journal: Journal, groups: Sequence[DuplicateGro
         _record_move(ctx, entry)
         journal.append({"op": "done", "id": n})
         report.moved.append((src, dst))
-
-
-def _decode_threads() -> int:
-    try:
-        return max(1, min(8, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not Linux
-        return max(1, min(8, os.cpu_count() or 1))
 
 
 def _undecodable(path: str, max_pixels: int) -> str | None:

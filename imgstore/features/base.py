@@ -74,6 +74,12 @@ def check_resize_mode(mode: str) -> str:
     return mode
 
 
+def short_side(size: int, mode: str) -> int:
+    """The shorter side :func:`resize_square` resizes an image's to before it keeps the centre
+    ``size`` square (squash: ``size``, each side)."""
+    return round(size / 0.875) if mode == "crop875" else size
+
+
 def resize_square(
     img: Image.Image, size: int, mode: str = "squash", resample: Image.Resampling = Image.Resampling.BICUBIC
 ) -> npt.NDArray[np.uint8]:
@@ -89,7 +95,7 @@ def resize_square(
     if mode == "squash":
         out = img.resize((size, size), resample) if (w, h) != (size, size) else img
     else:
-        short = size if mode == "crop" else round(size / 0.875)
+        short = short_side(size, mode)
         scale = short / min(w, h)
         nw, nh = max(short, round(w * scale)), max(short, round(h * scale))
         left, top = (nw - size) / 2, (nh - size) / 2
@@ -124,8 +130,8 @@ class SquareInput:
         # has real pixels to filter from
         self.draft_size: tuple[int, int] | None = (2 * self.image_size, 2 * self.image_size)
         # an embedded thumbnail was filtered down by its encoder: covering what the resize keeps
-        # is enough (squash and crop: the input's side; crop875: the shorter side it resizes to)
-        side = self.image_size if self.resize != "crop875" else round(self.image_size / 0.875)
+        # is enough (the shorter side it resizes to)
+        side = short_side(self.image_size, self.resize)
         self.thumbnail_size: tuple[int, int] | None = (side, side)
         self.preprocess_version = f"{self.resize}{self.image_size}-{self.resample}-{scaling}-v1"
 
