@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser emulator demo lint test bench clean
+.PHONY: setup browser emulator samples demo lint test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check imgstore
 	$(BIN)/mypy
 
-test: $(STAMP) browser emulator lint
+# Real phone and camera HEIC/HEIF files (iPhone, Galaxy, Sony, Xiaomi, Nokia) for the format tests:
+# the test images of pillow-heif's source package, fetched by pip once (tests/camera_samples.py).
+# Without them those tests fail in CI and skip, saying so, elsewhere.
+samples: $(STAMP)
+	@$(BIN)/python tests/camera_samples.py >/dev/null || true
+
+test: $(STAMP) browser emulator samples lint
 	$(BIN)/python -m pytest
 
 clean:

@@ -239,15 +239,20 @@ def decode_bytes(
         if exc.reason != _UNRECOGNISED or not _looks_raw(data):
             raise
         return _decode_raw(data, path, limit, draft_size)  # a RAW file without its name (an upload)
-    if thumbnail_size is not None and img.format == "HEIF" and not _boxes_whole(data):
-        thumbnail_size = None  # a cut-off copy: decoded whole, it fails as it always did (never read from what is left)
+    if img.format == "HEIF" and not _boxes_whole(data):
+        # libheif decodes a tiled photo (an iPhone's: 512-px tiles) whose tiles are cut off with
+        # those tiles blank, and reads its thumbnail from what is left, without an error
+        raise DecodeError(path, "truncated HEIC/HEIF file: its data ends before its last box does (an interrupted "
+                                "copy?); copy it again from its source")
     return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
 
 
 def _boxes_whole(data: bytes | bytearray | memoryview) -> bool:
     """Whether an ISO base media file (HEIF) holds each of its top-level boxes whole, its media
     data (``mdat``) among them: a copy cut off mid-way (an interrupted transfer) does not, even
-    where what is left still holds a decodable thumbnail. Reads only the boxes' headers."""
+    where what is left still decodes (a tiled photo with blank tiles, its thumbnail). Every
+    phone and camera file of tests/test_camera_files.py holds its boxes whole. Reads only the
+    boxes' headers."""
     view = memoryview(data)
     pos, end, media = 0, len(view), False
     while pos + 8 <= end:
