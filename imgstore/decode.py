@@ -23,7 +23,8 @@ A HEIC/HEIF usually carries a small thumbnail its encoder made (a few hundred pi
 directions and is a scaled copy of the image (pillow-heif checks its aspect ratio, crop,
 rotation, mirroring and colour profile): a 12 MP HEIC's HEVC decode takes 0.1-1 s, its
 thumbnail's a few milliseconds. Callers ask for it where a picture of that size is all they
-use (an extractor's input, a page's thumbnail), never where detail matters (the geometric check).
+use (an extractor's input, a page's thumbnail, the geometric check's 512-px working image when
+the thumbnail covers it: a Galaxy's 512-px one does, an iPhone's 320-px one does not).
 
 Formats: Pillow's own (JPEG, PNG, GIF, WebP, AVIF, TIFF, BMP, ...), HEIC/HEIF through the
 ``pillow-heif`` plugin, and camera RAW files through :mod:`imgstore.rawphoto` (by their name, or
@@ -216,6 +217,7 @@ def decode_bytes(
     max_pixels: int | None = None,
     draft_size: tuple[int, int] | None = None,
     thumbnail_size: tuple[int, int] | None = None,
+    thumbnail_box: int | None = None,
 ) -> DecodedImage:
     """Decode an encoded image (JPEG, PNG, GIF, WebP, TIFF, BMP, ...) to an RGB :class:`DecodedImage`.
 
@@ -227,8 +229,10 @@ def decode_bytes(
     factor (a box average) to the smallest size that still covers it, so that a large photo's
     full-size pixels are freed at once. ``thumbnail_size`` (width, height): a HEIC/HEIF's
     embedded thumbnail at least this big, a scaled copy of the image, is decoded instead of it
-    (see the module doc); ``width`` and ``height`` stay the image's. ``path`` is used in error
-    messages, and its extension tells a camera RAW file.
+    (see the module doc); ``width`` and ``height`` stay the image's. ``thumbnail_box``: the same,
+    for a thumbnail that covers the image fitted within ``thumbnail_box`` x ``thumbnail_box``
+    (what :func:`load_fitted` shows, what the geometric check works on), whatever its aspect.
+    ``path`` is used in error messages, and its extension tells a camera RAW file.
     """
     limit = resolve_max_pixels(max_pixels)
     if is_raw_name(path):
@@ -244,7 +248,21 @@ def decode_bytes(
         # those tiles blank, and reads its thumbnail from what is left, without an error
         raise DecodeError(path, "truncated HEIC/HEIF file: its data ends before its last box does (an interrupted "
                                 "copy?); copy it again from its source")
+    if thumbnail_box is not None and img.format == "HEIF":
+        thumbnail_size = fitted_size(img.size, thumbnail_box)
     return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
+
+
+def fitted_size(size: tuple[int, int], box: int) -> tuple[int, int]:
+    """The size ``Image.thumbnail((box, box))`` gives an image of ``size``, rounded down (whole
+    pixels): what a thumbnail must cover to stand in for it. Down, since an encoder rounds its
+    thumbnail's sides either way: a Galaxy's 4000 x 1848 photo carries a 512 x 236 one, where
+    the fitted size is 512 x 236.5 (a thumbnail a pixel short is then enlarged by that pixel)."""
+    width, height = size
+    long_side = max(width, height)
+    if long_side <= box:
+        return width, height
+    return max(1, width * box // long_side), max(1, height * box // long_side)
 
 
 def _boxes_whole(data: bytes | bytearray | memoryview) -> bool:
@@ -381,10 +399,11 @@ def load_image(
     draft_size: tuple[int, int] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     thumbnail_size: tuple[int, int] | None = None,
+    thumbnail_box: int | None = None,
 ) -> DecodedImage:
     """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
 
-    ``max_pixels``, ``draft_size`` and ``thumbnail_size`` as :func:`decode_bytes` says (None: the process's limit,
+    ``max_pixels``, ``draft_size``, ``thumbnail_size`` and ``thumbnail_box`` as :func:`decode_bytes` says (None: the process's limit,
     :func:`default_max_pixels`; a store passes its own). A PIL image is taken as it is (its
     EXIF orientation applied, its mode converted, reduced as a decoded file would be, so that
     it gives the features its PNG would); it is not modified in place.
@@ -394,10 +413,12 @@ def load_image(
     if isinstance(source, Image.Image):
         return _finish(source, path=None, max_pixels=resolve_max_pixels(max_pixels), draft_size=draft_size, owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size)
+        return decode_bytes(source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size,
+                            thumbnail_box=thumbnail_box)
     if isinstance(source, (str, os.PathLike)):
         data = read_file(source, max_bytes=max_bytes)
-        return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size)
+        return decode_bytes(data, path=source, max_pixels=max_pixels, draft_size=draft_size, thumbnail_size=thumbnail_size,
+                            thumbnail_box=thumbnail_box)
     raise ConfigError(f"an image is a path, bytes, a file-like object, a PIL image or a uint8 array, "
                       f"not {type(source).__name__}")
 
@@ -412,12 +433,7 @@ def load_fitted(source: str | os.PathLike[str] | bytes | bytearray | memoryview,
         path, data = None, source
     else:
         path, data = source, read_file(source)
-    width, height = check_size(data, path=path, max_pixels=max_pixels)
-    long_side = max(width, height)
-    # what Image.thumbnail((box, box)) keeps, rounded up, in whole numbers (never above box)
-    fitted = (width, height) if long_side <= box else (max(1, -(-width * box // long_side)),
-                                                        max(1, -(-height * box // long_side)))
-    img = decode_bytes(data, path=path, max_pixels=max_pixels, draft_size=(box, box), thumbnail_size=fitted).image
+    img = decode_bytes(data, path=path, max_pixels=max_pixels, draft_size=(box, box), thumbnail_box=box).image
     img.thumbnail((box, box))
     return img
 

@@ -10,6 +10,7 @@ files' own, read from their headers and EXIF by pillow-heif and Pillow, not imgs
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from datetime import datetime
@@ -19,7 +20,7 @@ import numpy as np
 import pillow_heif
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from imgstore import ImageStore
 from imgstore.cli import cli
@@ -27,6 +28,7 @@ from imgstore.decode import load_fitted, load_image
 from imgstore.dedup import DEFAULT_MIN_COSINE
 from imgstore.errors import DecodeError, ImageTooLargeError
 from imgstore.features import get_extractor
+from imgstore.geometry import COPY, DIFFERENT, WORK_SIDE, PairVerifier
 
 from . import camera_samples
 from .helpers import missing_tool
@@ -178,3 +180,28 @@ def test_a_200_megapixel_phone_photo(samples: Path) -> None:
         with pytest.raises(ImageTooLargeError) as err:
             call()
         assert "\n" not in str(err.value) and "max-pixels" in str(err.value)
+
+
+def test_the_geometric_check_reads_a_galaxy_thumbnail_with_the_same_verdicts(samples: Path) -> None:
+    """The check works on the picture fitted in 512 x 512: a Galaxy's 512-px thumbnail covers it
+    (an iPhone's 320-px one does not, so that photo decodes whole), and gives the verdicts the
+    whole photo gives: its JPEG copies (as saved, cropped, brightened) are copies, the other
+    phone's photo is not."""
+    assert load_image(source(samples, "arrow.heic"), thumbnail_box=WORK_SIDE).image.size == (3024, 4032)
+    for name, other in (("aux_YCbCr.heic", "200MP.heic"), ("200MP.heic", "aux_YCbCr.heic")):
+        width, height = CAMERA[name][3:]
+        thumb = load_image(source(samples, name), thumbnail_box=WORK_SIDE).image
+        assert max(thumb.size) == WORK_SIDE and thumb.width * height // width in range(thumb.height - 1, thumb.height + 2)
+        whole = load_image(source(samples, name), draft_size=(2048, 2048)).image
+        copies = [whole, whole.crop((whole.width // 10, whole.height // 10, whole.width * 9 // 10, whole.height * 9 // 10)),
+                  ImageEnhance.Brightness(whole).enhance(1.2)]
+        pictures: dict[int, Image.Image] = {1: load_image(source(samples, other), thumbnail_box=WORK_SIDE).image}
+        for i, copy in enumerate(copies, start=2):
+            buf = io.BytesIO()
+            copy.save(buf, "JPEG", quality=80)
+            pictures[i] = load_image(buf.getvalue(), draft_size=(WORK_SIDE, WORK_SIDE)).image
+        verdicts = []
+        for photo in (thumb, load_image(source(samples, name), draft_size=(WORK_SIDE, WORK_SIDE)).image):
+            verifier = PairVerifier(lambda i, photo=photo: photo if i == 0 else pictures[i], workers=1)
+            verdicts.append(verifier.verdicts([0, 0, 0, 0], [1, 2, 3, 4]).tolist())
+        assert verdicts[0] == verdicts[1] == [DIFFERENT, COPY, COPY, COPY], name
