@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from imgstore.decode import DecodedImage, load_image
 from imgstore.evaluation import cosine_distances, evaluate_distances
 from imgstore.features import get_extractor
-from imgstore.features.int8 import cpu_int8_flags
+from imgstore.features.int8 import cpu_int8_flags, exact_int8_cpu
 from imgstore.features.pipeline import default_workers, extract_stream
 from imgstore.hashing import make_hasher
 from imgstore.hashing.bits import as_words, hamming_distances_batch
@@ -259,7 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     contenders = [c for c in CONTENDERS if c in args.contenders]  # the table's order, each once
-    if "int8" in contenders and cpu_int8_flags() == []:  # the model is refused on such a CPU (UnsupportedCpuError)
+    if "int8" in contenders and exact_int8_cpu() is False:  # the model is refused on such a CPU (UnsupportedCpuError)
         if args.contenders != list(DEFAULT_CONTENDERS):
             parser.error("int8: this CPU has no int8 dot-product instructions (VNNI, AMX): imgstore refuses the model here")
         log.info("int8 left out: this CPU has no int8 dot-product instructions (VNNI, AMX), where imgstore refuses it")

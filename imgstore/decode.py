@@ -403,8 +403,8 @@ def load_image(
 ) -> DecodedImage:
     """Decode a path, encoded bytes or a PIL image into an RGB :class:`DecodedImage`.
 
-    ``max_pixels``, ``draft_size``, ``thumbnail_size`` and ``thumbnail_box`` as :func:`decode_bytes` says (None: the process's limit,
-    :func:`default_max_pixels`; a store passes its own). A PIL image is taken as it is (its
+    ``max_pixels``, ``draft_size``, ``thumbnail_size`` and ``thumbnail_box`` as :func:`decode_bytes`
+    says (None: the process's limit, :func:`default_max_pixels`; a store passes its own). A PIL image is taken as it is (its
     EXIF orientation applied, its mode converted, reduced as a decoded file would be, so that
     it gives the features its PNG would); it is not modified in place.
     File-like objects and numpy arrays are accepted as :func:`as_source` says.

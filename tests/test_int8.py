@@ -49,9 +49,9 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
-#: whether this CPU has int8 dot products (VNNI, AMX, Arm's dot product): the shipped reference
-#: features hold only there
-INT8_CPU = bool(int8.cpu_int8_flags())
+#: whether ONNX Runtime's int8 sums are exact on this CPU (x86 with VNNI or AMX, any Arm): the
+#: shipped reference features hold only there
+INT8_CPU = bool(int8.exact_int8_cpu())
 REFUSED_HERE = "no int8 dot-product instructions"
 
 
@@ -203,10 +203,10 @@ def test_a_model_that_disagrees_with_the_reference_is_refused(tmp_path: Path, mo
         int8.Int8Extractor(ex.path, resize="squash", resample="bilinear", num_threads=1, reference=other)
     assert "\n" not in str(info.value)
     # the reason given: no int8 dot products; another onnxruntime (with the version that agrees)
-    monkeypatch.setattr(int8, "cpu_int8_flags", lambda: [])
+    monkeypatch.setattr(int8, "exact_int8_cpu", lambda: False)
     with pytest.raises(UnsupportedCpuError, match="no int8 dot-product instructions"):
         int8.check_reference(ex._session, other)
-    monkeypatch.setattr(int8, "cpu_int8_flags", lambda: ["avx512_vnni"])
+    monkeypatch.setattr(int8, "exact_int8_cpu", lambda: True)
     other.write_text(json.dumps({**doc, "onnxruntime": "0.0.1", "features": moved.tolist()}))
     with pytest.raises(UnsupportedCpuError, match=r"pip install onnxruntime==0\.0\.1` may agree\); or use efficientnet"):
         int8.check_reference(ex._session, other)

@@ -14,9 +14,11 @@ cache beside the fp32 export (no calibration images needed on the user's machine
   the 99.999th percentiles, both ends, of every tensor over 500 CIFAR-10 database images (never a
   query), made by ``benchmarks/bench_int8.py --ship``.
 
-One model file does not give the same features on every CPU: without int8 dot products (x86
-VNNI or AMX) ONNX Runtime's uint8 x int8 kernels add products in saturating 16-bit sums, which
-moves every feature (cosine 0.82 to fp32 measured on an AVX2-only CPU). So every load runs the
+One model file does not give the same features on every CPU: on an x86 CPU without int8 dot
+products (VNNI or AMX) ONNX Runtime's uint8 x int8 kernels add products in saturating 16-bit
+sums, which moves every feature (cosine 0.82 to fp32 measured on an AVX2-only CPU). Arm's
+kernels sum exactly, with or without the dot-product extension: five emulated aarch64 CPUs gave
+cosine 0.99977 to the reference (benchmarks/results/int8_arm.md). So every load runs the
 model on a few fixed test pictures and compares the result with features shipped beside the
 ranges (``...-reference.json``, made on a CPU with VNNI): below cosine 0.999, the extractor
 refuses to run (:class:`~imgstore.errors.UnsupportedCpuError`) instead of writing features of
@@ -31,6 +33,7 @@ import inspect
 import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -61,7 +64,8 @@ REFERENCE = DATA / f"{NAME}-reference.json"
 MIN_REFERENCE_COSINE = 0.999
 #: test pictures compared with the reference at every load
 REFERENCE_PICTURES = 4
-_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+#: x86's int8 dot-product instructions (an Arm CPU needs none: its int8 sums never saturate)
+_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 class Int8Extractor(OnnxExtractor):
@@ -293,7 +297,7 @@ def check_reference(session: Any, reference: Path | None = None) -> float:
         import onnxruntime as ort
 
         made_with = str(doc.get("onnxruntime", ""))
-        if cpu_int8_flags() == []:
+        if exact_int8_cpu() is False:
             why = "this CPU has no int8 dot-product instructions (VNNI, AMX), so ONNX Runtime's int8 sums saturate"
         elif made_with and made_with != ort.__version__:
             why = (f"the reference was made with onnxruntime {made_with}, this is {ort.__version__} (`pip install "
@@ -307,9 +311,22 @@ def check_reference(session: Any, reference: Path | None = None) -> float:
     return least
 
 
+def exact_int8_cpu() -> bool | None:
+    """Whether ONNX Runtime's int8 sums are exact on this CPU, as the reference's were: an x86 CPU
+    with VNNI or AMX, or any Arm (aarch64) CPU; False for an x86 CPU without (they saturate);
+    None where it cannot be told (the load-time check decides in every case)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64", "i686", "i386", "x86"):
+        return None
+    flags = cpu_int8_flags()
+    return None if flags is None else bool(flags)
+
+
 def cpu_int8_flags() -> list[str] | None:
-    """The int8 dot-product instructions this CPU reports (Linux: /proc/cpuinfo), or None where
-    they cannot be read."""
+    """The x86 int8 dot-product instructions this CPU reports (Linux: /proc/cpuinfo), or None
+    where they cannot be read ([] on Arm, where none is needed)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             text = f.read()
