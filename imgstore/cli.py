@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .db import ENV_VAR, resolve_url, sqlite_file
-from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_size_warnings
+from .decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, parse_pixels, quiet_pillow_warnings
 from .errors import ImgStoreError, NotFoundError
 from .features import RUNTIME_ENV, RUNTIMES, embeds_text, space_name
 from .ingest import IngestSummary
@@ -131,7 +131,7 @@ def cli(ctx: click.Context, db: str | None, max_pixels: int | None, runtime: str
     """
     # every image this process reads is decoded by imgstore.decode, whose own limit decides:
     # Pillow's warning above its 89 MP default is noise here (see decode._open)
-    quiet_pillow_size_warnings()
+    quiet_pillow_warnings()
     ctx.obj = Context(db, max_pixels, runtime.lower() if runtime else None)
 
 

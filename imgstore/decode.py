@@ -47,7 +47,8 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import IO, Any, Union
+from pathlib import Path
+from typing import IO, Any, TextIO, Union
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -487,7 +488,7 @@ def _open(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | N
     What stays Pillow's: a few plugins check again while loading (a TIFF's strips, a WebP
     canvas, a GIF frame larger than its screen); there Pillow's own limit can still warn or
     refuse (reported as :class:`ImageTooLargeError`). The CLI, which owns its process, quiets
-    that warning with :func:`quiet_pillow_size_warnings`.
+    that warning with :func:`quiet_pillow_warnings`.
     """
     if len(data) == 0:
         raise DecodeError(path, "empty file (0 bytes)")
@@ -506,12 +507,18 @@ def _open(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | N
                 continue
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(path, _pillow_refused(exc)) from None
+    except NotImplementedError as exc:  # a plugin's variant it does not read (a DDS's DXGI format)
+        raise DecodeError(path, _unsupported(exc)) from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
     raise DecodeError(path, _UNRECOGNISED)
 
 
 _UNRECOGNISED = "not a recognised image format"
+
+
+def _unsupported(exc: BaseException) -> str:
+    return f"a variant of its format that Pillow cannot decode ({_short(exc)}); convert it to PNG or JPEG"
 
 
 def _pillow_refused(exc: BaseException) -> str:
@@ -534,13 +541,35 @@ def _check_dimensions(width: int, height: int, path: str | os.PathLike[str] | No
         )
 
 
-def quiet_pillow_size_warnings() -> None:
-    """Ignore Pillow's ``DecompressionBombWarning`` in this whole process: for an application
-    (the ``imgstore`` command and its server processes call it first thing) whose every decode
-    goes through this module, where our own limit has already decided. The library never calls
-    it: a warnings filter is process-wide, and an embedding program may want Pillow's warning
-    for its own images. Pillow's error above twice its limit is not affected."""
+def quiet_pillow_warnings() -> None:
+    """For an application whose every decode goes through this module (the ``imgstore`` command
+    and its server processes call it first thing), in this whole process:
+
+    - Pillow's ``DecompressionBombWarning`` is ignored: our own limit has already decided.
+    - Pillow's (and pillow-heif's) other warnings, about a file they still decoded (corrupt EXIF
+      data, a malformed MPO or APNG read as its first picture, an icon not the size it says), are
+      logged on this module's logger at debug level, in one line, instead of printed on the
+      terminal with the plugin's source line: 40 of them in a folder of odd files buried the
+      ingest's own report.
+
+    The library never calls it: a warnings filter and ``warnings.showwarning`` are process-wide,
+    and an embedding program may want Pillow's warnings for its own images. Pillow's error above
+    twice its limit is not affected."""
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    shown = warnings.showwarning
+    if getattr(shown, "imgstore_pillow", False):
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        parts = Path(filename).parts
+        if "PIL" in parts or "pillow_heif" in parts:
+            logger.debug("%s (%s)", message, category.__name__)
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    show.imgstore_pillow = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 #: Images above this many pixels (as decoded: after a JPEG draft) are reduced to about their
@@ -607,6 +636,8 @@ def _finish(
         raise DecodeError(path, exc.reason) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(path, _pillow_refused(exc)) from None
+    except NotImplementedError as exc:
+        raise DecodeError(path, _unsupported(exc)) from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"truncated or corrupt image data ({_short(exc)})") from None
     except MemoryError:

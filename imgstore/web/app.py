@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decode import quiet_pillow_size_warnings
+from ..decode import quiet_pillow_warnings
 from ..errors import ConfigError, ImgStoreError
 from ..repository import ImageStore
 from ..watch import Watcher
@@ -134,7 +134,7 @@ def worker_app() -> FastAPI:
     and code cache, read-only. Several processes answer more searches at once than one, whose
     search work holds Python's lock; writes are not offered there, since page notes, background
     jobs and the undo list live in one process."""
-    quiet_pillow_size_warnings()  # this process is the command's, as the command's own is (see cli)
+    quiet_pillow_warnings()  # this process is the command's, as the command's own is (see cli)
     settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
     store = ImageStore(settings["db"], cache_codes=True, vector_cache_mb=int(settings["vector_cache_mb"]),
                        extractor_options=settings["extractor_options"], max_pixels=int(settings["max_pixels"]),
