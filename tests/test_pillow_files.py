@@ -84,3 +84,50 @@ def test_a_folder_of_them_ingests_with_a_one_line_report_per_failure(pillow_file
     assert not noise, "\n".join(noise[:20])
     with ImageStore(db) as store:
         assert store.info().counts.images == summary["added"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's, about files it still decodes
+def test_every_file_uploaded_to_a_real_server_is_an_answer_or_a_clear_refusal(pillow_files: list[Path],
+                                                                              tmp_path: Path) -> None:
+    """Each file as a search upload and as an added image (``allow_writes``) on a real uvicorn
+    server: 200, or 4xx with a one-line JSON ``error``; never a 5xx. Every image added is then
+    searchable by its id."""
+    import httpx
+
+    from imgstore.serve import Thumbnails, create_app
+
+    from .helpers import photo
+    from .test_serve import running
+
+    store = ImageStore(tmp_path / "served.db", cache_codes=True)
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    photo("chelsea").save(seed / "chelsea.png")
+    store.ingest([seed], extractor="color")
+    wrong: list[str] = []
+    added: list[int] = []
+    refused = 0
+    try:
+        app = create_app(store, allow_writes=True, thumbnails=Thumbnails(store, tmp_path / "thumbs"))
+        with running(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+            for path in pillow_files:
+                data = path.read_bytes()
+                for method, url in (("search", "/api/search"), ("add", "/api/images")):
+                    got = http.post(url, params={"k": 2} if method == "search" else None,
+                                    files={"image": (path.name, data, "application/octet-stream")})
+                    if got.status_code == 200:
+                        if method == "add":
+                            added.append(int(got.json()["image_id"]))
+                        continue
+                    refused += 1
+                    detail = got.json().get("error") if got.headers.get("content-type", "").startswith(
+                        "application/json") else None
+                    if got.status_code >= 500 or not isinstance(detail, str) or "\n" in detail:
+                        wrong.append(f"{path.name} ({method}): {got.status_code} {got.text[:300]}")
+            assert not wrong, "\n".join(wrong[:40])
+            assert len(added) > 500 and refused > 100, (len(added), refused)
+            for image_id in sorted(set(added))[:: max(1, len(set(added)) // 50)]:  # a sample: each found by its id
+                hits = http.get("/api/search", params={"id": image_id, "k": 1})
+                assert hits.status_code == 200, hits.text
+    finally:
+        store.close()
