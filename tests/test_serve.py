@@ -392,7 +392,7 @@ def test_server_and_cli_refuse_the_same_image_at_the_same_limit(served: tuple[Im
         api = client(limited, tmp_path, allow_writes=True)
         for url in ("/api/search", "/api/images"):
             answer = api.post(url, files={"image": ("big.png", big.read_bytes(), "image/png")})
-            assert answer.status_code == 422 and answer.json()["error"] == f"<in-memory image>: {error['reason']}"
+            assert answer.status_code == 422 and answer.json()["error"] == f"the uploaded image: {error['reason']}"
         small = api.post("/api/search", files={"image": ("s.png", png(photo("chelsea").resize((150, 150))), "image/png")})
         assert small.status_code == 200
     assert store.counts().images == 8

@@ -27,7 +27,7 @@ from ..repository import ImageStore
 from ..watch import Watcher
 from .api import router as api_router
 from .api import search_router
-from .http import Guard, error_response, status_for
+from .http import Guard, error_response, error_text, status_for
 from .pages import router as page_router
 from .render import HERE
 from .service import MAX_UPLOAD_BYTES, Forbidden, Overloaded, Service, Thumbnails, TooLarge
@@ -104,7 +104,7 @@ def check_token(token: str | None) -> None:
 
 async def _library_error(request: Request, exc: Exception) -> Response:
     headers = {"Retry-After": "1"} if isinstance(exc, Overloaded) else None
-    return error_response(request, status_for(exc), str(exc), headers)
+    return error_response(request, status_for(exc), error_text(exc), headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

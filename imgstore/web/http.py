@@ -49,6 +49,14 @@ def status_for(exc: Exception) -> int:
     return 400
 
 
+def error_text(exc: Exception) -> str:
+    """What to tell the client: the error's own message, except that an upload that is not an
+    image it can read is "the uploaded image" (the library calls bytes "<in-memory image>")."""
+    if isinstance(exc, DecodeError) and exc.path is None:
+        return f"the uploaded image: {exc.reason}"
+    return str(exc)
+
+
 def error_response(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """JSON ``{"error": ...}`` for the API and for clients that are not browsers; an HTML page
     for a page."""

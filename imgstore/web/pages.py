@@ -30,7 +30,7 @@ from ..errors import ImgStoreError, NotFoundError
 from ..hashing import available_methods
 from ..paths import counted, printable
 from ..types import SearchFilter, SearchOptions
-from .http import read_filter, read_upload, status_for
+from .http import error_text, read_filter, read_upload, status_for
 from .render import render
 from .service import Service, TooLarge
 
@@ -192,7 +192,7 @@ async def search_upload(request: Request) -> Response:
     try:
         data, _ = await read_upload(request, service)
     except (TooLarge, ImgStoreError) as exc:
-        return render(request, "search.html", status_for(exc), error=str(exc), **context)
+        return render(request, "search.html", status_for(exc), error=error_text(exc), **context)
     name = getattr(item, "filename", None) or "the uploaded image"
     options = SearchOptions(k=k_value, exact=exact, index_id=index_id, filter=search_filter)
     try:
