@@ -51,9 +51,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check imgstore
 	$(BIN)/mypy
 
-# Real phone and camera HEIC/HEIF files (iPhone, Galaxy, Sony, Xiaomi, Nokia) for the format tests:
-# the test images of pillow-heif's source package, fetched by pip once (tests/camera_samples.py).
-# Without them those tests fail in CI and skip, saying so, elsewhere.
+# Real files for the format tests, fetched by pip once (tests/camera_samples.py): the phone and
+# camera HEIC/HEIF files of pillow-heif's source package (iPhone, Galaxy, Sony, Xiaomi, Nokia) and
+# the ~1,000 odd and broken files of Pillow's. Without them those tests fail in CI and skip,
+# saying so, elsewhere.
 samples: $(STAMP)
 	@$(BIN)/python tests/camera_samples.py >/dev/null || true
 

@@ -6,9 +6,10 @@ HEIC whose embedded thumbnail covers that (a Galaxy's 512-px one) is read from t
 (``load_image(..., thumbnail_box=512)``); an iPhone's 320-px one does not cover it.
 
 Pairs: N of bench_ingest_photos' photos cropped to 4:3, each written as a HEIC (quality 85)
-with a 512-px thumbnail, paired with a JPEG (q80) copy of it edited one of five ways (as is,
-cropped 84 %, brightened, a third of the size, turned 4 degrees), and with another photo's copy
-(a pair that is not a copy). Each way of reading the HEICs runs the check on every pair (2
+with a 512-px thumbnail, paired with a JPEG (q80) copy of it edited one of eight ways (``EDITS``:
+as is, cropped, brightened, smaller, turned, and three near what the check can still tie: 55 %
+of it kept, an eighth of the size at JPEG q30, cropped + darker + turned), and with another
+photo's copy (a pair that is not a copy). Each way of reading the HEICs runs the check on every pair (2
 threads, a new verifier each time, so every image is read), ``--rounds`` times interleaved;
 medians. The real Galaxy S24 Ultra (200 MP) and S25 Ultra photos of tests/test_camera_files.py
 are checked the same way against their copies when ``make samples`` fetched them.
@@ -45,7 +46,8 @@ import common
 from tests import camera_samples
 
 NAMES = {COPY: "copy", DIFFERENT: "different", UNKNOWN: "unknown"}
-EDITS = ("as is", "cropped 84 %", "brightened", "a third of the size", "turned 4 degrees")
+EDITS = ("as is", "cropped 84 %", "brightened", "a third of the size", "turned 4 degrees", "cropped 55 %",
+         "an eighth of the size, JPEG q30", "cropped 70 %, darker, turned 2 degrees")
 
 
 def edit(img: Image.Image, k: int) -> Image.Image:
@@ -58,6 +60,13 @@ def edit(img: Image.Image, k: int) -> Image.Image:
         return img.resize((w // 3, h // 3), Image.Resampling.LANCZOS)
     if k == 4:
         return img.rotate(4, resample=Image.Resampling.BICUBIC)
+    if k == 5:  # near what the check can still tie: half the picture gone
+        return img.crop((w * 20 // 100, h * 25 // 100, w * 75 // 100, h * 80 // 100))
+    if k == 6:  # a small, blocky copy (a messaging app's); its JPEG quality is set in main
+        return img.resize((w // 8, h // 8), Image.Resampling.BILINEAR)
+    if k == 7:
+        small = img.crop((w * 15 // 100, h * 15 // 100, w * 85 // 100, h * 85 // 100))
+        return ImageEnhance.Brightness(small).enhance(0.7).rotate(2, resample=Image.Resampling.BICUBIC)
     return img
 
 
@@ -107,7 +116,7 @@ def main() -> None:
         img = img.crop((0, 0, w, w * 3 // 4)) if w * 3 // 4 <= h else img.crop((0, 0, h * 4 // 3, h))
         items[2 * n] = encoded(img, "HEIF", quality=85, thumbnails=[512])
         heics.add(2 * n)
-        items[2 * n + 1] = encoded(edit(img, n % len(EDITS)), "JPEG", quality=80)
+        items[2 * n + 1] = encoded(edit(img, n % len(EDITS)), "JPEG", quality=30 if n % len(EDITS) == 6 else 80)
         pairs.append((2 * n, 2 * n + 1))
         kinds.append(f"copy: {EDITS[n % len(EDITS)]}")
     n_photos = len(heics)

@@ -44,10 +44,10 @@ import stat
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from pathlib import Path
 from typing import IO, Any, TextIO, Union
 
 import numpy as np
@@ -236,6 +236,9 @@ def decode_bytes(
     ``path`` is used in error messages, and its extension tells a camera RAW file.
     """
     limit = resolve_max_pixels(max_pixels)
+    if thumbnail_box is not None and (thumbnail_size is not None or thumbnail_box < 1):
+        raise ConfigError(f"thumbnail_box is a side of at least 1 pixel, given instead of thumbnail_size; got "
+                          f"{thumbnail_box!r} with thumbnail_size {thumbnail_size!r}")
     if is_raw_name(path):
         return _decode_raw(data, path, limit, draft_size)
     try:
@@ -244,11 +247,11 @@ def decode_bytes(
         if exc.reason != _UNRECOGNISED or not _looks_raw(data):
             raise
         return _decode_raw(data, path, limit, draft_size)  # a RAW file without its name (an upload)
-    if img.format == "HEIF" and not _boxes_whole(data):
+    if img.format == "HEIF" and not _items_whole(data):
         # libheif decodes a tiled photo (an iPhone's: 512-px tiles) whose tiles are cut off with
         # those tiles blank, and reads its thumbnail from what is left, without an error
-        raise DecodeError(path, "truncated HEIC/HEIF file: its data ends before its last box does (an interrupted "
-                                "copy?); copy it again from its source")
+        raise DecodeError(path, "truncated HEIC/HEIF file: the image data it lists runs past its end (an "
+                                "interrupted copy?); copy it again from its source")
     if thumbnail_box is not None and img.format == "HEIF":
         thumbnail_size = fitted_size(img.size, thumbnail_box)
     return _finish(img, path=path, max_pixels=limit, draft_size=draft_size, owned=True, thumbnail_size=thumbnail_size)
@@ -266,27 +269,98 @@ def fitted_size(size: tuple[int, int], box: int) -> tuple[int, int]:
     return max(1, width * box // long_side), max(1, height * box // long_side)
 
 
-def _boxes_whole(data: bytes | bytearray | memoryview) -> bool:
-    """Whether an ISO base media file (HEIF) holds each of its top-level boxes whole, its media
-    data (``mdat``) among them: a copy cut off mid-way (an interrupted transfer) does not, even
-    where what is left still decodes (a tiled photo with blank tiles, its thumbnail). Every
-    phone and camera file of tests/test_camera_files.py holds its boxes whole. Reads only the
-    boxes' headers."""
+def _items_whole(data: bytes | bytearray | memoryview) -> bool:
+    """Whether every item of an ISO base media file (HEIF) has all its data in the file: each
+    extent its item location box (``iloc``) lists ends within the file, or within the ``idat``
+    box for data kept there. A copy cut off mid-way (an interrupted transfer) does not, even where
+    what is left still decodes (a tiled photo with blank tiles, its thumbnail); bytes after the
+    last box (padding, a tool's trailer) do not matter. Reads only box headers and the ``iloc``
+    box. A file whose ``meta`` box is cut off is not whole; one whose ``iloc`` cannot be read is
+    left to libheif to judge (True)."""
     view = memoryview(data)
-    pos, end, media = 0, len(view), False
-    while pos + 8 <= end:
-        size = int.from_bytes(view[pos : pos + 4], "big")
-        media = media or bytes(view[pos + 4 : pos + 8]) == b"mdat"
-        if size == 1:  # a 64-bit size follows the type
-            if pos + 16 > end:
-                return False
-            size = int.from_bytes(view[pos + 8 : pos + 16], "big")
-        elif size == 0:  # the box runs to the end of the file
-            return media
-        if size < 8 or pos + size > end:
+    end = len(view)
+    meta = next((b for b in _boxes(view, 0, end) if b[0] == b"meta"), None)
+    if meta is None:
+        return True  # no meta box: libheif refuses the file itself
+    _, body, stop = meta
+    if stop > end:
+        return False
+    children = {kind: (start, box_end) for kind, start, box_end in _boxes(view, body + 4, stop)}  # meta: a full box
+    if b"iloc" not in children or children[b"iloc"][1] > stop:
+        return True
+    idat = children.get(b"idat")
+    try:
+        extents = _iloc_extents(view, *children[b"iloc"])
+    except IndexError:
+        return True  # a damaged iloc: libheif's error, not ours
+    for method, offset, length in extents:
+        if method == 0 and offset + max(length, 0) > end:
             return False
+        if method == 1 and (idat is None or idat[1] > stop or offset + length > idat[1] - idat[0]):
+            return False
+    return True
+
+
+def _boxes(view: memoryview, pos: int, stop: int) -> Iterator[tuple[bytes, int, int]]:
+    """The boxes from ``pos`` on, until ``stop``: (type, where its body starts, where it ends,
+    past ``stop`` for a box cut off). Stops at a header that cannot be read or a size that
+    cannot be (under 8), and after a box that runs to the end (size 0)."""
+    while pos + 8 <= stop:
+        size = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        body = pos + 8
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > stop:
+                return
+            size, body = int.from_bytes(view[pos + 8 : pos + 16], "big"), pos + 16
+        elif size == 0:  # runs to the end
+            yield kind, body, stop
+            return
+        if size < body - pos:
+            return
+        yield kind, body, pos + size
         pos += size
-    return media and pos == end
+
+
+def _iloc_extents(view: memoryview, body: int, stop: int) -> list[tuple[int, int, int]]:
+    """(construction method, offset, length) of every extent in an ``iloc`` box (ISO/IEC
+    14496-12 8.11.3, versions 0-2) whose data is in this file; offsets are the file's for
+    method 0, the ``idat`` box's for method 1; a length of 0 means "to the end". IndexError
+    for a box too short for what it declares."""
+
+    def number(at: int, size: int) -> int:
+        if at + size > stop:
+            raise IndexError(at)
+        return int.from_bytes(view[at : at + size], "big")
+
+    version = number(body, 1)
+    sizes = number(body + 4, 2)
+    offset_size, length_size, base_size = sizes >> 12, (sizes >> 8) & 15, (sizes >> 4) & 15
+    index_size = sizes & 15 if version in (1, 2) else 0
+    id_size = 4 if version == 2 else 2
+    at = body + 6
+    count = number(at, id_size)
+    at += id_size
+    out: list[tuple[int, int, int]] = []
+    for _ in range(count):
+        at += id_size  # item_ID
+        method = 0
+        if version in (1, 2):
+            method = number(at, 2) & 15
+            at += 2
+        reference = number(at, 2)
+        base = number(at + 2, base_size) if base_size else 0
+        at += 2 + base_size
+        n_extents = number(at, 2)
+        at += 2
+        for _ in range(n_extents):
+            at += index_size
+            offset = number(at, offset_size) if offset_size else 0
+            length = number(at + offset_size, length_size) if length_size else 0
+            at += offset_size + length_size
+            if reference == 0 and method in (0, 1):  # data in this file (not another file, not another item)
+                out.append((method, base + offset, length))
+    return out
 
 
 def _looks_raw(data: bytes | bytearray | memoryview) -> bool:
@@ -560,10 +634,19 @@ def quiet_pillow_warnings() -> None:
     if getattr(shown, "imgstore_pillow", False):
         return
 
+    import PIL
+
+    folders = [os.path.dirname(os.path.abspath(PIL.__file__)) + os.sep]
+    try:
+        import pillow_heif
+
+        folders.append(os.path.dirname(os.path.abspath(pillow_heif.__file__)) + os.sep)
+    except ImportError:  # pragma: no cover - a core dependency
+        pass
+
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: TextIO | None = None, line: str | None = None) -> None:
-        parts = Path(filename).parts
-        if "PIL" in parts or "pillow_heif" in parts:
+        if os.path.abspath(filename).startswith(tuple(folders)):
             logger.debug("%s (%s)", message, category.__name__)
             return
         shown(message, category, filename, lineno, file, line)

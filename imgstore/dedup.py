@@ -696,7 +696,7 @@ def _first_readable(paths: list[str], max_pixels: int | None) -> PILImage.Image 
     for path in paths:
         try:
             # a HEIC's embedded thumbnail where it covers the working image (verdicts measured equal:
-            # benchmarks/results/formats.md); a JPEG's draft as always
+            # benchmarks/results/geometry_heic.md); a JPEG's draft as always
             return load_image(path, max_pixels=max_pixels, draft_size=(WORK_SIDE, WORK_SIDE), thumbnail_box=WORK_SIDE).image
         except (ImgStoreError, OSError) as exc:
             logger.info("geometric check: %s: %s", printable(path), exc)

@@ -73,6 +73,8 @@ def fetch(source: Source = HEIF) -> Path:
     v = version(source.package)
     dest = ROOT / f"{source.package}-{v}"
     ROOT.mkdir(parents=True, exist_ok=True)
+    for stale in ROOT.glob(".fetch-*"):  # left by a fetch that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     depth = len(source.images)
     with tempfile.TemporaryDirectory(dir=ROOT, prefix=".fetch-") as tmp:
         work = Path(tmp)
@@ -113,7 +115,8 @@ if __name__ == "__main__":
     for each in SOURCES:
         try:
             print(fetch(each))
-        except (OSError, RuntimeError, subprocess.SubprocessError, PackageNotFoundError, ValueError) as exc:
+        except (OSError, RuntimeError, subprocess.SubprocessError, PackageNotFoundError, ValueError,
+                tarfile.TarError) as exc:
             print(f"could not fetch {each.package}'s sample files ({exc}); the tests of them will say so", file=sys.stderr)
             failed = True
     sys.exit(1 if failed else 0)

@@ -15,15 +15,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
 from imgstore import ImageStore
 from imgstore.decode import load_fitted, load_image
 from imgstore.errors import DecodeError
+from imgstore.serve import Thumbnails, create_app
 
 from . import camera_samples
-from .helpers import missing_tool
+from .helpers import missing_tool, photo
+from .test_serve import running
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_a_folder_of_them_ingests_with_a_one_line_report_per_failure(pillow_file
         root = root.parent
     db = tmp_path / "odd.db"
     out = subprocess.run([sys.executable, "-m", "imgstore.cli", "--db", str(db), "ingest", str(root), "--extractor",
-                          "color", "--json", "--no-progress"], capture_output=True, text=True, timeout=900,
+                          "color", "--json", "--no-progress"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONWARNINGS": "default"})
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
@@ -92,13 +95,6 @@ def test_every_file_uploaded_to_a_real_server_is_an_answer_or_a_clear_refusal(pi
     """Each file as a search upload and as an added image (``allow_writes``) on a real uvicorn
     server: 200, or 4xx with a one-line JSON ``error``; never a 5xx. Every image added is then
     searchable by its id."""
-    import httpx
-
-    from imgstore.serve import Thumbnails, create_app
-
-    from .helpers import photo
-    from .test_serve import running
-
     store = ImageStore(tmp_path / "served.db", cache_codes=True)
     seed = tmp_path / "seed"
     seed.mkdir()

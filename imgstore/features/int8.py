@@ -17,8 +17,9 @@ cache beside the fp32 export (no calibration images needed on the user's machine
 One model file does not give the same features on every CPU: on an x86 CPU without int8 dot
 products (VNNI or AMX) ONNX Runtime's uint8 x int8 kernels add products in saturating 16-bit
 sums, which moves every feature (cosine 0.82 to fp32 measured on an AVX2-only CPU). Arm's
-kernels sum exactly, with or without the dot-product extension: five emulated aarch64 CPUs gave
-cosine 0.99977 to the reference (benchmarks/results/int8_arm.md). So every load runs the
+kernels do not saturate, with or without the dot-product extension: five emulated aarch64 CPUs
+gave features of the same space, not bit for bit the reference's (benchmarks/results/int8_arm.md).
+So every load runs the
 model on a few fixed test pictures and compares the result with features shipped beside the
 ranges (``...-reference.json``, made on a CPU with VNNI): below cosine 0.999, the extractor
 refuses to run (:class:`~imgstore.errors.UnsupportedCpuError`) instead of writing features of
@@ -312,9 +313,9 @@ def check_reference(session: Any, reference: Path | None = None) -> float:
 
 
 def exact_int8_cpu() -> bool | None:
-    """Whether ONNX Runtime's int8 sums are exact on this CPU, as the reference's were: an x86 CPU
-    with VNNI or AMX, or any Arm (aarch64) CPU; False for an x86 CPU without (they saturate);
-    None where it cannot be told (the load-time check decides in every case)."""
+    """Whether ONNX Runtime's int8 sums are free of saturation on this CPU, as the reference's
+    were: an x86 CPU with VNNI or AMX, or any Arm (aarch64) CPU; False for an x86 CPU without
+    (they saturate); None where it cannot be told (the load-time check decides in every case)."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return True

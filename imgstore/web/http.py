@@ -49,11 +49,11 @@ def status_for(exc: Exception) -> int:
     return 400
 
 
-def error_text(exc: Exception) -> str:
+def error_text(exc: Exception, upload: str = "the uploaded image") -> str:
     """What to tell the client: the error's own message, except that an upload that is not an
-    image it can read is "the uploaded image" (the library calls bytes "<in-memory image>")."""
+    image it can read is named ``upload`` (the library calls bytes "<in-memory image>")."""
     if isinstance(exc, DecodeError) and exc.path is None:
-        return f"the uploaded image: {exc.reason}"
+        return f"{upload}: {exc.reason}"
     return str(exc)
 
 

@@ -26,7 +26,7 @@ from ..browse import MAX_PAGE, BrowsePage
 from ..browse import SORTS as BROWSE_SORTS
 from ..decode import load_fitted
 from ..dedup import DuplicateGroup, DuplicateMember
-from ..errors import ImgStoreError, NotFoundError
+from ..errors import DecodeError, ImgStoreError, NotFoundError
 from ..hashing import available_methods
 from ..paths import counted, printable
 from ..types import SearchFilter, SearchOptions
@@ -198,7 +198,8 @@ async def search_upload(request: Request) -> Response:
     try:
         results = await anyio.to_thread.run_sync(service.search_upload, data, options)
     except ImgStoreError as exc:
-        return render(request, "search.html", status_for(exc), error=f"{name}: {exc}", **context)
+        return render(request, "search.html", status_for(exc), error=error_text(exc, name) if isinstance(exc, DecodeError)
+                      else f"{name}: {exc}", **context)
     preview = await anyio.to_thread.run_sync(_query_preview, data, service.max_pixels)
     return render(request, "search.html", results=results, upload_name=name, upload_preview=preview, **context)
 
