@@ -353,6 +353,8 @@ def _iloc_extents(view: memoryview, body: int, stop: int) -> list[tuple[int, int
         at += 2 + base_size
         n_extents = number(at, 2)
         at += 2
+        if offset_size + length_size + index_size == 0:  # extents of no bytes (a hostile box's way to loop)
+            n_extents = min(n_extents, 1)
         for _ in range(n_extents):
             at += index_size
             offset = number(at, offset_size) if offset_size else 0

@@ -262,3 +262,22 @@ def test_a_phone_folder_ingests_and_searches(tmp_path: Path) -> None:
         assert hits[0].paths == [str(folder / "IMG_0003.HEIC")]
         pics["astronaut"].save(tmp_path / "twin.png")  # its PNG twin finds it too (the HEIC has a thumbnail that covers the input)
         assert store.search(tmp_path / "twin.png", k=3)[0].paths == [str(folder / "IMG_0003.HEIC")]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(version=st.integers(0, 3), sizes=st.integers(0, 0xFFFF), count=st.integers(0, 0xFFFFFFFF),
+       body=st.binary(max_size=300))
+def test_any_item_location_box_is_read_at_once(heic_with_thumbnail: bytes, version: int, sizes: int, count: int,
+                                              body: bytes) -> None:
+    """A hostile HEIC's ``iloc`` box (any version, field sizes, item count and contents, extents of
+    no bytes that could be listed billions of times): judged in one pass over the box, a bool,
+    never an exception; decoding it is one DecodeError (the box lists no real image)."""
+    item_count = count.to_bytes(4 if version == 2 else 2 if count < 0x10000 else 4, "big")
+    payload = bytes([version, 0, 0, 0]) + sizes.to_bytes(2, "big") + item_count + body
+    iloc = (8 + len(payload)).to_bytes(4, "big") + b"iloc" + payload
+    meta_body = b"\0\0\0\0" + iloc
+    meta = (8 + len(meta_body)).to_bytes(4, "big") + b"meta" + meta_body
+    data = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + meta + b"\0\0\0\x10mdat" + b"\0" * 8
+    assert isinstance(_items_whole(data), bool)
+    with pytest.raises(DecodeError):
+        load_image(data)
