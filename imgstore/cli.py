@@ -1192,7 +1192,10 @@ def show(obj: Context, ref: str, as_json: bool) -> None:
         return
     click.echo(f"image {record.id}: {record.width}x{record.height} {record.format or '?'}, {record.byte_size:,} bytes, "
                f"sha256 {record.sha256[:16]}...")
-    click.echo(f"ingested {record.ingested_at}" + (f", captured {record.captured_at}" if record.captured_at else ""))
+    # the capture time is the camera's clock as its EXIF says, stored as if it were UTC (what the
+    # --taken-after filters compare with): shown without an offset it never had
+    taken = f", captured {record.captured_at.replace(tzinfo=None)} (camera clock)" if record.captured_at else ""
+    click.echo(f"ingested {record.ingested_at}" + taken)
     if record.meta:
         click.echo(f"metadata {json.dumps(record.meta, ensure_ascii=False, default=str)}")
     for p in record.paths:

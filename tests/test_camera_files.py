@@ -112,6 +112,8 @@ def test_every_camera_photo_is_stored_upright_with_its_capture_time(camera_store
             assert (record.width, record.height, record.format) == (width, height, "HEIF"), name
             assert (record.captured_at and record.captured_at.replace(tzinfo=None)) == when, name
             assert record.feature_spaces, name
+    shown = CliRunner().invoke(cli, ["--db", str(db), "show", str(folder / "arrow.heic")])
+    assert shown.exit_code == 0 and "captured 2018-07-31 14:52:07 (camera clock)" in shown.output, shown.output
 
 
 def test_damaged_camera_files_are_one_line_errors(camera_store: tuple[Path, Path, dict]) -> None:
