@@ -301,6 +301,29 @@ def _items_whole(data: bytes | bytearray | memoryview) -> bool:
     return True
 
 
+#: ``ftyp`` brands of still images in an ISO base media file (ISO/IEC 23008-12, AV1 image format)
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1",
+                          b"mif2", b"miaf"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def _cut_iso_image(data: bytes | bytearray | memoryview) -> str | None:
+    """``"HEIC/HEIF"`` or ``"AVIF"`` for the start of such a file cut off before its end (a box
+    runs past the end of what is there, or its items' data does), else None."""
+    view = memoryview(data)
+    first = next(_boxes(view, 0, len(view)), None)
+    if first is None or first[0] != b"ftyp" or len(view) < first[1] + 4:
+        return None  # not an ISO file, or too little of it left to tell its brand
+    _, body, stop = first
+    stop = min(stop, len(view))  # the brands that are left of a cut-off ftyp box
+    brands = {bytes(view[body : body + 4])} | {bytes(view[at : at + 4]) for at in range(body + 8, stop - 3, 4)}
+    kind = "AVIF" if brands & _AVIF_BRANDS else "HEIC/HEIF" if brands & _HEIF_BRANDS else None
+    if kind is None:
+        return None
+    cut = any(box_end > len(view) for _, _, box_end in _boxes(view, 0, len(view)))
+    return kind if cut or not _items_whole(data) else None
+
+
 def _boxes(view: memoryview, pos: int, stop: int) -> Iterator[tuple[bytes, int, int]]:
     """The boxes from ``pos`` on, until ``stop``: (type, where its body starts, where it ends,
     past ``stop`` for a box cut off). Stops at a header that cannot be read or a size that
@@ -587,6 +610,10 @@ def _open(data: bytes | bytearray | memoryview, path: str | os.PathLike[str] | N
         raise DecodeError(path, _unsupported(exc)) from None
     except _DECODE_FAILURES as exc:
         raise DecodeError(path, f"corrupt image header ({_short(exc)})") from None
+    kind = _cut_iso_image(data)
+    if kind is not None:  # what is left of a HEIC or AVIF is no longer recognised: say what it was
+        raise DecodeError(path, f"truncated {kind} file: it ends inside its own boxes (an interrupted copy?); copy "
+                                "it again from its source")
     raise DecodeError(path, _UNRECOGNISED)
 
 

@@ -184,6 +184,7 @@ def test_a_cut_off_heic_is_refused_with_or_without_its_thumbnail(heic_with_thumb
         with pytest.raises(DecodeError) as err:
             load_image(data, thumbnail_size=size)
         assert "\n" not in str(err.value)
+        assert err.value.reason.startswith("truncated HEIC/HEIF file") or len(data) < 12, err.value.reason
     assert _items_whole(heic_with_thumbnail)
     assert load_image(heic_with_thumbnail, thumbnail_size=(100, 100)).image.size == (200, 150)
 
@@ -281,3 +282,16 @@ def test_any_item_location_box_is_read_at_once(heic_with_thumbnail: bytes, versi
     assert isinstance(_items_whole(data), bool)
     with pytest.raises(DecodeError):
         load_image(data)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cut=st.floats(0, 1, exclude_min=True, exclude_max=True))
+def test_a_cut_off_avif_is_called_truncated(cut: float) -> None:
+    """What is left of an AVIF after an interrupted copy: refused as truncated, not as a file of
+    no known format."""
+    buf = io.BytesIO()
+    photo("astronaut").convert("RGB").resize((256, 256)).save(buf, format="AVIF", quality=70)
+    data = buf.getvalue()[: max(1, int(cut * len(buf.getvalue())))]
+    with pytest.raises(DecodeError) as err:
+        load_image(data)
+    assert err.value.reason.startswith("truncated") or len(data) < 12, err.value.reason  # 12: its brand
