@@ -663,9 +663,7 @@ def quiet_pillow_warnings() -> None:
     if getattr(shown, "imgstore_pillow", False):
         return
 
-    import PIL
-
-    folders = [os.path.dirname(os.path.abspath(PIL.__file__)) + os.sep]
+    folders = [os.path.dirname(os.path.abspath(Image.__file__)) + os.sep]  # PIL's own folder
     try:
         import pillow_heif
 
